@@ -1,0 +1,84 @@
+"""Objects that appear inside replies and events (the protocol's nouns).
+
+They are the public contract of PROTOCOL.md, so the services return them directly
+instead of keeping a second copy of each shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+PresenceStatus = Literal["online", "offline"]
+ConvKind = Literal["direct", "room", "system"]
+ReceiptKind = Literal["read", "recv"]
+
+
+class User(msgspec.Struct, kw_only=True):
+    """A user as clients see it."""
+
+    id: str
+    username: str
+    display_name: str
+    created: int
+
+
+class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A stored message, as ``history`` and ``search`` return it.
+
+    ``edited``, ``recalled`` and ``reactions`` are annotations computed from later
+    messages of type ``edit``/``recall``/``reaction``; they are omitted while unset.
+    """
+
+    conv: str
+    seq: int
+    from_: str = msgspec.field(name="from")
+    ts: int
+    type: str
+    body: str
+    cid: str
+    meta: dict[str, Any] | None = None
+    reply_to: int | None = None
+    mentions: list[str] | None = None
+    edited: bool = False
+    recalled: bool = False
+    reactions: dict[str, list[str]] | None = None
+
+
+class ConvSummary(msgspec.Struct, kw_only=True):
+    """One entry of the ``convs`` reply."""
+
+    conv: str
+    kind: ConvKind
+    title: str
+    last_seq: int
+    read_seq: int
+    recv_seq: int
+    unread: int
+    mentions: int
+    last: Message | None
+
+
+class PresenceInfo(msgspec.Struct, kw_only=True):
+    """A user's presence: ``last_seen`` is when the last session closed (now while online)."""
+
+    user: str
+    status: PresenceStatus
+    last_seen: int | None
+
+
+class RateLimits(msgspec.Struct, kw_only=True):
+    per_s: float
+    burst: int
+
+
+class Limits(msgspec.Struct, kw_only=True):
+    max_frame: int
+    max_body: int
+    rate: RateLimits
+
+
+class ServerInfo(msgspec.Struct, kw_only=True):
+    name: str
+    version: str

@@ -1,0 +1,272 @@
+"""Client → server operations, one frozen struct per op, tagged by the ``op`` field.
+
+Field constraints here are the protocol's validation rules; a frame that breaks one
+is answered ``bad_request`` naming the field. Limits that depend on configuration
+(``max_body``) are checked by the handler. Unknown fields are ignored so that newer
+clients keep working (PROTOCOL §7).
+
+Each op also names the struct of its reply ``data`` in :data:`REPLY_TYPES`, which
+drives both the HTTP API and the generated OpenAPI description.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from imserver.protocol.models import ConvSummary, Limits, Message, PresenceInfo, ServerInfo, User
+
+Rid = Annotated[str, Meta(max_length=64)]
+ConvStr = Annotated[str, Meta(min_length=3, max_length=200)]
+Cid = Annotated[str, Meta(min_length=1, max_length=64)]
+Seq = Annotated[int, Meta(ge=1)]
+Marker = Annotated[int, Meta(ge=0)]
+Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[a-z0-9_.-]+$")]
+Password = Annotated[str, Meta(min_length=8, max_length=256)]
+DisplayName = Annotated[str, Meta(min_length=1, max_length=64)]
+UserIdStr = Annotated[str, Meta(min_length=1, max_length=64)]
+Token = Annotated[str, Meta(min_length=1, max_length=512)]
+Device = Annotated[str, Meta(max_length=128)]
+MessageType = Literal["text", "image", "file", "custom"]
+
+
+class Op(msgspec.Struct, tag_field="op", kw_only=True, frozen=True):
+    """Base of every op: the envelope's optional ``rid``."""
+
+    rid: Rid | None = None
+
+
+# --- §3 session lifecycle -------------------------------------------------------------
+
+
+class Hello(Op, tag="hello"):
+    v: int
+    client: Annotated[str, Meta(max_length=128)] | None = None
+    device: Device | None = None
+
+
+class Register(Op, tag="register"):
+    username: Username
+    password: Password
+    display_name: DisplayName | None = None
+
+
+class Login(Op, tag="login"):
+    username: Annotated[str, Meta(min_length=1, max_length=64)]
+    password: Annotated[str, Meta(min_length=1, max_length=256)]
+    device: Device | None = None
+
+
+class Auth(Op, tag="auth"):
+    token: Token
+
+
+class Refresh(Op, tag="refresh"):
+    refresh_token: Token
+
+
+class Logout(Op, tag="logout"):
+    pass
+
+
+class Ping(Op, tag="ping"):
+    pass
+
+
+# --- §4 conversations and messages ---------------------------------------------------
+
+
+class Send(Op, tag="send"):
+    conv: ConvStr
+    cid: Cid
+    type: MessageType
+    body: str
+    meta: dict[str, Any] | None = None
+    reply_to: Seq | None = None
+    mentions: Annotated[list[UserIdStr], Meta(max_length=200)] | None = None
+
+
+class Edit(Op, tag="edit"):
+    conv: ConvStr
+    cid: Cid
+    target: Seq
+    body: str
+
+
+class Recall(Op, tag="recall"):
+    conv: ConvStr
+    cid: Cid
+    target: Seq
+
+
+class History(Op, tag="history"):
+    conv: ConvStr
+    after: Marker | None = None
+    before: Seq | None = None
+    limit: Annotated[int, Meta(ge=1, le=200)] = 50
+
+
+class Convs(Op, tag="convs"):
+    pass
+
+
+class Read(Op, tag="read"):
+    conv: ConvStr
+    seq: Marker
+
+
+class Recv(Op, tag="recv"):
+    conv: ConvStr
+    seq: Marker
+
+
+class React(Op, tag="react"):
+    conv: ConvStr
+    cid: Cid
+    target: Seq
+    emoji: Annotated[str, Meta(min_length=1, max_length=16)]
+    remove: bool = False
+
+
+class Search(Op, tag="search"):
+    query: Annotated[str, Meta(min_length=1, max_length=200)]
+    conv: ConvStr | None = None
+    before: Annotated[str, Meta(max_length=64)] | None = None
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+
+
+class Typing(Op, tag="typing"):
+    conv: ConvStr
+
+
+# --- §6 users, presence, blocking, notices --------------------------------------------
+
+
+class UserGet(Op, tag="user.get"):
+    user: UserIdStr | None = None
+    username: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+
+
+class UserUpdate(Op, tag="user.update"):
+    display_name: DisplayName | None = None
+    password: Password | None = None
+    old_password: Annotated[str, Meta(max_length=256)] | None = None
+
+
+class PresenceGet(Op, tag="presence.get"):
+    users: Annotated[list[UserIdStr], Meta(max_length=200)]
+
+
+class Block(Op, tag="block"):
+    user: UserIdStr
+
+
+class Unblock(Op, tag="unblock"):
+    user: UserIdStr
+
+
+class NoticeBroadcast(Op, tag="notice.broadcast"):
+    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    body: str
+    users: Annotated[list[UserIdStr], Meta(max_length=10_000)] | None = None
+
+
+# --- reply payloads -------------------------------------------------------------------
+
+
+class Empty(msgspec.Struct):
+    """The ``{}`` reply."""
+
+
+class HelloData(msgspec.Struct, kw_only=True):
+    v: int
+    server: ServerInfo
+    session: str
+    heartbeat: int
+    limits: Limits
+
+
+class UserData(msgspec.Struct, kw_only=True):
+    user: User
+
+
+class LoginData(msgspec.Struct, kw_only=True):
+    user: User
+    token: str
+    refresh_token: str
+    expires_in: int
+
+
+class TokenData(msgspec.Struct, kw_only=True):
+    token: str
+    refresh_token: str
+    expires_in: int
+
+
+class SendData(msgspec.Struct, kw_only=True):
+    conv: str
+    seq: int
+    ts: int
+    cid: str
+    dup: bool
+
+
+class HistoryData(msgspec.Struct, kw_only=True):
+    messages: list[Message]
+    has_more: bool
+
+
+class ConvsData(msgspec.Struct, kw_only=True):
+    convs: list[ConvSummary]
+
+
+class SearchData(msgspec.Struct, kw_only=True):
+    messages: list[Message]
+    next: str | None
+
+
+class PresenceData(msgspec.Struct, kw_only=True):
+    presence: list[PresenceInfo]
+
+
+class CountData(msgspec.Struct, kw_only=True):
+    count: int
+
+
+REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
+    Hello: HelloData,
+    Register: UserData,
+    Login: LoginData,
+    Auth: UserData,
+    Refresh: TokenData,
+    Logout: Empty,
+    Ping: Empty,
+    Send: SendData,
+    Edit: SendData,
+    Recall: SendData,
+    History: HistoryData,
+    Convs: ConvsData,
+    Read: Empty,
+    Recv: Empty,
+    React: SendData,
+    Search: SearchData,
+    Typing: Empty,
+    UserGet: UserData,
+    UserUpdate: UserData,
+    PresenceGet: PresenceData,
+    Block: Empty,
+    Unblock: Empty,
+    NoticeBroadcast: CountData,
+}
+"""Every op and the struct of its successful reply's ``data``."""
+
+ALL_OPS: tuple[type[Op], ...] = tuple(REPLY_TYPES)
+
+
+def op_name(op_type: type[Op]) -> str:
+    """The wire name of an op struct (its tag)."""
+    tag = op_type.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag

@@ -1,0 +1,1 @@
+"""The message service: sequences, storage, idempotency, history, markers, search."""

@@ -1,0 +1,87 @@
+"""The message service's API, and the interfaces it needs from other services.
+
+Writes (``send``, ``edit``, ``recall``, ``react``) are plain methods returning an
+awaitable that resolves after the message is committed: the in-process service
+returns an ``asyncio.Future`` fed by its group-commit writer, so the gateway can
+attach the reply as a callback instead of parking a task per message. The awaitable
+fails with an :class:`~imserver.utils.errors.IMError` for a refused write.
+
+Requests and replies are the protocol's own structs (``imserver.protocol.ops``): the
+service API has exactly the op's shape, so a second copy would only drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, Protocol
+
+from imserver.protocol import ops
+from imserver.protocol.models import ConvSummary, ReceiptKind, User
+from imserver.services.caller import Caller
+from imserver.utils.ids import UserId
+
+
+class UserDirectory(Protocol):
+    """What the message service needs from the user service."""
+
+    async def get_users(self, users: Iterable[UserId]) -> dict[UserId, User]: ...
+
+    async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool: ...
+
+
+class RoomDirectory(Protocol):
+    """What the message service needs from the room service (``r:`` conversations)."""
+
+    async def room_members(self, room: str) -> Sequence[UserId]:
+        """Current members of a room; ``not_found`` for an unknown room."""
+
+    async def room_role(self, room: str, user: UserId) -> str | None:
+        """``owner``/``admin``/``member``, or None when not a member."""
+
+    async def room_title(self, room: str) -> str:
+        """The room's name."""
+
+    async def rooms_of(self, user: UserId) -> Sequence[str]:
+        """Rooms the user belongs to (for ``convs`` and ``search``)."""
+
+
+class MessageService(Protocol):
+    """Conversations, messages and markers."""
+
+    def send(self, caller: Caller, req: ops.Send) -> Awaitable[ops.SendData]:
+        """Store a message; resolves after commit. Idempotent on (conv, sender, cid)."""
+
+    def edit(self, caller: Caller, req: ops.Edit) -> Awaitable[ops.SendData]:
+        """Store an ``edit`` of the caller's own message ``target``."""
+
+    def recall(self, caller: Caller, req: ops.Recall) -> Awaitable[ops.SendData]:
+        """Store a ``recall`` of ``target`` (its sender, or a room owner/admin)."""
+
+    def react(self, caller: Caller, req: ops.React) -> Awaitable[ops.SendData]:
+        """Store a ``reaction`` (add or remove one emoji of the caller on ``target``)."""
+
+    async def history(self, caller: Caller, req: ops.History) -> ops.HistoryData:
+        """A page of messages, ascending by seq, annotated with edits/recalls/reactions."""
+
+    async def convs(self, caller: Caller) -> list[ConvSummary]:
+        """The caller's conversations, latest activity first."""
+
+    async def mark(self, caller: Caller, conv: str, seq: int, kind: ReceiptKind) -> None:
+        """Move the caller's read or recv watermark forward and publish a ``receipt``."""
+
+    async def typing(self, caller: Caller, conv: str) -> None:
+        """Publish a ``typing`` event to the other members' live sessions."""
+
+    async def search(self, caller: Caller, req: ops.Search) -> ops.SearchData:
+        """Full-text search over the caller's conversations, newest first."""
+
+    async def post_system(
+        self, user: UserId, body: str, meta: dict[str, Any] | None = None
+    ) -> ops.SendData:
+        """Store a notice in ``s:<user>`` (the user's read-only system conversation)."""
+
+    async def direct_peers(self, user: UserId) -> list[UserId]:
+        """Users who share a direct conversation with ``user`` (presence recipients)."""
+
+    async def close(self) -> None:
+        """Flush pending writes and release the store."""

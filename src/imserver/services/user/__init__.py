@@ -1,0 +1,1 @@
+"""The user service: accounts, password hashes, login sessions and tokens, blocks, presence."""

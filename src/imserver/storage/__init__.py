@@ -1,0 +1,1 @@
+"""Backends, one small interface per capability, and the SQL/migration helpers."""

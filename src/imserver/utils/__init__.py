@@ -1,0 +1,1 @@
+"""Configuration, logging, the exception tree, identifiers and the clock."""
