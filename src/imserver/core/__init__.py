@@ -1,1 +1,1 @@
-
+"""The composition root (Server), sessions, the hub, the op router, and edge policy."""

@@ -21,8 +21,11 @@ from imserver.protocol.models import ConvSummary, Limits, Message, PresenceInfo,
 Rid = Annotated[str, Meta(max_length=64)]
 ConvStr = Annotated[str, Meta(min_length=3, max_length=200)]
 Cid = Annotated[str, Meta(min_length=1, max_length=64)]
-Seq = Annotated[int, Meta(ge=1)]
-Marker = Annotated[int, Meta(ge=0)]
+# Seqs are stored as signed 64-bit integers: a larger one must be a bad_request here, not
+# an overflow (answered `internal`) in the storage layer.
+MAX_SEQ = 2**63 - 1
+Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
+Marker = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
 Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[a-z0-9_.-]+$")]
 Password = Annotated[str, Meta(min_length=8, max_length=256)]
 DisplayName = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -41,44 +44,44 @@ class Op(msgspec.Struct, tag_field="op", kw_only=True, frozen=True):
 # --- §3 session lifecycle -------------------------------------------------------------
 
 
-class Hello(Op, tag="hello"):
+class Hello(Op, tag="hello", frozen=True):
     v: int
     client: Annotated[str, Meta(max_length=128)] | None = None
     device: Device | None = None
 
 
-class Register(Op, tag="register"):
+class Register(Op, tag="register", frozen=True):
     username: Username
     password: Password
     display_name: DisplayName | None = None
 
 
-class Login(Op, tag="login"):
+class Login(Op, tag="login", frozen=True):
     username: Annotated[str, Meta(min_length=1, max_length=64)]
     password: Annotated[str, Meta(min_length=1, max_length=256)]
     device: Device | None = None
 
 
-class Auth(Op, tag="auth"):
+class Auth(Op, tag="auth", frozen=True):
     token: Token
 
 
-class Refresh(Op, tag="refresh"):
+class Refresh(Op, tag="refresh", frozen=True):
     refresh_token: Token
 
 
-class Logout(Op, tag="logout"):
+class Logout(Op, tag="logout", frozen=True):
     pass
 
 
-class Ping(Op, tag="ping"):
+class Ping(Op, tag="ping", frozen=True):
     pass
 
 
 # --- §4 conversations and messages ---------------------------------------------------
 
 
-class Send(Op, tag="send"):
+class Send(Op, tag="send", frozen=True):
     conv: ConvStr
     cid: Cid
     type: MessageType
@@ -88,41 +91,41 @@ class Send(Op, tag="send"):
     mentions: Annotated[list[UserIdStr], Meta(max_length=200)] | None = None
 
 
-class Edit(Op, tag="edit"):
+class Edit(Op, tag="edit", frozen=True):
     conv: ConvStr
     cid: Cid
     target: Seq
     body: str
 
 
-class Recall(Op, tag="recall"):
+class Recall(Op, tag="recall", frozen=True):
     conv: ConvStr
     cid: Cid
     target: Seq
 
 
-class History(Op, tag="history"):
+class History(Op, tag="history", frozen=True):
     conv: ConvStr
     after: Marker | None = None
     before: Seq | None = None
     limit: Annotated[int, Meta(ge=1, le=200)] = 50
 
 
-class Convs(Op, tag="convs"):
+class Convs(Op, tag="convs", frozen=True):
     pass
 
 
-class Read(Op, tag="read"):
+class Read(Op, tag="read", frozen=True):
     conv: ConvStr
     seq: Marker
 
 
-class Recv(Op, tag="recv"):
+class Recv(Op, tag="recv", frozen=True):
     conv: ConvStr
     seq: Marker
 
 
-class React(Op, tag="react"):
+class React(Op, tag="react", frozen=True):
     conv: ConvStr
     cid: Cid
     target: Seq
@@ -130,47 +133,41 @@ class React(Op, tag="react"):
     remove: bool = False
 
 
-class Search(Op, tag="search"):
+class Search(Op, tag="search", frozen=True):
     query: Annotated[str, Meta(min_length=1, max_length=200)]
     conv: ConvStr | None = None
     before: Annotated[str, Meta(max_length=64)] | None = None
     limit: Annotated[int, Meta(ge=1, le=100)] = 20
 
 
-class Typing(Op, tag="typing"):
+class Typing(Op, tag="typing", frozen=True):
     conv: ConvStr
 
 
-# --- §6 users, presence, blocking, notices --------------------------------------------
+# --- §6 users, presence, blocking --------------------------------------------
 
 
-class UserGet(Op, tag="user.get"):
+class UserGet(Op, tag="user.get", frozen=True):
     user: UserIdStr | None = None
     username: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
 
 
-class UserUpdate(Op, tag="user.update"):
+class UserUpdate(Op, tag="user.update", frozen=True):
     display_name: DisplayName | None = None
     password: Password | None = None
     old_password: Annotated[str, Meta(max_length=256)] | None = None
 
 
-class PresenceGet(Op, tag="presence.get"):
+class PresenceGet(Op, tag="presence.get", frozen=True):
     users: Annotated[list[UserIdStr], Meta(max_length=200)]
 
 
-class Block(Op, tag="block"):
+class Block(Op, tag="block", frozen=True):
     user: UserIdStr
 
 
-class Unblock(Op, tag="unblock"):
+class Unblock(Op, tag="unblock", frozen=True):
     user: UserIdStr
-
-
-class NoticeBroadcast(Op, tag="notice.broadcast"):
-    title: Annotated[str, Meta(min_length=1, max_length=200)]
-    body: str
-    users: Annotated[list[UserIdStr], Meta(max_length=10_000)] | None = None
 
 
 # --- reply payloads -------------------------------------------------------------------
@@ -231,10 +228,6 @@ class PresenceData(msgspec.Struct, kw_only=True):
     presence: list[PresenceInfo]
 
 
-class CountData(msgspec.Struct, kw_only=True):
-    count: int
-
-
 REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     Hello: HelloData,
     Register: UserData,
@@ -258,7 +251,6 @@ REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     PresenceGet: PresenceData,
     Block: Empty,
     Unblock: Empty,
-    NoticeBroadcast: CountData,
 }
 """Every op and the struct of its successful reply's ``data``."""
 

@@ -34,6 +34,8 @@ class IMError(Exception):
         super().__init__(message or self.code)
         self.message = message or self.code
         self.field = field
+        self.rid: str | None = None
+        """The request id of the frame that failed, when the failure is found before dispatch."""
 
 
 class BadRequest(IMError):

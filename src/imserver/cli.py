@@ -1,0 +1,91 @@
+"""The ``imserver`` command.
+
+imserver serve   [--config FILE] [--data-dir DIR] [--host H] [--http-port N] [--tcp-port N]
+imserver migrate [--config FILE] [--data-dir DIR]
+imserver --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from imserver import __version__
+from imserver.utils.config import Config, load_config
+from imserver.utils.errors import IMError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imserver", description="IMServer, an IM backend.")
+    parser.add_argument("--version", action="version", version=f"imserver {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML configuration file (default: $IMSERVER_CONFIG)")
+        p.add_argument("--data-dir", dest="data_dir", help="data directory (default ./data)")
+
+    serve = sub.add_parser("serve", help="run the server (all services in one process)")
+    common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", dest="http_port", type=int, help="HTTP/WebSocket port (8080)")
+    serve.add_argument("--tcp-port", dest="tcp_port", type=int, help="TCP port (8090)")
+    migrate = sub.add_parser("migrate", help="apply database migrations and exit")
+    common(migrate)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {
+        key: getattr(args, key, None) for key in ("data_dir", "host", "http_port", "tcp_port")
+    }
+    return load_config(args.config, overrides=overrides)
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: Config) -> None:
+    from imserver.core.server import Server
+
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
+    except (IMError, OSError) as exc:
+        print(f"imserver: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _install_uvloop()
+    if args.command == "migrate":
+        from imserver.core.server import migrate
+
+        asyncio.run(migrate(config))
+        print(f"migrations applied under {config.data_dir}")
+        return 0
+    asyncio.run(_serve(config))
+    return 0

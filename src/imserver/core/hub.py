@@ -1,0 +1,116 @@
+"""The hub: which live sessions each user has, and fan-out of deliveries to them.
+
+Fan-out invariants:
+
+* An event is encoded at most once per codec and framed at most once per
+  (transport, codec); every recipient session gets the same ``bytes`` object.
+* No task per recipient: a delivery is a loop of non-blocking writes into each
+  session's bounded queue (its transport buffer).
+* Deliveries are handled in the order they are published, and each is written to
+  every recipient before the next is looked at, so a session sees a conversation's
+  ``msg`` events in seq order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from imserver.core.session import Session
+from imserver.protocol.codec import Codec, EncodedEvent
+from imserver.storage.bus import Delivery
+from imserver.utils.ids import LoginId, UserId
+
+
+class _Framed:
+    """One event's framed bytes, per (transport kind, codec), computed on first use."""
+
+    __slots__ = ("cache", "encoded")
+
+    def __init__(self, encoded: EncodedEvent) -> None:
+        self.encoded = encoded
+        self.cache: dict[tuple[str, Codec], bytes] = {}
+
+    def get(self, session: Session) -> bytes:
+        key = (session.link.kind, session.codec)
+        data = self.cache.get(key)
+        if data is None:
+            data = self.cache[key] = session.link.frame(
+                self.encoded.for_codec(session.codec), session.codec
+            )
+        return data
+
+
+class Hub:
+    """Live authenticated sessions, indexed by user and by login session."""
+
+    def __init__(self) -> None:
+        self._by_user: dict[UserId, dict[Session, None]] = {}
+        self._by_login: dict[LoginId, dict[Session, None]] = {}
+        self.delivered = 0
+        """Events written to sessions since start (a counter for metrics and benchmarks)."""
+
+    def attach(self, session: Session) -> bool:
+        """Register an authenticated session; True if it is its user's first."""
+        caller = session.caller
+        assert caller is not None
+        sessions = self._by_user.setdefault(caller.user, {})
+        first = not sessions
+        sessions[session] = None
+        self._by_login.setdefault(caller.login, {})[session] = None
+        return first
+
+    def detach(self, session: Session) -> bool:
+        """Forget a session; True if it was its user's last."""
+        caller = session.caller
+        if caller is None:
+            return False
+        sessions = self._by_user.get(caller.user)
+        if sessions is None or session not in sessions:
+            return False
+        del sessions[session]
+        logins = self._by_login.get(caller.login)
+        if logins is not None:
+            logins.pop(session, None)
+            if not logins:
+                del self._by_login[caller.login]
+        if sessions:
+            return False
+        del self._by_user[caller.user]
+        return True
+
+    def sessions_of(self, user: UserId) -> list[Session]:
+        """The user's live sessions."""
+        return list(self._by_user.get(user, ()))
+
+    def sessions_of_login(self, login: LoginId) -> list[Session]:
+        """The live sessions authenticated by one login session's tokens."""
+        return list(self._by_login.get(login, ()))
+
+    def is_online(self, user: UserId) -> bool:
+        """Whether the user has a live session here."""
+        return user in self._by_user
+
+    def all_sessions(self) -> Iterator[Session]:
+        """Every authenticated live session."""
+        for sessions in list(self._by_user.values()):
+            yield from list(sessions)
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Write one event to the live sessions of the delivery's users."""
+        framed: _Framed | None = None
+        exclude_session = delivery.exclude_session
+        exclude_user = delivery.exclude_user
+        by_user = self._by_user
+        count = 0
+        for user in delivery.users:
+            sessions = by_user.get(UserId(user))
+            if not sessions or user == exclude_user:
+                continue
+            for session in sessions:
+                if session.id == exclude_session:
+                    continue
+                if framed is None:
+                    framed = _Framed(EncodedEvent(delivery.event))
+                session.push(framed.get(session))
+                count += 1
+        self.delivered += count

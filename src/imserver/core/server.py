@@ -1,0 +1,132 @@
+"""The composition root: builds every service and backend from the configuration.
+
+Embedded mode wires the six services in one process: SQLite files under the data
+directory, the in-memory live bus, and direct Python calls between services. This is
+the one place that knows which implementation stands behind each interface.
+
+Shutdown order (SIGINT/SIGTERM): stop accepting connections; refuse new writes;
+commit and acknowledge every write already queued; send ``closed {shutdown}`` to
+every session and wait (bounded) for their queues to flush; close the databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from imserver.core.metrics import Metrics
+from imserver.network.http import HttpApi, build_app
+from imserver.network.tcp import serve_tcp
+from imserver.services.gateway.service import Gateway
+from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.user.service import LocalUserService, open_user_service
+from imserver.storage.bus import MemoryLiveBus
+from imserver.storage.sql import sqlite_url, upgrade
+from imserver.utils.config import Config
+
+logger = logging.getLogger(__name__)
+
+SERVICES_WITH_DATABASES = {
+    "user": "imserver.services.user.migrations",
+    "message": "imserver.services.message.migrations",
+}
+
+
+async def migrate(config: Config) -> None:
+    """Apply every service's pending migrations."""
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for service, package in SERVICES_WITH_DATABASES.items():
+        await upgrade(sqlite_url(data_dir, service), package)
+
+
+class Server:
+    """One embedded IMServer process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.gateway: Gateway | None = None
+        self.users: LocalUserService | None = None
+        self.messages: LocalMessageService | None = None
+        self._runner: web.AppRunner | None = None
+        self._api: HttpApi | None = None
+        self._tcp: asyncio.Server | None = None
+        self.http_port = config.http_port
+        self.tcp_port = config.tcp_port
+
+    async def start(self) -> None:
+        """Open the stores, build the services and start listening."""
+        cfg = self.config
+        data_dir = Path(cfg.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        bus = MemoryLiveBus()
+        self.users = await open_user_service(
+            sqlite_url(data_dir, "user"),
+            access_ttl=cfg.auth.access_ttl,
+            refresh_ttl=cfg.auth.refresh_ttl,
+        )
+        self.messages = await open_message_service(
+            sqlite_url(data_dir, "message"),
+            bus=bus,
+            users=self.users,
+            max_body=cfg.limits.max_body,
+            batch_max=cfg.storage.batch_max,
+        )
+        gateway = self.gateway = Gateway(
+            cfg, users=self.users, messages=self.messages, bus=bus, metrics=self.metrics
+        )
+        gateway.start()
+        app, self._api = build_app(gateway)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
+        await site.start()
+        self._tcp = await serve_tcp(gateway, cfg.host, cfg.tcp_port)
+        self.http_port = _bound_port(site) or cfg.http_port
+        sockets = self._tcp.sockets
+        if sockets:
+            self.tcp_port = sockets[0].getsockname()[1]
+        self._api.ready = True
+        logger.info(
+            "imserver listening: http/ws %s:%d, tcp %s:%d, data %s",
+            cfg.host,
+            self.http_port,
+            cfg.host,
+            self.tcp_port,
+            data_dir.resolve(),
+        )
+
+    async def stop(self) -> None:
+        """Shut down gracefully; nothing acknowledged is lost."""
+        if self._api is not None:
+            self._api.ready = False
+        if self._tcp is not None:
+            self._tcp.close()
+        if self.gateway is not None:
+            self.gateway.draining = True
+        if self.messages is not None:
+            await self.messages.flush()
+        if self.gateway is not None:
+            await self.gateway.shutdown()
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.messages is not None:
+            await self.messages.close()
+        if self.users is not None:
+            await self.users.close()
+        logger.info("imserver stopped")
+
+
+def _bound_port(site: web.TCPSite) -> int | None:
+    server = site._server  # aiohttp keeps the asyncio server here
+    sockets = getattr(server, "sockets", None)
+    if sockets:
+        port: int = sockets[0].getsockname()[1]
+        return port
+    return None

@@ -1,0 +1,163 @@
+"""The gateway: live connections, their authentication, presence and heartbeats.
+
+The gateway is the only service that speaks the wire protocol. It owns the set of
+live sessions and the :class:`~imserver.core.hub.Hub`, subscribes the hub to the
+live bus, and turns the user service's view of login sessions into connection
+state: a revoked login closes its connections, the first connection of a user makes
+them ``online`` and the last one ``offline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from imserver import __version__
+from imserver.core.hub import Hub
+from imserver.core.metrics import Metrics
+from imserver.core.ratelimit import TokenBucket
+from imserver.core.router import Router
+from imserver.core.session import Session
+from imserver.protocol.events import PresenceEvent
+from imserver.protocol.models import Limits, PresenceInfo, RateLimits, ServerInfo
+from imserver.services.caller import Caller
+from imserver.services.message.api import MessageService
+from imserver.services.user.api import Identity, UserService
+from imserver.storage.bus import Delivery, LiveBus
+from imserver.utils.config import Config
+from imserver.utils.errors import Conflict
+from imserver.utils.ids import LoginId, UserId
+
+logger = logging.getLogger(__name__)
+
+
+class Gateway:
+    """State shared by every session of one server process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        users: UserService,
+        messages: MessageService,
+        bus: LiveBus,
+        metrics: Metrics,
+    ) -> None:
+        from imserver.services.gateway.handlers import build_handlers
+
+        self.config = config
+        self.users = users
+        self.messages = messages
+        self.bus = bus
+        self.metrics = metrics
+        self.hub = Hub()
+        self.router = Router(build_handlers(self))
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self.server_info = ServerInfo(name=config.server_name, version=__version__)
+        lim = config.limits
+        self.limits = Limits(
+            max_frame=lim.max_frame,
+            max_body=lim.max_body,
+            rate=RateLimits(per_s=lim.rate_per_s, burst=lim.rate_burst),
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+        bus.subscribe(self.hub.deliver)
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the heartbeat sweeper."""
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_heartbeats())
+
+    def new_bucket(self) -> TokenBucket:
+        """A fresh rate-limit bucket with the configured limits."""
+        return TokenBucket(self.config.limits.rate_per_s, self.config.limits.rate_burst)
+
+    def opened(self, session: Session) -> None:
+        """A transport accepted a connection."""
+        self.sessions.add(session)
+        self.metrics.connection(session.link.kind, 1)
+
+    async def closed(self, session: Session) -> None:
+        """A transport's connection ended: forget it and update presence."""
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self.metrics.connection(session.link.kind, -1)
+        if self.draining and not self.sessions:
+            self._drained.set()
+        if self.hub.detach(session) and session.caller is not None:
+            user = session.caller.user
+            try:
+                info = await self.users.set_offline(user)
+                await self._publish_presence(info)
+            except Exception:
+                logger.exception("presence update for %s failed", user)
+
+    def schedule_abort(self, session: Session) -> None:
+        """Give a closing session time to flush, then drop it."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.config.shutdown_grace, session.link.abort)
+
+    # --- authentication ------------------------------------------------------------
+
+    async def authenticate(self, session: Session, identity: Identity) -> None:
+        """Bind a connection to a user after ``login`` or ``auth``."""
+        current = session.caller
+        if current is not None:
+            if current.user != identity.user:
+                raise Conflict("this connection is authenticated as another user")
+            if current.login == identity.login:
+                return
+        if session.link.kind == "http":
+            session.caller = Caller(identity.user, identity.login, None)
+            return
+        if current is not None:
+            self.hub.detach(session)
+        session.caller = Caller(identity.user, identity.login, session.id)
+        if self.hub.attach(session):
+            info = await self.users.set_online(identity.user)
+            await self._publish_presence(info)
+
+    def close_login(self, login: LoginId, reason: str) -> None:
+        """Close every connection authenticated by a revoked login session."""
+        for session in self.hub.sessions_of_login(login):
+            session.close(reason)
+
+    async def _publish_presence(self, info: PresenceInfo) -> None:
+        peers = await self.messages.direct_peers(UserId(info.user))
+        if peers:
+            event = PresenceEvent(user=info.user, status=info.status, last_seen=info.last_seen)
+            self.bus.publish(Delivery(users=peers, event=event))
+
+    # --- heartbeats and shutdown ---------------------------------------------------
+
+    async def _sweep_heartbeats(self) -> None:
+        """Close connections silent for more than twice the heartbeat interval."""
+        limit = 2 * self.config.limits.heartbeat
+        period = max(0.2, min(5.0, self.config.limits.heartbeat / 4))
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - limit
+            for session in list(self.sessions):
+                if session.last_rx < deadline and not session.closing:
+                    session.close("heartbeat_timeout")
+
+    async def shutdown(self) -> None:
+        """Tell every session ``closed {shutdown}`` and wait (bounded) for flushes."""
+        self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for session in list(self.sessions):
+            session.close("shutdown")
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), self.config.shutdown_grace)
+        for session in list(self.sessions):
+            session.link.abort()

@@ -1,0 +1,157 @@
+"""Server configuration: defaults, then a TOML file, then ``IMSERVER_*`` variables, then flags.
+
+Each later source overrides the earlier ones. Environment variables name a setting
+by its path in upper case, sections joined by a double underscore::
+
+    IMSERVER_HTTP_PORT=9000
+    IMSERVER_LIMITS__MAX_FRAME=131072
+    IMSERVER_WS__ALLOWED_ORIGINS='["https://chat.example.com"]'
+
+Values from the environment are parsed as TOML values when they parse (numbers,
+booleans, arrays), and taken as plain strings otherwise. A setting whose type is a
+string always takes the raw text, so ``IMSERVER_SERVER_NAME=2024`` means ``"2024"``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from imserver.utils.errors import BadRequest
+
+ENV_PREFIX = "IMSERVER_"
+
+
+class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Per-connection limits (PROTOCOL §1)."""
+
+    max_frame: int = 65536
+    """Largest frame accepted, in bytes (WebSocket message, TCP payload, HTTP body)."""
+    max_body: int = 16384
+    """Largest message ``body``, in characters."""
+    rate_per_s: float = 50.0
+    """Sustained ops per second per connection (token bucket refill)."""
+    rate_burst: int = 200
+    """Token bucket size: ops a connection may send at once."""
+    heartbeat: int = 30
+    """Seconds between client frames; silence for twice this closes the connection."""
+    send_queue_bytes: int = 4 * 1024 * 1024
+    """Outbound bytes a session may have queued before it is closed as a slow consumer."""
+    bad_frames: int = 32
+    """Consecutive malformed frames after which a connection is closed."""
+
+
+class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    access_ttl: int = 900
+    """Access-token lifetime in seconds."""
+    refresh_ttl: int = 30 * 86400
+    """Refresh-token lifetime in seconds."""
+
+
+class WsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    """Origins allowed to open the WebSocket; empty allows any (and requests without Origin)."""
+
+
+class StorageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    batch_max: int = 512
+    """Most messages committed in one group-commit transaction."""
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every setting of ``imserver serve``."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    tcp_port: int = 8090
+    data_dir: str = "./data"
+    log_level: str = "info"
+    server_name: str = "imserver"
+    admins: list[str] = msgspec.field(default_factory=list)
+    """Usernames allowed to use admin ops such as ``notice.broadcast``."""
+    shutdown_grace: float = 5.0
+    """Seconds to wait for queued frames to flush on shutdown."""
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    ws: WsConfig = msgspec.field(default_factory=WsConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _setting_type(path: list[str]) -> Any:
+    """The declared type of the setting at ``path``, or None when there is no such setting."""
+    typ: Any = Config
+    for part in path:
+        if not (isinstance(typ, type) and issubclass(typ, msgspec.Struct)):
+            return None
+        by_name = {f.name: f.type for f in msgspec.structs.fields(typ)}
+        if part not in by_name:
+            return None
+        typ = by_name[part]
+    return typ
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BadRequest(f"invalid configuration: {key} sets inside a plain value")
+        if isinstance(node.get(path[-1]), dict):
+            raise BadRequest(f"invalid configuration: {key} replaces a whole section")
+        # TOML parsing would turn "2024" or "true" into a number or a boolean, which a
+        # string setting would then reject.
+        str_setting = _setting_type(path) is str
+        node[path[-1]] = raw if str_setting else _parse_env_value(raw)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    file: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: defaults < TOML ``file`` < environment < ``overrides``.
+
+    ``file`` defaults to ``$IMSERVER_CONFIG`` when set. Unknown keys and wrong types
+    raise :class:`BadRequest` naming the setting.
+    """
+    env = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    path = file if file is not None else env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            tree = tomllib.load(fh)
+    tree = _merge(tree, _env_overrides(env))
+    tree = _merge(tree, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(tree, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid configuration: {exc}") from None
