@@ -16,7 +16,11 @@ def run() -> None:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _set_sqlite_pragmas)
     with engine.connect() as connection:
-        context.configure(connection=connection, render_as_batch=True)
+        context.configure(
+            connection=connection,
+            render_as_batch=True,
+            version_table=context.config.get_main_option("version_table") or "alembic_version",
+        )
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

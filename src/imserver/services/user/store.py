@@ -1,0 +1,496 @@
+"""The user service's SQL store: accounts, login sessions, token hashes, blocks, presence.
+
+Portable SQLAlchemy Core only, so the same code runs on SQLite, PostgreSQL and MySQL.
+The schema here must match the Alembic history in ``migrations/`` (a test compares
+them).
+
+Invariants the service relies on:
+
+- Every multi-step write starts with the statement that decides it (a conditional
+  ``UPDATE`` or an ``INSERT`` guarded by a constraint). pysqlite only opens a
+  transaction at the first write, so a ``SELECT`` before it is not isolated; ordering
+  the deciding write first keeps the logic correct on every driver and takes SQLite's
+  write lock up front instead of failing a lock upgrade later.
+- A token row exists only while it can still matter: revoking a login session deletes
+  its token rows. After a rotation the spent refresh token is kept (``used`` set) until
+  the next rotation, so a replay of it can be recognised.
+- Timestamps are integer milliseconds supplied by the caller (the service's clock).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ForeignKeyConstraint,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from imserver.protocol.models import User
+from imserver.utils.errors import Conflict, NotFound
+from imserver.utils.ids import LoginId, UserId
+
+metadata = MetaData()
+
+ID_LEN = 40
+"""Room for a prefix plus the base-36 ids of :mod:`imserver.utils.ids`."""
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(ID_LEN), nullable=False),
+    Column("username", String(32), nullable=False),
+    Column("display_name", String(64), nullable=False),
+    Column("password_hash", String(255), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    PrimaryKeyConstraint("id", name="pk_users"),
+    UniqueConstraint("username", name="uq_users_username"),
+)
+
+logins = Table(
+    "logins",
+    metadata,
+    Column("id", String(ID_LEN), nullable=False),
+    Column("user_id", String(ID_LEN), nullable=False),
+    Column("device", String(128), nullable=True),
+    Column("created", BigInteger, nullable=False),
+    Column("revoked", BigInteger, nullable=True),
+    PrimaryKeyConstraint("id", name="pk_logins"),
+    ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_logins_user_id_users"),
+    Index("ix_logins_user_id", "user_id"),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("hash", String(64), nullable=False),
+    Column("login_id", String(ID_LEN), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("expires", BigInteger, nullable=False),
+    Column("used", BigInteger, nullable=True),
+    PrimaryKeyConstraint("hash", name="pk_tokens"),
+    ForeignKeyConstraint(["login_id"], ["logins.id"], name="fk_tokens_login_id_logins"),
+    Index("ix_tokens_login_id", "login_id"),
+    Index("ix_tokens_expires", "expires"),
+)
+
+blocks = Table(
+    "blocks",
+    metadata,
+    Column("user_id", String(ID_LEN), nullable=False),
+    Column("target_id", String(ID_LEN), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    PrimaryKeyConstraint("user_id", "target_id", name="pk_blocks"),
+    ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_blocks_user_id_users"),
+    ForeignKeyConstraint(["target_id"], ["users.id"], name="fk_blocks_target_id_users"),
+)
+
+presence = Table(
+    "presence",
+    metadata,
+    Column("user_id", String(ID_LEN), nullable=False),
+    Column("last_seen", BigInteger, nullable=True),
+    PrimaryKeyConstraint("user_id", name="pk_presence"),
+    ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_presence_user_id_users"),
+)
+
+ACCESS = "access"
+REFRESH = "refresh"
+
+_IN_CHUNK = 500
+"""Ids per ``IN (...)`` list: well under every backend's bound-parameter limit."""
+
+
+class Credentials(msgspec.Struct, frozen=True, kw_only=True):
+    """A user together with the stored password hash (never leaves the service)."""
+
+    user: User
+    password_hash: str
+
+
+class NewToken(msgspec.Struct, frozen=True, kw_only=True):
+    """A token row to insert: the SHA-256 hex of the token, never the token itself."""
+
+    hash: str
+    kind: str
+    expires: int
+
+
+class AccessGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """What a live access token resolves to."""
+
+    user: UserId
+    login: LoginId
+    expires: int
+
+
+class Rotation(msgspec.Struct, frozen=True, kw_only=True):
+    """Outcome of :meth:`SqlUserStore.rotate`.
+
+    ``status`` is ``"ok"`` (the new pair is stored), ``"reused"`` (the refresh token
+    was already spent; the login session has been revoked) or ``"invalid"``.
+    ``dropped`` are the hashes of token rows that stopped working, for cache eviction.
+    """
+
+    status: str
+    user: UserId | None = None
+    login: LoginId | None = None
+    dropped: list[str] = msgspec.field(default_factory=list)
+
+
+def _user(row: Sequence[Any]) -> User:
+    # Rows start with the columns of _USER_COLUMNS, in that order.
+    return User(id=row[0], username=row[1], display_name=row[2], created=row[3])
+
+
+_USER_COLUMNS = (users.c.id, users.c.username, users.c.display_name, users.c.created)
+
+
+def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SqlUserStore:
+    """All of the user service's persistent state, on one async SQLAlchemy engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def close(self) -> None:
+        """Dispose the engine's connection pool."""
+        await self._engine.dispose()
+
+    # --- accounts ---------------------------------------------------------------------
+
+    async def create_user(self, user: User, password_hash: str) -> None:
+        """Insert an account and its (empty) presence record.
+
+        Raises :class:`Conflict` if the username is taken.
+        """
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    insert(users).values(
+                        id=user.id,
+                        username=user.username,
+                        display_name=user.display_name,
+                        password_hash=password_hash,
+                        created=user.created,
+                    )
+                )
+                await conn.execute(insert(presence).values(user_id=user.id, last_seen=None))
+        except IntegrityError as exc:
+            # The only constraint a fresh random id can realistically hit is the username.
+            if await self.user_by_name(user.username) is not None:
+                raise Conflict("username taken", field="username") from exc
+            raise
+
+    async def user_by_id(self, user: UserId) -> User | None:
+        """One user, or ``None``."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(*_USER_COLUMNS).where(users.c.id == user))).first()
+        return None if row is None else _user(row)
+
+    async def user_by_name(self, username: str) -> User | None:
+        """One user by username, or ``None``."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(*_USER_COLUMNS).where(users.c.username == username))
+            ).first()
+        return None if row is None else _user(row)
+
+    async def users_by_id(self, ids: Sequence[UserId]) -> list[User]:
+        """The users that exist among ``ids`` (any order)."""
+        found: list[User] = []
+        if not ids:
+            return found
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(ids):
+                result = await conn.execute(select(*_USER_COLUMNS).where(users.c.id.in_(chunk)))
+                found.extend(_user(row) for row in result)
+        return found
+
+    async def credentials(self, username: str) -> Credentials | None:
+        """The account and password hash for a login attempt, or ``None``."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(*_USER_COLUMNS, users.c.password_hash).where(
+                        users.c.username == username
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return Credentials(user=_user(row), password_hash=row[4])
+
+    async def password_hash(self, user: UserId) -> str | None:
+        """The stored password hash of a user, or ``None`` if there is no such user."""
+        async with self._engine.connect() as conn:
+            value = await conn.scalar(select(users.c.password_hash).where(users.c.id == user))
+        return None if value is None else str(value)
+
+    async def upgrade_password_hash(self, user: UserId, old_hash: str, new_hash: str) -> bool:
+        """Swap in a re-hash of the same password (argon2 parameter upgrade).
+
+        Only if the stored hash is still ``old_hash``: a password change that landed
+        in the meantime must not be overwritten by a hash of the old password.
+        """
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(users)
+                .where(users.c.id == user, users.c.password_hash == old_hash)
+                .values(password_hash=new_hash)
+            )
+        return bool(result.rowcount)
+
+    async def set_display_name(self, user: UserId, display_name: str) -> User:
+        """Change a display name; :class:`NotFound` if there is no such user."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(users).where(users.c.id == user).values(display_name=display_name)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"no user {user}", field="user")
+            row = (await conn.execute(select(*_USER_COLUMNS).where(users.c.id == user))).one()
+        return _user(row)
+
+    async def change_password(
+        self, user: UserId, keep: LoginId, password_hash: str, now: int
+    ) -> tuple[list[LoginId], list[str]]:
+        """Store a new hash and revoke every live login session of ``user`` but ``keep``.
+
+        Returns the revoked login ids and the hashes of the token rows deleted.
+        """
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(users).where(users.c.id == user).values(password_hash=password_hash)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"no user {user}", field="user")
+            others = [
+                LoginId(row[0])
+                for row in await conn.execute(
+                    select(logins.c.id).where(
+                        logins.c.user_id == user,
+                        logins.c.revoked.is_(None),
+                        logins.c.id != keep,
+                    )
+                )
+            ]
+            dropped = await self._revoke(conn, others, now)
+        return others, dropped
+
+    # --- login sessions and tokens ----------------------------------------------------
+
+    async def create_login(
+        self,
+        login: LoginId,
+        user: UserId,
+        device: str | None,
+        now: int,
+        new_tokens: Sequence[NewToken],
+    ) -> None:
+        """Open a login session with its first tokens."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                insert(logins).values(
+                    id=login, user_id=user, device=device, created=now, revoked=None
+                )
+            )
+            await self._insert_tokens(conn, login, new_tokens)
+
+    async def access_grant(self, token_hash: str) -> AccessGrant | None:
+        """Resolve an access-token hash of a live login session (expiry not checked)."""
+        query = (
+            select(logins.c.user_id, tokens.c.login_id, tokens.c.expires)
+            .select_from(tokens.join(logins, logins.c.id == tokens.c.login_id))
+            .where(
+                tokens.c.hash == token_hash,
+                tokens.c.kind == ACCESS,
+                logins.c.revoked.is_(None),
+            )
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return AccessGrant(user=UserId(row[0]), login=LoginId(row[1]), expires=row[2])
+
+    async def rotate(self, refresh_hash: str, now: int, new_tokens: Sequence[NewToken]) -> Rotation:
+        """Spend a refresh token and store ``new_tokens`` for the same login session.
+
+        Every other token of the session is deleted; the spent refresh token stays,
+        marked ``used``, until the next rotation. Presenting a spent token again is
+        taken as theft (someone holds a copy) and revokes the whole login session.
+        """
+        async with self._engine.begin() as conn:
+            # The conditional UPDATE is the single point that decides who wins a race
+            # between two refreshes with the same token.
+            spent = await conn.execute(
+                update(tokens)
+                .where(
+                    tokens.c.hash == refresh_hash,
+                    tokens.c.kind == REFRESH,
+                    tokens.c.used.is_(None),
+                    tokens.c.expires > now,
+                )
+                .values(used=now)
+            )
+            row = (
+                await conn.execute(
+                    select(tokens.c.login_id, tokens.c.used, logins.c.user_id, logins.c.revoked)
+                    .select_from(tokens.join(logins, logins.c.id == tokens.c.login_id))
+                    .where(tokens.c.hash == refresh_hash, tokens.c.kind == REFRESH)
+                )
+            ).first()
+            if row is None:
+                return Rotation(status="invalid")
+            login, used, user, revoked = LoginId(row[0]), row[1], UserId(row[2]), row[3]
+            if revoked is not None:
+                return Rotation(status="invalid")
+            if spent.rowcount == 0:
+                if used is not None:
+                    dropped = await self._revoke(conn, [login], now)
+                    return Rotation(status="reused", user=user, login=login, dropped=dropped)
+                return Rotation(status="invalid")  # expired
+            stale = [
+                r[0]
+                for r in await conn.execute(
+                    select(tokens.c.hash).where(
+                        tokens.c.login_id == login, tokens.c.hash != refresh_hash
+                    )
+                )
+            ]
+            if stale:
+                await conn.execute(
+                    delete(tokens).where(tokens.c.login_id == login, tokens.c.hash != refresh_hash)
+                )
+            await self._insert_tokens(conn, login, new_tokens)
+        return Rotation(status="ok", user=user, login=login, dropped=stale)
+
+    async def revoke_login(self, login: LoginId, now: int) -> list[str]:
+        """Revoke one login session; returns the hashes of the token rows deleted."""
+        async with self._engine.begin() as conn:
+            return await self._revoke(conn, [login], now)
+
+    async def purge_expired_tokens(self, now: int) -> int:
+        """Delete token rows past their expiry; returns how many went."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(delete(tokens).where(tokens.c.expires <= now))
+        return int(result.rowcount)
+
+    async def _insert_tokens(
+        self, conn: AsyncConnection, login: LoginId, new_tokens: Sequence[NewToken]
+    ) -> None:
+        await conn.execute(
+            insert(tokens),
+            [
+                {"hash": t.hash, "login_id": login, "kind": t.kind, "expires": t.expires}
+                for t in new_tokens
+            ],
+        )
+
+    async def _revoke(self, conn: AsyncConnection, ids: Sequence[LoginId], now: int) -> list[str]:
+        dropped: list[str] = []
+        for chunk in _chunks(ids):
+            dropped.extend(
+                r[0]
+                for r in await conn.execute(
+                    select(tokens.c.hash).where(tokens.c.login_id.in_(chunk))
+                )
+            )
+            await conn.execute(delete(tokens).where(tokens.c.login_id.in_(chunk)))
+            await conn.execute(
+                update(logins)
+                .where(logins.c.id.in_(chunk), logins.c.revoked.is_(None))
+                .values(revoked=now)
+            )
+        return dropped
+
+    # --- blocks -----------------------------------------------------------------------
+
+    async def blocked_by(self, user: UserId) -> set[UserId]:
+        """Everyone ``user`` has blocked."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(select(blocks.c.target_id).where(blocks.c.user_id == user))
+            return {UserId(row[0]) for row in result}
+
+    async def add_block(self, user: UserId, target: UserId, now: int) -> None:
+        """Record a block; already present is fine (no dialect-specific upsert needed)."""
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    insert(blocks).values(user_id=user, target_id=target, created=now)
+                )
+        except IntegrityError as exc:
+            async with self._engine.connect() as conn:
+                exists = await conn.scalar(
+                    select(func.count())
+                    .select_from(blocks)
+                    .where(and_(blocks.c.user_id == user, blocks.c.target_id == target))
+                )
+            if not exists:
+                # Not the primary key, so a foreign key: one of the users is missing.
+                raise NotFound("no such user", field="user") from exc
+
+    async def remove_block(self, user: UserId, target: UserId) -> None:
+        """Drop a block if present."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(blocks).where(blocks.c.user_id == user, blocks.c.target_id == target)
+            )
+
+    # --- presence ---------------------------------------------------------------------
+
+    async def last_seen(self, ids: Sequence[UserId]) -> dict[UserId, int | None]:
+        """Stored ``last_seen`` of each user among ``ids`` that has a presence record."""
+        seen: dict[UserId, int | None] = {}
+        if not ids:
+            return seen
+        async with self._engine.connect() as conn:
+            for chunk in _chunks(ids):
+                result = await conn.execute(
+                    select(presence.c.user_id, presence.c.last_seen).where(
+                        presence.c.user_id.in_(chunk)
+                    )
+                )
+                seen.update((UserId(row[0]), row[1]) for row in result)
+        return seen
+
+    async def set_last_seen(self, user: UserId, when: int) -> None:
+        """Store ``last_seen``; creates the record if the account predates it."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(presence).where(presence.c.user_id == user).values(last_seen=when)
+            )
+            if result.rowcount:
+                return
+        # Update-then-insert instead of a dialect-specific upsert; a racing insert of
+        # the same row lands in IntegrityError and the update is simply retried.
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(insert(presence).values(user_id=user, last_seen=when))
+        except IntegrityError:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    update(presence).where(presence.c.user_id == user).values(last_seen=when)
+                )
