@@ -58,16 +58,19 @@ async def serve_tcp(gateway: Gateway, host: str, port: int) -> asyncio.Server:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     break
+                too_large: FrameTooLarge | None = None
                 try:
                     frames = decoder.feed(data)
                 except FrameTooLarge as exc:
-                    session.send_error(None, exc)
-                    session.close("frame_too_large")
-                    break
+                    # The frames before the oversized header are valid and are handled.
+                    frames, too_large = exc.frames, exc
                 for payload in frames:
                     await session.receive(payload, detect_codec(payload))
                     if session.closing:
                         break
+                if too_large is not None:
+                    session.send_error(None, too_large)
+                    session.close("frame_too_large")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

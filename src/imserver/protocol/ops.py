@@ -26,7 +26,9 @@ Cid = Annotated[str, Meta(min_length=1, max_length=64)]
 MAX_SEQ = 2**63 - 1
 Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
 Marker = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
-Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[a-z0-9_.-]+$")]
+# msgspec matches patterns with re.search, where "$" also matches before a final "\n"
+# ("bob\n" would pass); "(?!\n)" closes that gap and stays valid ECMA-262 for the OpenAPI.
+Username = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^[a-z0-9_.-]+$(?!\n)")]
 Password = Annotated[str, Meta(min_length=8, max_length=256)]
 DisplayName = Annotated[str, Meta(min_length=1, max_length=64)]
 UserIdStr = Annotated[str, Meta(min_length=1, max_length=64)]

@@ -8,8 +8,8 @@ by its path in upper case, sections joined by a double underscore::
     IMSERVER_WS__ALLOWED_ORIGINS='["https://chat.example.com"]'
 
 Values from the environment are parsed as TOML values when they parse (numbers,
-booleans, arrays), and taken as plain strings otherwise. A setting whose type is a
-string always takes the raw text, so ``IMSERVER_SERVER_NAME=2024`` means ``"2024"``.
+booleans, arrays), and taken as plain strings otherwise. A string setting takes the
+raw text unless it is a quoted TOML string, so ``IMSERVER_SERVER_NAME=2024`` means ``"2024"``.
 """
 
 from __future__ import annotations
@@ -115,10 +115,12 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 raise BadRequest(f"invalid configuration: {key} sets inside a plain value")
         if isinstance(node.get(path[-1]), dict):
             raise BadRequest(f"invalid configuration: {key} replaces a whole section")
-        # TOML parsing would turn "2024" or "true" into a number or a boolean, which a
-        # string setting would then reject.
-        str_setting = _setting_type(path) is str
-        node[path[-1]] = raw if str_setting else _parse_env_value(raw)
+        value = _parse_env_value(raw)
+        # TOML parsing turns "2024" or "true" into a number or a boolean, which a string
+        # setting would then reject: there, anything but a TOML string is the raw text.
+        if not isinstance(value, str) and _setting_type(path) is str:
+            value = raw
+        node[path[-1]] = value
     return tree
 
 
