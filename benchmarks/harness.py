@@ -1,0 +1,988 @@
+"""What every benchmark scenario shares.
+
+- :class:`ServerProcess` -- a real ``imserver serve`` on free ports in a temporary
+  directory: started with a TOML config, awaited on ``GET /readyz``, stopped with
+  SIGTERM (its exit code is checked by the caller), directory removed afterwards.
+- :func:`provision_users` -- registers and logs in accounts over HTTP, concurrently.
+- :class:`WorkerPool` -- load-generator processes (``spawn``), each running its own
+  asyncio loop (uvloop when installed, see :func:`run_async`), talking to the parent
+  over a pipe: ``("ready", info)``, ``("progress", counters)``, ``("result", data)``
+  or ``("error", traceback)``.
+- CPU and memory from ``/proc``: :func:`take_snapshot` / :func:`cpu_percent` for
+  processes, threads and the whole machine over an interval, :func:`memory_of`.
+- :func:`latency_summary` -- exact percentiles of latency samples (nanoseconds).
+- :class:`PySpy` and :func:`summarize_speedscope` -- an optional profile of the server
+  during the measured interval, summarised by self and total time.
+- :class:`LiveStatus` -- a rich progress bar on a terminal, a plain line otherwise.
+- :func:`print_report` and :func:`write_results` -- the results table and the JSON
+  file under ``benchmarks/results/``.
+
+Linux only: CPU and memory come from ``/proc``, and latency compares
+``time.monotonic_ns()`` across processes (CLOCK_MONOTONIC is system-wide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import traceback
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_connections
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from imserver.client import HttpClient
+
+T = TypeVar("T")
+
+HOST: Final = "127.0.0.1"
+PASSWORD: Final = "bench-password-123"
+"""The password of every benchmark account."""
+RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
+READY_TIMEOUT: Final = 30.0
+STOP_TIMEOUT: Final = 30.0
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+LOG_TAIL: Final = 4000
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+"""Where tables and messages go (stdout)."""
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+def toml_dumps(data: Mapping[str, Any]) -> str:
+    """A small TOML writer for server configuration: scalars, lists, nested tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    def table(prefix: str, d: Mapping[str, Any], out: list[str]) -> None:
+        subtables: list[tuple[str, Mapping[str, Any]]] = []
+        if prefix:
+            out.append(f"\n[{prefix}]")
+        for k, v in d.items():
+            if v is None:
+                continue
+            if isinstance(v, Mapping):
+                subtables.append((k, v))
+            else:
+                out.append(f"{json.dumps(k)} = {value(v)}")
+        for k, v in subtables:
+            table(f"{prefix}.{json.dumps(k)}" if prefix else json.dumps(k), v, out)
+
+    lines: list[str] = []
+    table("", data, lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def merge_config(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, recursively for nested tables."""
+    out = dict(base)
+    for k, v in over.items():
+        old = out.get(k)
+        if isinstance(v, Mapping) and isinstance(old, Mapping):
+            out[k] = merge_config(old, v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_settings(items: Iterable[str]) -> dict[str, Any]:
+    """``["storage.batch_max=1024", "log_level=warning"]`` as a nested config mapping.
+
+    Values are read as TOML (``1024``, ``1e9``, ``true``, ``"x"``); anything that is
+    not valid TOML is taken as a plain string.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            val: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            val = raw
+        node: dict[str, Any] = {}
+        leaf = node
+        *parents, last = key.strip().split(".")
+        for part in parents:
+            leaf[part] = {}
+            leaf = leaf[part]
+        leaf[last] = val
+        out = merge_config(out, node)
+    return out
+
+
+# --- the server process -----------------------------------------------------------------
+
+
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """``n`` distinct TCP ports free right now on ``host`` (bound together, released)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class ServerError(RuntimeError):
+    """The server did not start, or did not stop cleanly."""
+
+
+class ServerProcess:
+    """One ``imserver serve`` process in a temporary directory of its own.
+
+    Use it as a context manager: it starts on enter (and waits for ``/readyz``); on
+    exit a still-running server is stopped (killed if it ignores SIGTERM) and the
+    directory is removed. Call :meth:`stop` yourself to get the exit code.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        host: str = HOST,
+        keep_dir: bool = False,
+    ) -> None:
+        """``config`` is written to the server's TOML file; ``keep_dir`` keeps the data."""
+        self.config = dict(config)
+        self.host = host
+        self.keep_dir = keep_dir
+        self.root = Path(tempfile.mkdtemp(prefix="imserver-bench-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http_port = 0
+        self.tcp_port = 0
+        self.command: list[str] = []
+
+    @property
+    def data_dir(self) -> Path:
+        """The server's ``--data-dir``."""
+        return self.root / "data"
+
+    @property
+    def config_path(self) -> Path:
+        """The server's ``--config`` file."""
+        return self.root / "imserver.toml"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the HTTP API."""
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket endpoint."""
+        return f"ws://{self.host}:{self.http_port}/ws"
+
+    @property
+    def tcp_addr(self) -> tuple[str, int]:
+        """``(host, port)`` of the TCP listener."""
+        return (self.host, self.tcp_port)
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        if self.proc is None:
+            raise ServerError("server not started")
+        return self.proc.pid
+
+    def start(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start the process and wait until ``GET /readyz`` answers 200."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(toml_dumps(self.config))
+        last = ""
+        for _ in range(3):  # another process may take a port between picking and binding
+            self.http_port, self.tcp_port = free_ports(2, self.host)
+            self._spawn()
+            failure = self._wait_ready(timeout)
+            if failure is None:
+                return
+            last = failure
+            if "in use" not in self._tail("server.stderr.log").lower():
+                break
+        raise ServerError(f"imserver did not become ready: {last}\n{self.logs()}")
+
+    def _spawn(self) -> None:
+        self.command = [
+            sys.executable,
+            "-m",
+            "imserver",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            self.host,
+            "--http-port",
+            str(self.http_port),
+            "--tcp-port",
+            str(self.tcp_port),
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with (
+            open(self.root / "server.stdout.log", "ab") as out,
+            open(self.root / "server.stderr.log", "ab") as err,
+        ):
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=self.root,
+                start_new_session=True,  # Ctrl-C in the terminal goes to us, not to it
+            )
+
+    def _wait_ready(self, timeout: float) -> str | None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        url = self.http_url + "/readyz"
+        last = "no answer"
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                return f"the process exited with code {code}"
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return None
+                    last = f"/readyz answered {resp.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"/readyz answered {exc.code}"
+            except (OSError, urllib.error.URLError) as exc:
+                last = str(exc)
+            time.sleep(0.05)
+        self.kill()
+        return f"not ready after {timeout} s ({last})"
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait for the exit and return its code; kill and raise on a hang."""
+        proc = self.proc
+        if proc is None:
+            raise ServerError("server not started")
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise ServerError(
+                    f"imserver ignored SIGTERM for {timeout} s\n{self.logs()}"
+                ) from None
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group at once."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+    def _tail(self, name: str, size: int = LOG_TAIL) -> str:
+        try:
+            with open(self.root / name, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - size))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def logs(self) -> str:
+        """The tails of the server's stdout and stderr."""
+        return (
+            f"--- server stdout (tail) ---\n{self._tail('server.stdout.log')}\n"
+            f"--- server stderr (tail) ---\n{self._tail('server.stderr.log')}"
+        )
+
+    def cleanup(self) -> None:
+        """Kill the server if it still runs and remove its directory (unless kept)."""
+        self.kill()
+        if not self.keep_dir:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ServerError):
+                self.stop(timeout=10)
+        self.cleanup()
+
+
+# --- users ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Account:
+    """A registered, logged-in benchmark user."""
+
+    username: str
+    user_id: str
+    token: str
+
+
+async def provision_users(
+    http_url: str,
+    count: int,
+    *,
+    prefix: str = "bench",
+    concurrency: int = 8,
+    password: str = PASSWORD,
+) -> list[Account]:
+    """Register ``count`` users over HTTP and log each in; returns them in order.
+
+    Usernames are ``<prefix>_<run>_<n>`` (unique per run). Both ``register`` and
+    ``login`` hash with argon2 on the server, so this costs about 2 x 30 ms of server
+    CPU per user; ``concurrency`` requests run at once.
+    """
+    run = os.urandom(3).hex()
+    sem = asyncio.Semaphore(concurrency)
+    async with HttpClient(http_url) as http:
+
+        async def one(n: int) -> Account:
+            username = f"{prefix}_{run}_{n}"
+            async with sem:
+                await http.request("register", username=username, password=password)
+                data = await http.request(
+                    "login", username=username, password=password, device=f"bench-{n}"
+                )
+            return Account(username, str(data["user"]["id"]), str(data["token"]))
+
+        return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+
+# --- event loops and worker processes ---------------------------------------------------
+
+
+def uvloop_available() -> bool:
+    """True when uvloop can be imported."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_async(main: Coroutine[Any, Any, T], *, uvloop: bool = True) -> T:
+    """Run ``main`` on a fresh event loop: uvloop's when installed (and ``uvloop``)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if uvloop:
+        try:
+            import uvloop as uv
+        except ImportError:
+            pass
+        else:
+            factory = uv.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+WorkerTarget = Callable[[Connection, Any], None]
+"""A worker process's body: ``(pipe to the parent, its spec)``; module-level, so that
+``spawn`` can import it."""
+
+
+def _worker_entry(target: WorkerTarget, conn: Connection, spec: Any) -> None:
+    # Ctrl-C goes to the whole foreground process group: the parent handles it and
+    # tells the workers to stop, so they ignore SIGINT themselves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        target(conn, spec)
+    except BaseException:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        conn.close()
+
+
+class WorkerPool:
+    """Load-generator processes started with ``spawn``, one duplex pipe each."""
+
+    def __init__(self, target: WorkerTarget, specs: Sequence[Any]) -> None:
+        """One process per item of ``specs``, running ``target(conn, spec)``."""
+        ctx = multiprocessing.get_context("spawn")
+        self.procs: list[BaseProcess] = []
+        self.conns: list[Connection] = []
+        self._child_ends: list[Connection] = []
+        self._ended: set[int] = set()
+        for i, spec in enumerate(specs):
+            parent, child = ctx.Pipe(duplex=True)
+            self.procs.append(
+                ctx.Process(
+                    target=_worker_entry,
+                    args=(target, child, spec),
+                    name=f"bench-worker-{i}",
+                    daemon=True,
+                )
+            )
+            self.conns.append(parent)
+            self._child_ends.append(child)
+
+    def start(self) -> None:
+        """Start every process."""
+        for proc in self.procs:
+            proc.start()
+        for child in self._child_ends:
+            child.close()  # the parent keeps only its ends, so a dead worker reads as EOF
+        self._child_ends = []
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids."""
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def send_all(self, message: Any) -> None:
+        """Send ``message`` to every worker still connected."""
+        for i, conn in enumerate(self.conns):
+            if i not in self._ended:
+                with contextlib.suppress(OSError):
+                    conn.send(message)
+
+    def poll(self, timeout: float) -> list[tuple[int, tuple[str, Any]]]:
+        """Messages from workers within ``timeout`` s, as ``(worker index, message)``.
+
+        A worker whose pipe ends reports ``("exit", exitcode)`` once.
+        """
+        live = [c for i, c in enumerate(self.conns) if i not in self._ended]
+        if not live:
+            time.sleep(timeout)
+            return []
+        out: list[tuple[int, tuple[str, Any]]] = []
+        for conn in wait_connections(live, timeout):
+            assert isinstance(conn, Connection)
+            i = self.conns.index(conn)
+            try:
+                while conn.poll():
+                    out.append((i, conn.recv()))
+            except (EOFError, OSError):
+                self._ended.add(i)
+                self.procs[i].join(1)
+                out.append((i, ("exit", self.procs[i].exitcode)))
+        return out
+
+    def gather(self, kind: str, timeout: float) -> list[Any]:
+        """Wait for one ``kind`` message from every worker; raises on errors/timeouts."""
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.procs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"workers did not report {kind!r} within {timeout} s")
+            for i, (what, data) in self.poll(min(left, 0.5)):
+                if what == kind:
+                    got[i] = data
+                elif what in ("error", "exit"):
+                    raise RuntimeError(f"worker {i} failed before {kind!r}:\n{data}")
+        return [got[i] for i in range(len(self.procs))]
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Wait for the workers to exit; terminate those that do not."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
+        for conn in self.conns:
+            conn.close()
+
+
+# --- CPU and memory ---------------------------------------------------------------------
+
+
+def proc_cpu_times(pid: int) -> tuple[float, float]:
+    """``(user, system)`` CPU seconds of process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        fields = fh.read().rsplit(b")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    user, system = proc_cpu_times(pid)
+    return user + system
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of ``pid``, keyed ``"<name>[<tid>]"``; the main thread
+    (where an asyncio server runs its event loop) is ``"<name>[main]"``."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                    raw = fh.read()
+            except OSError:
+                continue  # the thread just ended
+            head, tail = raw.rsplit(b")", 1)
+            name = head.split(b"(", 1)[1].decode(errors="replace")
+            fields = tail.split()
+            label = "main" if tid == str(pid) else tid
+            out[f"{name}[{label}]"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def machine_cpu() -> tuple[float, float]:
+    """``(busy, total)`` CPU seconds of the whole machine since boot, over all cores."""
+    with open("/proc/stat", "rb") as fh:
+        first = fh.readline().split()
+    values = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    total = sum(values)
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def memory_of(pid: int) -> dict[str, float]:
+    """``rss_mib`` (now) and ``peak_rss_mib`` (high-water mark) of ``pid``."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                out["rss_mib"] = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                out["peak_rss_mib"] = int(line.split()[1]) / 1024
+    return out
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU counters of some processes, one process's threads, and the machine."""
+
+    wall: float
+    """``time.monotonic()`` when taken."""
+    procs: dict[int, float]
+    """User + system CPU seconds per process."""
+    system: dict[int, float]
+    """System (kernel) CPU seconds per process."""
+    threads: dict[str, float]
+    machine_busy: float
+    machine_total: float
+
+
+def take_snapshot(pids: Iterable[int], threads_of: int | None = None) -> CpuSnapshot:
+    """CPU seconds of ``pids`` (0.0 for a process that is gone) and of the threads of
+    ``threads_of``, with the machine's counters."""
+    procs: dict[int, float] = {}
+    system: dict[int, float] = {}
+    for pid in pids:
+        try:
+            user, sys_s = proc_cpu_times(pid)
+        except OSError:
+            user = sys_s = 0.0
+        procs[pid] = user + sys_s
+        system[pid] = sys_s
+    threads = thread_cpu_seconds(threads_of) if threads_of is not None else {}
+    busy, total = machine_cpu()
+    return CpuSnapshot(time.monotonic(), procs, system, threads, busy, total)
+
+
+def cpu_percent(a: CpuSnapshot, b: CpuSnapshot, pids: Iterable[int]) -> float:
+    """CPU used by ``pids`` between two snapshots, in % of one core."""
+    wall = b.wall - a.wall
+    if wall <= 0:
+        return 0.0
+    used = sum(b.procs.get(p, 0.0) - a.procs.get(p, 0.0) for p in pids)
+    return 100.0 * used / wall
+
+
+def system_percent(a: CpuSnapshot, b: CpuSnapshot, pid: int) -> float:
+    """Kernel CPU of ``pid`` between two snapshots, in % of one core."""
+    wall = b.wall - a.wall
+    return 100.0 * (b.system.get(pid, 0.0) - a.system.get(pid, 0.0)) / wall if wall > 0 else 0.0
+
+
+def thread_percents(a: CpuSnapshot, b: CpuSnapshot, top: int = 6) -> list[tuple[str, float]]:
+    """The busiest threads between two snapshots: ``(thread, % of one core)``."""
+    wall = b.wall - a.wall
+    if wall <= 0:
+        return []
+    usage = Counter(
+        {name: 100.0 * (sec - a.threads.get(name, 0.0)) / wall for name, sec in b.threads.items()}
+    )
+    return [(name, pct) for name, pct in usage.most_common(top) if pct >= 0.5]
+
+
+def machine_percent(a: CpuSnapshot, b: CpuSnapshot) -> float:
+    """The whole machine's busy CPU between two snapshots, in % of all cores."""
+    total = b.machine_total - a.machine_total
+    return 100.0 * (b.machine_busy - a.machine_busy) / total if total > 0 else 0.0
+
+
+# --- latency ----------------------------------------------------------------------------
+
+
+PERCENTILES: Final = (50.0, 90.0, 99.0, 99.9)
+
+
+def percentile(sorted_ns: Sequence[int], q: float) -> float:
+    """The ``q``-th percentile (nearest rank) of sorted samples, in milliseconds."""
+    if not sorted_ns:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_ns)))
+    return sorted_ns[min(rank, len(sorted_ns)) - 1] / 1e6
+
+
+def latency_summary(samples_ns: Iterable[int]) -> dict[str, float]:
+    """Count, mean, p50/p90/p99/p99.9 and max of latency samples, in milliseconds."""
+    data = sorted(samples_ns)
+    out: dict[str, float] = {"count": float(len(data))}
+    if not data:
+        return out
+    out["mean_ms"] = sum(data) / len(data) / 1e6
+    for q in PERCENTILES:
+        out[f"p{q:g}_ms"] = percentile(data, q)
+    out["max_ms"] = data[-1] / 1e6
+    return out
+
+
+# --- profiling --------------------------------------------------------------------------
+
+
+def py_spy_path() -> str | None:
+    """The ``py-spy`` executable (next to this Python, or on PATH), if installed."""
+    local = Path(sys.executable).with_name("py-spy")
+    if local.exists():
+        return str(local)
+    return shutil.which("py-spy")
+
+
+class PySpy:
+    """``py-spy record`` of one process for a fixed time, in speedscope format.
+
+    Sampling is non-blocking (the target is not paused), at ``rate`` Hz; py-spy itself
+    costs CPU, so a profiled run's numbers are lower. (``--native`` is not offered: it
+    pauses the process per sample and counts threads blocked in C as busy.)
+    """
+
+    def __init__(self, pid: int, seconds: float, out: Path, *, rate: int = 100) -> None:
+        """Profile ``pid`` for ``seconds`` into the speedscope file ``out``."""
+        self.pid = pid
+        self.seconds = max(1, round(seconds))
+        self.out = out
+        self.rate = rate
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = out.with_suffix(".log")
+
+    def start(self) -> None:
+        """Start py-spy in the background."""
+        exe = py_spy_path()
+        if exe is None:
+            raise RuntimeError("py-spy is not installed (.venv/bin/pip install py-spy)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            exe,
+            "record",
+            "--pid",
+            str(self.pid),
+            "--duration",
+            str(self.seconds),
+            "--rate",
+            str(self.rate),
+            "--format",
+            "speedscope",
+            "--output",
+            str(self.out),
+            "--nonblocking",
+        ]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Wait for py-spy to finish; True if it wrote its profile."""
+        if self.proc is None:
+            return False
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        ok = self.proc.returncode == 0 and self.out.exists()
+        if ok:
+            self.log.unlink(missing_ok=True)
+        return ok
+
+    def error(self) -> str:
+        """py-spy's output, when it failed."""
+        try:
+            return self.log.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+_PLUMBING: Final = (
+    "(<frozen runpy>)",
+    "(threading.py)",
+    "(concurrent/futures/thread.py)",
+    "(asyncio/runners.py)",
+    "(asyncio/events.py)",
+    "(asyncio/base_events.py)",
+    "(imserver/__main__.py)",
+    "(imserver/cli.py)",
+)
+"""Frames that every stack of a thread goes through: left out of the inclusive list."""
+
+
+def summarize_speedscope(path: Path, top: int = 15) -> dict[str, Any]:
+    """Self and total (inclusive) time per function of a py-spy speedscope profile.
+
+    Functions are keyed ``name (file)`` (py-spy's frames carry the line being run,
+    so lines are merged). Percentages are of all samples of all threads: one sample
+    is one thread seen running (idle threads are not sampled). Time spent in C code
+    (socket writes, SQLite, uvloop's own loop) counts as self time of the Python
+    function that called it -- ``Runner.run`` stands for uvloop's C event loop.
+    Stacks can be truncated (py-spy reads them without pausing the process), so the
+    inclusive percentages are lower bounds.
+    """
+    doc = json.loads(path.read_text())
+    frames = doc["shared"]["frames"]
+    keys = [f"{fr.get('name', '?')} ({_short_path(str(fr.get('file', '?')))})" for fr in frames]
+    self_w: Counter[str] = Counter()
+    total_w: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    all_w = 0.0
+    samples = 0
+    for prof in doc["profiles"]:
+        weights = prof.get("weights") or [1] * len(prof["samples"])
+        name = str(prof.get("name", "?"))
+        for stack, w in zip(prof["samples"], weights, strict=False):
+            samples += 1
+            all_w += w
+            threads[name] += w
+            if not stack:
+                continue
+            self_w[keys[stack[-1]]] += w  # speedscope stacks run root -> leaf
+            for k in {keys[i] for i in stack}:
+                total_w[k] += w
+    for k in list(total_w):
+        if k.endswith(_PLUMBING):
+            del total_w[k]
+    if all_w == 0:
+        return {"samples": 0, "threads": [], "self": [], "total": []}
+
+    def pct(c: Counter[str], floor: float = 0.0) -> list[tuple[str, float]]:
+        rows = [(k, round(100.0 * v / all_w, 2)) for k, v in c.most_common(top)]
+        return [(k, p) for k, p in rows if p >= floor]
+
+    return {
+        "samples": samples,
+        "threads": pct(threads, floor=1.0),
+        "self": pct(self_w),
+        "total": pct(total_w),
+    }
+
+
+def _short_path(path: str) -> str:
+    # ".../site-packages/aiohttp/web_ws.py" -> "aiohttp/web_ws.py",
+    # ".../src/imserver/core/hub.py" -> "imserver/core/hub.py",
+    # ".../lib/python3.11/asyncio/events.py" -> "asyncio/events.py".
+    for marker in ("/site-packages/", "/src/", "/lib/python3."):
+        i = path.rfind(marker)
+        if i >= 0:
+            rest = path[i + len(marker) :]
+            return rest.split("/", 1)[1] if marker == "/lib/python3." and "/" in rest else rest
+    return path
+
+
+# --- progress ---------------------------------------------------------------------------
+
+
+class LiveStatus:
+    """A progress bar with a status line (rich, on a terminal) or a plain line per
+    second on stderr otherwise."""
+
+    def __init__(self, total: float, *, enabled: bool = True) -> None:
+        """``total``: the expected length of the run in seconds."""
+        self.total = total
+        self.enabled = enabled
+        self.fancy = enabled and sys.stderr.isatty()
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._last_line = 0.0
+
+    def __enter__(self) -> LiveStatus:
+        if self.fancy:
+            self._progress = Progress(
+                TextColumn("[bold]{task.fields[phase]:<8}"),
+                BarColumn(bar_width=30),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=Console(stderr=True),
+                transient=True,
+                refresh_per_second=8,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total, phase="start")
+        return self
+
+    def update(self, phase: str, elapsed: float, text: str) -> None:
+        """Show ``phase`` (warmup, measure, drain ...), the seconds done, and ``text``."""
+        if not self.enabled:
+            return
+        if self._progress is not None and self._task is not None:
+            self._progress.update(
+                self._task, completed=min(elapsed, self.total), description=text, phase=phase
+            )
+            return
+        now = time.monotonic()
+        if now - self._last_line >= 1.0:
+            self._last_line = now
+            print(f"[{phase:<7} {elapsed:5.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What a scenario prints: result rows, config rows, notes and failures."""
+
+    title: str
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    config: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def add(self, name: str, value: str) -> None:
+        """A result row."""
+        self.rows.append((name, value))
+
+
+def print_report(report: Report, profile: Mapping[str, Any] | None = None) -> None:
+    """Print the results and config tables, the profile summary, notes and failures."""
+    results = Table(title=report.title, title_justify="left", show_header=True)
+    results.add_column("metric")
+    results.add_column("value", justify="right")
+    for name, value in report.rows:
+        results.add_row(escape(name), escape(value))
+    cfg = Table(title="config", title_justify="left")
+    cfg.add_column("setting")
+    cfg.add_column("value")
+    for name, value in report.config:
+        cfg.add_row(escape(name), escape(value))
+    console.print(results)
+    console.print(cfg)
+    if profile and profile.get("samples"):
+        prof = Table(
+            title=f"server profile (py-spy, {profile['samples']} samples, % of all samples)",
+            title_justify="left",
+        )
+        prof.add_column("self %", justify="right")
+        prof.add_column("function (self time)")
+        prof.add_column("total %", justify="right")
+        prof.add_column("function (inclusive)")
+        selfs, totals = profile["self"], profile["total"]
+        for i in range(max(len(selfs), len(totals))):
+            s = selfs[i] if i < len(selfs) else ("", "")
+            t = totals[i] if i < len(totals) else ("", "")
+            prof.add_row(
+                f"{s[1]}" if s[0] else "", escape(s[0]), f"{t[1]}" if t[0] else "", escape(t[0])
+            )
+        console.print(prof)
+        console.print("threads: " + ", ".join(f"{name} {pct}%" for name, pct in profile["threads"]))
+    for note in report.notes:
+        console.print(f"[dim]note:[/dim] {escape(note)}")
+    for failure in report.failures:
+        console.print(f"[bold red]FAILED:[/bold red] {escape(failure)}", style="red")
+
+
+def environment() -> dict[str, Any]:
+    """Where the benchmark ran: machine, Python, versions, git commit (if any)."""
+    from imserver import __version__
+
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "imserver": __version__,
+        "uvloop": uvloop_available(),
+        "git_commit": commit or None,
+    }
+
+
+def timestamp() -> str:
+    """The local time as ``YYYYmmdd-HHMMSS``, for file names."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def write_results(scenario: str, data: Mapping[str, Any], stamp: str | None = None) -> Path:
+    """Write ``data`` to ``benchmarks/results/<scenario>-<timestamp>.json``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{scenario}-{stamp or timestamp()}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path

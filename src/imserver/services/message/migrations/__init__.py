@@ -1,0 +1,1 @@
+"""Alembic migrations of the message service's database (revision ids ``message_NNNN``)."""

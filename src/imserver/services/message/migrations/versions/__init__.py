@@ -1,0 +1,1 @@
+"""Revisions of the message service's schema."""

@@ -1,0 +1,86 @@
+"""Plain data doubles of the interfaces the message service consumes, and small builders.
+
+``Directory`` and ``Rooms`` are in-memory implementations of the ``UserDirectory`` and
+``RoomDirectory`` protocols (dicts and sets, no mocking); the database and the live bus
+used with them in the tests are real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from imserver.protocol import ops
+from imserver.protocol.models import User
+from imserver.services.caller import Caller
+from imserver.utils.errors import NotFound
+from imserver.utils.ids import LoginId, SessionId, UserId
+
+
+class Directory:
+    """A ``UserDirectory``: a dict of users and a set of (blocker, blocked) pairs."""
+
+    def __init__(self, *ids: str) -> None:
+        self.users: dict[UserId, User] = {}
+        self.blocks: set[tuple[str, str]] = set()
+        for i in ids:
+            self.add(i)
+
+    def add(self, user: str, display_name: str | None = None) -> None:
+        self.users[UserId(user)] = User(
+            id=user, username=user, display_name=display_name or f"User {user}", created=0
+        )
+
+    async def get_users(self, users: Iterable[UserId]) -> dict[UserId, User]:
+        return {u: self.users[u] for u in users if u in self.users}
+
+    async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool:
+        return (blocker, blocked) in self.blocks
+
+
+class Rooms:
+    """A ``RoomDirectory``: room id -> {user: role} and room id -> title."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, dict[str, str]] = {}
+        self.titles: dict[str, str] = {}
+
+    def add(
+        self, room: str, title: str, owner: str, *members: str, admins: Sequence[str] = ()
+    ) -> None:
+        roles = {owner: "owner"}
+        roles.update({m: "member" for m in members})
+        roles.update({a: "admin" for a in admins})
+        self.members[room] = roles
+        self.titles[room] = title
+
+    async def room_members(self, room: str) -> Sequence[UserId]:
+        if room not in self.members:
+            raise NotFound(f"no room {room}")
+        return [UserId(u) for u in self.members[room]]
+
+    async def room_role(self, room: str, user: UserId) -> str | None:
+        return self.members.get(room, {}).get(user)
+
+    async def room_title(self, room: str) -> str:
+        if room not in self.titles:
+            raise NotFound(f"no room {room}")
+        return self.titles[room]
+
+    async def rooms_of(self, user: UserId) -> Sequence[str]:
+        return [room for room, roles in self.members.items() if user in roles]
+
+
+def caller(user: str, session: str | None = None) -> Caller:
+    """The identity of ``user`` on connection ``session`` (default ``<user>-s1``)."""
+    return Caller(
+        user=UserId(user),
+        login=LoginId(f"{user}-login"),
+        session=SessionId(session or f"{user}-s1"),
+    )
+
+
+def send(conv: str, cid: str, body: str = "hi", **fields: Any) -> ops.Send:
+    """A ``send`` op of type ``text`` unless ``type`` is given."""
+    fields.setdefault("type", "text")
+    return ops.Send(conv=conv, cid=cid, body=body, **fields)

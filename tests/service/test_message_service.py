@@ -1,0 +1,717 @@
+"""Service tests of the message service on a real SQLite file and a real MemoryLiveBus.
+
+The user and room directories are the plain data doubles of ``message_helpers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from message_helpers import Directory, Rooms, caller, send
+
+from imserver.protocol import ops
+from imserver.protocol.events import Msg, Receipt, TypingEvent
+from imserver.protocol.models import Message, User
+from imserver.services.message.api import MessageService
+from imserver.services.message.service import (
+    MIGRATIONS,
+    LocalMessageService,
+    open_message_service,
+)
+from imserver.services.message.store import (
+    AsyncRunner,
+    Fts5Search,
+    LikeSearch,
+    SqlMessageStore,
+    ThreadRunner,
+    fts5_query,
+    sqlite_engine,
+)
+from imserver.storage.bus import Delivery, MemoryLiveBus
+from imserver.storage.sql import make_engine, sqlite_url, upgrade
+from imserver.utils.errors import (
+    BadRequest,
+    Forbidden,
+    IMError,
+    Internal,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
+from imserver.utils.ids import UserId
+
+AB = "d:ua:ub"
+AC = "d:ua:uc"
+BC = "d:ub:uc"
+ROOM = "r:r1"
+A, B, C, D = caller("ua"), caller("ub"), caller("uc"), caller("ud")
+
+
+BACKENDS = ["sqlite", "sqlite-async", "sqlite-like"]
+"""``sqlite``: what ``open_message_service`` builds (thread runners, FTS5);
+``sqlite-async``: the async-engine runner other dialects use (here on aiosqlite);
+``sqlite-like``: the portable ``LIKE`` search other dialects fall back to."""
+
+
+async def open_service(
+    backend: str, url: str, bus: MemoryLiveBus, users: Directory, rooms: Rooms
+) -> LocalMessageService:
+    if backend == "sqlite":
+        return await open_message_service(url, bus=bus, users=users, rooms=rooms, max_body=100)
+    await upgrade(url, MIGRATIONS)
+    if backend == "sqlite-async":
+        engine = make_engine(url)
+        store = SqlMessageStore(
+            reads=AsyncRunner(engine), writes=AsyncRunner(engine, pinned=True), search=Fts5Search()
+        )
+    else:
+        # No FTS5 index on this "dialect": drop its triggers as a non-SQLite schema would lack them.
+        with sqlite3.connect(url.split("///", 1)[1]) as conn:
+            conn.execute("DROP TRIGGER IF EXISTS messages_fts_update")
+            conn.execute("DROP TRIGGER IF EXISTS messages_fts_delete")
+        store = SqlMessageStore(
+            reads=ThreadRunner(sqlite_engine(url, writer=False), threads=2),
+            writes=ThreadRunner(sqlite_engine(url, writer=True), pinned=True),
+            search=LikeSearch(),
+        )
+    svc = LocalMessageService(store, bus=bus, users=users, rooms=rooms, max_body=100)
+    svc.start()
+    return svc
+
+
+@dataclass
+class Env:
+    backend: str
+    path: Path
+    url: str
+    bus: MemoryLiveBus
+    users: Directory
+    rooms: Rooms
+    deliveries: list[Delivery]
+    svc: LocalMessageService
+
+    async def reopen(self) -> None:
+        await self.svc.close()
+        self.svc = await open_service(self.backend, self.url, self.bus, self.users, self.rooms)
+
+    def msgs(self) -> list[Msg]:
+        return [d.event for d in self.deliveries if isinstance(d.event, Msg)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    url = sqlite_url(tmp_path, "message")
+    bus = MemoryLiveBus()
+    deliveries: list[Delivery] = []
+    bus.subscribe(deliveries.append)
+    users = Directory("ua", "ub", "uc", "ud")
+    rooms = Rooms()
+    # r1: ua owner, ub admin, uc member; ud is an outsider.
+    rooms.add("r1", "Room One", "ua", "uc", admins=["ub"])
+    svc = await open_service(request.param, url, bus, users, rooms)
+    e = Env(request.param, tmp_path / "message.db", url, bus, users, rooms, deliveries, svc)
+    yield e
+    await e.svc.close()
+
+
+async def fails(aw: Awaitable[Any], cls: type[IMError], field: str | None = None) -> IMError:
+    """Await ``aw`` and require it to fail with exactly ``cls`` (and ``field``)."""
+    with pytest.raises(IMError) as info:
+        await aw
+    assert type(info.value) is cls, info.value
+    assert info.value.field == field, info.value.field
+    return info.value
+
+
+async def history(env: Env, who: Any, conv: str, **kw: Any) -> list[Message]:
+    return (await env.svc.history(who, ops.History(conv=conv, **kw))).messages
+
+
+def rows(env: Env, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(env.path) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+# --- conversation ids -----------------------------------------------------------------
+
+
+async def test_conv_id_validation(env: Env) -> None:
+    svc = env.svc
+    await fails(svc.send(A, send("d:ub:ua", "c1")), BadRequest, "conv")
+    await fails(svc.send(A, send("d:ua:ua", "c1")), BadRequest, "conv")
+    await fails(svc.send(A, send("d:ua", "c1")), BadRequest, "conv")
+    await fails(svc.send(A, send("d:ua:ub:uc", "c1")), BadRequest, "conv")
+    await fails(svc.send(A, send("x:ua", "c1")), BadRequest, "conv")
+    await fails(svc.send(A, send("r:", "c1")), BadRequest, "conv")
+    await fails(svc.send(A, send("d:ua:zz", "c1")), NotFound, "conv")
+    await fails(svc.send(A, send(BC, "c1")), Forbidden)
+    await fails(svc.history(A, ops.History(conv="d:ub:ua")), BadRequest, "conv")
+    await fails(svc.history(A, ops.History(conv="d:ua:zz")), NotFound, "conv")
+    await fails(svc.history(A, ops.History(conv=BC)), Forbidden)
+    await fails(svc.history(A, ops.History(conv="s:ub")), Forbidden)
+    await fails(svc.history(A, ops.History(conv="r:nope")), NotFound)
+    assert (await svc.send(A, send(AB, "c1"))).seq == 1
+
+
+async def test_room_conv_without_room_directory(tmp_path: Path) -> None:
+    svc = await open_message_service(
+        sqlite_url(tmp_path, "m2"), bus=MemoryLiveBus(), users=Directory("ua", "ub")
+    )
+    try:
+        await fails(svc.send(A, send(ROOM, "c1")), NotFound, "conv")
+        await fails(svc.history(A, ops.History(conv=ROOM)), NotFound, "conv")
+        assert [c.conv for c in await svc.convs(A)] == []
+    finally:
+        await svc.close()
+
+
+async def test_system_conversation_is_read_only(env: Env) -> None:
+    svc = env.svc
+    await svc.post_system(UserId("ua"), "welcome")
+    for who in (A, B):
+        await fails(svc.send(who, send("s:ua", "c1")), Forbidden)
+        await fails(svc.edit(who, ops.Edit(conv="s:ua", cid="c2", target=1, body="x")), Forbidden)
+        await fails(svc.recall(who, ops.Recall(conv="s:ua", cid="c3", target=1)), Forbidden)
+        await fails(
+            svc.react(who, ops.React(conv="s:ua", cid="c4", target=1, emoji="👍")), Forbidden
+        )
+        await fails(svc.typing(who, "s:ua"), Forbidden)
+    await fails(svc.history(B, ops.History(conv="s:ua")), Forbidden)
+    await fails(svc.mark(B, "s:ua", 1, "read"), Forbidden)
+    page = await history(env, A, "s:ua")
+    assert [(m.seq, m.from_, m.type, m.body) for m in page] == [(1, "system", "system", "welcome")]
+    await svc.mark(A, "s:ua", 1, "read")
+
+
+# --- send -----------------------------------------------------------------------------
+
+
+async def test_send_and_idempotent_resend(env: Env) -> None:
+    first = await env.svc.send(A, send(AB, "c-1", "hello"))
+    assert (first.conv, first.seq, first.cid, first.dup) == (AB, 1, "c-1", False)
+    again = await env.svc.send(A, send(AB, "c-1", "hello again"))
+    assert (again.seq, again.ts, again.cid, again.dup) == (1, first.ts, "c-1", True)
+    # The same cid from the other participant is another key.
+    other = await env.svc.send(B, send(AB, "c-1", "mine"))
+    assert (other.seq, other.dup) == (2, False)
+    page = await history(env, A, AB)
+    assert [(m.seq, m.from_, m.body) for m in page] == [(1, "ua", "hello"), (2, "ub", "mine")]
+    assert rows(env, "SELECT count(*) FROM messages") == [(2,)]
+    assert [m.seq for m in env.msgs()] == [1, 2]  # the dup published nothing
+
+
+async def test_duplicate_within_one_batch(env: Env) -> None:
+    f1 = env.svc.send(A, send(AB, "same", "one"))
+    f2 = env.svc.send(A, send(AB, "same", "two"))
+    r1, r2 = await asyncio.gather(f1, f2)
+    assert (r1.seq, r1.dup) == (1, False)
+    assert (r2.seq, r2.ts, r2.dup) == (1, r1.ts, True)
+    assert [m.body for m in await history(env, A, AB)] == ["one"]
+    assert len(env.msgs()) == 1
+
+
+async def test_concurrent_sends_are_gap_free_and_refusals_take_no_seq(env: Env) -> None:
+    futures = []
+    for i in range(150):
+        futures.append(env.svc.send(A if i % 2 else B, send(AB, f"c{i}", f"m{i}")))
+        if i % 10 == 0:  # refused in the writer: a reply_to far beyond the last seq
+            futures.append(env.svc.send(A, send(AB, f"bad{i}", "x", reply_to=10_000)))
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    good = [r for r in results if isinstance(r, ops.SendData)]
+    bad = [r for r in results if isinstance(r, BaseException)]
+    assert [r.seq for r in good] == list(range(1, 151))
+    assert len(bad) == 15 and all(isinstance(e, BadRequest) for e in bad)
+    page = await history(env, A, AB, limit=200)
+    assert [m.seq for m in page] == list(range(1, 151))
+    assert [m.body for m in page] == [f"m{i}" for i in range(150)]
+    assert [m.seq for m in env.msgs()] == list(range(1, 151))
+
+
+async def test_block_forbids_direct_sends(env: Env) -> None:
+    env.users.blocks.add(("ub", "ua"))  # ub blocked ua
+    await fails(env.svc.send(A, send(AB, "c1")), Forbidden)
+    ok = await env.svc.send(B, send(AB, "c2", "still talking"))
+    assert ok.seq == 1
+    await fails(env.svc.react(A, ops.React(conv=AB, cid="c3", target=1, emoji="x")), Forbidden)
+    assert [m.from_ for m in await history(env, A, AB)] == ["ub"]
+    # A message stored before the block can still be recalled by its sender.
+    env.users.blocks.clear()
+    await env.svc.send(A, send(AB, "c4", "oops"))
+    env.users.blocks.add(("ub", "ua"))
+    await fails(env.svc.edit(A, ops.Edit(conv=AB, cid="c5", target=2, body="x")), Forbidden)
+    assert (await env.svc.recall(A, ops.Recall(conv=AB, cid="c6", target=2))).seq == 3
+
+
+async def test_non_members_are_forbidden_everywhere(env: Env) -> None:
+    await env.svc.send(A, send(ROOM, "c1"))
+    svc = env.svc
+    await fails(svc.send(D, send(ROOM, "d1")), Forbidden)
+    await fails(svc.edit(D, ops.Edit(conv=ROOM, cid="d2", target=1, body="x")), Forbidden)
+    await fails(svc.recall(D, ops.Recall(conv=ROOM, cid="d3", target=1)), Forbidden)
+    await fails(svc.react(D, ops.React(conv=ROOM, cid="d4", target=1, emoji="x")), Forbidden)
+    await fails(svc.history(D, ops.History(conv=ROOM)), Forbidden)
+    await fails(svc.mark(D, ROOM, 1, "read"), Forbidden)
+    await fails(svc.mark(D, ROOM, 1, "recv"), Forbidden)
+    await fails(svc.typing(D, ROOM), Forbidden)
+    await fails(svc.search(D, ops.Search(query="hi", conv=ROOM)), Forbidden)
+    # The same for a direct conversation the caller is not part of.
+    await fails(svc.send(C, send(AB, "c1")), Forbidden)
+    await fails(svc.mark(C, AB, 1, "read"), Forbidden)
+    await fails(svc.typing(C, AB), Forbidden)
+    assert [m.seq for m in await history(env, A, ROOM)] == [1]
+
+
+async def test_body_limit_and_file_meta(env: Env) -> None:
+    svc = env.svc
+    await fails(svc.send(A, send(AB, "c1", "x" * 101)), TooLarge, "body")
+    assert (await svc.send(A, send(AB, "c2", "é" * 100))).seq == 1
+    await fails(svc.send(A, send(AB, "c3", "", type="image")), BadRequest, "meta")
+    await fails(svc.send(A, send(AB, "c4", "", type="file", meta={"file": 7})), BadRequest, "meta")
+    await fails(
+        svc.edit(A, ops.Edit(conv=AB, cid="c5", target=1, body="y" * 101)), TooLarge, "body"
+    )
+    sent = await svc.send(A, send(AB, "c6", "pic", type="image", meta={"file": "f1", "w": 3}))
+    page = await history(env, B, AB)
+    assert (page[-1].seq, page[-1].type, page[-1].meta) == (
+        sent.seq,
+        "image",
+        {"file": "f1", "w": 3},
+    )
+
+
+async def test_reply_to_and_mentions(env: Env) -> None:
+    svc = env.svc
+    await fails(svc.send(A, send(AB, "c1", reply_to=1)), BadRequest, "reply_to")
+    await svc.send(A, send(AB, "c2", "first"))
+    r = await svc.send(B, send(AB, "c3", "answer", reply_to=1, mentions=["ua"]))
+    assert r.seq == 2
+    await fails(svc.send(A, send(AB, "c4", reply_to=3)), BadRequest, "reply_to")
+    await fails(svc.send(A, send(AB, "c5", mentions=["uc"])), BadRequest, "mentions")
+    await fails(svc.send(A, send(ROOM, "c6", mentions=["ud"])), BadRequest, "mentions")
+    assert (await svc.send(A, send(ROOM, "c7", mentions=["ub", "uc"]))).seq == 1
+    m = (await history(env, A, AB))[-1]
+    assert (m.reply_to, m.mentions) == (1, ["ua"])
+    event = env.msgs()[-2]
+    assert (event.seq, event.reply_to, event.mentions) == (2, 1, ["ua"])
+
+
+# --- edit, recall, react --------------------------------------------------------------
+
+
+async def test_edit_recall_react_annotations(env: Env) -> None:
+    svc = env.svc
+    await svc.send(A, send(AB, "c1", "hello"))
+    await svc.send(B, send(AB, "c2", "yo"))
+    e = await svc.edit(A, ops.Edit(conv=AB, cid="c3", target=1, body="hello, edited"))
+    assert (e.seq, e.dup) == (3, False)
+    await svc.react(B, ops.React(conv=AB, cid="c4", target=1, emoji="👍"))
+    await svc.react(A, ops.React(conv=AB, cid="c5", target=1, emoji="👍"))
+    await svc.react(A, ops.React(conv=AB, cid="c6", target=1, emoji="🎉"))
+    await svc.react(A, ops.React(conv=AB, cid="c7", target=1, emoji="🎉", remove=True))
+    await svc.react(A, ops.React(conv=AB, cid="c8", target=2, emoji="❤"))
+    r = await svc.recall(B, ops.Recall(conv=AB, cid="c9", target=2))
+    assert r.seq == 9
+    page = await history(env, A, AB)
+    by_seq = {m.seq: m for m in page}
+    one, two = by_seq[1], by_seq[2]
+    assert (one.body, one.edited, one.recalled) == ("hello, edited", True, False)
+    assert one.reactions == {"👍": ["ub", "ua"]}
+    assert (two.body, two.recalled, two.reactions, two.meta) == ("", True, None, None)
+    edit = by_seq[3]
+    assert (edit.type, edit.body, edit.meta, edit.from_) == (
+        "edit",
+        "hello, edited",
+        {"target": 1},
+        "ua",
+    )
+    react = by_seq[7]
+    assert (react.type, react.body) == ("reaction", "")
+    assert react.meta == {"target": 1, "emoji": "🎉", "remove": True}
+    recall = by_seq[9]
+    assert (recall.type, recall.body, recall.meta) == ("recall", "", {"target": 2})
+    assert [m.type for m in env.msgs()][-1] == "recall"
+
+
+async def test_recall_blanks_the_edits_of_the_recalled_message(env: Env) -> None:
+    await env.svc.send(A, send(AB, "c1", "secret"))
+    await env.svc.edit(A, ops.Edit(conv=AB, cid="c2", target=1, body="secret 2"))
+    await env.svc.recall(A, ops.Recall(conv=AB, cid="c3", target=1))
+    page = await history(env, B, AB)
+    assert [(m.type, m.body) for m in page] == [("text", ""), ("edit", ""), ("recall", "")]
+    assert page[0].recalled and page[0].edited
+
+
+async def test_edit_and_recall_rules(env: Env) -> None:
+    svc = env.svc
+    await svc.send(A, send(AB, "c1", "mine"))
+    await svc.edit(A, ops.Edit(conv=AB, cid="c2", target=1, body="mine!"))
+    await fails(svc.edit(A, ops.Edit(conv=AB, cid="e1", target=9, body="x")), NotFound, "target")
+    await fails(svc.edit(B, ops.Edit(conv=AB, cid="e2", target=1, body="x")), Forbidden)
+    await fails(svc.edit(A, ops.Edit(conv=AB, cid="e3", target=2, body="x")), BadRequest, "target")
+    await fails(svc.recall(B, ops.Recall(conv=AB, cid="e4", target=1)), Forbidden)
+    await fails(svc.recall(A, ops.Recall(conv=AB, cid="e5", target=5)), NotFound, "target")
+    await svc.recall(A, ops.Recall(conv=AB, cid="c3", target=1))
+    await fails(svc.edit(A, ops.Edit(conv=AB, cid="e6", target=1, body="x")), BadRequest, "target")
+    await fails(svc.recall(A, ops.Recall(conv=AB, cid="e7", target=1)), BadRequest, "target")
+    await fails(
+        svc.react(B, ops.React(conv=AB, cid="e8", target=1, emoji="x")), BadRequest, "target"
+    )
+    await fails(
+        svc.react(B, ops.React(conv=AB, cid="e9", target=99, emoji="x")), NotFound, "target"
+    )
+    # None of the refusals took a seq.
+    assert [m.seq for m in await history(env, A, AB)] == [1, 2, 3]
+
+
+async def test_recall_in_rooms_by_admins_only(env: Env) -> None:
+    svc = env.svc
+    await svc.send(C, send(ROOM, "c1", "from a member"))
+    await svc.send(A, send(ROOM, "c2", "from the owner"))
+    await fails(svc.recall(C, ops.Recall(conv=ROOM, cid="x1", target=2)), Forbidden)
+    await svc.recall(B, ops.Recall(conv=ROOM, cid="x3", target=1))  # an admin
+    await svc.send(B, send(ROOM, "c3", "from the admin"))
+    await svc.recall(A, ops.Recall(conv=ROOM, cid="x4", target=4))  # the owner
+    page = await history(env, C, ROOM)
+    assert [(m.seq, m.recalled) for m in page if m.type == "text"] == [
+        (1, True),
+        (2, False),
+        (4, True),
+    ]
+
+
+async def test_same_batch_send_edit_recall(env: Env) -> None:
+    svc = env.svc
+    f1 = svc.send(A, send(AB, "c1", "draft"))
+    f2 = svc.edit(A, ops.Edit(conv=AB, cid="c2", target=1, body="final"))
+    f3 = svc.react(B, ops.React(conv=AB, cid="c3", target=1, emoji="ok"))
+    f4 = svc.recall(A, ops.Recall(conv=AB, cid="c4", target=1))
+    f5 = svc.edit(A, ops.Edit(conv=AB, cid="c5", target=1, body="too late"))
+    results = await asyncio.gather(f1, f2, f3, f4, f5, return_exceptions=True)
+    assert [r.seq for r in results[:4] if isinstance(r, ops.SendData)] == [1, 2, 3, 4]
+    assert isinstance(results[4], BadRequest)
+    page = await history(env, A, AB)
+    assert (page[0].body, page[0].recalled, page[0].reactions) == ("", True, None)
+
+
+# --- history --------------------------------------------------------------------------
+
+
+async def test_history_paging(env: Env) -> None:
+    for i in range(10):
+        await env.svc.send(A, send(AB, f"c{i}", f"m{i + 1}"))
+
+    async def page(**kw: Any) -> tuple[list[int], bool]:
+        data = await env.svc.history(B, ops.History(conv=AB, **kw))
+        return [m.seq for m in data.messages], data.has_more
+
+    assert await page(limit=3) == ([8, 9, 10], True)
+    assert await page(limit=10) == (list(range(1, 11)), False)
+    assert await page(after=0, limit=4) == ([1, 2, 3, 4], True)
+    assert await page(after=6, limit=4) == ([7, 8, 9, 10], False)
+    assert await page(after=10) == ([], False)
+    assert await page(before=5, limit=2) == ([3, 4], True)
+    assert await page(before=5, limit=4) == ([1, 2, 3, 4], False)
+    assert await page(before=1) == ([], False)
+    await fails(env.svc.history(B, ops.History(conv=AB, after=1, before=5)), BadRequest, "before")
+    assert await page() == (list(range(1, 11)), False)
+    assert (await env.svc.history(A, ops.History(conv=AC))).messages == []
+
+
+# --- convs and markers ----------------------------------------------------------------
+
+
+async def test_convs_summaries(env: Env) -> None:
+    svc = env.svc
+    env.users.add("ub", "Bee")
+    await svc.send(A, send(AC, "a1", "to c"))  # oldest activity
+    await svc.send(B, send(AB, "b1", "one"))
+    await svc.send(B, send(AB, "b2", "two @ua", mentions=["ua"]))
+    await svc.send(A, send(AB, "a2", "mine"))  # not unread for ua
+    await svc.send(B, send(AB, "b3", "three"))
+    await svc.react(B, ops.React(conv=AB, cid="b4", target=4, emoji="x"))  # not counted
+    await svc.send(B, send(AB, "b5", "gone"))
+    await svc.recall(B, ops.Recall(conv=AB, cid="b6", target=6))  # recalled: not counted
+    await svc.post_system(UserId("ua"), "notice")
+    await svc.send(C, send(ROOM, "r1", "room news @ua", mentions=["ua"]))
+    await svc.mark(A, AB, 1, "read")
+
+    convs = await svc.convs(A)
+    assert [c.conv for c in convs] == [ROOM, "s:ua", AB, AC]
+    by = {c.conv: c for c in convs}
+    ab = by[AB]
+    assert (ab.kind, ab.title, ab.last_seq, ab.read_seq, ab.recv_seq) == ("direct", "Bee", 7, 1, 1)
+    assert (ab.unread, ab.mentions) == (2, 1)  # b2 and b3; b2 mentions ua
+    assert ab.last is not None and (ab.last.seq, ab.last.type) == (7, "recall")
+    ac = by[AC]
+    assert (ac.title, ac.last_seq, ac.unread, ac.mentions) == ("User uc", 1, 0, 0)
+    system = by["s:ua"]
+    assert (system.kind, system.title, system.unread, system.last_seq) == ("system", "System", 1, 1)
+    room = by[ROOM]
+    assert (room.kind, room.title, room.unread, room.mentions) == ("room", "Room One", 1, 1)
+    assert room.last is not None and room.last.body == "room news @ua"
+
+    # ud has no direct conversation, no notices, no rooms.
+    assert await svc.convs(D) == []
+    # uc: the direct conversation with ua and the room; no s: without notices.
+    assert [c.conv for c in await svc.convs(C)] == [ROOM, AC]
+    await svc.mark(A, AB, 100, "read")
+    ab = {c.conv: c for c in await svc.convs(A)}[AB]
+    assert (ab.read_seq, ab.recv_seq, ab.unread, ab.mentions) == (7, 7, 0, 0)
+
+
+async def test_room_without_messages_is_listed_last(env: Env) -> None:
+    env.rooms.add("r2", "Quiet", "ub", "ua")
+    await env.svc.send(A, send(AB, "c1"))
+    convs = await env.svc.convs(A)
+    assert convs[0].conv == AB and {c.conv for c in convs[1:]} == {ROOM, "r:r2"}
+    quiet = next(c for c in convs if c.conv == "r:r2")
+    assert (quiet.last, quiet.last_seq, quiet.title, quiet.unread) == (None, 0, "Quiet", 0)
+
+
+async def test_mark_is_forward_only_clamped_and_publishes_receipts(env: Env) -> None:
+    svc = env.svc
+    for i in range(5):
+        await svc.send(B, send(AB, f"c{i}"))
+    env.deliveries.clear()
+    a2 = caller("ua", "ua-s2")
+    await svc.mark(a2, AB, 3, "recv")
+    await svc.mark(a2, AB, 2, "recv")  # backwards: no-op, nothing published
+    await svc.mark(a2, AB, 3, "recv")  # unchanged: nothing published
+    await svc.mark(a2, AB, 2, "read")  # read also raises recv (already 3)
+    await svc.mark(a2, AB, 99, "read")  # clamped to 5
+    await svc.mark(a2, AB, 0, "read")
+    receipts = [(d.event, list(d.users), d.exclude_session) for d in env.deliveries]
+    assert receipts == [
+        (Receipt(conv=AB, user="ua", seq=3, kind="recv"), ["ua", "ub"], "ua-s2"),
+        (Receipt(conv=AB, user="ua", seq=2, kind="read"), ["ua", "ub"], "ua-s2"),
+        (Receipt(conv=AB, user="ua", seq=5, kind="read"), ["ua", "ub"], "ua-s2"),
+    ]
+    ab = {c.conv: c for c in await svc.convs(A)}[AB]
+    assert (ab.read_seq, ab.recv_seq, ab.last_seq) == (5, 5, 5)
+    # Markers work the same in rooms (group receipts).
+    await svc.send(A, send(ROOM, "r1"))
+    env.deliveries.clear()
+    await svc.mark(C, ROOM, 1, "read")
+    [d] = env.deliveries
+    assert d.event == Receipt(conv=ROOM, user="uc", seq=1, kind="read")
+    assert sorted(d.users) == ["ua", "ub", "uc"]
+    assert rows(
+        env, "SELECT read_seq, recv_seq FROM markers WHERE conv = ? AND user_id = 'uc'", ROOM
+    ) == [(1, 1)]
+
+
+async def test_mark_on_an_empty_conversation_is_a_no_op(env: Env) -> None:
+    await env.svc.mark(A, AB, 5, "read")
+    assert env.deliveries == []
+    assert rows(env, "SELECT count(*) FROM markers") == [(0,)]
+
+
+# --- live deliveries ------------------------------------------------------------------
+
+
+async def test_send_deliveries_exclude_the_sending_session_in_seq_order(env: Env) -> None:
+    futures = [env.svc.send(caller("ua", "phone"), send(AB, f"c{i}", f"m{i}")) for i in range(20)]
+    futures.append(env.svc.send(caller("ua", "phone"), send(AB, "c0", "dup")))
+    await asyncio.gather(*futures)
+    assert len(env.deliveries) == 20
+    for i, d in enumerate(env.deliveries):
+        assert (
+            list(d.users) == ["ua", "ub"]
+            and d.exclude_session == "phone"
+            and d.exclude_user is None
+        )
+        assert isinstance(d.event, Msg) and d.event.seq == i + 1 and d.event.body == f"m{i}"
+        assert d.event.from_ == "ua" and d.event.conv == AB
+    await env.svc.send(C, send(ROOM, "r1"))
+    assert sorted(env.deliveries[-1].users) == ["ua", "ub", "uc"]
+
+
+async def test_typing_goes_to_the_others(env: Env) -> None:
+    await env.svc.typing(C, ROOM)
+    [d] = env.deliveries
+    assert d.event == TypingEvent(conv=ROOM, user="uc")
+    assert sorted(d.users) == ["ua", "ub", "uc"] and d.exclude_user == "uc"
+    assert rows(env, "SELECT count(*) FROM messages") == [(0,)]
+
+
+# --- search ---------------------------------------------------------------------------
+
+
+async def test_search(env: Env) -> None:
+    svc = env.svc
+    await svc.send(A, send(AB, "c1", "the quick brown fox"))
+    await svc.send(B, send(AB, "c2", "a lazy dog"))
+    await svc.send(B, send(BC, "c3", "fox news between b and c"))
+    await svc.send(C, send(ROOM, "c4", "Fox in the room"))
+    await svc.send(A, send(AB, "c5", "another fox, soon recalled"))
+    await svc.recall(A, ops.Recall(conv=AB, cid="c6", target=3))
+    await svc.send(A, send(AB, "c7", "cat"))
+    await svc.edit(A, ops.Edit(conv=AB, cid="c8", target=5, body="now a foxtrot"))
+    await svc.send(A, send(AB, "c9", "file", type="file", meta={"file": "f"}))
+
+    def found(data: ops.SearchData) -> list[tuple[str, int]]:
+        return [(m.conv, m.seq) for m in data.messages]
+
+    data = await svc.search(A, ops.Search(query="fox"))
+    # Newest first; b<->c is not ua's; the recalled one is gone; prefix finds "foxtrot".
+    assert found(data) == [(AB, 5), (ROOM, 1), (AB, 1)]
+    assert data.next is None
+    assert data.messages[0].edited and data.messages[0].body == "now a foxtrot"
+    assert found(await svc.search(A, ops.Search(query="FOX", conv=ROOM))) == [(ROOM, 1)]
+    assert found(await svc.search(A, ops.Search(query="quick fox"))) == [(AB, 1)]
+    assert found(await svc.search(A, ops.Search(query="recalled"))) == []
+    assert found(await svc.search(B, ops.Search(query="fox"))) == [
+        (AB, 5),
+        (ROOM, 1),
+        (BC, 1),
+        (AB, 1),
+    ]
+    assert found(await svc.search(D, ops.Search(query="fox"))) == []
+    # Paging with the opaque cursor.
+    p1 = await svc.search(B, ops.Search(query="fox", limit=3))
+    assert found(p1) == [(AB, 5), (ROOM, 1), (BC, 1)] and p1.next is not None
+    p2 = await svc.search(B, ops.Search(query="fox", limit=3, before=p1.next))
+    assert found(p2) == [(AB, 1)] and p2.next is None
+    await fails(
+        svc.search(B, ops.Search(query="fox", before="not a cursor!")), BadRequest, "before"
+    )
+    await fails(svc.search(B, ops.Search(query="fox", before="")), BadRequest, "before")
+    # FTS5 syntax in the query is just text.
+    for q in ['"', 'fox"', "fox OR dog", "NEAR(fox dog)", "*", "fox AND", "-fox", "a:b"]:
+        await svc.search(A, ops.Search(query=q))
+    assert found(await svc.search(A, ops.Search(query="fox OR dog"))) == []
+    assert found(await svc.search(A, ops.Search(query="   "))) == []
+    if env.backend != "sqlite-like":  # FTS5 only: diacritics, and an index left intact
+        await svc.send(C, send(ROOM, "c10", "Un café, s'il vous plaît"))
+        assert found(await svc.search(A, ops.Search(query="CAFE"))) == [(ROOM, 2)]
+        rows(env, "INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+
+
+def test_the_service_satisfies_its_protocol() -> None:
+    service: type[MessageService] = LocalMessageService  # checked by mypy
+    assert service is LocalMessageService
+
+
+def test_fts5_query_quoting() -> None:
+    assert fts5_query("hello") == '"hello"*'
+    assert fts5_query('say "hi" there') == '"say" """hi""" "there"*'
+    assert fts5_query("  ") == ""
+
+
+async def test_a_failing_directory_is_unavailable(env: Env) -> None:
+    class Broken(Directory):
+        async def get_users(self, users: Iterable[UserId]) -> dict[UserId, User]:
+            raise ConnectionError("user service down")
+
+    await env.svc.close()
+    env.svc = await open_service(env.backend, env.url, env.bus, Broken("ua", "ub"), env.rooms)
+    await fails(env.svc.send(A, send(AB, "c1")), Unavailable)
+    await fails(env.svc.history(A, ops.History(conv=AB)), Unavailable)
+    await env.reopen()
+    assert (await env.svc.send(A, send(AB, "c1"))).seq == 1
+
+
+# --- notices, peers, rooms ------------------------------------------------------------
+
+
+async def test_post_system(env: Env) -> None:
+    r = await env.svc.post_system(UserId("ub"), "maintenance tonight", {"title": "Heads up"})
+    assert (r.conv, r.seq, r.dup) == ("s:ub", 1, False)
+    [d] = env.deliveries
+    assert list(d.users) == ["ub"] and d.exclude_session is None
+    assert isinstance(d.event, Msg) and d.event.from_ == "system" and d.event.type == "system"
+    assert d.event.meta == {"title": "Heads up"}
+    [m] = await history(env, B, "s:ub")
+    assert (m.body, m.meta, m.cid) == ("maintenance tonight", {"title": "Heads up"}, r.cid)
+    assert (await env.svc.post_system(UserId("ub"), "again")).seq == 2
+
+
+async def test_post_room_system_reaches_members_and_notified(env: Env) -> None:
+    r = await env.svc.post_room_system(
+        "r1", "", {"event": "kicked", "user": "ud"}, notify=[UserId("ud")], cid="k1"
+    )
+    assert (r.conv, r.seq) == (ROOM, 1)
+    assert sorted(env.deliveries[-1].users) == ["ua", "ub", "uc", "ud"]
+    again = await env.svc.post_room_system("r1", "", {"event": "kicked"}, cid="k1")
+    assert (again.seq, again.dup) == (1, True)
+
+
+async def test_direct_peers(env: Env) -> None:
+    await env.svc.send(A, send(AB, "c1"))
+    await env.svc.send(B, send(AB, "c2"))
+    await env.svc.send(C, send(AC, "c3"))
+    await env.svc.send(C, send(ROOM, "c4"))
+    assert sorted(await env.svc.direct_peers(UserId("ua"))) == ["ub", "uc"]
+    assert await env.svc.direct_peers(UserId("ub")) == ["ua"]
+    assert await env.svc.direct_peers(UserId("ud")) == []
+    assert rows(env, "SELECT count(*) FROM direct_peers") == [(4,)]
+
+
+# --- durability -----------------------------------------------------------------------
+
+
+async def test_restart_keeps_history_seqs_keys_and_markers(env: Env) -> None:
+    first = await env.svc.send(A, send(AB, "c1", "before restart"))
+    await env.svc.send(B, send(AB, "c2", "two"))
+    await env.svc.mark(B, AB, 1, "read")
+    await env.svc.post_system(UserId("ua"), "note")
+    await env.reopen()
+    again = await env.svc.send(A, send(AB, "c1", "resent"))
+    assert (again.seq, again.ts, again.dup) == (1, first.ts, True)
+    nxt = await env.svc.send(A, send(AB, "c3", "after restart"))
+    assert (nxt.seq, nxt.dup) == (3, False)
+    assert [m.body for m in await history(env, B, AB)] == ["before restart", "two", "after restart"]
+    ab = {c.conv: c for c in await env.svc.convs(B)}[AB]
+    assert (ab.read_seq, ab.recv_seq, ab.last_seq, ab.unread) == (1, 1, 3, 1)
+    assert await env.svc.direct_peers(UserId("ub")) == ["ua"]
+    assert (await env.svc.post_system(UserId("ua"), "second")).seq == 2
+    assert [m.seq for m in (await env.svc.search(A, ops.Search(query="restart"))).messages] == [
+        3,
+        1,
+    ]
+
+
+async def test_close_flushes_queued_writes(env: Env) -> None:
+    futures = [env.svc.send(A, send(AB, f"c{i}")) for i in range(50)]
+    await env.svc.close()
+    assert [f.result().seq for f in futures] == list(range(1, 51))
+    await fails(env.svc.send(A, send(AB, "late")), Unavailable)
+    await env.reopen()
+    assert len(await history(env, A, AB, limit=200)) == 50
+
+
+async def test_flush_waits_for_everything_queued(env: Env) -> None:
+    await env.svc.flush()  # nothing queued: returns at once
+    futures = [env.svc.send(A, send(AB, f"c{i}")) for i in range(30)]
+    await env.svc.flush()
+    assert all(f.done() for f in futures)
+    assert [m.seq for m in env.msgs()] == list(range(1, 31))
+    assert (await env.svc.send(A, send(AB, "after"))).seq == 31
+
+
+async def test_failed_commit_fails_the_batch_and_takes_no_seq(env: Env) -> None:
+    await env.svc.send(A, send(AB, "c1", "one"))
+    with sqlite3.connect(env.path) as conn:  # a real database refusal, from outside
+        conn.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON messages WHEN new.body = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+        )
+    f1 = env.svc.send(B, send(AB, "c2", "innocent"))
+    f2 = env.svc.send(A, send(AB, "c3", "boom"))
+    f3 = env.svc.send(A, send(AB, "c1", "resend"))  # a duplicate keeps its answer
+    f4 = env.svc.send(A, send(AB, "c4", reply_to=50))  # a refusal keeps its answer
+    r1, r2, r3, r4 = await asyncio.gather(f1, f2, f3, f4, return_exceptions=True)
+    assert isinstance(r1, Internal) and isinstance(r2, Internal)
+    assert isinstance(r3, ops.SendData) and (r3.seq, r3.dup) == (1, True)
+    assert isinstance(r4, BadRequest)
+    assert [m.seq for m in env.msgs()] == [1]
+    with sqlite3.connect(env.path) as conn:
+        conn.execute("DROP TRIGGER boom")
+    assert (await env.svc.send(B, send(AB, "c2", "innocent"))).seq == 2
+    assert [m.body for m in await history(env, A, AB)] == ["one", "innocent"]
