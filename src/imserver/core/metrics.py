@@ -1,64 +1,109 @@
 """Prometheus metrics of one server: connections, ops by name and result, ack latency.
 
-A private registry per server keeps test servers in one process apart. Label
-children are cached so the per-op cost is a dict lookup and an increment.
+The hot paths only touch plain Python integers (no locks: everything runs on the
+event loop); a custom collector turns them into Prometheus families when
+``/metrics`` is scraped. A private registry per server keeps test servers apart.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class Metrics:
-    """The server's metric families."""
+class Count:
+    """A lock-free counter (event-loop thread only)."""
+
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class Histogram:
+    """A cumulative histogram over fixed upper bounds (event-loop thread only)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative ``(le, count)`` pairs, ending with ``+Inf``."""
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+        return out
+
+
+class Metrics(Collector):
+    """The server's metric values and their Prometheus exposition."""
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, str], int] = {}
+        self.connections: dict[str, int] = {}
+        self.ack_latency = Histogram(ACK_BUCKETS)
+        self.slow_consumers = Count()
         self.registry = CollectorRegistry()
-        self.connections = Gauge(
-            "imserver_connections", "Open client connections", ["transport"], registry=self.registry
-        )
-        self._ops = Counter(
-            "imserver_ops",
-            "Ops handled, by op name and result",
-            ["op", "result"],
-            registry=self.registry,
-        )
-        self.ack_latency = Histogram(
-            "imserver_ack_latency_seconds",
-            "Time from receiving a send/edit/recall/react to writing its reply",
-            buckets=ACK_BUCKETS,
-            registry=self.registry,
-        )
-        self.slow_consumers = Counter(
-            "imserver_slow_consumers",
-            "Sessions closed because their queue overflowed",
-            registry=self.registry,
-        )
-        self.deliveries = Counter(
-            "imserver_deliveries", "Events queued to sessions", registry=self.registry
-        )
-        self._op_children: dict[tuple[str, str], Counter] = {}
-        self._conn_children: dict[str, Gauge] = {}
+        self.registry.register(self)
 
     def op(self, name: str, result: str) -> None:
         """Count one op with its result (``ok`` or an error code)."""
-        child = self._op_children.get((name, result))
-        if child is None:
-            child = self._op_children[(name, result)] = self._ops.labels(name, result)
-        child.inc()
+        key = (name, result)
+        self.ops[key] = self.ops.get(key, 0) + 1
 
     def connection(self, transport: str, delta: int) -> None:
         """Add ``delta`` to the open-connection gauge of ``transport``."""
-        child = self._conn_children.get(transport)
-        if child is None:
-            child = self._conn_children[transport] = self.connections.labels(transport)
-        child.inc(delta)
+        self.connections[transport] = self.connections.get(transport, 0) + delta
+
+    def collect(self) -> Iterator[Metric]:
+        conns = GaugeMetricFamily(
+            "imserver_connections", "Open client connections", labels=["transport"]
+        )
+        for transport, value in sorted(self.connections.items()):
+            conns.add_metric([transport], value)
+        yield conns
+        ops = CounterMetricFamily(
+            "imserver_ops", "Ops handled, by op name and result", labels=["op", "result"]
+        )
+        for (name, result), value in sorted(self.ops.items()):
+            ops.add_metric([name, result], value)
+        yield ops
+        hist = self.ack_latency
+        yield HistogramMetricFamily(
+            "imserver_ack_latency_seconds",
+            "Time from receiving a send/edit/recall/react to writing its reply",
+            buckets=hist.buckets(),
+            sum_value=hist.sum,
+        )
+        yield CounterMetricFamily(
+            "imserver_slow_consumers",
+            "Sessions closed because their queue overflowed",
+            value=self.slow_consumers.value,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
-
-
-__all__ = ["Metrics"]

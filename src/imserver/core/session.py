@@ -66,6 +66,7 @@ class Session:
 
     __slots__ = (
         "_closing",
+        "_out",
         "bad_frames",
         "bucket",
         "caller",
@@ -90,6 +91,7 @@ class Session:
         self.bucket = gateway.new_bucket()
         self.last_rx = time.monotonic()
         self._closing = False
+        self._out: list[bytes] | None = None
 
     # --- inbound -------------------------------------------------------------------
 
@@ -162,12 +164,26 @@ class Session:
         self.push(self.link.frame(encode(Reply(rid=rid, ok=False, error=body), codec), codec))
 
     def push(self, data: bytes) -> None:
-        """Queue framed bytes; close the session if its queue has overflowed."""
+        """Queue framed bytes; they are written with the session's other output of this
+        loop iteration in one system call (see :class:`Flusher`)."""
         if self._closing:
             return
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self.gateway.flusher.mark(self)
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        """Write what :meth:`push` queued; close the session if its queue has overflowed."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
         link = self.link
-        link.write(data)
-        if link.buffered() > self.gateway.config.limits.send_queue_bytes:
+        link.write(out[0] if len(out) == 1 else b"".join(out))
+        if link.buffered() > self.gateway.config.limits.send_queue_bytes and not self._closing:
             self.gateway.metrics.slow_consumers.inc()
             self.close("slow_consumer")
 
@@ -175,6 +191,7 @@ class Session:
         """Send ``closed {reason}`` and close the connection after it is flushed."""
         if self._closing:
             return
+        self.flush()
         self._closing = True
         if self.greeted and self.link.kind != "http":
             self.link.write(self.link.frame(encode(Closed(reason=reason), self.codec), self.codec))
@@ -185,6 +202,38 @@ class Session:
     def closing(self) -> bool:
         """True once :meth:`close` was called."""
         return self._closing
+
+
+class Flusher:
+    """Coalesces each session's writes per event-loop iteration.
+
+    Replies and events pushed to a session during one iteration are joined and
+    written with one system call when the loop gets to the callback scheduled by
+    the first push; a fan-out to N sessions costs N writes, not N × events.
+    """
+
+    __slots__ = ("_dirty", "_loop")
+
+    def __init__(self) -> None:
+        self._dirty: list[Session] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def mark(self, session: Session) -> None:
+        """Remember a session with queued output; schedule the flush if none is pending."""
+        dirty = self._dirty
+        if not dirty:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self.flush)
+        dirty.append(session)
+
+    def flush(self) -> None:
+        """Write every marked session's queued output."""
+        dirty = self._dirty
+        self._dirty = []
+        for session in dirty:
+            session.flush()
 
 
 class _WriteReply:

@@ -19,7 +19,7 @@ from imserver.core.hub import Hub
 from imserver.core.metrics import Metrics
 from imserver.core.ratelimit import TokenBucket
 from imserver.core.router import Router
-from imserver.core.session import Session
+from imserver.core.session import Flusher, Session
 from imserver.protocol.events import PresenceEvent
 from imserver.protocol.models import Limits, PresenceInfo, RateLimits, ServerInfo
 from imserver.services.caller import Caller
@@ -53,6 +53,7 @@ class Gateway:
         self.bus = bus
         self.metrics = metrics
         self.hub = Hub()
+        self.flusher = Flusher()
         self.router = Router(build_handlers(self))
         self.sessions: set[Session] = set()
         self.draining = False
