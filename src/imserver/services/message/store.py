@@ -575,6 +575,30 @@ class ThreadRunner:
         self._executor.shutdown(wait=True)
 
 
+class InlineRunner:
+    """A synchronous engine driven on the event-loop thread itself (one pinned connection).
+
+    For SQLite, whose calls are short (a batch's statements plus one WAL fsync take
+    a few milliseconds), running them inline costs less than handing each batch to a
+    thread: no executor hop and no contention for the interpreter lock.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Connection | None = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self._engine.connect()
+        return fn(self._conn, *args)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._engine.dispose()
+
+
 class AsyncRunner:
     """An async engine; the functions run through ``AsyncConnection.run_sync``.
 
@@ -982,13 +1006,14 @@ class SqlMessageStore:
     def open(cls, url: str, engine: AsyncEngine, *, read_threads: int = 2) -> SqlMessageStore:
         """The store of the database at ``url``; ``engine`` is its async engine.
 
-        SQLite gets thread runners on synchronous engines of its own (``engine``,
-        never connected, is left unused); other dialects run on ``engine``.
+        SQLite gets synchronous engines of its own (``engine``, never connected, is
+        left unused): the writer runs inline on the event loop (see
+        :class:`InlineRunner`), readers on threads. Other dialects run on ``engine``.
         """
         search = search_for_dialect(engine.dialect.name)
         if engine.dialect.name == "sqlite":
             reads: Runner = ThreadRunner(sqlite_engine(url, writer=False), threads=read_threads)
-            writes: Runner = ThreadRunner(sqlite_engine(url, writer=True), pinned=True)
+            writes: Runner = InlineRunner(sqlite_engine(url, writer=True))
             return cls(reads=reads, writes=writes, search=search)
         return cls(
             reads=AsyncRunner(engine),
