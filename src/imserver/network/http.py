@@ -235,8 +235,14 @@ class HttpApi:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if not self.ready or self.gateway.draining:
+        gw = self.gateway
+        if not self.ready or gw.draining:
             return web.json_response({"status": "unavailable"}, status=503)
+        try:
+            await gw.users.check()
+            await gw.messages.check()
+        except IMError as exc:
+            return web.json_response({"status": "unavailable", "reason": exc.message}, status=503)
         return web.json_response({"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -83,5 +83,11 @@ class MessageService(Protocol):
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation with ``user`` (presence recipients)."""
 
+    async def check(self) -> None:
+        """Raise ``unavailable`` if the service's database cannot be reached."""
+
+    async def flush(self) -> None:
+        """Wait until every write queued before the call is committed (or refused)."""
+
     async def close(self) -> None:
         """Flush pending writes and release the store."""

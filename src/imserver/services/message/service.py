@@ -133,7 +133,7 @@ def parse_conv(conv: str) -> ConvRef:
                     f"direct conversation ids name the users in order: d:{b}:{a}", field="conv"
                 )
             return ConvRef(conv, "direct", a, b)
-        if prefix == "r":
+        if prefix == "r" and ":" not in rest:
             return ConvRef(conv, "room", rest)
         if prefix == "s" and ":" not in rest:
             return ConvRef(conv, "system", rest)
@@ -922,6 +922,13 @@ class LocalMessageService:
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation (with messages) with ``user``."""
         return [UserId(p) for p in await self._store.direct_convs(user)]
+
+    async def check(self) -> None:
+        """Raise if the message database cannot be reached (readiness probe)."""
+        try:
+            await self._store.check()
+        except Exception as exc:
+            raise Unavailable("message database unreachable") from exc
 
     async def close(self) -> None:
         """Flush every queued write, stop the writer and release the store."""

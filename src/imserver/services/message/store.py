@@ -631,6 +631,22 @@ def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
 
 
+def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
+    # The writer runs on the event loop; checkpoints (which copy WAL pages into the
+    # database file and fsync it) run on a reader thread instead, see
+    # SqlMessageStore.after_commit.
+    dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
+
+
+def _checkpoint(conn: Connection) -> None:
+    # Outside any transaction: the DBAPI connection is in autocommit mode.
+    conn.connection.dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+
+
+def _select_one(conn: Connection) -> None:
+    conn.exec_driver_sql("SELECT 1")
+
+
 def _begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -649,6 +665,8 @@ def sqlite_engine(url: str, *, writer: bool) -> Engine:
     engine = create_engine(sql.sync_url(url), connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _no_implicit_begin)
     event.listen(engine, "connect", sql._set_sqlite_pragmas)
+    if writer:
+        event.listen(engine, "connect", _no_autocheckpoint)
     event.listen(engine, "begin", _begin_immediate if writer else _begin_deferred)
     return engine
 
@@ -807,9 +825,12 @@ def _rollback(conn: Connection) -> None:
 class WriteTx:
     """One batch's transaction: :meth:`load`, then :meth:`commit` (else rolled back)."""
 
-    def __init__(self, runner: Runner, search: MessageSearch) -> None:
+    def __init__(
+        self, runner: Runner, search: MessageSearch, committed: Callable[[], None]
+    ) -> None:
         self._runner = runner
         self._search = search
+        self._committed = committed
         self.done = False
 
     async def load(
@@ -833,6 +854,7 @@ class WriteTx:
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
         self.done = True
+        self._committed()
 
     async def rollback(self) -> None:
         """Abandon the transaction (a failure here is logged, not raised)."""
@@ -997,10 +1019,43 @@ class SqlMessageStore:
     the service's single writer. Build one with :meth:`open`.
     """
 
-    def __init__(self, *, reads: Runner, writes: Runner, search: MessageSearch) -> None:
+    CHECKPOINT_EVERY = 1.0
+    """Seconds between background WAL checkpoints while writes go on (SQLite)."""
+
+    def __init__(
+        self,
+        *,
+        reads: Runner,
+        writes: Runner,
+        search: MessageSearch,
+        background_checkpoints: bool = False,
+    ) -> None:
         self._reads = reads
         self._writes = writes
         self._search = search
+        self._background_checkpoints = background_checkpoints
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._last_checkpoint = 0.0
+
+    def after_commit(self) -> None:
+        """Start a background WAL checkpoint when one is due (SQLite writer only)."""
+        if not self._background_checkpoints:
+            return
+        task = self._checkpoint_task
+        if task is not None and not task.done():
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._last_checkpoint < self.CHECKPOINT_EVERY:
+            return
+        self._last_checkpoint = now
+        self._checkpoint_task = loop.create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        try:
+            await self._reads.call(_checkpoint)
+        except Exception:
+            logger.warning("WAL checkpoint failed", exc_info=True)
 
     @classmethod
     def open(cls, url: str, engine: AsyncEngine, *, read_threads: int = 2) -> SqlMessageStore:
@@ -1014,7 +1069,7 @@ class SqlMessageStore:
         if engine.dialect.name == "sqlite":
             reads: Runner = ThreadRunner(sqlite_engine(url, writer=False), threads=read_threads)
             writes: Runner = InlineRunner(sqlite_engine(url, writer=True))
-            return cls(reads=reads, writes=writes, search=search)
+            return cls(reads=reads, writes=writes, search=search, background_checkpoints=True)
         return cls(
             reads=AsyncRunner(engine),
             writes=AsyncRunner(engine, pinned=True),
@@ -1030,15 +1085,23 @@ class SqlMessageStore:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[WriteTx]:
         """One write transaction; rolled back unless :meth:`WriteTx.commit` succeeded."""
-        tx = WriteTx(self._writes, self._search)
+        tx = WriteTx(self._writes, self._search, self.after_commit)
         try:
             yield tx
         finally:
             if not tx.done:
                 await tx.rollback()
 
+    async def check(self) -> None:
+        """Run a trivial query on a reader: raises if the database cannot be reached."""
+        await self._reads.call(_select_one)
+
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection (after a last checkpoint, if any was pending)."""
+        if self._checkpoint_task is not None:
+            await self._checkpoint_task
+        if self._background_checkpoints:
+            await self._checkpoint()
         await self._writes.close()
         await self._reads.close()
 

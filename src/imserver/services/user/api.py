@@ -119,5 +119,8 @@ class UserService(Protocol):
     async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
         """Presence of each known user among ``users``, in the order asked."""
 
+    async def check(self) -> None:
+        """Raise ``unavailable`` if the service's database cannot be reached."""
+
     async def close(self) -> None:
         """Release the store."""

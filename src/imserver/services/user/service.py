@@ -38,7 +38,7 @@ from imserver.services.user.api import Identity, LoginResult, TokenPair, UpdateR
 from imserver.services.user.store import ACCESS, REFRESH, NewToken, SqlUserStore
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
-from imserver.utils.errors import BadRequest, Conflict, NotFound, Unauthorized
+from imserver.utils.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
 from imserver.utils.ids import LoginId, UserId, new_login_id, new_user_id
 
 MIGRATIONS = "imserver.services.user.migrations"
@@ -452,6 +452,13 @@ class LocalUserService:
             else PresenceInfo(user=uid, status="offline", last_seen=self._last_seen.get(uid))
             for uid in known
         ]
+
+    async def check(self) -> None:
+        """Raise if the user database cannot be reached (readiness probe)."""
+        try:
+            await self._store.check()
+        except Exception as exc:
+            raise Unavailable("user database unreachable") from exc
 
     async def close(self) -> None:
         """Dispose the database engine."""

@@ -174,6 +174,11 @@ class SqlUserStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
+    async def check(self) -> None:
+        """Run a trivial query: raises if the database cannot be reached."""
+        async with self._engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
     async def close(self) -> None:
         """Dispose the engine's connection pool."""
         await self._engine.dispose()
