@@ -1250,7 +1250,13 @@ class Client:
         """Send a message (``cid`` defaults to a fresh uuid); returns the reply ``data``
         (``conv``, ``seq``, ``ts``, ``cid``, ``dup``). ``extra``: ``meta``, ``reply_to``,
         ``mentions``..."""
-        fields: Frame = {"conv": conv, "cid": cid or uuid.uuid4().hex, "type": type, "body": body}
+        # Only a missing cid gets a fresh one: an explicit (even invalid) cid is sent as is.
+        fields: Frame = {
+            "conv": conv,
+            "cid": uuid.uuid4().hex if cid is None else cid,
+            "type": type,
+            "body": body,
+        }
         fields.update(extra)
         return await self.request("send", fields)
 
