@@ -32,6 +32,7 @@ from aiohttp import WSMsgType, web
 
 from imserver.core.openapi import openapi_document
 from imserver.core.ratelimit import TokenBucket
+from imserver.core.router import PUBLIC_OPS
 from imserver.core.session import Session
 from imserver.protocol.codec import Codec, decode_op_as, encode_json
 from imserver.protocol.wsframe import OP_BINARY, OP_TEXT, ws_frame
@@ -204,7 +205,9 @@ class HttpApi:
                 raise RateLimited(round(wait, 3))
             session = Session(gw, _HTTP_LINK)
             auth = request.headers.get("Authorization")
-            if auth is not None:
+            # register/login/refresh/hello/ping need no token, so a stale one a client
+            # attaches out of habit must not make them fail.
+            if auth is not None and op_type not in PUBLIC_OPS:
                 scheme, _, token = auth.partition(" ")
                 if scheme.lower() != "bearer" or not token:
                     raise Unauthorized("Authorization must be 'Bearer <token>'")

@@ -11,8 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from imserver.protocol import ops
 from imserver.protocol.models import ReceiptKind
-from imserver.services.user.api import Identity
-from imserver.utils.errors import BadRequest, Conflict, Unavailable, UnsupportedVersion
+from imserver.services.user.api import Identity, RefreshTokenReused
+from imserver.utils.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    Unavailable,
+    UnsupportedVersion,
+)
 from imserver.utils.ids import UserId
 
 if TYPE_CHECKING:
@@ -61,8 +67,13 @@ def build_handlers(gw: Gateway) -> dict[type[ops.Op], Handler]:
         current = session.caller
         if current is not None:
             # Checked before the password so a bound connection cannot be re-bound.
-            by_name = await gw.users.get_user_by_name(op.username)
-            if by_name.id != current.user:
+            # An unknown name falls through to the login, which answers `unauthorized`
+            # like every other login failure (never `not_found`).
+            try:
+                by_name = await gw.users.get_user_by_name(op.username)
+            except NotFound:
+                by_name = None
+            if by_name is not None and by_name.id != current.user:
                 raise Conflict("this connection is authenticated as another user")
         result = await gw.users.login(op.username, op.password, op.device or session.device)
         await gw.authenticate(session, Identity(UserId(result.user.id), result.login))
@@ -79,7 +90,13 @@ def build_handlers(gw: Gateway) -> dict[type[ops.Op], Handler]:
         return ops.UserData(user=await gw.users.get_user(identity.user))
 
     async def refresh(session: Session, op: ops.Refresh) -> ops.TokenData:
-        pair = await gw.users.refresh(op.refresh_token)
+        try:
+            pair = await gw.users.refresh(op.refresh_token)
+        except RefreshTokenReused as exc:
+            # The login session is revoked: after the error reply is written, close its
+            # connections, as for a logout.
+            asyncio.get_running_loop().call_soon(gw.close_login, exc.login, "revoked")
+            raise
         return ops.TokenData(
             token=pair.token, refresh_token=pair.refresh_token, expires_in=pair.expires_in
         )

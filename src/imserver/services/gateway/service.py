@@ -120,7 +120,9 @@ class Gateway:
         if current is not None:
             self.hub.detach(session)
         session.caller = Caller(identity.user, identity.login, session.id)
-        if self.hub.attach(session):
+        # Re-binding an authenticated connection to another login session of the same
+        # user keeps the user online throughout: only a first connection is news.
+        if self.hub.attach(session) and current is None:
             info = await self.users.set_online(identity.user)
             await self._publish_presence(info)
 

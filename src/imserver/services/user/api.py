@@ -19,6 +19,7 @@ from typing import Protocol
 import msgspec
 
 from imserver.protocol.models import PresenceInfo, User
+from imserver.utils.errors import Unauthorized
 from imserver.utils.ids import LoginId, UserId
 
 
@@ -27,6 +28,16 @@ class Identity(msgspec.Struct, frozen=True):
 
     user: UserId
     login: LoginId
+
+
+class RefreshTokenReused(Unauthorized):
+    """A spent refresh token was presented again: the whole login session ``login`` has
+    been revoked (someone else holds a copy). Clients see a plain ``unauthorized``; the
+    gateway also closes the live connections of that login session."""
+
+    def __init__(self, message: str, *, login: LoginId) -> None:
+        super().__init__(message)
+        self.login = login
 
 
 class LoginResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,7 +83,11 @@ class UserService(Protocol):
         """Resolve an access token. ``unauthorized`` if unknown, expired or revoked."""
 
     async def refresh(self, refresh_token: str) -> TokenPair:
-        """Rotate the token pair of a login session; the old refresh token dies."""
+        """Rotate the token pair of a login session; the old refresh token dies.
+
+        ``unauthorized`` for an unknown or expired token; :class:`RefreshTokenReused`
+        (an ``unauthorized``) when a spent one comes back and its session was revoked.
+        """
 
     async def logout(self, login: LoginId) -> None:
         """Revoke a login session's tokens."""

@@ -34,7 +34,13 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from imserver.protocol.models import PresenceInfo, User
-from imserver.services.user.api import Identity, LoginResult, TokenPair, UpdateResult
+from imserver.services.user.api import (
+    Identity,
+    LoginResult,
+    RefreshTokenReused,
+    TokenPair,
+    UpdateResult,
+)
 from imserver.services.user.store import ACCESS, REFRESH, NewToken, SqlUserStore
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
@@ -265,6 +271,8 @@ class LocalUserService:
         access, refresh, rows = self._new_pair(now)
         outcome = await self._store.rotate(token_hash(refresh_token), now, rows)
         self._evict(outcome.dropped)
+        if outcome.status == "reused" and outcome.login is not None:
+            raise RefreshTokenReused(BAD_REFRESH, login=outcome.login)
         if outcome.status != "ok" or outcome.user is None or outcome.login is None:
             raise Unauthorized(BAD_REFRESH)
         self._cache_access(rows[0], Identity(user=outcome.user, login=outcome.login))
