@@ -94,14 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pairs",
         type=int,
-        default=8,
-        help="sender/receiver pairs, one direct conversation each (default 8)",
+        default=16,
+        help="sender/receiver pairs, one direct conversation each (default 16)",
     )
     parser.add_argument(
         "--window",
         type=int,
-        default=64,
-        help="sends each sender keeps in flight (default 64)",
+        default=16,
+        help="sends each sender keeps in flight (default 16; 256 in flight in all, so the "
+        "ack latency measures the server rather than a deep client-side queue)",
     )
     parser.add_argument(
         "--rate",
