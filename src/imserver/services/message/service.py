@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeVar
 
@@ -296,90 +296,81 @@ class LocalMessageService:
         if len(body) > self._max_body:
             raise TooLarge(f"body longer than {self._max_body} characters", field="body")
 
-    def send(self, caller: Caller, req: ops.Send) -> asyncio.Future[ops.SendData]:
-        """Store a message; resolves after commit. Idempotent on (conv, sender, cid)."""
+    def _submit(
+        self,
+        kind: WriteKind,
+        caller: Caller,
+        conv_id: str,
+        body: str | None,
+        check: Callable[[], None] | None = None,
+        **fields: Any,
+    ) -> asyncio.Future[Any]:
+        """Queue one client write after the checks that need no other service: the
+        conversation must be writable, ``body`` (when the op has one) within bounds,
+        and ``check`` (an op's own rule) must pass."""
         fut = self._new_future()
         try:
-            conv = self._writable(req.conv)
-            self._check_body(req.body)
-            if req.type in ("image", "file"):
-                file_id = (req.meta or {}).get("file")
-                if not isinstance(file_id, str) or not file_id:
-                    raise BadRequest(f"{req.type} messages need meta.file", field="meta")
+            conv = self._writable(conv_id)
+            if body is not None:
+                self._check_body(body)
+            if check is not None:
+                check()
         except IMError as exc:
             return self._failed(fut, exc)
         self._enqueue(
-            _Write(
-                "send",
-                conv,
-                caller.user,
-                fut,
-                caller.session,
-                cid=req.cid,
-                type=req.type,
-                body=req.body,
-                meta=req.meta,
-                reply_to=req.reply_to,
-                mentions=list(dict.fromkeys(req.mentions)) if req.mentions is not None else None,
-            )
+            _Write(kind, conv, caller.user, fut, caller.session, body=body or "", **fields)
         )
         return fut
+
+    @staticmethod
+    def _file_check(req: ops.Send) -> Callable[[], None] | None:
+        """Image and file messages must name their file in ``meta.file``."""
+        if req.type not in ("image", "file"):
+            return None
+
+        def check() -> None:
+            file_id = (req.meta or {}).get("file")
+            if not isinstance(file_id, str) or not file_id:
+                raise BadRequest(f"{req.type} messages need meta.file", field="meta")
+
+        return check
+
+    def send(self, caller: Caller, req: ops.Send) -> asyncio.Future[ops.SendData]:
+        """Store a message; resolves after commit. Idempotent on (conv, sender, cid)."""
+        mentions = list(dict.fromkeys(req.mentions)) if req.mentions is not None else None
+        return self._submit(
+            "send",
+            caller,
+            req.conv,
+            req.body,
+            self._file_check(req),
+            cid=req.cid,
+            type=req.type,
+            meta=req.meta,
+            reply_to=req.reply_to,
+            mentions=mentions,
+        )
 
     def edit(self, caller: Caller, req: ops.Edit) -> asyncio.Future[ops.SendData]:
         """Store an ``edit`` of the caller's own message ``target``."""
-        fut = self._new_future()
-        try:
-            conv = self._writable(req.conv)
-            self._check_body(req.body)
-        except IMError as exc:
-            return self._failed(fut, exc)
-        self._enqueue(
-            _Write(
-                "edit",
-                conv,
-                caller.user,
-                fut,
-                caller.session,
-                cid=req.cid,
-                body=req.body,
-                target=req.target,
-            )
-        )
-        return fut
+        return self._submit("edit", caller, req.conv, req.body, cid=req.cid, target=req.target)
 
     def recall(self, caller: Caller, req: ops.Recall) -> asyncio.Future[ops.SendData]:
         """Store a ``recall`` of ``target`` (its sender, or a room owner/admin)."""
-        fut = self._new_future()
-        try:
-            conv = self._writable(req.conv)
-        except IMError as exc:
-            return self._failed(fut, exc)
-        self._enqueue(
-            _Write("recall", conv, caller.user, fut, caller.session, cid=req.cid, target=req.target)
-        )
-        return fut
+        return self._submit("recall", caller, req.conv, None, cid=req.cid, target=req.target)
 
     def react(self, caller: Caller, req: ops.React) -> asyncio.Future[ops.SendData]:
         """Store a ``reaction`` (add or remove one emoji of the caller on ``target``)."""
-        fut = self._new_future()
-        try:
-            conv = self._writable(req.conv)
-        except IMError as exc:
-            return self._failed(fut, exc)
-        self._enqueue(
-            _Write(
-                "react",
-                conv,
-                caller.user,
-                fut,
-                caller.session,
-                cid=req.cid,
-                target=req.target,
-                emoji=req.emoji,
-                remove=req.remove,
-            )
+        return self._submit(
+            "react",
+            caller,
+            req.conv,
+            None,
+            cid=req.cid,
+            target=req.target,
+            emoji=req.emoji,
+            remove=req.remove,
         )
-        return fut
 
     async def post_system(
         self, user: UserId, body: str, meta: dict[str, Any] | None = None
