@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 
 from imserver.client import Client, CodecName, TransportName
+from imserver.utils.config import merge_settings
 
 HOST = "127.0.0.1"
 PASSWORD = "correct-horse-battery"
@@ -131,16 +132,6 @@ def toml_dumps(data: Mapping[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 @dataclass(repr=False)
 class ServerProcess:
     """One ``imserver serve`` process and its directory (config, data, logs).
@@ -204,7 +195,7 @@ class ServerProcess:
         if self.running:
             raise RuntimeError("server already running")
         if config:
-            self.config = _merge(self.config, config)
+            self.config = merge_settings(self.config, config)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(toml_dumps(self.config))
         for attempt in range(3):

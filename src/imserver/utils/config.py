@@ -124,11 +124,13 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge_settings(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top, section by section (neither is modified)."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        current = out.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            out[key] = merge_settings(current, value)
         else:
             out[key] = value
     return out
@@ -151,8 +153,8 @@ def load_config(
     if path:
         with open(path, "rb") as fh:
             tree = tomllib.load(fh)
-    tree = _merge(tree, _env_overrides(env))
-    tree = _merge(tree, {k: v for k, v in (overrides or {}).items() if v is not None})
+    tree = merge_settings(tree, _env_overrides(env))
+    tree = merge_settings(tree, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return msgspec.convert(tree, Config, strict=False)
     except msgspec.ValidationError as exc:
