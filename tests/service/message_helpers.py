@@ -13,6 +13,7 @@ from typing import Any
 from imserver.protocol import ops
 from imserver.protocol.models import User
 from imserver.services.caller import Caller
+from imserver.services.message.api import Members
 from imserver.utils.errors import NotFound
 from imserver.utils.ids import LoginId, SessionId, UserId
 
@@ -44,6 +45,7 @@ class Rooms:
     def __init__(self) -> None:
         self.members: dict[str, dict[str, str]] = {}
         self.titles: dict[str, str] = {}
+        self.invited: dict[str, set[str]] = {}
 
     def add(
         self, room: str, title: str, owner: str, *members: str, admins: Sequence[str] = ()
@@ -54,10 +56,10 @@ class Rooms:
         self.members[room] = roles
         self.titles[room] = title
 
-    async def room_members(self, room: str) -> Sequence[UserId]:
+    async def room_members(self, room: str) -> Members:
         if room not in self.members:
             raise NotFound(f"no room {room}")
-        return [UserId(u) for u in self.members[room]]
+        return Members.of(self.members[room])
 
     async def room_role(self, room: str, user: UserId) -> str | None:
         return self.members.get(room, {}).get(user)
@@ -69,6 +71,9 @@ class Rooms:
 
     async def rooms_of(self, user: UserId) -> Sequence[str]:
         return [room for room, roles in self.members.items() if user in roles]
+
+    async def invitations_of(self, user: UserId) -> Sequence[str]:
+        return [room for room, users in self.invited.items() if user in users]
 
 
 def caller(user: str, session: str | None = None) -> Caller:

@@ -13,6 +13,7 @@ service API has exactly the op's shape, so a second copy would only drift.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from imserver.protocol import ops
@@ -29,10 +30,32 @@ class UserDirectory(Protocol):
     async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool: ...
 
 
-class RoomDirectory(Protocol):
-    """What the message service needs from the room service (``r:`` conversations)."""
+@dataclass(frozen=True, slots=True)
+class Members:
+    """The members of a conversation: in order for delivery, as a set for checks.
 
-    async def room_members(self, room: str) -> Sequence[UserId]:
+    Immutable, so an owner (the room service) can hand out the same object on every
+    call until the membership changes, and the send path never copies a member list.
+    """
+
+    users: tuple[str, ...]
+    set: frozenset[str]
+
+    @classmethod
+    def of(cls, users: Iterable[str]) -> Members:
+        t = tuple(users)
+        return cls(t, frozenset(t))
+
+
+class RoomDirectory(Protocol):
+    """What the message service needs from the room service (``r:`` conversations).
+
+    ``room_members`` is on the send path of every room message: an implementation
+    answers from memory (the same :class:`Members` object until the membership
+    changes), never with a query per call.
+    """
+
+    async def room_members(self, room: str) -> Members:
         """Current members of a room; ``not_found`` for an unknown room."""
 
     async def room_role(self, room: str, user: UserId) -> str | None:
@@ -43,6 +66,9 @@ class RoomDirectory(Protocol):
 
     async def rooms_of(self, user: UserId) -> Sequence[str]:
         """Rooms the user belongs to (for ``convs`` and ``search``)."""
+
+    async def invitations_of(self, user: UserId) -> Sequence[str]:
+        """Rooms the user is invited to and has not joined (listed in ``convs``)."""
 
 
 class MessageService(Protocol):
@@ -79,6 +105,19 @@ class MessageService(Protocol):
         self, user: UserId, body: str, meta: dict[str, Any] | None = None
     ) -> ops.SendData:
         """Store a notice in ``s:<user>`` (the user's read-only system conversation)."""
+
+    async def post_room_system(
+        self,
+        room: str,
+        body: str,
+        meta: dict[str, Any] | None = None,
+        *,
+        notify: Iterable[UserId] = (),
+        cid: str | None = None,
+    ) -> ops.SendData:
+        """Store a ``system`` message (membership change, room update) in ``r:<room>``;
+        resolves after commit. Delivered to the room's members at that moment plus
+        ``notify`` (a user just kicked or invited). ``cid`` makes it idempotent."""
 
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation with ``user`` (presence recipients)."""

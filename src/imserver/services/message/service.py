@@ -37,7 +37,7 @@ from imserver.protocol import ops
 from imserver.protocol.events import Event, Msg, Receipt, TypingEvent
 from imserver.protocol.models import ConvKind, ConvSummary, Message, ReceiptKind
 from imserver.services.caller import Caller
-from imserver.services.message.api import RoomDirectory, UserDirectory
+from imserver.services.message.api import Members, RoomDirectory, UserDirectory
 from imserver.services.message.store import (
     IdemKey,
     MessageKey,
@@ -206,19 +206,6 @@ class _BatchState:
     ts: int
     write: WriteBatch = field(default_factory=WriteBatch)
     new_keys: dict[IdemKey, tuple[int, int]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Members:
-    """The members of a conversation: in order for delivery, as a set for checks."""
-
-    users: tuple[str, ...]
-    set: frozenset[str]
-
-    @classmethod
-    def of(cls, users: Iterable[str]) -> Members:
-        t = tuple(users)
-        return cls(t, frozenset(t))
 
 
 class LocalMessageService:
@@ -406,8 +393,6 @@ class LocalMessageService:
         Delivered to the room's current members plus ``notify`` (e.g. the user just
         kicked, who is no longer a member). ``cid`` makes the post idempotent (the
         sender is ``system``); a random one is used when absent.
-
-        Not part of the ``MessageService`` protocol yet: the room service needs it.
         """
         conv = parse_conv(f"r:{room}")
         fut: asyncio.Future[ops.SendData] = self._new_future()
@@ -809,7 +794,7 @@ class LocalMessageService:
             return Members((conv.a,), frozenset((conv.a,)))
         if self._rooms is None:
             raise NotFound(f"no room {conv.a}", field="conv")
-        return Members.of(await self._ask(self._rooms.room_members(conv.a)))
+        return await self._ask(self._rooms.room_members(conv.a))
 
     async def _member_access(self, caller: Caller, conv: str) -> tuple[ConvRef, Members]:
         """Parse ``conv``, resolve its members and require the caller to be one."""
@@ -841,9 +826,13 @@ class LocalMessageService:
         user = caller.user
         peers = await self._store.direct_convs(user)
         system = f"s:{user}"
-        rooms: Sequence[str] = []
+        rooms: list[str] = []
         if self._rooms is not None:
-            rooms = await self._ask(self._rooms.rooms_of(user))
+            rooms.extend(await self._ask(self._rooms.rooms_of(user)))
+            joined = set(rooms)
+            rooms.extend(
+                r for r in await self._ask(self._rooms.invitations_of(user)) if r not in joined
+            )
         kinds: dict[str, ConvKind] = {conv: "direct" for conv in peers.values()}
         kinds[system] = "system"
         for room in rooms:
