@@ -361,19 +361,6 @@ async def test_send_validation(shared_server: ServerProcess, clients: Clients) -
     assert history[3]["body"] == "" and history[3]["type"] == "custom"
 
 
-async def test_image_with_a_file_id_is_accepted(
-    shared_server: ServerProcess, clients: Clients
-) -> None:
-    # The file service does not exist yet; today any non-empty meta.file is accepted.
-    a = await clients.user(shared_server, "a")
-    b = await clients.user(shared_server, "b")
-    conv = dm(a, b)
-    meta = {"file": "f-123", "w": 10}
-    ack = await a.send_message(conv, "pic", type="image", meta=meta)
-    ev = await next_msg(b, conv)
-    assert (ev["seq"], ev["type"], ev["meta"]) == (ack["seq"], "image", meta)
-
-
 # --- history paging -------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from imserver.protocol import ops
 from imserver.protocol.models import User
 from imserver.services.caller import Caller
-from imserver.services.message.api import Members
+from imserver.services.message.api import FileRef, Members
 from imserver.utils.errors import NotFound
 from imserver.utils.ids import LoginId, SessionId, UserId
 
@@ -74,6 +74,22 @@ class Rooms:
 
     async def invitations_of(self, user: UserId) -> Sequence[str]:
         return [room for room, users in self.invited.items() if user in users]
+
+
+class Files:
+    """A ``FileDirectory``: file id -> :class:`FileRef`."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, FileRef] = {}
+
+    def add(self, file_id: str, conv: str, name: str = "f.bin", mime: str = "image/png") -> None:
+        thumb = f"/api/v1/files/{file_id}/thumb" if mime.startswith("image/") else None
+        self.refs[file_id] = FileRef(
+            id=file_id, conv=conv, name=name, size=123, mime=mime, thumb_url=thumb
+        )
+
+    async def file_refs(self, file_ids: Sequence[str]) -> dict[str, FileRef]:
+        return {f: self.refs[f] for f in file_ids if f in self.refs}
 
 
 def caller(user: str, session: str | None = None) -> Caller:

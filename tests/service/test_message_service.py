@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from message_helpers import Directory, Rooms, caller, send
+from message_helpers import Directory, Files, Rooms, caller, send
 
 from imserver.protocol import ops
 from imserver.protocol.events import Msg, Receipt, TypingEvent
@@ -52,6 +52,11 @@ BC = "d:ub:uc"
 ROOM = "r:r1"
 A, B, C, D = caller("ua"), caller("ub"), caller("uc"), caller("ud")
 
+FILES = Files()
+FILES.add("f1", AB, "cat.png", "image/png")
+FILES.add("f", AB, "notes.pdf", "application/pdf")
+FILES.add("f-ac", AC, "other.png", "image/png")
+
 
 BACKENDS = ["sqlite", "sqlite-async", "sqlite-like"]
 """``sqlite``: what ``open_message_service`` builds (thread runners, FTS5);
@@ -63,7 +68,9 @@ async def open_service(
     backend: str, url: str, bus: MemoryLiveBus, users: Directory, rooms: Rooms
 ) -> LocalMessageService:
     if backend == "sqlite":
-        return await open_message_service(url, bus=bus, users=users, rooms=rooms, max_body=100)
+        return await open_message_service(
+            url, bus=bus, users=users, rooms=rooms, files=FILES, max_body=100
+        )
     await upgrade(url, MIGRATIONS)
     if backend == "sqlite-async":
         engine = make_engine(url)
@@ -80,7 +87,7 @@ async def open_service(
             writes=ThreadRunner(sqlite_engine(url, writer=True), pinned=True),
             search=LikeSearch(),
         )
-    svc = LocalMessageService(store, bus=bus, users=users, rooms=rooms, max_body=100)
+    svc = LocalMessageService(store, bus=bus, users=users, rooms=rooms, files=FILES, max_body=100)
     svc.start()
     return svc
 
@@ -276,13 +283,32 @@ async def test_body_limit_and_file_meta(env: Env) -> None:
     await fails(
         svc.edit(A, ops.Edit(conv=AB, cid="c5", target=1, body="y" * 101)), TooLarge, "body"
     )
+    # A file of another conversation, or an unknown id: the same refusal.
+    for cid, file_id in (("c7", "f-ac"), ("c8", "nope")):
+        await fails(
+            svc.send(A, send(AB, cid, "", type="image", meta={"file": file_id})),
+            BadRequest,
+            "meta",
+        )
     sent = await svc.send(A, send(AB, "c6", "pic", type="image", meta={"file": "f1", "w": 3}))
     page = await history(env, B, AB)
-    assert (page[-1].seq, page[-1].type, page[-1].meta) == (
-        sent.seq,
-        "image",
-        {"file": "f1", "w": 3},
-    )
+    meta = {
+        "file": "f1",
+        "w": 3,
+        "name": "cat.png",
+        "size": 123,
+        "mime": "image/png",
+        "thumb_url": "/api/v1/files/f1/thumb",
+    }
+    assert (page[-1].seq, page[-1].type, page[-1].meta) == (sent.seq, "image", meta)
+    assert env.msgs()[-1].meta == meta
+    assert await svc.referenced_files(["f1", "f", "f-ac", "nope"]) == {"f1"}
+    await svc.check_member(UserId("ua"), AB)
+    await fails(svc.check_member(UserId("uc"), AB), Forbidden)
+    await fails(svc.check_member(UserId("ud"), ROOM), Forbidden)
+    await svc.check_member(UserId("uc"), ROOM)
+    await fails(svc.check_member(UserId("ua"), "d:ua:zz"), NotFound, "conv")
+    await fails(svc.check_member(UserId("ua"), "x:1"), BadRequest, "conv")
 
 
 async def test_reply_to_and_mentions(env: Env) -> None:

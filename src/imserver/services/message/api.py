@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
+
 from imserver.protocol import ops
 from imserver.protocol.models import ConvSummary, ReceiptKind, User
 from imserver.services.caller import Caller
@@ -71,6 +73,25 @@ class RoomDirectory(Protocol):
         """Rooms the user is invited to and has not joined (listed in ``convs``)."""
 
 
+class FileRef(msgspec.Struct, frozen=True, kw_only=True):
+    """What a ``file``/``image`` message needs to know about the file it names."""
+
+    id: str
+    conv: str
+    """The conversation the file was uploaded to; only messages there may name it."""
+    name: str
+    size: int
+    mime: str
+    thumb_url: str | None
+
+
+class FileDirectory(Protocol):
+    """What the message service needs from the file service."""
+
+    async def file_refs(self, file_ids: Sequence[str]) -> dict[str, FileRef]:
+        """The known files among ``file_ids`` (unknown ids are absent)."""
+
+
 class MessageService(Protocol):
     """Conversations, messages and markers."""
 
@@ -118,6 +139,13 @@ class MessageService(Protocol):
         """Store a ``system`` message (membership change, room update) in ``r:<room>``;
         resolves after commit. Delivered to the room's members at that moment plus
         ``notify`` (a user just kicked or invited). ``cid`` makes it idempotent."""
+
+    async def check_member(self, user: UserId, conv: str) -> None:
+        """Raise unless ``user`` may read ``conv`` now: ``bad_request`` for a malformed
+        id, ``not_found`` for an unknown user or room, ``forbidden`` for a non-member."""
+
+    async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
+        """Those of ``file_ids`` that a stored message names in ``meta.file``."""
 
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation with ``user`` (presence recipients)."""

@@ -37,7 +37,13 @@ from imserver.protocol import ops
 from imserver.protocol.events import Event, Msg, Receipt, TypingEvent
 from imserver.protocol.models import ConvKind, ConvSummary, Message, ReceiptKind
 from imserver.services.caller import Caller
-from imserver.services.message.api import Members, RoomDirectory, UserDirectory
+from imserver.services.message.api import (
+    FileDirectory,
+    FileRef,
+    Members,
+    RoomDirectory,
+    UserDirectory,
+)
 from imserver.services.message.store import (
     IdemKey,
     MessageKey,
@@ -69,6 +75,8 @@ SYSTEM_SENDER: Final = "system"
 
 CONTENT_TYPES: Final = frozenset({"text", "image", "file", "custom"})
 """Types a client sends; the only valid targets of edit, recall and react."""
+_FILE_TYPES: Final = frozenset({"image", "file"})
+"""Types whose ``meta.file`` names an uploaded file of the same conversation."""
 
 _KEY_CACHE = 100_000
 _SEQ_CACHE = 100_000
@@ -221,6 +229,7 @@ class LocalMessageService:
         bus: LiveBus,
         users: UserDirectory,
         rooms: RoomDirectory | None = None,
+        files: FileDirectory | None = None,
         max_body: int = 16384,
         batch_max: int = 512,
     ) -> None:
@@ -228,6 +237,7 @@ class LocalMessageService:
         self._bus = bus
         self._users = users
         self._rooms = rooms
+        self._files = files
         self._max_body = max_body
         self._batch_max = batch_max
         self._queue: deque[_Write] = deque()
@@ -511,6 +521,8 @@ class LocalMessageService:
             except IMError as exc:
                 pre[i] = exc
 
+        await self._check_files(batch, results, pre)
+
         # (item index, event, recipients, stored message) in batch order.
         outbox: list[tuple[int, Event, Members, Message | None]] = []
         if all(r is not None for r in results):
@@ -728,6 +740,9 @@ class LocalMessageService:
             write.reactions[rkey] = None if item.remove else seq
         if msg_type in CONTENT_TYPES:
             state.targets[(conv.id, seq)] = Target(item.user, msg_type, False)
+        if msg_type in _FILE_TYPES:
+            assert meta is not None
+            write.files.append({"file_id": meta["file"], "conv": conv.id, "seq": seq})
         if mentions:
             write.mentions.extend(
                 {"conv": conv.id, "user_id": user, "seq": seq} for user in mentions
@@ -736,6 +751,47 @@ class LocalMessageService:
             write.peers.append({"user_id": conv.a, "peer_id": conv.b, "conv": conv.id})
             write.peers.append({"user_id": conv.b, "peer_id": conv.a, "conv": conv.id})
         return msg
+
+    async def _check_files(
+        self, batch: list[_Write], results: list[Any], pre: list[IMError | None]
+    ) -> None:
+        """Resolve the files of the batch's ``image``/``file`` sends (one lookup for the
+        batch): each must be a file of the message's own conversation. The stored and
+        delivered ``meta`` then carries the file's name, size, mime and thumb URL."""
+        wanted: dict[str, None] = {}
+        for i, item in enumerate(batch):
+            if results[i] is None and pre[i] is None and item.type in _FILE_TYPES:
+                assert item.meta is not None  # send() checked meta.file
+                wanted[item.meta["file"]] = None
+        if not wanted:
+            return
+        refs: dict[str, FileRef] = {}
+        try:
+            if self._files is None:
+                raise BadRequest("this server stores no files", field="meta")
+            refs = await self._ask(self._files.file_refs(list(wanted)))
+        except IMError as exc:
+            for i, item in enumerate(batch):
+                if results[i] is None and pre[i] is None and item.type in _FILE_TYPES:
+                    pre[i] = exc
+            return
+        for i, item in enumerate(batch):
+            if results[i] is not None or pre[i] is not None or item.type not in _FILE_TYPES:
+                continue
+            assert item.meta is not None
+            ref = refs.get(item.meta["file"])
+            if ref is None or ref.conv != item.conv.id:
+                # The same answer for an unknown id and another conversation's file:
+                # a send must not reveal which ids exist elsewhere.
+                pre[i] = BadRequest(f"no file {item.meta['file']} in {item.conv.id}", field="meta")
+                continue
+            item.meta = {
+                **item.meta,
+                "name": ref.name,
+                "size": ref.size,
+                "mime": ref.mime,
+                "thumb_url": ref.thumb_url,
+            }
 
     def _apply_mark(self, state: _BatchState, item: _Write) -> Receipt | None:
         """Move a watermark forward within the batch; the receipt to publish, if it moved."""
@@ -903,6 +959,18 @@ class LocalMessageService:
         nxt = _encode_cursor(page[-1].id) if len(found) > req.limit else None
         return ops.SearchData(messages=[s.message for s in page], next=nxt)
 
+    async def check_member(self, user: UserId, conv: str) -> None:
+        """Raise unless ``user`` is a member of ``conv`` now (``bad_request`` for a
+        malformed id, ``not_found`` for unknown users or rooms, ``forbidden``)."""
+        ref = self._parse(conv)
+        members = await self._members(ref)
+        if user not in members.set:
+            raise Forbidden(f"not a member of {ref.id}")
+
+    async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
+        """Those of ``file_ids`` that a stored message names in ``meta.file``."""
+        return await self._store.referenced_files(file_ids)
+
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation (with messages) with ``user``."""
         return [UserId(p) for p in await self._store.direct_convs(user)]
@@ -931,6 +999,7 @@ async def open_message_service(
     bus: LiveBus,
     users: UserDirectory,
     rooms: RoomDirectory | None = None,
+    files: FileDirectory | None = None,
     max_body: int = 16384,
     batch_max: int = 512,
 ) -> LocalMessageService:
@@ -947,6 +1016,7 @@ async def open_message_service(
         bus=bus,
         users=users,
         rooms=rooms,
+        files=files,
         max_body=max_body,
         batch_max=batch_max,
     )

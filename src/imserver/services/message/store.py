@@ -17,6 +17,8 @@ Tables (all owned by the message service; no other service reads them):
 - ``message_mentions`` — one row per (message, mentioned user), for unread-mention counts.
 - ``direct_peers`` — two rows per direct conversation, written with its first message.
 - ``markers`` — read/recv watermarks per (conv, user).
+- ``message_files`` — one row per (file, message) for ``image``/``file`` messages,
+  so the file service can tell a referenced upload from an orphan.
 
 How statements reach the database is a :class:`Runner`: each store operation is a
 synchronous function of a SQLAlchemy :class:`~sqlalchemy.engine.Connection` run in
@@ -150,6 +152,15 @@ markers = Table(
     Column("read_seq", BigInteger, nullable=False),
     Column("recv_seq", BigInteger, nullable=False),
     PrimaryKeyConstraint("conv", "user_id", name="pk_markers"),
+)
+
+message_files = Table(
+    "message_files",
+    metadata,
+    Column("file_id", String(64), nullable=False),
+    Column("conv", String(200), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    PrimaryKeyConstraint("file_id", "conv", "seq", name="pk_message_files"),
 )
 
 UNREAD_TYPES = ("text", "image", "file", "custom", "system")
@@ -697,14 +708,16 @@ class Loaded(NamedTuple):
 class WriteBatch(msgspec.Struct, kw_only=True):
     """Everything one group commit writes, in one transaction.
 
-    Applied in this order: messages (and their search index), mentions, direct
-    peers, edits, recalls (which also blank the recalled message's edit rows and
+    Applied in this order: messages (and their search index), mentions, file
+    references, direct peers, edits, recalls (which also blank the recalled message's edit rows and
     drop its reactions), reaction changes, markers.
     """
 
     messages: list[tuple[Any, ...]] = msgspec.field(default_factory=list)
     """Rows in :data:`MESSAGE_COLUMNS` order."""
     mentions: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    files: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    """``message_files`` rows."""
     peers: list[dict[str, Any]] = msgspec.field(default_factory=list)
     edits: dict[MessageKey, str] = msgspec.field(default_factory=dict)
     recalls: list[MessageKey] = msgspec.field(default_factory=list)
@@ -748,6 +761,8 @@ def _write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
         search.index_new(conn, int(last_id or 0))
     if batch.mentions:
         conn.execute(insert(message_mentions), batch.mentions)
+    if batch.files:
+        conn.execute(insert(message_files), batch.files)
     if batch.peers:
         conn.execute(insert(direct_peers), batch.peers)
     if batch.edits:
@@ -982,6 +997,16 @@ def _conv_states(conn: Connection, user: str, convs: Sequence[str]) -> dict[str,
     }
 
 
+def _referenced_files(conn: Connection, file_ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    f = message_files.c
+    for chunk in _chunks(file_ids):
+        found.update(
+            conn.execute(select(f.file_id).where(f.file_id.in_(chunk)).distinct()).scalars()
+        )
+    return found
+
+
 def _direct_convs(conn: Connection, user: str) -> dict[str, str]:
     d = direct_peers.c
     return {
@@ -1131,6 +1156,12 @@ class SqlMessageStore:
         if not convs:
             return {}
         return await self._read(_conv_states, user, list(convs))
+
+    async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
+        """Those of ``file_ids`` named by a stored message."""
+        if not file_ids:
+            return set()
+        return await self._read(_referenced_files, list(file_ids))
 
     async def direct_convs(self, user: str) -> dict[str, str]:
         """peer -> conv of every direct conversation of ``user`` that has messages."""
