@@ -61,12 +61,6 @@ TICK_MAX_S: Final = 0.005
 """Bounds of the paced senders' sleep: latency is measured from the scheduled send
 time, so a late wake-up (up to about a millisecond with uvloop's timers) counts."""
 
-UVLOOP_WITH_TCP: Final = False
-"""Whether workers may use uvloop with ``--transport tcp``. Off while
-``imserver.client.TcpTransport.connection_made`` asserts that its transport is an
-``asyncio.Transport``, which uvloop's TCP transport is not (every connect fails);
-the workers then run the standard asyncio loop, and the report says so."""
-
 SERVER_CONFIG: Final[dict[str, Any]] = {
     "limits": {
         # One connection here sends thousands of ops per second: lift the per-connection
@@ -607,12 +601,6 @@ def run(args: argparse.Namespace) -> int:
         ]
         rate_per_pair = args.rate / args.pairs if args.rate > 0 else 0.0
         use_uvloop = not args.no_uvloop
-        if use_uvloop and args.transport == "tcp" and not UVLOOP_WITH_TCP:
-            use_uvloop = False
-            report.notes.append(
-                "workers run the standard asyncio loop: imserver.client's TcpTransport does "
-                "not work on uvloop yet (see UVLOOP_WITH_TCP in benchmarks/dm.py)"
-            )
         specs = [
             WorkerSpec(
                 worker=w,

@@ -48,7 +48,7 @@ from collections.abc import (
     Mapping,
 )
 from types import TracebackType
-from typing import Any, ClassVar, Final, Literal, Protocol
+from typing import Any, ClassVar, Final, Literal, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -559,8 +559,8 @@ class TcpTransport(ClientTransport, asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; uvloop's is not a subclass of asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:
