@@ -3,6 +3,7 @@
 Scenarios (one sub-command each):
 
 - ``dm`` -- persisted direct messages between pairs of users (:mod:`benchmarks.dm`).
+- ``files`` -- upload and download throughput of a 10 MiB file (:mod:`benchmarks.files`).
 
 Options every scenario takes come from :func:`add_common_arguments`; each scenario
 adds its own. To add a scenario, write a module with ``add_arguments(parser)`` and
@@ -17,10 +18,12 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Final
 
-from benchmarks import dm, harness
+from benchmarks import dm, files, harness, room
 
 SCENARIOS: Final[dict[str, tuple[ModuleType, str]]] = {
     "dm": (dm, "persisted direct messages between pairs of users"),
+    "room": (room, "one or more senders into a room whose members are all connected"),
+    "files": (files, "upload and download MB/s of one file over HTTP"),
 }
 
 

@@ -20,8 +20,10 @@ from aiohttp import web
 from imserver.core.metrics import Metrics
 from imserver.network.http import HttpApi, build_app
 from imserver.network.tcp import serve_tcp
+from imserver.services.file.service import LocalFileService, open_file_service
 from imserver.services.gateway.service import Gateway
 from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.service import LocalUserService, open_user_service
 from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import sqlite_url, upgrade
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 SERVICES_WITH_DATABASES = {
     "user": "imserver.services.user.migrations",
     "message": "imserver.services.message.migrations",
+    "room": "imserver.services.room.migrations",
+    "file": "imserver.services.file.migrations",
 }
 
 
@@ -52,6 +56,8 @@ class Server:
         self.gateway: Gateway | None = None
         self.users: LocalUserService | None = None
         self.messages: LocalMessageService | None = None
+        self.rooms: LocalRoomService | None = None
+        self.files: LocalFileService | None = None
         self._runner: web.AppRunner | None = None
         self._api: HttpApi | None = None
         self._tcp: asyncio.Server | None = None
@@ -68,19 +74,42 @@ class Server:
             sqlite_url(data_dir, "user"),
             access_ttl=cfg.auth.access_ttl,
             refresh_ttl=cfg.auth.refresh_ttl,
+            argon2_memory_kib=cfg.auth.argon2_memory_kib,
+            argon2_time_cost=cfg.auth.argon2_time_cost,
+        )
+        # The room and message services use each other: the room service is built
+        # first, serves the message service as its room directory, and is then bound
+        # to it (system messages) and to the gateway's hub (who is online).
+        self.rooms = await open_room_service(
+            sqlite_url(data_dir, "room"), users=self.users, max_room_size=cfg.rooms.max_size
+        )
+        # The file service, too, is built before the message service (its file
+        # directory for image/file sends) and bound to it after (membership, references).
+        self.files = await open_file_service(
+            sqlite_url(data_dir, "file"), data_dir=data_dir, config=cfg.files
         )
         self.messages = await open_message_service(
             sqlite_url(data_dir, "message"),
             bus=bus,
             users=self.users,
+            rooms=self.rooms,
+            files=self.files,
             max_body=cfg.limits.max_body,
             batch_max=cfg.storage.batch_max,
         )
+        self.rooms.bind(messages=self.messages)
+        self.files.bind(messages=self.messages)
         gateway = self.gateway = Gateway(
-            cfg, users=self.users, messages=self.messages, bus=bus, metrics=self.metrics
+            cfg,
+            users=self.users,
+            messages=self.messages,
+            rooms=self.rooms,
+            bus=bus,
+            metrics=self.metrics,
         )
+        self.rooms.bind(online=gateway.hub)
         gateway.start()
-        app, self._api = build_app(gateway)
+        app, self._api = build_app(gateway, self.files)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
@@ -118,6 +147,10 @@ class Server:
             await self._runner.cleanup()
         if self.messages is not None:
             await self.messages.close()
+        if self.rooms is not None:
+            await self.rooms.close()
+        if self.files is not None:
+            await self.files.close()
         if self.users is not None:
             await self.users.close()
         logger.info("imserver stopped")

@@ -5,6 +5,8 @@ Routes:
 * ``GET /ws`` — the WebSocket (text frames JSON, binary frames MessagePack);
 * ``POST /api/v1/<op>`` — any op, body = the op's fields as JSON;
 * ``GET /api/v1/openapi.json`` — generated from the op structs;
+* ``POST /api/v1/files``, ``GET /api/v1/files/<id>``, ``GET /api/v1/files/<id>/thumb``
+  — uploads (the raw body streamed to the file service) and downloads (``Range``);
 * ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
 
 WebSocket frames up to ``max_frame`` bytes are handled; larger ones up to a hard cap
@@ -37,23 +39,29 @@ from imserver.core.session import Session
 from imserver.protocol.codec import Codec, decode_op_as, encode_json
 from imserver.protocol.wsframe import OP_BINARY, OP_TEXT, ws_frame
 from imserver.services.caller import Caller
+from imserver.services.file.api import FileService, RangeNotSatisfiable, UploadData
+from imserver.services.file.content import content_disposition
 from imserver.services.gateway.service import Gateway
 from imserver.utils.errors import (
     BadRequest,
     Forbidden,
     IMError,
     Internal,
+    NotFound,
     RateLimited,
     TooLarge,
     Unauthorized,
     Unavailable,
 )
+from imserver.utils.ids import UserId
 
 logger = logging.getLogger(__name__)
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 WS_HARD_CAP_FACTOR = 16
 HTTP_BUCKETS_MAX = 10_000
+UPLOAD_CHUNK = 256 * 1024
+"""Most bytes taken from an upload's body at a time."""
 
 
 class WsLink:
@@ -117,16 +125,67 @@ def _error_response(exc: IMError) -> web.Response:
         error["retry_after"] = exc.retry_after
     if exc.field is not None:
         error["field"] = exc.field
-    return web.Response(
+    response = web.Response(
         status=exc.status, body=encode_json({"error": error}), content_type="application/json"
     )
+    if isinstance(exc, RangeNotSatisfiable):
+        response.headers["Content-Range"] = f"bytes */{exc.size}"
+    return response
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte range a ``Range`` header asks of a ``size``-byte file.
+
+    ``None`` means "send the whole file" (no header, another unit, several ranges, or
+    a malformed value: RFC 9110 lets a server ignore those). A well-formed single range
+    that starts past the end raises :class:`RangeNotSatisfiable` (416).
+    """
+    if header is None:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(size)
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # syntactically invalid: ignored
+    if start >= size:
+        raise RangeNotSatisfiable(size)
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+def _served_type(mime: str) -> str:
+    # Text was checked to be UTF-8 when it was sniffed.
+    if mime.startswith("text/"):
+        return f"{mime}; charset=utf-8"
+    return mime
+
+
+_DOWNLOAD_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    # Belt and braces for browsers that render an attachment anyway: no script, no
+    # subresources, a unique origin.
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+    "Cache-Control": "private, no-cache",
+}
 
 
 class HttpApi:
     """Handlers of the aiohttp routes."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, files: FileService | None = None) -> None:
         self.gateway = gateway
+        self.files = files
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._openapi: bytes | None = None
         self.ready = False
@@ -229,6 +288,127 @@ class HttpApi:
             gw.metrics.ack_latency.observe(time.monotonic() - started)
         return web.Response(body=encode_json(result), content_type="application/json")
 
+    # --- files (PROTOCOL §6) ---------------------------------------------------------
+
+    def _file_service(self) -> FileService:
+        if self.files is None:
+            raise NotFound("this server stores no files")
+        return self.files
+
+    async def _file_caller(self, request: web.Request) -> UserId:
+        """Rate limit by peer, then the bearer token's user (file routes always need one)."""
+        wait = self._bucket(request.remote or "?").take()
+        if wait:
+            raise RateLimited(round(wait, 3))
+        auth = request.headers.get("Authorization")
+        scheme, _, token = (auth or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("file routes need 'Authorization: Bearer <token>'")
+        identity = await self.gateway.users.authenticate(token.strip())
+        return identity.user
+
+    def _file_failure(self, route: str, exc: Exception) -> web.Response:
+        if isinstance(exc, IMError):
+            self.gateway.metrics.op(route, exc.code)
+            return _error_response(exc)
+        logger.error("HTTP %s failed", route, exc_info=exc)
+        self.gateway.metrics.op(route, Internal.code)
+        return _error_response(Internal("internal error"))
+
+    async def upload_file(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/v1/files?conv=&name=``: the raw body, streamed to the file service.
+
+        The size limit is enforced on the bytes that arrive, so neither a small nor an
+        absent ``Content-Length`` (chunked encoding) gets past it; the declared length
+        only allows refusing early, before any byte is read.
+        """
+        route = "files.upload"
+        try:
+            files = self._file_service()
+            if self.gateway.draining:
+                raise Unavailable("server is shutting down")
+            user = await self._file_caller(request)
+            conv = request.query.get("conv")
+            if not conv:
+                raise BadRequest("the conv query parameter is required", field="conv")
+            upload = await files.begin_upload(
+                user, conv, request.query.get("name", ""), request.content_length
+            )
+            try:
+                async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
+                    await upload.write(chunk)
+                info = await upload.finish()
+            except BaseException:
+                await upload.abort()
+                raise
+        except Exception as exc:
+            return self._file_failure(route, exc)
+        self.gateway.metrics.op(route, "ok")
+        body = encode_json(UploadData(file=info))
+        return web.Response(body=body, content_type="application/json")
+
+    async def download_file(self, request: web.Request) -> web.StreamResponse:
+        """``GET /api/v1/files/<id>``: the bytes, always as an attachment; ``Range`` → 206."""
+        route = "files.download"
+        try:
+            files = self._file_service()
+            user = await self._file_caller(request)
+            blob = await files.open_file(user, request.match_info["id"])
+            etag = f'"{blob.info.sha256}"'
+            if_range = request.headers.get("If-Range")
+            wanted = None if if_range not in (None, etag) else request.headers.get("Range")
+            span = parse_range(wanted, blob.size)
+            start, end = span if span is not None else (0, blob.size - 1)
+            chunks = files.read(blob.key, start, end)
+            # Read ahead one chunk: a missing blob is still an error reply, not a cut body.
+            first = await anext(chunks, b"") if end >= start else b""
+        except Exception as exc:
+            return self._file_failure(route, exc)
+        headers = {
+            **_DOWNLOAD_HEADERS,
+            "Content-Type": _served_type(blob.mime),
+            "Content-Disposition": content_disposition(blob.info.name),
+            "Accept-Ranges": "bytes",
+            "ETag": etag,
+        }
+        if span is not None:
+            headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
+        response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        response.content_length = end - start + 1
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+                async for chunk in chunks:
+                    await response.write(chunk)
+            await response.write_eof()
+        finally:
+            # A client that goes away mid-body must not leave the blob open.
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+        self.gateway.metrics.op(route, "ok")
+        return response
+
+    async def file_thumb(self, request: web.Request) -> web.StreamResponse:
+        """``GET /api/v1/files/<id>/thumb``: the ≤ 320 px JPEG or PNG thumbnail."""
+        route = "files.thumb"
+        try:
+            files = self._file_service()
+            user = await self._file_caller(request)
+            thumb = await files.open_thumb(user, request.match_info["id"])
+        except Exception as exc:
+            return self._file_failure(route, exc)
+        stem = thumb.info.name.rsplit(".", 1)[0] or "file"
+        ext = "png" if thumb.mime == "image/png" else "jpg"
+        headers = {
+            **_DOWNLOAD_HEADERS,
+            "Content-Type": thumb.mime,
+            "Content-Disposition": content_disposition(f"{stem}.thumb.{ext}", "inline"),
+        }
+        self.gateway.metrics.op(route, "ok")
+        return web.Response(body=thumb.data, headers=headers)
+
     async def openapi(self, request: web.Request) -> web.Response:
         if self._openapi is None:
             self._openapi = msgspec.json.encode(openapi_document(self.gateway.server_info))
@@ -244,6 +424,9 @@ class HttpApi:
         try:
             await gw.users.check()
             await gw.messages.check()
+            if self.files is not None:
+                await self.files.check()
+            await gw.rooms.check()
         except IMError as exc:
             return web.json_response({"status": "unavailable", "reason": exc.message}, status=503)
         return web.json_response({"status": "ready"})
@@ -255,13 +438,22 @@ class HttpApi:
         )
 
 
-def build_app(gateway: Gateway) -> tuple[web.Application, HttpApi]:
-    """The aiohttp application and its handler object (whose ``ready`` flag gates /readyz)."""
-    api = HttpApi(gateway)
+def build_app(
+    gateway: Gateway, files: FileService | None = None
+) -> tuple[web.Application, HttpApi]:
+    """The aiohttp application and its handler object (whose ``ready`` flag gates /readyz).
+
+    ``files`` serves the file routes; without it they answer ``not_found``.
+    """
+    api = HttpApi(gateway, files)
     app = web.Application(client_max_size=gateway.config.limits.max_frame)
     app[GATEWAY] = gateway
     app.router.add_get("/ws", api.websocket)
     app.router.add_get("/api/v1/openapi.json", api.openapi)
+    # Before the ops' catch-all POST /api/v1/{op}, which would otherwise take "files".
+    app.router.add_post("/api/v1/files", api.upload_file)
+    app.router.add_get("/api/v1/files/{id}", api.download_file, allow_head=False)
+    app.router.add_get("/api/v1/files/{id}/thumb", api.file_thumb, allow_head=False)
     app.router.add_post("/api/v1/{op}", api.api)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)

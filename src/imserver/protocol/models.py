@@ -60,6 +60,30 @@ class ConvSummary(msgspec.Struct, kw_only=True):
     last: Message | None
 
 
+RoomRole = Literal["owner", "admin", "member"]
+
+
+class Room(msgspec.Struct, kw_only=True):
+    """A room (group conversation) as clients see it; ``members`` is the member count."""
+
+    id: str
+    conv: str
+    name: str
+    topic: str | None
+    public: bool
+    owner: str
+    members: int
+    created: int
+
+
+class RoomMember(msgspec.Struct, kw_only=True):
+    """One entry of ``room.members``."""
+
+    user: str
+    role: RoomRole
+    online: bool
+
+
 class PresenceInfo(msgspec.Struct, kw_only=True):
     """A user's presence: ``last_seen`` is when the last session closed (now while online)."""
 

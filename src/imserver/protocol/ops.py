@@ -16,7 +16,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from imserver.protocol.models import ConvSummary, Limits, Message, PresenceInfo, ServerInfo, User
+from imserver.protocol.models import (
+    ConvSummary,
+    Limits,
+    Message,
+    PresenceInfo,
+    Room,
+    RoomMember,
+    ServerInfo,
+    User,
+)
 
 Rid = Annotated[str, Meta(max_length=64)]
 ConvStr = Annotated[str, Meta(min_length=3, max_length=200)]
@@ -146,6 +155,68 @@ class Typing(Op, tag="typing", frozen=True):
     conv: ConvStr
 
 
+# --- §5 rooms -------------------------------------------------------------------------
+
+RoomIdStr = Annotated[str, Meta(min_length=1, max_length=64)]
+RoomName = Annotated[str, Meta(min_length=1, max_length=100)]
+RoomTopic = Annotated[str, Meta(max_length=500)]
+Cursor = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class RoomCreate(Op, tag="room.create", frozen=True):
+    name: RoomName
+    topic: RoomTopic | None = None
+    public: bool = False
+    members: Annotated[list[UserIdStr], Meta(max_length=1000)] | None = None
+
+
+class RoomGet(Op, tag="room.get", frozen=True):
+    room: RoomIdStr
+
+
+class RoomUpdate(Op, tag="room.update", frozen=True):
+    room: RoomIdStr
+    name: RoomName | None = None
+    topic: RoomTopic | None = None
+    public: bool | None = None
+
+
+class RoomList(Op, tag="room.list", frozen=True):
+    query: Annotated[str, Meta(max_length=100)] | None = None
+    after: Cursor | None = None
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+
+
+class RoomJoin(Op, tag="room.join", frozen=True):
+    room: RoomIdStr
+
+
+class RoomLeave(Op, tag="room.leave", frozen=True):
+    room: RoomIdStr
+
+
+class RoomInvite(Op, tag="room.invite", frozen=True):
+    room: RoomIdStr
+    user: UserIdStr
+
+
+class RoomKick(Op, tag="room.kick", frozen=True):
+    room: RoomIdStr
+    user: UserIdStr
+
+
+class RoomSetRole(Op, tag="room.role", frozen=True):
+    room: RoomIdStr
+    user: UserIdStr
+    role: Literal["admin", "member"]
+
+
+class RoomMembers(Op, tag="room.members", frozen=True):
+    room: RoomIdStr
+    after: Cursor | None = None
+    limit: Annotated[int, Meta(ge=1, le=500)] = 100
+
+
 # --- §6 users, presence, blocking --------------------------------------------
 
 
@@ -230,6 +301,20 @@ class PresenceData(msgspec.Struct, kw_only=True):
     presence: list[PresenceInfo]
 
 
+class RoomData(msgspec.Struct, kw_only=True):
+    room: Room
+
+
+class RoomListData(msgspec.Struct, kw_only=True):
+    rooms: list[Room]
+    next: str | None
+
+
+class RoomMembersData(msgspec.Struct, kw_only=True):
+    members: list[RoomMember]
+    next: str | None
+
+
 REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     Hello: HelloData,
     Register: UserData,
@@ -248,6 +333,16 @@ REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     React: SendData,
     Search: SearchData,
     Typing: Empty,
+    RoomCreate: RoomData,
+    RoomGet: RoomData,
+    RoomUpdate: RoomData,
+    RoomList: RoomListData,
+    RoomJoin: RoomData,
+    RoomLeave: Empty,
+    RoomInvite: Empty,
+    RoomKick: Empty,
+    RoomSetRole: Empty,
+    RoomMembers: RoomMembersData,
     UserGet: UserData,
     UserUpdate: UserData,
     PresenceGet: PresenceData,

@@ -18,7 +18,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -51,6 +51,10 @@ class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Access-token lifetime in seconds."""
     refresh_ttl: int = 30 * 86400
     """Refresh-token lifetime in seconds."""
+    argon2_memory_kib: int = 19456
+    """argon2id memory cost of password hashes (KiB); 19456 is the OWASP minimum."""
+    argon2_time_cost: int = 2
+    """argon2id iterations of password hashes."""
 
 
 class WsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -61,6 +65,36 @@ class WsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class StorageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_max: int = 512
     """Most messages committed in one group-commit transaction."""
+
+
+class RoomsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    max_size: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    """Most members a room may have; a join or create past it answers ``forbidden``."""
+
+
+class FilesConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The file service (PROTOCOL §6): limits, blob backend, clean-up of orphans."""
+
+    max_size: Annotated[int, msgspec.Meta(ge=0)] = 20 * 1024 * 1024
+    """Largest upload in bytes, enforced on the bytes received (``too_large``)."""
+    quota_per_user: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+    """Bytes of uploads a user may have stored (every upload counts); 0: no quota."""
+    backend: Literal["local", "s3"] = "local"
+    """Where blobs live: ``local`` (``<data_dir>/files``) or ``s3`` (any S3 API endpoint)."""
+    s3_endpoint: str = ""
+    """S3 API endpoint URL, e.g. ``http://minio:9000``; empty: AWS's default endpoint."""
+    s3_bucket: str = "imserver-files"
+    """Bucket of the blobs (created at start if missing)."""
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    """Empty: boto3's default credential chain (environment, profile, instance role)."""
+    s3_secret_key: str = ""
+    s3_prefix: str = ""
+    """Prepended to every object key, e.g. ``imserver/``."""
+    orphan_grace: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
+    """Seconds an upload may stay unreferenced by any message before clean-up deletes it."""
+    cleanup_interval: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    """Seconds between clean-up runs."""
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +114,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     ws: WsConfig = msgspec.field(default_factory=WsConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
+    files: FilesConfig = msgspec.field(default_factory=FilesConfig)
 
 
 def _parse_env_value(raw: str) -> Any:

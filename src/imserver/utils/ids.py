@@ -44,3 +44,8 @@ def new_session_id() -> SessionId:
 def new_login_id() -> LoginId:
     """A fresh login-session id."""
     return LoginId(random_id("l"))
+
+
+def new_room_id() -> RoomId:
+    """A fresh room id such as ``r7q2m…`` (its conversation is ``r:<id>``)."""
+    return RoomId(random_id("r"))

@@ -1,1 +1,1 @@
-
+"""The file service: uploads, downloads, thumbnails, blob storage, ACL by conversation."""

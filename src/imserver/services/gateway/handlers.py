@@ -143,6 +143,40 @@ def build_handlers(gw: Gateway) -> dict[type[ops.Op], Handler]:
         await gw.messages.typing(caller(session), op.conv)
         return EMPTY
 
+    async def room_create(session: Session, op: ops.RoomCreate) -> ops.RoomData:
+        return ops.RoomData(room=await gw.rooms.create(writable(session), op))
+
+    async def room_get(session: Session, op: ops.RoomGet) -> ops.RoomData:
+        return ops.RoomData(room=await gw.rooms.get(caller(session), op.room))
+
+    async def room_update(session: Session, op: ops.RoomUpdate) -> ops.RoomData:
+        return ops.RoomData(room=await gw.rooms.update(writable(session), op))
+
+    async def room_list(session: Session, op: ops.RoomList) -> ops.RoomListData:
+        return await gw.rooms.list(caller(session), op)
+
+    async def room_join(session: Session, op: ops.RoomJoin) -> ops.RoomData:
+        return ops.RoomData(room=await gw.rooms.join(writable(session), op.room))
+
+    async def room_leave(session: Session, op: ops.RoomLeave) -> ops.Empty:
+        await gw.rooms.leave(writable(session), op.room)
+        return EMPTY
+
+    async def room_invite(session: Session, op: ops.RoomInvite) -> ops.Empty:
+        await gw.rooms.invite(writable(session), op.room, UserId(op.user))
+        return EMPTY
+
+    async def room_kick(session: Session, op: ops.RoomKick) -> ops.Empty:
+        await gw.rooms.kick(writable(session), op.room, UserId(op.user))
+        return EMPTY
+
+    async def room_role(session: Session, op: ops.RoomSetRole) -> ops.Empty:
+        await gw.rooms.set_role(writable(session), op.room, UserId(op.user), op.role)
+        return EMPTY
+
+    async def room_members(session: Session, op: ops.RoomMembers) -> ops.RoomMembersData:
+        return await gw.rooms.members(caller(session), op)
+
     async def user_get(session: Session, op: ops.UserGet) -> ops.UserData:
         if op.user is not None:
             return ops.UserData(user=await gw.users.get_user(UserId(op.user)))
@@ -193,6 +227,16 @@ def build_handlers(gw: Gateway) -> dict[type[ops.Op], Handler]:
         ops.Recv: marker("recv"),
         ops.Search: search,
         ops.Typing: typing,
+        ops.RoomCreate: room_create,
+        ops.RoomGet: room_get,
+        ops.RoomUpdate: room_update,
+        ops.RoomList: room_list,
+        ops.RoomJoin: room_join,
+        ops.RoomLeave: room_leave,
+        ops.RoomInvite: room_invite,
+        ops.RoomKick: room_kick,
+        ops.RoomSetRole: room_role,
+        ops.RoomMembers: room_members,
         ops.UserGet: user_get,
         ops.UserUpdate: user_update,
         ops.PresenceGet: presence_get,

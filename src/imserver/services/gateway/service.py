@@ -24,6 +24,7 @@ from imserver.protocol.events import PresenceEvent
 from imserver.protocol.models import Limits, PresenceInfo, RateLimits, ServerInfo
 from imserver.services.caller import Caller
 from imserver.services.message.api import MessageService
+from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, UserService
 from imserver.storage.bus import Delivery, LiveBus
 from imserver.utils.config import Config
@@ -42,6 +43,7 @@ class Gateway:
         *,
         users: UserService,
         messages: MessageService,
+        rooms: RoomService,
         bus: LiveBus,
         metrics: Metrics,
     ) -> None:
@@ -50,6 +52,7 @@ class Gateway:
         self.config = config
         self.users = users
         self.messages = messages
+        self.rooms = rooms
         self.bus = bus
         self.metrics = metrics
         self.hub = Hub()

@@ -135,10 +135,14 @@ class MessageService(Protocol):
         *,
         notify: Iterable[UserId] = (),
         cid: str | None = None,
+        members: Members | None = None,
     ) -> ops.SendData:
         """Store a ``system`` message (membership change, room update) in ``r:<room>``;
-        resolves after commit. Delivered to the room's members at that moment plus
-        ``notify`` (a user just kicked or invited). ``cid`` makes it idempotent."""
+        resolves after commit. Delivered to the room's members plus ``notify`` (a user
+        just kicked or invited). ``cid`` makes it idempotent. ``members``, for a
+        membership change: the room's members from this message's seq on — messages
+        before it reach the old members, it and everything after reach the new ones;
+        the room directory then answers this same object."""
 
     async def check_member(self, user: UserId, conv: str) -> None:
         """Raise unless ``user`` may read ``conv`` now: ``bad_request`` for a malformed

@@ -201,6 +201,7 @@ class _Write:
     seq: int = 0
     receipt: ReceiptKind = "read"
     notify: tuple[str, ...] = ()
+    members: Members | None = None
 
 
 @dataclass(slots=True)
@@ -247,6 +248,9 @@ class LocalMessageService:
         self._keys: LRU[IdemKey, tuple[int, int]] = LRU(_KEY_CACHE)
         self._known_users: LRU[str, bool] = LRU(_USER_CACHE)
         self._refs: LRU[str, ConvRef] = LRU(_SEQ_CACHE)
+        self._pinned: dict[str, Members] = {}
+        """Room members set by a committed system message (``post_room_system(members=)``)
+        that the room directory may not answer yet; dropped once it does."""
         self._writer: asyncio.Task[None] | None = None
         self._enqueued = 0
         self._processed = 0
@@ -397,12 +401,19 @@ class LocalMessageService:
         *,
         notify: Iterable[UserId] = (),
         cid: str | None = None,
+        members: Members | None = None,
     ) -> ops.SendData:
         """Store a ``system`` message (a membership change, a room update) in ``r:<room>``.
 
-        Delivered to the room's current members plus ``notify`` (e.g. the user just
-        kicked, who is no longer a member). ``cid`` makes the post idempotent (the
-        sender is ``system``); a random one is used when absent.
+        Delivered to the room's members plus ``notify`` (e.g. the user just kicked,
+        who is no longer a member). ``cid`` makes the post idempotent (the sender is
+        ``system``); a random one is used when absent.
+
+        ``members``: the room's members from this message on, for a membership change.
+        Everything of the room with a lower seq goes to the members before it, this
+        message and everything after to ``members``, whenever the room directory
+        starts answering the new list (the room service installs this same object
+        once the post has resolved).
         """
         conv = parse_conv(f"r:{room}")
         fut: asyncio.Future[ops.SendData] = self._new_future()
@@ -417,6 +428,7 @@ class LocalMessageService:
                 body=body,
                 meta=meta,
                 notify=tuple(notify),
+                members=members,
             )
         )
         return await fut
@@ -501,7 +513,9 @@ class LocalMessageService:
                 continue
             if item.kind == "system":
                 continue
-            if item.user not in got.set:
+            # Room membership can change within the batch (a system message carrying
+            # the new members): rooms are checked in seq order, when applied.
+            if conv.kind != "room" and item.user not in got.set:
                 pre[i] = Forbidden(f"not a member of {conv.id}")
                 continue
             try:
@@ -525,6 +539,7 @@ class LocalMessageService:
 
         # (item index, event, recipients, stored message) in batch order.
         outbox: list[tuple[int, Event, Members, Message | None]] = []
+        pinned: dict[str, Members] = {}  # room -> members set by this batch
         if all(r is not None for r in results):
             self._resolve(batch, results)
             return
@@ -536,6 +551,13 @@ class LocalMessageService:
                         continue
                     m = members[item.conv.id]
                     assert not isinstance(m, IMError)
+                    if (
+                        item.kind != "system"
+                        and pre[i] is None
+                        and item.conv.kind == "room"
+                        and item.user not in m.set
+                    ):
+                        pre[i] = Forbidden(f"not a member of {item.conv.id}")
                     if item.kind == "mark":
                         if pre[i] is not None:
                             results[i] = pre[i]
@@ -560,6 +582,9 @@ class LocalMessageService:
                             err = exc
                         else:
                             state.new_keys[key] = (msg.seq, msg.ts)
+                            if item.members is not None:
+                                # A membership change takes effect at its own seq.
+                                m = members[item.conv.id] = pinned[item.conv.a] = item.members
                             outbox.append((i, Msg.of(msg), m, msg))
                             continue
                     results[i] = err
@@ -573,6 +598,7 @@ class LocalMessageService:
             return
 
         # Committed: the working state becomes the truth.
+        self._pinned.update(pinned)
         for conv_id, last in state.last.items():
             self._seqs.put(conv_id, last)
         for key, value in state.new_keys.items():
@@ -850,7 +876,13 @@ class LocalMessageService:
             return Members((conv.a,), frozenset((conv.a,)))
         if self._rooms is None:
             raise NotFound(f"no room {conv.a}", field="conv")
-        return await self._ask(self._rooms.room_members(conv.a))
+        current = await self._ask(self._rooms.room_members(conv.a))
+        pinned = self._pinned.get(conv.a)
+        if pinned is None:
+            return current
+        if pinned is current:  # the room service has caught up
+            del self._pinned[conv.a]
+        return pinned
 
     async def _member_access(self, caller: Caller, conv: str) -> tuple[ConvRef, Members]:
         """Parse ``conv``, resolve its members and require the caller to be one."""

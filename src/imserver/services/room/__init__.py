@@ -1,1 +1,1 @@
-
+"""The room service: rooms (group conversations), members and roles, invitations."""

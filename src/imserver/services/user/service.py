@@ -69,9 +69,9 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-def default_hasher() -> PasswordHasher:
-    """argon2id with the OWASP minimum: 19 MiB memory, 2 iterations, 1 lane."""
-    return PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, type=Type.ID)
+def default_hasher(memory_kib: int = 19456, time_cost: int = 2) -> PasswordHasher:
+    """argon2id, by default with the OWASP minimum: 19 MiB memory, 2 iterations, 1 lane."""
+    return PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1, type=Type.ID)
 
 
 def token_hash(token: str) -> str:
@@ -524,11 +524,20 @@ def _check_display_name(display_name: str) -> None:
 
 
 async def open_user_service(
-    url: str, *, access_ttl: int = 900, refresh_ttl: int = 30 * 86400
+    url: str,
+    *,
+    access_ttl: int = 900,
+    refresh_ttl: int = 30 * 86400,
+    argon2_memory_kib: int = 19456,
+    argon2_time_cost: int = 2,
 ) -> LocalUserService:
-    """Migrate the database at ``url`` to the latest schema and start the service on it."""
+    """Migrate the database at ``url`` to the latest schema and start the service on it.
+
+    Stored hashes made with other argon2 parameters keep verifying; they are re-hashed
+    with the current ones at the next successful login.
+    """
     await upgrade(url, MIGRATIONS)
-    hasher = default_hasher()
+    hasher = default_hasher(argon2_memory_kib, argon2_time_cost)
     # Pay for the dummy hash now rather than on the first unknown-user login, whose
     # doubled latency would otherwise reveal that the username does not exist.
     dummy = await asyncio.to_thread(hasher.hash, secrets.token_urlsafe(32))

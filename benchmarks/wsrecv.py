@@ -1,0 +1,197 @@
+"""A lean WebSocket receiver for fan-out benchmarks.
+
+Thousands of receivers must cost the load generator less than they cost the server,
+or the generator saturates first and the figure measures it. :class:`Receiver` is a
+bare :class:`asyncio.Protocol`: an HTTP/1.1 upgrade, ``hello`` and ``auth`` as masked
+text frames, then an incremental parser of the server's (unmasked) frames that
+decodes each event into a small struct, ignoring every field it does not need.
+
+JSON codec only. What arrives is handed to ``on_event(receiver, event, now_ns)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+_OP_TEXT = 0x1
+_OP_CLOSE = 0x8
+_OP_PING = 0x9
+
+
+class Meta(msgspec.Struct):
+    t: int | None = None
+
+
+class Event(msgspec.Struct):
+    """The fields of a server frame a fan-out benchmark looks at."""
+
+    op: str | None = None
+    rid: str | None = None
+    ok: bool | None = None
+    conv: str | None = None
+    seq: int | None = None
+    meta: Meta | None = None
+    reason: str | None = None
+    error: dict[str, Any] | None = None
+
+
+_decode = msgspec.json.Decoder(Event).decode
+_encode = msgspec.json.encode
+
+
+def client_frame(payload: bytes, opcode: int = _OP_TEXT) -> bytes:
+    """One masked client frame (RFC 6455 §5.3; the mask makes no difference to a benchmark,
+    but the server must see one)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+class Receiver(asyncio.Protocol):
+    """One authenticated WebSocket connection that only listens."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        on_event: Callable[[Receiver, Event, int], None],
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token
+        self.on_event = on_event
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed_reason: str | None = None
+        self.lost = False
+        self._buf = bytearray()
+        self._upgraded = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but they are one.
+        self.transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        transport.write(request.encode())  # type: ignore[attr-defined]
+
+    def send(self, frame: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(client_frame(_encode(frame)))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if not self._upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            del buf[: end + 4]
+            if b" 101 " not in status:
+                self._fail(f"upgrade refused: {status!r}")
+                return
+            self._upgraded = True
+            self.send({"op": "hello", "v": 1, "client": "imserver-bench", "rid": "h"})
+            self.send({"op": "auth", "token": self.token, "rid": "a"})
+        now = time.monotonic_ns()
+        pos = 0
+        size = len(buf)
+        while size - pos >= 2:
+            b0 = buf[pos]
+            n = buf[pos + 1] & 0x7F
+            head = 2
+            if n == 126:
+                if size - pos < 4:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 4
+            elif n == 127:
+                if size - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if size - pos < head + n:
+                break
+            start = pos + head
+            payload = bytes(buf[start : start + n])
+            pos = start + n
+            opcode = b0 & 0x0F
+            if opcode == _OP_TEXT:
+                self._event(_decode(payload), now)
+            elif opcode == _OP_CLOSE:
+                self.lost = True
+            elif opcode == _OP_PING:
+                assert self.transport is not None
+                self.transport.write(client_frame(payload, 0xA))
+        if pos:
+            del buf[:pos]
+
+    def _event(self, ev: Event, now: int) -> None:
+        if ev.rid is not None:
+            if ev.rid == "a":
+                if ev.ok:
+                    if not self.ready.done():
+                        self.ready.set_result(None)
+                else:
+                    self._fail(f"auth refused: {ev.error}")
+            elif ev.ok is False:
+                self._fail(f"{ev.rid} refused: {ev.error}")
+            return
+        if ev.op == "closed":
+            self.closed_reason = ev.reason
+        self.on_event(self, ev, now)
+
+    def _fail(self, why: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(why))
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(client_frame(b"\x03\xe8", _OP_CLOSE))
+            self.transport.close()
+
+
+async def connect_receiver(
+    host: str,
+    port: int,
+    token: str,
+    on_event: Callable[[Receiver, Event, int], None],
+    *,
+    local_addr: tuple[str, int] | None = None,
+    wait_s: float = 30.0,
+) -> Receiver:
+    """Open one receiver and wait until it is authenticated."""
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(
+        lambda: Receiver(host, port, token, on_event), host, port, local_addr=local_addr
+    )
+    async with asyncio.timeout(wait_s):
+        await proto.ready
+    return proto

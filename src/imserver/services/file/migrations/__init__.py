@@ -1,0 +1,1 @@
+"""Alembic migration history of the file service's database (applied at start-up)."""

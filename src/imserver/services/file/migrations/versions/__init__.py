@@ -1,0 +1,1 @@
+"""Revisions of the file service's schema, one file each, oldest first."""

@@ -1,0 +1,247 @@
+"""The file service's SQL store: one row per upload (file record).
+
+Portable SQLAlchemy Core only; the schema must match the Alembic history in
+``migrations/`` (a test compares them).
+
+Invariants:
+
+- Many records may name the same ``sha256`` (identical content uploaded twice, or to
+  two conversations): the blob is shared, and the service deletes it only once no
+  record names that hash (see ``LocalFileService``).
+- ``state`` moves ``new`` → ``kept`` (a message names the file; final) or ``new`` →
+  ``doomed`` → deleted (clean-up found no message naming it). A doomed record is
+  invisible to downloads and to ``file_refs``, so no new message can start naming it
+  while the clean-up makes sure no message already does.
+- Per-user usage is the sum of the sizes of the user's records (each upload counts,
+  deduplicated or not); the insert checks it in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+metadata = MetaData()
+
+ID_LEN = 40
+CONV_LEN = 200
+NAME_LEN = 255
+
+NEW, KEPT, DOOMED = "new", "kept", "doomed"
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(ID_LEN), nullable=False),
+    Column("conv", String(CONV_LEN), nullable=False),
+    Column("owner", String(ID_LEN), nullable=False),
+    Column("name", String(NAME_LEN), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("mime", String(100), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("thumb_mime", String(32), nullable=True),
+    Column("created", BigInteger, nullable=False),
+    Column("state", String(8), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_files"),
+    Index("ix_files_sha256", "sha256"),
+    Index("ix_files_owner", "owner"),
+    Index("ix_files_state_created", "state", "created"),
+)
+
+_IN_CHUNK = 500
+
+
+class _OverQuota(Exception):
+    def __init__(self, usage: int) -> None:
+        self.usage = usage
+
+
+class FileRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored upload."""
+
+    id: str
+    conv: str
+    owner: str
+    name: str
+    size: int
+    mime: str
+    sha256: str
+    thumb_mime: str | None
+    created: int
+    state: str = NEW
+
+
+_COLUMNS = (
+    files.c.id,
+    files.c.conv,
+    files.c.owner,
+    files.c.name,
+    files.c.size,
+    files.c.mime,
+    files.c.sha256,
+    files.c.thumb_mime,
+    files.c.created,
+    files.c.state,
+)
+
+
+def _record(row: Sequence[Any]) -> FileRecord:
+    return FileRecord(
+        id=row[0],
+        conv=row[1],
+        owner=row[2],
+        name=row[3],
+        size=row[4],
+        mime=row[5],
+        sha256=row[6],
+        thumb_mime=row[7],
+        created=row[8],
+        state=row[9],
+    )
+
+
+class SqlFileStore:
+    """All of the file service's persistent state, on one async SQLAlchemy engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def check(self) -> None:
+        """Run a trivial query: raises if the database cannot be reached."""
+        async with self._engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
+    async def close(self) -> None:
+        """Dispose the engine's connection pool."""
+        await self._engine.dispose()
+
+    async def usage(self, owner: str) -> int:
+        """Bytes the user's records add up to."""
+        async with self._engine.connect() as conn:
+            total = await conn.scalar(
+                select(func.coalesce(func.sum(files.c.size), 0)).where(files.c.owner == owner)
+            )
+        return int(total or 0)
+
+    async def insert(self, record: FileRecord, quota: int) -> int | None:
+        """Insert a record unless it takes its owner past ``quota`` bytes (0: no quota).
+
+        Returns ``None`` when stored, else the owner's usage without it (and nothing
+        is stored). The insert comes first, so the sum is read under the write lock and
+        two concurrent uploads cannot both squeeze under the quota.
+        """
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(insert(files).values(**msgspec.structs.asdict(record)))
+                if quota > 0:
+                    total = int(
+                        await conn.scalar(
+                            select(func.coalesce(func.sum(files.c.size), 0)).where(
+                                files.c.owner == record.owner
+                            )
+                        )
+                        or 0
+                    )
+                    if total > quota:
+                        raise _OverQuota(total - record.size)  # rolls the insert back
+        except _OverQuota as over:
+            return over.usage
+        return None
+
+    async def get(self, file_id: str) -> FileRecord | None:
+        """A visible (not doomed) record, or ``None``."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(*_COLUMNS).where(files.c.id == file_id, files.c.state != DOOMED)
+                )
+            ).first()
+        return None if row is None else _record(row)
+
+    async def get_many(self, ids: Sequence[str]) -> list[FileRecord]:
+        """The visible records among ``ids`` (any order)."""
+        found: list[FileRecord] = []
+        async with self._engine.connect() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                result = await conn.execute(
+                    select(*_COLUMNS).where(files.c.id.in_(chunk), files.c.state != DOOMED)
+                )
+                found.extend(_record(row) for row in result)
+        return found
+
+    async def by_sha256(self, sha256: str) -> FileRecord | None:
+        """Any visible record of this content (to reuse its type and thumbnail)."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(*_COLUMNS)
+                    .where(files.c.sha256 == sha256, files.c.state != DOOMED)
+                    .limit(1)
+                )
+            ).first()
+        return None if row is None else _record(row)
+
+    async def sha256_in_use(self, sha256: str) -> bool:
+        """Whether any record (doomed ones included) still names this content."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(files.c.id).where(files.c.sha256 == sha256).limit(1))
+            ).first()
+        return row is not None
+
+    async def candidates(self, cutoff: int, limit: int) -> list[str]:
+        """Ids of records created before ``cutoff`` not known to be referenced (``new``,
+        or ``doomed`` by a clean-up that did not finish), oldest first."""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(files.c.id)
+                .where(files.c.state.in_((NEW, DOOMED)), files.c.created < cutoff)
+                .order_by(files.c.created, files.c.id)
+                .limit(limit)
+            )
+            return [row[0] for row in result]
+
+    async def set_state(self, ids: Sequence[str], state: str, *, was: Sequence[str]) -> None:
+        """Move those of the records ``ids`` whose state is one of ``was`` to ``state``."""
+        async with self._engine.begin() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                await conn.execute(
+                    update(files)
+                    .where(files.c.id.in_(chunk), files.c.state.in_(was))
+                    .values(state=state)
+                )
+
+    async def delete_doomed(self, ids: Sequence[str]) -> list[str]:
+        """Delete the doomed records among ``ids``; returns their content hashes."""
+        shas: list[str] = []
+        async with self._engine.begin() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                cond = (files.c.id.in_(chunk), files.c.state == DOOMED)
+                shas.extend(r[0] for r in await conn.execute(select(files.c.sha256).where(*cond)))
+                await conn.execute(delete(files).where(*cond))
+        return shas
+
+    async def delete(self, file_id: str) -> None:
+        """Delete one record whatever its state (an upload undone)."""
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(files).where(files.c.id == file_id))

@@ -1,0 +1,86 @@
+"""The room service's API: rooms, their membership and roles (PROTOCOL §5).
+
+The room service owns rooms, members, roles and invitations. It reaches the message
+service only through :class:`~imserver.services.message.api.MessageService`
+(``post_room_system`` stores every membership change and update as a ``system``
+message of the room's conversation), and it serves the message service as its
+:class:`~imserver.services.message.api.RoomDirectory`.
+
+Requests and replies are the protocol's own structs (``imserver.protocol.ops``).
+
+Permission matrix (owner > admin > member):
+
+====================  ==========================================================
+op                    who
+====================  ==========================================================
+``room.create``       any user; the caller becomes the owner
+``room.get``          members and invitees; anyone for a public room
+``room.update``       owner, admin
+``room.list``         any user (public rooms only)
+``room.join``         anyone for a public room; invitees for a private one
+``room.leave``        members
+``room.invite``       owner, admin
+``room.kick``         owner, admin; never someone of equal or higher role
+``room.role``         owner only; never on the owner
+``room.members``      members; anyone for a public room
+====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from imserver.protocol import ops
+from imserver.protocol.models import Room, User
+from imserver.services.caller import Caller
+from imserver.services.message.api import RoomDirectory
+from imserver.utils.ids import UserId
+
+SYSTEM_EVENTS = ("created", "joined", "left", "invited", "kicked", "role", "updated")
+"""``meta.event`` of the room's ``system`` messages. ``meta`` also carries ``actor``
+(who did it), ``user`` (to whom, for membership events), ``role`` (for ``role`` and for
+an ownership hand-over: ``{"event": "role", "role": "owner"}``) and ``changes`` (the
+fields an ``updated`` set)."""
+
+
+class UserDirectory(Protocol):
+    """What the room service needs from the user service: whether users exist, and
+    their display names for the text of system messages."""
+
+    async def get_users(self, users: Iterable[UserId]) -> dict[UserId, User]: ...
+
+
+class OnlineDirectory(Protocol):
+    """Whether a user has a live session (the gateway's hub in embedded mode)."""
+
+    def is_online(self, user: UserId) -> bool: ...
+
+
+class RoomService(RoomDirectory, Protocol):
+    """Rooms and membership; also the message service's room directory."""
+
+    async def create(self, caller: Caller, req: ops.RoomCreate) -> Room: ...
+
+    async def get(self, caller: Caller, room: str) -> Room: ...
+
+    async def update(self, caller: Caller, req: ops.RoomUpdate) -> Room: ...
+
+    async def list(self, caller: Caller, req: ops.RoomList) -> ops.RoomListData: ...
+
+    async def join(self, caller: Caller, room: str) -> Room: ...
+
+    async def leave(self, caller: Caller, room: str) -> None: ...
+
+    async def invite(self, caller: Caller, room: str, user: UserId) -> None: ...
+
+    async def kick(self, caller: Caller, room: str, user: UserId) -> None: ...
+
+    async def set_role(self, caller: Caller, room: str, user: UserId, role: str) -> None: ...
+
+    async def members(self, caller: Caller, req: ops.RoomMembers) -> ops.RoomMembersData: ...
+
+    async def check(self) -> None:
+        """Raise ``unavailable`` if the room database cannot be reached."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Revisions of the room service's schema, one file each, oldest first."""

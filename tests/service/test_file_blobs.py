@@ -1,0 +1,199 @@
+"""One contract test body for every blob store backend: a local directory, and S3 through
+a real S3 API server (moto in server mode, on a free port of this machine).
+
+Without the ``moto`` package the S3 runs are skipped with the reason, except under
+``CI=true``, where they fail: CI must exercise every backend.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imserver.services.file.blobs import CHUNK, BlobStore, LocalBlobStore, S3BlobStore
+from imserver.utils.errors import Unavailable
+
+
+def _need_moto() -> Any:
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("moto[server] is required under CI=true for the S3 blob store tests")
+        pytest.skip(
+            "moto[server] is not installed: S3 blob store tests skipped (pip install -e '.[dev]')"
+        )
+    return ThreadedMotoServer
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server in a thread of this process, on a free loopback port."""
+    server = _need_moto()(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+async def open_s3(endpoint: str, bucket: str | None = None) -> S3BlobStore:
+    return await S3BlobStore.open(
+        bucket=bucket or f"b-{secrets.token_hex(6)}",
+        endpoint=endpoint,
+        region="us-east-1",
+        access_key="testing",
+        secret_key="testing",
+        prefix="imserver/",
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    if request.param == "local":
+        blobs: BlobStore = LocalBlobStore(tmp_path / "blobs")
+    else:
+        blobs = await open_s3(request.getfixturevalue("s3_endpoint"))
+    try:
+        yield blobs
+    finally:
+        await blobs.close()
+
+
+def temp_file(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / f"upload-{secrets.token_hex(4)}.part"
+    path.write_bytes(data)
+    return path
+
+
+async def read_all(blobs: BlobStore, key: str, start: int, end: int) -> bytes:
+    return b"".join([chunk async for chunk in blobs.read_range(key, start, end)])
+
+
+# --- the contract ------------------------------------------------------------------------
+
+
+async def test_put_consumes_the_file_and_reads_back(store: BlobStore, tmp_path: Path) -> None:
+    data = os.urandom(3 * CHUNK + 123)
+    path = temp_file(tmp_path, data)
+    assert not await store.exists("ab/abcdef")
+    await store.put_file("ab/abcdef", path)
+    assert not path.exists()
+    assert await store.exists("ab/abcdef")
+    assert await read_all(store, "ab/abcdef", 0, len(data) - 1) == data
+    chunks = [c async for c in store.read_range("ab/abcdef", 0, len(data) - 1)]
+    assert all(len(c) <= CHUNK for c in chunks)
+
+
+async def test_ranges(store: BlobStore, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 5000
+    await store.put_file("cd/range", temp_file(tmp_path, data))
+    for start, end in [(0, 0), (0, 9), (100, 100_000), (len(data) - 5, len(data) - 1)]:
+        assert await read_all(store, "cd/range", start, end) == data[start : end + 1]
+    # An end past the blob is cut at the blob's end.
+    assert await read_all(store, "cd/range", len(data) - 3, len(data) + 100) == data[-3:]
+
+
+async def test_put_again_replaces_with_the_same_bytes(store: BlobStore, tmp_path: Path) -> None:
+    await store.put_file("ef/same", temp_file(tmp_path, b"same bytes"))
+    await store.put_file("ef/same", temp_file(tmp_path, b"same bytes"))
+    assert await read_all(store, "ef/same", 0, 9) == b"same bytes"
+
+
+async def test_delete_is_idempotent(store: BlobStore, tmp_path: Path) -> None:
+    await store.put_file("aa/gone", temp_file(tmp_path, b"x"))
+    await store.put_file("aa/gone.thumb", temp_file(tmp_path, b"y"))
+    await store.delete("aa/gone")
+    await store.delete("aa/gone")
+    await store.delete("aa/never-there")
+    assert not await store.exists("aa/gone")
+    assert await store.exists("aa/gone.thumb")
+    with pytest.raises(FileNotFoundError):
+        await read_all(store, "aa/gone", 0, 0)
+
+
+async def test_missing_blob_is_file_not_found(store: BlobStore) -> None:
+    with pytest.raises(FileNotFoundError):
+        await read_all(store, "00/missing", 0, 10)
+
+
+@pytest.mark.parametrize(
+    "key", ["../escape", "/abs", "a/../../b", "a//b", "A/UPPER", "a/b\x00c", "", "a/./b", "."]
+)
+async def test_keys_cannot_leave_the_store(store: BlobStore, tmp_path: Path, key: str) -> None:
+    path = temp_file(tmp_path, b"x")
+    with pytest.raises(ValueError):
+        await store.put_file(key, path)
+    with pytest.raises(ValueError):
+        await store.exists(key)
+    assert path.exists()
+
+
+async def test_check(store: BlobStore) -> None:
+    await store.check()
+
+
+# --- backend specifics ----------------------------------------------------------------------
+
+
+async def test_local_layout_and_atomic_put(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    await store.put_file("12/1234", temp_file(tmp_path, b"content"))
+    assert (tmp_path / "blobs" / "12" / "1234").read_bytes() == b"content"
+    await store.delete("12/1234")
+    assert not (tmp_path / "blobs" / "12").exists()  # empty fan-out directories go too
+
+
+async def test_local_check_fails_without_its_directory(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs").rmdir()
+    with pytest.raises(Unavailable):
+        await store.check()
+
+
+async def test_s3_creates_the_bucket_and_uses_the_prefix(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    bucket = f"fresh-{secrets.token_hex(6)}"
+    store = await open_s3(s3_endpoint, bucket)
+    try:
+        await store.put_file("9f/9f00", temp_file(tmp_path, b"in s3"))
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        body = client.get_object(Bucket=bucket, Key="imserver/9f/9f00")["Body"].read()
+        assert body == b"in s3"
+        # Opening again on an existing bucket is fine.
+        again = await open_s3(s3_endpoint, bucket)
+        assert await again.exists("9f/9f00")
+        await again.close()
+    finally:
+        await store.close()
+
+
+async def test_s3_unreachable_is_unavailable() -> None:
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    client = boto3.client(
+        "s3",
+        endpoint_url="http://127.0.0.1:9",  # the discard port: nothing listens
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=1),
+    )
+    store = S3BlobStore(client, "bucket")
+    with pytest.raises(Unavailable):
+        await store.check()
+    await store.close()

@@ -1,0 +1,569 @@
+"""Service tests of the room service on a real SQLite file, with the real message
+service (its own SQLite file) and a real MemoryLiveBus.
+
+The user directory is the plain data double of ``message_helpers``; who is online is
+a plain set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from message_helpers import Directory, caller, send
+from sqlalchemy import create_engine
+
+from imserver.protocol import ops
+from imserver.protocol.events import Msg, Receipt, TypingEvent
+from imserver.protocol.models import Message, Room
+from imserver.services.caller import Caller
+from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.room.api import RoomService
+from imserver.services.room.service import MIGRATIONS, LocalRoomService, open_room_service
+from imserver.services.room.store import metadata
+from imserver.storage.bus import Delivery, MemoryLiveBus
+from imserver.storage.sql import sqlite_url, sync_url, upgrade_sync
+from imserver.utils.errors import BadRequest, Conflict, Forbidden, IMError, NotFound
+from imserver.utils.ids import UserId
+
+A, B, C, D, E = (caller(u) for u in ("ua", "ub", "uc", "ud", "ue"))
+NAMES = {"ua": "Alice", "ub": "Bob", "uc": "Carol", "ud": "Dave", "ue": "Eve"}
+
+
+class Online:
+    """An ``OnlineDirectory``: a set of user ids."""
+
+    def __init__(self) -> None:
+        self.users: set[str] = set()
+
+    def is_online(self, user: UserId) -> bool:
+        return user in self.users
+
+
+@dataclass
+class Env:
+    tmp: Path
+    users: Directory
+    bus: MemoryLiveBus
+    online: Online
+    deliveries: list[Delivery]
+    messages: LocalMessageService
+    rooms: LocalRoomService
+
+    async def reopen(self, max_room_size: int = 10_000) -> None:
+        """A restart: both services closed and opened again on the same files."""
+        await self.messages.close()
+        await self.rooms.close()
+        self.rooms, self.messages = await _open(
+            self.tmp, self.users, self.bus, self.online, max_room_size
+        )
+
+    def msgs(self, room: str | None = None) -> list[tuple[Msg, tuple[str, ...]]]:
+        """Published ``msg`` events (of ``room``) with their recipients."""
+        return [
+            (d.event, tuple(d.users))
+            for d in self.deliveries
+            if isinstance(d.event, Msg) and (room is None or d.event.conv == f"r:{room}")
+        ]
+
+    def system(self, room: str) -> list[dict[str, Any]]:
+        """``meta`` of the published system messages of ``room``, in order."""
+        return [m.meta or {} for m, _ in self.msgs(room) if m.type == "system"]
+
+    def db(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.tmp / "room.db") as conn:
+            return conn.execute(sql, args).fetchall()
+
+
+async def _open(
+    tmp: Path, users: Directory, bus: MemoryLiveBus, online: Online, max_room_size: int = 10_000
+) -> tuple[LocalRoomService, LocalMessageService]:
+    """The two services wired as the server does: rooms first, then bound to messages."""
+    rooms = await open_room_service(
+        sqlite_url(tmp, "room"), users=users, online=online, max_room_size=max_room_size
+    )
+    messages = await open_message_service(
+        sqlite_url(tmp, "message"), bus=bus, users=users, rooms=rooms
+    )
+    rooms.bind(messages=messages)
+    return rooms, messages
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    users = Directory()
+    for uid, name in NAMES.items():
+        users.add(uid, name)
+    bus = MemoryLiveBus()
+    deliveries: list[Delivery] = []
+    bus.subscribe(deliveries.append)
+    online = Online()
+    rooms, messages = await _open(tmp_path, users, bus, online)
+    e = Env(tmp_path, users, bus, online, deliveries, messages, rooms)
+    yield e
+    await e.messages.close()
+    await e.rooms.close()
+
+
+async def fails(aw: Awaitable[Any], cls: type[IMError], field: str | None = None) -> IMError:
+    """Await ``aw`` and require it to fail with exactly ``cls`` (and ``field``)."""
+    with pytest.raises(IMError) as info:
+        await aw
+    assert type(info.value) is cls, info.value
+    assert info.value.field == field, (info.value.field, info.value)
+    return info.value
+
+
+async def make_room(
+    env: Env,
+    *,
+    public: bool = False,
+    members: tuple[Caller, ...] = (),
+    admins: tuple[Caller, ...] = (),
+    name: str = "Team",
+) -> str:
+    """A room owned by ``A`` with ``admins`` and ``members`` (admins join first)."""
+    everyone = [*admins, *members]
+    room = await env.rooms.create(
+        A, ops.RoomCreate(name=name, public=public, members=[c.user for c in everyone])
+    )
+    for admin in admins:
+        await env.rooms.set_role(A, room.id, admin.user, "admin")
+    return room.id
+
+
+async def history(env: Env, who: Caller, room: str) -> list[Message]:
+    page = await env.messages.history(who, ops.History(conv=f"r:{room}", limit=200))
+    return page.messages
+
+
+# --- schema and protocol ------------------------------------------------------------
+
+
+def test_migrations_match_the_store_schema(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path, "room")
+    upgrade_sync(url, MIGRATIONS)
+    upgrade_sync(url, MIGRATIONS)  # a second run is a no-op
+    engine = create_engine(sync_url(url))
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"version_table": "alembic_version_room"}
+            )
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_local_service_satisfies_the_protocol(env: Env) -> None:
+    service: RoomService = env.rooms  # mypy checks the signatures; this checks the methods
+    for name in [*RoomService.__dict__, "room_members", "room_role", "rooms_of"]:
+        if not name.startswith("_"):
+            assert callable(getattr(service, name)), name
+
+
+# --- create and get -----------------------------------------------------------------
+
+
+async def test_create_makes_the_caller_owner_and_members_join(env: Env) -> None:
+    room = await env.rooms.create(
+        A, ops.RoomCreate(name="Team", topic="work", members=["ub", "uc", "ub", "ua"])
+    )
+    assert (room.name, room.topic, room.public, room.owner, room.members) == (
+        "Team",
+        "work",
+        False,
+        "ua",
+        3,
+    )
+    assert room.conv == f"r:{room.id}" and room.id.startswith("r") and ":" not in room.id
+    assert await env.rooms.room_role(room.id, UserId("ua")) == "owner"
+    assert await env.rooms.room_role(room.id, UserId("uc")) == "member"
+    assert (await env.rooms.room_members(room.id)).users == ("ua", "ub", "uc")
+    page = await history(env, B, room.id)
+    assert [(m.seq, m.from_, m.type, m.body) for m in page] == [
+        (1, "system", "system", "Alice created Team"),
+        (2, "system", "system", "Alice added Bob"),
+        (3, "system", "system", "Alice added Carol"),
+    ]
+    assert [m.meta for m in page] == [
+        {"event": "created", "actor": "ua"},
+        {"event": "joined", "actor": "ua", "user": "ub"},
+        {"event": "joined", "actor": "ua", "user": "uc"},
+    ]
+    # Everyone got them live, in seq order.
+    assert [(m.seq, users) for m, users in env.msgs(room.id)] == [
+        (1, ("ua", "ub", "uc")),
+        (2, ("ua", "ub", "uc")),
+        (3, ("ua", "ub", "uc")),
+    ]
+    assert await env.rooms.get(C, room.id) == room
+    assert [c.title for c in await env.messages.convs(C)] == ["Team"]
+
+
+async def test_create_refuses_unknown_members_and_oversized_rooms(env: Env) -> None:
+    await fails(
+        env.rooms.create(A, ops.RoomCreate(name="x", members=["ub", "nope"])), NotFound, "members"
+    )
+    await env.reopen(max_room_size=3)
+    await fails(
+        env.rooms.create(A, ops.RoomCreate(name="x", members=["ub", "uc", "ud"])), Forbidden
+    )
+    assert (await env.rooms.create(A, ops.RoomCreate(name="x", members=["ub", "uc"]))).members == 3
+    assert env.db("SELECT count(*) FROM rooms") == [(1,)]
+
+
+async def test_get_visibility(env: Env) -> None:
+    private = await make_room(env, members=(B,))
+    public = await make_room(env, public=True)
+    await fails(env.rooms.get(C, private), Forbidden)
+    await env.rooms.invite(A, private, UserId("uc"))
+    assert (await env.rooms.get(C, private)).id == private  # invitees see it
+    assert (await env.rooms.get(D, public)).id == public
+    await fails(env.rooms.get(A, "rnope"), NotFound, "room")
+
+
+# --- membership cache ---------------------------------------------------------------
+
+
+async def test_room_members_is_the_same_object_until_membership_changes(env: Env) -> None:
+    room = await make_room(env, public=True, members=(B,))
+    first = await env.rooms.room_members(room)
+    assert await env.rooms.room_members(room) is first
+    await env.rooms.update(A, ops.RoomUpdate(room=room, topic="t"))
+    assert await env.rooms.room_members(room) is first  # not a membership change
+    await env.rooms.join(C, room)
+    second = await env.rooms.room_members(room)
+    assert second is not first and second.users == ("ua", "ub", "uc")
+    assert first.users == ("ua", "ub")  # handed-out objects never change
+    await fails(env.rooms.room_members("rnope"), NotFound, "conv")
+
+
+async def test_state_survives_a_restart(env: Env) -> None:
+    room = await make_room(env, members=(C, D), admins=(B,))
+    await env.rooms.leave(A, room)
+    await env.reopen()
+    assert (await env.rooms.room_members(room)).users == ("ub", "uc", "ud")
+    assert await env.rooms.room_role(room, UserId("ub")) == "owner"
+    got = await env.rooms.get(B, room)
+    assert (got.owner, got.members) == ("ub", 3)
+    # Join order continues after the restart.
+    await env.rooms.invite(B, room, UserId("ua"))
+    await env.rooms.join(A, room)
+    assert (await env.rooms.room_members(room)).users == ("ub", "uc", "ud", "ua")
+
+
+# --- join, invite -------------------------------------------------------------------
+
+
+async def test_private_rooms_need_an_invitation_which_the_join_consumes(env: Env) -> None:
+    room = await make_room(env, members=(B,))
+    await fails(env.rooms.join(C, room), Forbidden)
+    await env.rooms.invite(A, room, UserId("uc"))
+    assert await env.rooms.invitations_of(UserId("uc")) == [room]
+    convs = await env.messages.convs(C)
+    assert [(c.conv, c.kind, c.title) for c in convs] == [(f"r:{room}", "room", "Team")]
+    joined = await env.rooms.join(C, room)
+    assert joined.members == 3
+    assert await env.rooms.invitations_of(UserId("uc")) == []
+    assert await env.rooms.rooms_of(UserId("uc")) == [room]
+    # Leaving and coming back needs a new invitation.
+    await env.rooms.leave(C, room)
+    await fails(env.rooms.join(C, room), Forbidden)
+    assert [m["event"] for m in env.system(room)][-4:] == ["joined", "invited", "joined", "left"]
+
+
+async def test_invite_rules(env: Env) -> None:
+    room = await make_room(env, members=(C,), admins=(B,))
+    await fails(env.rooms.invite(C, room, UserId("ud")), Forbidden)  # a member
+    await fails(env.rooms.invite(D, room, UserId("ue")), Forbidden)  # a non-member
+    await fails(env.rooms.invite(A, room, UserId("nope")), NotFound, "user")
+    await fails(env.rooms.invite(A, room, UserId("uc")), Conflict, "user")
+    await fails(env.rooms.invite(A, room, UserId("ua")), Conflict, "user")
+    await env.rooms.invite(B, room, UserId("ud"))
+    before = len(env.system(room))
+    await env.rooms.invite(A, room, UserId("ud"))  # already pending: nothing new
+    assert len(env.system(room)) == before
+    invited = env.msgs(room)[-1]
+    assert invited[0].meta == {"event": "invited", "actor": "ub", "user": "ud"}
+    assert invited[0].body == "Bob invited Dave"
+    assert "ud" in invited[1]  # the invitee sees it live
+    await fails(env.rooms.invite(A, "rnope", UserId("ud")), NotFound, "room")
+
+
+async def test_join_is_idempotent_and_public_rooms_are_open(env: Env) -> None:
+    room = await make_room(env, public=True)
+    r1 = await env.rooms.join(B, room)
+    n = len(env.msgs(room))
+    r2 = await env.rooms.join(B, room)
+    assert r1 == r2 and r2.members == 2
+    assert len(env.msgs(room)) == n
+    assert env.system(room)[-1] == {"event": "joined", "actor": "ub", "user": "ub"}
+
+
+async def test_max_room_size(env: Env) -> None:
+    await env.reopen(max_room_size=3)
+    room = await make_room(env, public=True, members=(B,))
+    await env.rooms.join(C, room)
+    err = await fails(env.rooms.join(D, room), Forbidden)
+    assert "full" in err.message
+    await env.rooms.leave(C, room)
+    await env.rooms.join(D, room)
+
+
+async def test_concurrent_joins_and_leaves_keep_counts_consistent(env: Env) -> None:
+    ids = [f"x{i}" for i in range(40)]
+    for uid in ids:
+        env.users.add(uid)
+    await env.reopen(max_room_size=25)
+    room = await make_room(env, public=True)
+    results = await asyncio.gather(
+        *(env.rooms.join(caller(uid), room) for uid in ids), return_exceptions=True
+    )
+    joined = [r for r in results if isinstance(r, Room)]
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(joined) == 24 and all(isinstance(r, Forbidden) for r in refused)
+    members = await env.rooms.room_members(room)
+    assert len(members.users) == 25
+    await asyncio.gather(*(env.rooms.leave(caller(u), room) for u in members.users[1:13]))
+    assert env.db("SELECT member_count FROM rooms WHERE id = ?", room) == [(13,)]
+    assert env.db("SELECT count(*) FROM members WHERE room_id = ?", room) == [(13,)]
+    orders = [r[0] for r in env.db("SELECT join_order FROM members WHERE room_id = ?", room)]
+    assert len(set(orders)) == 13
+    assert (await env.rooms.get(A, room)).members == 13
+    # One system message per change, gap-free.
+    seqs = [m.seq for m, _ in env.msgs(room)]
+    assert seqs == list(range(1, 1 + 1 + 24 + 12))
+
+
+# --- leave, hand-over, empty rooms --------------------------------------------------
+
+
+async def test_owner_leaving_hands_over_to_the_oldest_admin(env: Env) -> None:
+    room = await make_room(env, members=(B, C, D))
+    await env.rooms.set_role(A, room, UserId("ud"), "admin")
+    await env.rooms.set_role(A, room, UserId("uc"), "admin")
+    await env.rooms.leave(A, room)
+    # uc joined before ud: the longest-standing admin, whatever order they were promoted.
+    assert await env.rooms.room_role(room, UserId("uc")) == "owner"
+    assert (await env.rooms.get(B, room)).owner == "uc"
+    assert env.system(room)[-2:] == [
+        {"event": "left", "actor": "ua", "user": "ua"},
+        {"event": "role", "actor": "ua", "user": "uc", "role": "owner"},
+    ]
+    _, left_to = env.msgs(room)[-2]
+    assert "ua" in left_to  # the leaver's other devices learn it
+    assert env.db("SELECT owner FROM rooms WHERE id = ?", room) == [("uc",)]
+    assert env.db("SELECT role FROM members WHERE room_id = ? AND user_id = 'uc'", room) == [
+        ("owner",)
+    ]
+
+
+async def test_owner_leaving_without_admins_hands_over_to_the_oldest_member(env: Env) -> None:
+    room = await make_room(env, members=(C, B))
+    await env.rooms.leave(A, room)
+    assert (await env.rooms.get(B, room)).owner == "uc"
+    assert (await env.rooms.room_members(room)).users == ("uc", "ub")
+
+
+async def test_last_member_leaving_empties_the_room(env: Env) -> None:
+    room = await make_room(env, public=True, members=(B,))
+    await env.rooms.invite(A, room, UserId("uc"))
+    await env.rooms.leave(A, room)
+    await env.rooms.leave(B, room)
+    assert (await env.rooms.list(D, ops.RoomList())).rooms == []
+    await fails(env.rooms.join(D, room), NotFound, "room")
+    await fails(env.rooms.join(C, room), NotFound, "room")
+    await fails(env.rooms.get(B, room), NotFound, "room")
+    await fails(env.rooms.leave(B, room), NotFound, "room")
+    assert await env.rooms.invitations_of(UserId("uc")) == []
+    assert (await env.rooms.room_members(room)).users == ()
+    # Its former members are refused like any non-member.
+    await fails(env.messages.history(B, ops.History(conv=f"r:{room}")), Forbidden)
+    assert env.db("SELECT member_count, emptied IS NOT NULL FROM rooms") == [(0, 1)]
+    await env.reopen()
+    await fails(env.rooms.join(D, room), NotFound, "room")
+
+
+async def test_leave_by_non_member_is_forbidden(env: Env) -> None:
+    room = await make_room(env, public=True)
+    await fails(env.rooms.leave(B, room), Forbidden)
+
+
+# --- kick and roles ------------------------------------------------------------------
+
+
+async def test_kick_rules(env: Env) -> None:
+    room = await make_room(env, members=(D, E), admins=(B, C))
+    await fails(env.rooms.kick(D, room, UserId("ue")), Forbidden)  # members cannot kick
+    await fails(env.rooms.kick(B, room, UserId("uc")), Forbidden)  # admin vs admin
+    await fails(env.rooms.kick(B, room, UserId("ua")), Forbidden)  # admin vs owner
+    await fails(env.rooms.kick(A, room, UserId("ua")), Forbidden)  # oneself
+    await fails(env.rooms.kick(B, room, UserId("ub")), Forbidden)  # oneself
+    await fails(env.rooms.kick(A, room, UserId("nope")), NotFound, "user")
+    env.users.add("uf")
+    await fails(env.rooms.kick(A, room, UserId("uf")), NotFound, "user")  # not a member
+    await env.rooms.kick(B, room, UserId("ud"))
+    await env.rooms.kick(A, room, UserId("uc"))
+    assert (await env.rooms.room_members(room)).users == ("ua", "ub", "ue")
+    kicked, to = env.msgs(room)[-1]
+    assert kicked.meta == {"event": "kicked", "actor": "ua", "user": "uc"}
+    assert kicked.body == "Alice removed Carol"
+    assert "uc" in to
+
+
+async def test_set_role_rules(env: Env) -> None:
+    room = await make_room(env, members=(C, D), admins=(B,))
+    await fails(env.rooms.set_role(B, room, UserId("uc"), "admin"), Forbidden)  # admins cannot
+    await fails(env.rooms.set_role(C, room, UserId("ud"), "admin"), Forbidden)
+    await fails(env.rooms.set_role(A, room, UserId("ua"), "member"), Forbidden)  # the owner
+    await fails(env.rooms.set_role(A, room, UserId("nope"), "admin"), NotFound, "user")
+    await fails(env.rooms.set_role(A, room, UserId("ue"), "admin"), NotFound, "user")
+    await fails(env.rooms.set_role(A, room, UserId("uc"), "owner"), BadRequest, "role")
+    await env.rooms.set_role(A, room, UserId("uc"), "admin")
+    n = len(env.msgs(room))
+    await env.rooms.set_role(A, room, UserId("uc"), "admin")  # unchanged: nothing stored
+    assert len(env.msgs(room)) == n
+    await env.rooms.set_role(A, room, UserId("ub"), "member")
+    assert env.system(room)[-2:] == [
+        {"event": "role", "actor": "ua", "user": "uc", "role": "admin"},
+        {"event": "role", "actor": "ua", "user": "ub", "role": "member"},
+    ]
+    # A demoted admin loses the admin rights at once.
+    await fails(env.rooms.invite(B, room, UserId("ue")), Forbidden)
+    await env.rooms.invite(C, room, UserId("ue"))
+
+
+# --- update ---------------------------------------------------------------------------
+
+
+async def test_update(env: Env) -> None:
+    room = await make_room(env, members=(C,), admins=(B,))
+    await fails(env.rooms.update(C, ops.RoomUpdate(room=room, name="x")), Forbidden)
+    await fails(env.rooms.update(D, ops.RoomUpdate(room=room, name="x")), Forbidden)
+    got = await env.rooms.update(B, ops.RoomUpdate(room=room, name="Renamed", topic="hi"))
+    assert (got.name, got.topic, got.public) == ("Renamed", "hi", False)
+    assert env.system(room)[-1] == {
+        "event": "updated",
+        "actor": "ub",
+        "changes": {"name": "Renamed", "topic": "hi"},
+    }
+    n = len(env.msgs(room))
+    same = await env.rooms.update(A, ops.RoomUpdate(room=room, name="Renamed", public=False))
+    assert same == got and len(env.msgs(room)) == n  # no change, no message
+    cleared = await env.rooms.update(A, ops.RoomUpdate(room=room, topic="", public=True))
+    assert (cleared.topic, cleared.public) == (None, True)
+    assert env.system(room)[-1]["changes"] == {"topic": None, "public": True}
+    assert await env.rooms.room_title(room) == "Renamed"
+    listed = (await env.rooms.list(D, ops.RoomList(query="renamed"))).rooms
+    assert [r.id for r in listed] == [room]
+
+
+# --- list and members ---------------------------------------------------------------
+
+
+async def test_list_search_paging_and_escaping(env: Env) -> None:
+    names = ["Python", "python tips", "PYTHONISTAS", "100% Rust", "snake_case", "snakeXcase"]
+    ids = [await make_room(env, public=True, name=n) for n in names]
+    await make_room(env, name="Python private")
+    await env.rooms.join(B, ids[1])
+
+    async def listed(**kw: Any) -> list[tuple[str, int]]:
+        return [(r.name, r.members) for r in (await env.rooms.list(C, ops.RoomList(**kw))).rooms]
+
+    assert await listed(query="PyThOn") == [("Python", 1), ("python tips", 2), ("PYTHONISTAS", 1)]
+    assert await listed(query="%") == [("100% Rust", 1)]
+    assert await listed(query="e_c") == [("snake_case", 1)]
+    assert await listed(query="_") == [("snake_case", 1)]
+    assert await listed(query="") == [(n, 2 if n == "python tips" else 1) for n in names]
+    seen: list[str] = []
+    after = None
+    for _ in range(10):
+        page = await env.rooms.list(C, ops.RoomList(limit=4, after=after))
+        seen.extend(r.name for r in page.rooms)
+        after = page.next
+        if after is None:
+            break
+    assert seen == names
+    await fails(env.rooms.list(C, ops.RoomList(after="!!")), BadRequest, "after")
+    await fails(env.rooms.list(C, ops.RoomList(after="bm9kb3Q")), BadRequest, "after")
+
+
+async def test_members_paging_online_and_visibility(env: Env) -> None:
+    room = await make_room(env, members=(C, D, E), admins=(B,))
+    env.online.users = {"ub", "ud"}
+    page = await env.rooms.members(C, ops.RoomMembers(room=room, limit=2))
+    assert [(m.user, m.role, m.online) for m in page.members] == [
+        ("ua", "owner", False),
+        ("ub", "admin", True),
+    ]
+    assert page.next is not None
+    rest = await env.rooms.members(C, ops.RoomMembers(room=room, after=page.next, limit=10))
+    assert [(m.user, m.online) for m in rest.members] == [
+        ("uc", False),
+        ("ud", True),
+        ("ue", False),
+    ]
+    assert rest.next is None
+    await fails(env.rooms.members(caller("x"), ops.RoomMembers(room=room)), Forbidden)
+    await fails(env.rooms.members(C, ops.RoomMembers(room=room, after="-1")), BadRequest, "after")
+    public = await make_room(env, public=True)
+    assert len((await env.rooms.members(D, ops.RoomMembers(room=public))).members) == 1
+
+
+# --- the exclusion guarantee ---------------------------------------------------------
+
+
+async def test_a_kicked_user_gets_nothing_after_the_kick(env: Env) -> None:
+    room = await make_room(env, members=(B, C))
+    conv = f"r:{room}"
+    await env.messages.send(B, send(conv, "before"))
+    # A burst of sends, typing and receipts from B interleaved with the kick of C.
+    sends = [env.messages.send(B, send(conv, f"m{i}")) for i in range(50)]
+    kick = asyncio.ensure_future(env.rooms.kick(A, room, UserId("uc")))
+    sends += [env.messages.send(B, send(conv, f"n{i}")) for i in range(50)]
+    while not kick.done() and len(sends) < 1000:  # a stream until the kick is done
+        sends.append(env.messages.send(B, send(conv, f"s{len(sends)}")))
+        await asyncio.sleep(0)
+    await env.messages.typing(B, conv)
+    await env.messages.mark(B, conv, 3, "read")
+    await asyncio.gather(kick, *sends)
+    kicked = next(m for m, _ in env.msgs(room) if (m.meta or {}).get("event") == "kicked")
+    to_c = [d for d in env.deliveries if "uc" in d.users]
+    last_to_c = to_c[-1].event
+    assert isinstance(last_to_c, Msg) and last_to_c.seq == kicked.seq
+    for d in env.deliveries[env.deliveries.index(to_c[-1]) + 1 :]:
+        assert "uc" not in d.users
+    # The kick took effect at its seq: C got every message before it, none after.
+    msgs = [d for d in env.deliveries if isinstance(d.event, Msg) and d.event.conv == conv]
+    assert all(("uc" in d.users) == (d.event.seq <= kicked.seq) for d in msgs)
+    assert any(d.event.seq > kicked.seq for d in msgs)
+    # After the ack: refused everywhere.
+    await fails(env.messages.history(C, ops.History(conv=conv)), Forbidden)
+    await fails(env.messages.send(C, send(conv, "late")), Forbidden)
+    await fails(env.messages.typing(C, conv), Forbidden)
+    await fails(env.messages.mark(C, conv, 1, "read"), Forbidden)
+    await env.messages.typing(B, conv)
+    await env.messages.mark(B, conv, 50, "read")
+    last = env.deliveries[-2:]
+    assert isinstance(last[0].event, TypingEvent) and "uc" not in last[0].users
+    assert isinstance(last[1].event, Receipt) and "uc" not in last[1].users
+    assert await env.rooms.rooms_of(UserId("uc")) == []
+
+
+async def test_mentions_must_be_members(env: Env) -> None:
+    room = await make_room(env, public=True, members=(B,))
+    conv = f"r:{room}"
+    await fails(env.messages.send(A, send(conv, "c1", mentions=["uc"])), BadRequest, "mentions")
+    await env.rooms.join(C, room)
+    sent = await env.messages.send(A, send(conv, "c2", mentions=["uc"]))
+    assert sent.seq > 0
+    (summary,) = [c for c in await env.messages.convs(C) if c.conv == conv]
+    assert summary.mentions == 1
