@@ -96,21 +96,34 @@ class Hub:
             yield from list(sessions)
 
     def deliver(self, delivery: Delivery) -> None:
-        """Write one event to the live sessions of the delivery's users."""
+        """Write one event to the live sessions of the delivery's users.
+
+        The hot loop of every fan-out (a room message visits every member): the framed
+        bytes of the last (transport, codec) seen are kept at hand, since nearly every
+        session shares one, and nothing per recipient allocates.
+        """
         framed: _Framed | None = None
         exclude_session = delivery.exclude_session
         exclude_user = delivery.exclude_user
-        by_user = self._by_user
+        by_user: dict[str, dict[Session, None]] = self._by_user  # type: ignore[assignment]
+        last_kind: str | None = None
+        last_codec: Codec | None = None
+        data = b""
         count = 0
         for user in delivery.users:
-            sessions = by_user.get(UserId(user))
+            sessions = by_user.get(user)
             if not sessions or user == exclude_user:
                 continue
             for session in sessions:
                 if session.id == exclude_session:
                     continue
-                if framed is None:
-                    framed = _Framed(EncodedEvent(delivery.event))
-                session.push(framed.get(session))
+                kind = session.link.kind
+                codec = session.codec
+                if kind != last_kind or codec is not last_codec:
+                    if framed is None:
+                        framed = _Framed(EncodedEvent(delivery.event))
+                    data = framed.get(session)
+                    last_kind, last_codec = kind, codec
+                session.push(data)
                 count += 1
         self.delivered += count
