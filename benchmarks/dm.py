@@ -26,6 +26,12 @@ What is verified over the whole run, per conversation: every acked ``seq`` is un
 and they are exactly 1..n (no gap, no duplicate, no ``dup: true``), no send failed,
 the receiver got every acked message, once, in ``seq`` order. Any violation is
 printed and makes the exit status 1.
+
+The JSON (:func:`harness.write_results`) holds the figures under ``"results"``
+(``acked_per_s``, ``delivered_per_s``, ``ack_latency`` and ``delivery_latency``
+summaries, ``cpu.server_us_per_msg``, ``cpu.clients_pct``, ``memory``) and the
+workers' counters sampled every 0.25 s under ``"timeseries"``
+(:class:`harness.Timeseries`).
 """
 
 from __future__ import annotations
@@ -539,6 +545,16 @@ class _Live:
     def update(self, worker: int, counters: tuple[int, int, int, int]) -> None:
         self.counters[worker] = counters
 
+    @property
+    def acked(self) -> int:
+        """Acks so far, over all workers."""
+        return sum(c[1] for c in self.counters)
+
+    @property
+    def delivered(self) -> int:
+        """Deliveries so far, over all workers."""
+        return sum(c[2] for c in self.counters)
+
     def text(self) -> str:
         now = time.monotonic()
         acked = sum(c[1] for c in self.counters)
@@ -748,6 +764,7 @@ def run(args: argparse.Namespace) -> int:
         {k: v for k, v in res.items() if k not in ("ack_ns", "dlv_ns", "pairs")} for res in results
     ]
     out["profile"] = profile
+    out["timeseries"] = measured["timeseries"]
     path = harness.write_results(SCENARIO, out, stamp)
     harness.print_report(report, profile)
     harness.console.print(f"results: {path}")
@@ -780,6 +797,7 @@ def _drive(
     end = measure + round(args.duration * 1e9)
     pool.send_all(("go", Timeline(start, measure, end)))
     live = _Live(len(pool.procs), server.pid)
+    series = harness.Timeseries(now, server.pid, start_ns=start, measure_ns=measure, end_ns=end)
     results: dict[int, dict[str, Any]] = {}
     snap_a: harness.CpuSnapshot | None = None
     snap_b: harness.CpuSnapshot | None = None
@@ -803,6 +821,7 @@ def _drive(
                 elif what == "error" or (what == "exit" and i not in results):
                     raise RuntimeError(f"worker {i} failed:\n{data}")
             t = time.monotonic_ns()
+            series.sample(t, live.acked, live.delivered)
             if snap_a is None and t >= measure:
                 snap_a = harness.take_snapshot(pids, threads_of=server.pid)
                 if args.profile:
@@ -821,11 +840,13 @@ def _drive(
                 else "drain"
             )
             status.update(phase, (t - now) / 1e9, live.text())
+    series.sample(time.monotonic_ns(), live.acked, live.delivered, force=True)
     snapshots = (snap_a, snap_b) if snap_a is not None and snap_b is not None else None
     return {
         "results": [results[i] for i in sorted(results)],
         "snapshots": snapshots,
         "profiler": profiler,
+        "timeseries": series.as_dict(),
     }
 
 

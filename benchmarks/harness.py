@@ -15,7 +15,9 @@
   during the measured interval, summarised by self and total time.
 - :class:`LiveStatus` -- a rich progress bar on a terminal, a plain line otherwise.
 - :func:`print_report` and :func:`write_results` -- the results table and the JSON
-  file under ``benchmarks/results/``.
+  file under ``benchmarks/results/`` (or ``--results-file``).
+- :class:`Timeseries` -- counters sampled every ~0.25 s while a scenario runs, for
+  the throughput-over-time plots (:mod:`benchmarks.plots`).
 
 Linux only: CPU and memory come from ``/proc``, and latency compares
 ``time.monotonic_ns()`` across processes (CLOCK_MONOTONIC is system-wide).
@@ -692,6 +694,71 @@ def latency_summary(samples_ns: Iterable[int]) -> dict[str, float]:
     return out
 
 
+# --- time series ------------------------------------------------------------------------
+
+
+class Timeseries:
+    """Cumulative counters sampled while a scenario runs, for throughput over time.
+
+    Each sample is ``[t_s, acked, delivered, server_cpu_s]``: seconds since ``origin``
+    (the parent's "go"), the workers' acked and delivered counters summed, and the
+    server's CPU seconds so far. :meth:`as_dict` adds when sending started and the
+    measured interval, in the same seconds.
+    """
+
+    COLUMNS: Final = ("t_s", "acked", "delivered", "server_cpu_s")
+
+    def __init__(
+        self,
+        origin_ns: int,
+        server_pid: int,
+        *,
+        start_ns: int,
+        measure_ns: int,
+        end_ns: int,
+        every: float = 0.25,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Samples at most every ``every`` s; the other times mark the timeline.
+        ``labels`` names what the counters count where it is not messages, e.g.
+        ``{"acked": "auths"}`` (the plots use it)."""
+        self.labels = dict(labels or {})
+        self.origin_ns = origin_ns
+        self.server_pid = server_pid
+        self.start_ns = start_ns
+        self.measure_ns = measure_ns
+        self.end_ns = end_ns
+        self.every_ns = round(every * 1e9)
+        self.samples: list[list[float]] = []
+        self._last = -self.every_ns
+
+    def sample(self, now_ns: int, acked: int, delivered: int, *, force: bool = False) -> None:
+        """Record the counters if ``every`` has passed since the last sample (or ``force``)."""
+        if not force and now_ns - self._last < self.every_ns:
+            return
+        self._last = now_ns
+        try:
+            cpu = proc_cpu_seconds(self.server_pid)
+        except OSError:
+            cpu = self.samples[-1][3] if self.samples else 0.0
+        self.samples.append([round((now_ns - self.origin_ns) / 1e9, 3), acked, delivered, cpu])
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form stored under ``"timeseries"``."""
+
+        def rel(ns: int) -> float:
+            return round((ns - self.origin_ns) / 1e9, 3)
+
+        return {
+            "columns": list(self.COLUMNS),
+            "every_s": self.every_ns / 1e9,
+            "start_s": rel(self.start_ns),
+            "measure_s": [rel(self.measure_ns), rel(self.end_ns)],
+            "labels": self.labels,
+            "samples": self.samples,
+        }
+
+
 # --- profiling --------------------------------------------------------------------------
 
 
@@ -980,9 +1047,21 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
+RESULTS_FILE_ENV: Final = "BENCHMARKS_RESULTS_FILE"
+"""When set, :func:`write_results` writes to this path instead (``--results-file``)."""
+
+last_results_path: Path | None = None
+"""The file :func:`write_results` wrote last in this process (``--plots`` reads it)."""
+
+
 def write_results(scenario: str, data: Mapping[str, Any], stamp: str | None = None) -> Path:
-    """Write ``data`` to ``benchmarks/results/<scenario>-<timestamp>.json``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{scenario}-{stamp or timestamp()}.json"
+    """Write ``data`` to ``benchmarks/results/<scenario>-<timestamp>.json``, or to the
+    path in ``$BENCHMARKS_RESULTS_FILE`` when set (``--results-file``, and how
+    ``python -m benchmarks suite`` learns where each scenario wrote). Returns the path."""
+    global last_results_path
+    override = os.environ.get(RESULTS_FILE_ENV)
+    path = Path(override) if override else RESULTS_DIR / f"{scenario}-{stamp or timestamp()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    last_results_path = path
     return path

@@ -17,6 +17,10 @@ Measured over the interval: deliveries/s (by arrival), delivery latency (from
 ``meta.t``), acks/s, ack latency, server CPU (and per delivery), client CPU, server
 RSS. Verified over the whole run: every send acked with a unique, contiguous seq, and
 every receiver got every acked message exactly once, in seq order.
+
+The JSON holds one entry per size under ``"runs"`` (``delivered_per_s``,
+``server_us_per_delivery``, ``delivery_latency``, ``clients_pct``, ``memory`` ...),
+each with its counters sampled every 0.25 s under ``"timeseries"``.
 """
 
 from __future__ import annotations
@@ -509,6 +513,7 @@ def _run_size(args: argparse.Namespace, size: int, stamp: str) -> dict[str, Any]
         "failures": failures,
         "config": config,
         "profile": measured["profile"],
+        "timeseries": measured["timeseries"],
     }
 
 
@@ -536,6 +541,7 @@ def _drive(
     acked_now = 0
     delivered_now: dict[int, int] = {}
     deadline = end / 1e9 + args.drain_timeout + 60.0
+    series = harness.Timeseries(now, server.pid, start_ns=start, measure_ns=measure, end_ns=end)
     with harness.LiveStatus((end - now) / 1e9 + 1.0, enabled=not args.no_progress) as status:
         while sender is None or len(receivers) < len(rpool.procs):
             t = time.monotonic_ns()
@@ -553,14 +559,17 @@ def _drive(
                     elif what == "result":
                         if is_sender:
                             sender = data
+                            acked_now = data["acked"]
                             rpool.send_all(("acked", data["acked"]))
                         else:
                             receivers[i] = data
+                            delivered_now[i] = data["delivered"]
                     elif (
                         what == "error" or (what == "exit" and (is_sender or i not in receivers))
                     ) and not (is_sender and sender is not None):
                         raise RuntimeError(f"worker failed:\n{data}")
             t = time.monotonic_ns()
+            series.sample(t, acked_now, sum(delivered_now.values()))
             if snap_a is None and t >= measure:
                 snap_a = harness.take_snapshot(pids, threads_of=server.pid)
                 if args.profile:
@@ -576,6 +585,7 @@ def _drive(
                 f"acked {acked_now:,}  delivered {sum(delivered_now.values()):,}",
             )
     assert snap_a is not None and snap_b is not None
+    series.sample(time.monotonic_ns(), acked_now, sum(delivered_now.values()), force=True)
     profile = None
     if profiler is not None:
         if profiler.wait():
@@ -588,6 +598,7 @@ def _drive(
         "sender": sender,
         "receivers": [receivers[i] for i in sorted(receivers)],
         "snapshots": (snap_a, snap_b),
+        "timeseries": series.as_dict(),
     }
 
 

@@ -6,18 +6,26 @@ bare :class:`asyncio.Protocol`: an HTTP/1.1 upgrade, ``hello`` and ``auth`` as m
 text frames, then an incremental parser of the server's (unmasked) frames that
 decodes each event into a small struct, ignoring every field it does not need.
 
-JSON codec only. What arrives is handed to ``on_event(receiver, event, now_ns)``.
+JSON codec only. What arrives is handed to ``on_event(receiver, event, now_ns)``;
+replies to requests sent with :meth:`Receiver.request` (e.g. a ``ping``) resolve its
+future instead.
+
+:class:`AuthProbe` / :func:`auth_cycle` is the reconnect loop's unit of work for the
+``auth-storm`` scenario: connect, upgrade, ``hello`` + ``auth`` in one write, wait
+for the auth reply, then a close frame -- and the *server* closes the TCP connection
+(so the TIME_WAIT state lands on the server's side, not on the generator's ports).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -82,6 +90,7 @@ class Receiver(asyncio.Protocol):
         self.lost = False
         self._buf = bytearray()
         self._upgraded = False
+        self._pending: dict[str, asyncio.Future[Event]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but they are one.
@@ -146,8 +155,29 @@ class Receiver(asyncio.Protocol):
         if pos:
             del buf[:pos]
 
+    async def request(self, frame: dict[str, Any], wait_s: float = 30.0) -> Event:
+        """Send ``frame`` (which must carry a ``rid`` other than ``h``/``a``) and wait
+        for its reply; an error reply is returned, not raised."""
+        rid = frame["rid"]
+        if self._pending is None:
+            self._pending = {}
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self.send(frame)
+            async with asyncio.timeout(wait_s):
+                return await fut
+        finally:
+            self._pending.pop(rid, None)
+
     def _event(self, ev: Event, now: int) -> None:
         if ev.rid is not None:
+            pending = self._pending
+            if pending is not None and ev.rid in pending:
+                fut = pending.pop(ev.rid)
+                if not fut.done():
+                    fut.set_result(ev)
+                return
             if ev.rid == "a":
                 if ev.ok:
                     if not self.ready.done():
@@ -171,6 +201,10 @@ class Receiver(asyncio.Protocol):
         self.lost = True
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"connection lost: {exc}"))
+        if self._pending:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"connection lost: {exc}"))
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -195,3 +229,179 @@ async def connect_receiver(
     async with asyncio.timeout(wait_s):
         await proto.ready
     return proto
+
+
+# --- auth cycles (auth-storm) -----------------------------------------------------------
+
+
+def upgrade_request(host: str, port: int) -> bytes:
+    """The HTTP/1.1 upgrade request of ``/ws`` (one fixed key: the server does not care)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def auth_greeting(token: str) -> bytes:
+    """``hello`` and ``auth(token)`` as two masked frames, built once per token."""
+    return client_frame(
+        _encode({"op": "hello", "v": 1, "client": "imserver-bench", "rid": "h"})
+    ) + client_frame(_encode({"op": "auth", "token": token, "rid": "a"}))
+
+
+CLOSE_FRAME: bytes = client_frame(b"\x03\xe8", _OP_CLOSE)
+"""A masked close frame, status 1000."""
+
+
+class CycleResult(NamedTuple):
+    """What one connect → hello + auth → close cycle saw (``time.monotonic_ns()``; 0
+    where the cycle did not get that far)."""
+
+    start_ns: int
+    """``connect()`` called."""
+    auth_ns: int
+    """Upgrade answered ``101``; ``hello`` + ``auth`` written."""
+    reply_ns: int
+    """The auth reply read (ok or not)."""
+    end_ns: int
+    """The connection gone."""
+    error: str | None
+    """``None`` if authenticated; else the auth reply's error code, or what failed
+    (``connect:<errno>``, ``upgrade``, ``hello:<code>``, ``lost``, ``timeout``)."""
+    server_closed: bool
+    """The server closed the TCP connection (not the client, not a timeout)."""
+
+
+class AuthProbe(asyncio.Protocol):
+    """One connection that authenticates with a token and closes at once."""
+
+    def __init__(self, request: bytes, greeting: bytes) -> None:
+        self.request = request
+        self.greeting = greeting
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.auth_ns = 0
+        self.reply_ns = 0
+        self.error: str | None = None
+        self.client_closed = False
+        self._buf = bytearray()
+        self._upgraded = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if not self._upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            del buf[: end + 4]
+            if b" 101 " not in status:
+                self._finish("upgrade")
+                return
+            self._upgraded = True
+            self.auth_ns = time.monotonic_ns()
+            assert self.transport is not None
+            self.transport.write(self.greeting)
+        pos = 0
+        size = len(buf)
+        while size - pos >= 2:
+            n = buf[pos + 1] & 0x7F
+            head = 2
+            if n == 126:
+                if size - pos < 4:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 4
+            elif n == 127:
+                if size - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if size - pos < head + n:
+                break
+            opcode = buf[pos] & 0x0F
+            start = pos + head
+            payload = bytes(buf[start : start + n])
+            pos = start + n
+            if opcode == _OP_TEXT and not self.reply_ns:
+                ev = _decode(payload)
+                if ev.rid == "a":
+                    self.reply_ns = time.monotonic_ns()
+                    if not ev.ok:
+                        self.error = _code(ev.error)
+                    self._finish(None)
+                elif ev.rid == "h" and ev.ok is False:
+                    self._finish(f"hello:{_code(ev.error)}")
+            elif opcode == _OP_CLOSE and not self.reply_ns:
+                self._finish("lost")
+        if pos:
+            del buf[:pos]
+
+    def _finish(self, error: str | None) -> None:
+        """Record ``error`` (if any) and start the closing handshake: the server answers
+        the close frame and closes the TCP connection itself."""
+        if error is not None and self.error is None:
+            self.error = error
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(CLOSE_FRAME)
+            if error == "upgrade":
+                self.client_closed = True
+                self.transport.close()
+
+    def close_now(self) -> None:
+        """Drop the connection from this side (a timeout)."""
+        self.client_closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.reply_ns and self.error is None:
+            self.error = "lost"
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _code(error: dict[str, Any] | None) -> str:
+    return str((error or {}).get("code", "unknown"))
+
+
+async def auth_cycle(
+    host: str,
+    port: int,
+    request: bytes,
+    greeting: bytes,
+    *,
+    local_addr: tuple[str, int] | None = None,
+    wait_s: float = 10.0,
+) -> CycleResult:
+    """Connect, upgrade, send ``greeting`` (see :func:`auth_greeting`), wait for the auth
+    reply, close; returns the timings. Never raises for a failed cycle."""
+    loop = asyncio.get_running_loop()
+    start = time.monotonic_ns()
+    probe = AuthProbe(request, greeting)
+    try:
+        async with asyncio.timeout(wait_s):
+            await loop.create_connection(lambda: probe, host, port, local_addr=local_addr)
+            await probe.done
+    except TimeoutError:
+        probe.close_now()
+        if probe.error is None and not probe.reply_ns:
+            probe.error = "timeout"
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "error")
+        return CycleResult(start, 0, 0, time.monotonic_ns(), f"connect:{name}", False)
+    return CycleResult(
+        start,
+        probe.auth_ns,
+        probe.reply_ns,
+        time.monotonic_ns(),
+        probe.error,
+        not probe.client_closed,
+    )
