@@ -677,6 +677,12 @@ async def test_direct_peers(env: Env) -> None:
     assert await env.svc.direct_peers(UserId("ub")) == ["ua"]
     assert await env.svc.direct_peers(UserId("ud")) == []
     assert rows(env, "SELECT count(*) FROM direct_peers") == [(4,)]
+    # The answers are cached, and kept in step when a direct conversation begins.
+    await env.svc.send(D, send("d:ub:ud", "c5"))
+    assert sorted(await env.svc.direct_peers(UserId("ub"))) == ["ua", "ud"]
+    assert await env.svc.direct_peers(UserId("ud")) == ["ub"]
+    await env.svc.send(D, send("d:ub:ud", "c6"))
+    assert sorted(await env.svc.direct_peers(UserId("ub"))) == ["ua", "ud"]
 
 
 # --- durability -----------------------------------------------------------------------

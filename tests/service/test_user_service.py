@@ -14,6 +14,7 @@ from argon2 import PasswordHasher, Type
 from sqlalchemy import create_engine
 
 from imserver.protocol.models import PresenceInfo, User
+from imserver.services.user import service as user_service
 from imserver.services.user.api import Identity, UserService
 from imserver.services.user.service import (
     MIGRATIONS,
@@ -613,6 +614,30 @@ async def test_state_survives_a_restart(open_service: Opener, clock: FakeClock) 
     assert (await after.authenticate(pair.token)).login == login
     await _rejected(after.login("alice", "wrong password", None))
     assert (await after.login("alice", PASSWORD, None)).user == alice
+
+
+async def test_last_seen_is_written_in_batches(
+    open_service: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(user_service, "LAST_SEEN_FLUSH_S", 0.05)
+    svc = await open_service()
+    ids = [UserId((await svc.register(f"seen{i}", PASSWORD, None)).id) for i in range(20)]
+    for uid in ids:
+        await svc.set_online(uid)
+    clock.advance(7)
+    for uid in ids:
+        await svc.set_offline(uid)
+    # Answered from memory at once...
+    assert {p.last_seen for p in await svc.get_presence(ids)} == {T0 + 7_000}
+    # ...and in the database after one batch, without waiting for close().
+    await asyncio.sleep(0.3)
+    assert await svc._store.last_seen(ids) == dict.fromkeys(ids, T0 + 7_000)
+    clock.advance(1)
+    await svc.set_offline(ids[0])
+    await svc.close()  # writes what is still pending
+    after = await open_service()
+    got = await after.get_presence(ids[:2])
+    assert [p.last_seen for p in got] == [T0 + 8_000, T0 + 7_000]
 
 
 async def test_open_user_service_restart_on_the_real_clock(tmp_path: Path) -> None:

@@ -248,6 +248,11 @@ class LocalMessageService:
         self._keys: LRU[IdemKey, tuple[int, int]] = LRU(_KEY_CACHE)
         self._known_users: LRU[str, bool] = LRU(_USER_CACHE)
         self._refs: LRU[str, ConvRef] = LRU(_SEQ_CACHE)
+        self._peers: LRU[str, tuple[UserId, ...]] = LRU(_USER_CACHE)
+        """user -> direct-conversation peers (presence recipients), kept in step by the
+        writer when a direct conversation stores its first message."""
+        self._peer_changes = 0
+        """Commits that added direct peers: a load that raced one is not cached."""
         self._pinned: dict[str, Members] = {}
         """Room members set by a committed system message (``post_room_system(members=)``)
         that the room directory may not answer yet; dropped once it does."""
@@ -599,6 +604,12 @@ class LocalMessageService:
 
         # Committed: the working state becomes the truth.
         self._pinned.update(pinned)
+        if state.write.peers:
+            self._peer_changes += 1
+        for row in state.write.peers:
+            known = self._peers.get(row["user_id"])
+            if known is not None and row["peer_id"] not in known:
+                self._peers.put(row["user_id"], (*known, UserId(row["peer_id"])))
         for conv_id, last in state.last.items():
             self._seqs.put(conv_id, last)
         for key, value in state.new_keys.items():
@@ -1005,7 +1016,13 @@ class LocalMessageService:
 
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation (with messages) with ``user``."""
-        return [UserId(p) for p in await self._store.direct_convs(user)]
+        peers = self._peers.get(user)
+        if peers is None:
+            changes = self._peer_changes
+            peers = tuple(UserId(p) for p in await self._store.direct_convs(user))
+            if changes == self._peer_changes:
+                self._peers.put(user, peers)
+        return list(peers)
 
     async def check(self) -> None:
         """Raise if the message database cannot be reached (readiness probe)."""

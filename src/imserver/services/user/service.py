@@ -14,7 +14,10 @@ What lives in memory, and why it stays correct:
   concurrency) and then kept in step by :meth:`~LocalUserService.block` /
   :meth:`~LocalUserService.unblock`, which always load before writing.
 - **Presence**: the online set is memory only (a restart means nobody is online);
-  ``last_seen`` is durable and cached.
+  ``last_seen`` is cached, and written to the database in batches at most
+  ``LAST_SEEN_FLUSH_S`` after the disconnect (and on close), so a storm of reconnects
+  costs one commit per interval, not one per disconnect. A crash loses at most that
+  interval of ``last_seen`` updates; the values are advisory.
 
 Password hashing (argon2id, 19 MiB, t=2, p=1) runs in worker threads, at most one per
 CPU at a time: more would only queue inside the CPU while multiplying memory use.
@@ -23,7 +26,9 @@ CPU at a time: more would only queue inside the CPU while multiplying memory use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -62,8 +67,12 @@ TOKEN_CACHE_SIZE = 100_000
 USER_CACHE_SIZE = 100_000
 BLOCK_CACHE_SIZE = 100_000
 LAST_SEEN_CACHE_SIZE = 100_000
+LAST_SEEN_FLUSH_S = 1.0
+"""Most seconds a ``last_seen`` waits in memory before its batch is written."""
 PURGE_INTERVAL_MS = 3_600_000
 """How often (at most) expired token rows are swept, piggy-backed on ``login``."""
+
+logger = logging.getLogger(__name__)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -153,6 +162,8 @@ class LocalUserService:
         self._blocks: _Bounded[UserId, set[UserId]] = _Bounded(BLOCK_CACHE_SIZE)
         self._block_loads: dict[UserId, asyncio.Task[set[UserId]]] = {}
         self._online: set[UserId] = set()
+        self._seen_pending: dict[UserId, int] = {}
+        self._seen_flusher: asyncio.Task[None] | None = None
         self._last_seen: _Bounded[UserId, int | None] = _Bounded(LAST_SEEN_CACHE_SIZE)
         self._last_purge = clock()
 
@@ -436,9 +447,28 @@ class LocalUserService:
         await self.get_user(user)
         now = self._clock()
         self._online.discard(user)
-        await self._store.set_last_seen(user, now)
         self._last_seen.put(user, now)
+        self._seen_pending[user] = now
+        if self._seen_flusher is None or self._seen_flusher.done():
+            self._seen_flusher = asyncio.get_running_loop().create_task(self._flush_seen_later())
         return PresenceInfo(user=user, status="offline", last_seen=now)
+
+    async def _flush_seen_later(self) -> None:
+        await asyncio.sleep(LAST_SEEN_FLUSH_S)
+        await self._flush_seen()
+
+    async def _flush_seen(self) -> None:
+        """Write the pending ``last_seen`` values in one transaction."""
+        pending, self._seen_pending = self._seen_pending, {}
+        try:
+            await self._store.set_last_seen_many(pending)
+        except BaseException as exc:
+            # Keep them for the next batch, unless a newer value arrived meanwhile.
+            for user, when in pending.items():
+                self._seen_pending.setdefault(user, when)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: close() writes them
+            logger.exception("storing last_seen of %d users failed", len(pending))
 
     async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
         """Presence of each known user among ``users``, in the order asked.
@@ -452,7 +482,7 @@ class LocalUserService:
         if missing:
             stored = await self._store.last_seen(missing)
             for uid in missing:
-                self._last_seen.put(uid, stored.get(uid))
+                self._last_seen.put(uid, self._seen_pending.get(uid, stored.get(uid)))
         now = self._clock()
         return [
             PresenceInfo(user=uid, status="online", last_seen=now)
@@ -469,7 +499,12 @@ class LocalUserService:
             raise Unavailable("user database unreachable") from exc
 
     async def close(self) -> None:
-        """Dispose the database engine."""
+        """Write pending ``last_seen`` values and dispose the database engine."""
+        if self._seen_flusher is not None and not self._seen_flusher.done():
+            self._seen_flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._seen_flusher
+        await self._flush_seen()
         await self._store.close()
 
     # --- helpers ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ Invariants the service relies on:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -34,6 +34,7 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -480,6 +481,29 @@ class SqlUserStore:
                 )
                 seen.update((UserId(row[0]), row[1]) for row in result)
         return seen
+
+    async def set_last_seen_many(self, items: Mapping[UserId, int]) -> None:
+        """Store many ``last_seen`` values in one transaction (one commit)."""
+        if not items:
+            return
+        p = presence.c
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(presence)
+                .where(p.user_id == bindparam("k_user"))
+                .values(last_seen=bindparam("k_seen")),
+                [{"k_user": u, "k_seen": t} for u, t in items.items()],
+            )
+            if result.rowcount == len(items):
+                return
+            found = set(
+                (
+                    await conn.execute(select(p.user_id).where(p.user_id.in_(list(items))))
+                ).scalars()
+            )
+        for user, when in items.items():
+            if user not in found:
+                await self.set_last_seen(user, when)
 
     async def set_last_seen(self, user: UserId, when: int) -> None:
         """Store ``last_seen``; creates the record if the account predates it."""
