@@ -497,9 +497,7 @@ class SqlUserStore:
             if result.rowcount == len(items):
                 return
             found = set(
-                (
-                    await conn.execute(select(p.user_id).where(p.user_id.in_(list(items))))
-                ).scalars()
+                (await conn.execute(select(p.user_id).where(p.user_id.in_(list(items))))).scalars()
             )
         for user, when in items.items():
             if user not in found:
