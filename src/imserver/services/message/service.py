@@ -19,6 +19,11 @@ system notices all go through it):
 5. **Publish order.** After commit, deliveries are published in batch order, which
    is ascending seq within each conversation, from this one task: every session
    sees a conversation's ``msg`` events in seq order. Duplicates publish nothing.
+6. **Room membership changes at a seq.** A room ``system`` message posted with
+   ``members`` switches the room's member list at its position in the batch: writes
+   before it are checked against, and fanned out to, the old members; it and
+   everything after, the new ones. The list stays pinned here until the room
+   directory answers the same object, so later batches, ``typing`` and reads agree.
 
 Reads (``history``, ``convs``, ``search``) go straight to the store; they see
 exactly what has been committed.
