@@ -916,31 +916,71 @@ def _add_reactions(conn: Connection, msgs: list[Message]) -> None:
             m.reactions = found.get((m.conv, m.seq))
 
 
+def _history_statements() -> dict[str, DriverStatement]:
+    """The statements of a history page, built and compiled once (a page is on the
+    read path of every reconnect: building a Core statement per call costs more than
+    running it)."""
+    c = messages.c
+    rc = reactions.c
+    base = select(*_MSG_COLS).where(c.conv == bindparam("conv"))
+    lim = bindparam("lim", type_=Integer)
+    # SQLite renders LIMIT with an OFFSET; a bind parameter of our own keeps the
+    # compiled statement's parameters all named here.
+    off = bindparam("off", type_=Integer)
+    return {
+        "after": DriverStatement(
+            base.where(c.seq > bindparam("seq", type_=BigInteger))
+            .order_by(c.seq.asc())
+            .limit(lim)
+            .offset(off)
+        ),
+        "before": DriverStatement(
+            base.where(c.seq < bindparam("seq", type_=BigInteger))
+            .order_by(c.seq.desc())
+            .limit(lim)
+            .offset(off)
+        ),
+        "latest": DriverStatement(base.order_by(c.seq.desc()).limit(lim).offset(off)),
+        "reactions": DriverStatement(
+            select(rc.conv, rc.seq, rc.emoji, rc.user_id)
+            .where(
+                rc.conv == bindparam("conv"),
+                rc.seq.between(
+                    bindparam("lo", type_=BigInteger), bindparam("hi", type_=BigInteger)
+                ),
+            )
+            .order_by(rc.rseq, rc.user_id)
+        ),
+    }
+
+
+_HISTORY = _history_statements()
+
+
 def _history(
     conn: Connection, conv: str, after: int | None, before: int | None, limit: int
 ) -> tuple[list[Message], bool]:
-    c = messages.c
-    stmt = select(*_MSG_COLS).where(c.conv == conv)
     if after is not None:
-        stmt = stmt.where(c.seq > after).order_by(c.seq.asc())
-    else:
-        if before is not None:
-            stmt = stmt.where(c.seq < before)
-        stmt = stmt.order_by(c.seq.desc())
-    rows = list(conn.execute(stmt.limit(limit + 1)))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    if after is None:
-        rows.reverse()
-    page = [_to_message(r) for r in rows]
-    if page:
-        rc = reactions.c
-        rstmt = (
-            select(rc.conv, rc.seq, rc.emoji, rc.user_id)
-            .where(rc.conv == conv, rc.seq.between(page[0].seq, page[-1].seq))
-            .order_by(rc.rseq, rc.user_id)
+        rows = _HISTORY["after"].execute(
+            conn, {"conv": conv, "seq": after, "lim": limit + 1, "off": 0}
         )
-        found = _reaction_map(conn.execute(rstmt))
+    elif before is not None:
+        rows = _HISTORY["before"].execute(
+            conn, {"conv": conv, "seq": before, "lim": limit + 1, "off": 0}
+        )
+    else:
+        rows = _HISTORY["latest"].execute(conn, {"conv": conv, "lim": limit + 1, "off": 0})
+    page = [_to_message(r) for r in rows]
+    has_more = len(page) > limit
+    del page[limit:]
+    if after is None:
+        page.reverse()
+    if page:
+        found = _reaction_map(
+            _HISTORY["reactions"].execute(
+                conn, {"conv": conv, "lo": page[0].seq, "hi": page[-1].seq}
+            )
+        )
         if found:
             for m in page:
                 m.reactions = found.get((m.conv, m.seq))
