@@ -46,7 +46,6 @@ import contextlib
 import heapq
 import os
 import random
-import struct
 import time
 from array import array
 from collections import Counter
@@ -58,6 +57,7 @@ from typing import Any, Final
 import msgspec
 
 from benchmarks import harness
+from benchmarks.wsrecv import client_frame, take_frames, take_upgrade
 from imserver.client import Client, HttpClient
 
 SCENARIO: Final = "mixed"
@@ -180,19 +180,6 @@ class _In(msgspec.Struct):
 
 _decode = msgspec.json.Decoder(_In).decode
 _encode = msgspec.json.encode
-_ZERO_MASK: Final = b"\0\0\0\0"
-
-
-def _client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A masked client frame with the all-zero mask key (valid, and no XOR to pay)."""
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + _ZERO_MASK + payload
 
 
 class _Conn(asyncio.Protocol):
@@ -233,7 +220,7 @@ class _Conn(asyncio.Protocol):
 
     def send(self, frame: dict[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_client_frame(_encode(frame)))
+            self.transport.write(client_frame(_encode(frame)))
 
     def request(self, op_index: int, due: int, frame: dict[str, Any]) -> None:
         self.next_rid += 1
@@ -246,11 +233,9 @@ class _Conn(asyncio.Protocol):
         buf = self.buf
         buf += data
         if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            status = take_upgrade(buf)
+            if status is None:
                 return
-            status = bytes(buf[: buf.find(b"\r\n")])
-            del buf[: end + 4]
             if b" 101 " not in status:
                 self._fail(f"upgrade refused: {status!r}")
                 return
@@ -258,36 +243,13 @@ class _Conn(asyncio.Protocol):
             self.send({"op": "hello", "v": 1, "client": "imserver-bench", "rid": "h"})
             self.send({"op": "auth", "token": self.user.token, "rid": "a"})
         now = time.monotonic_ns()
-        pos = 0
-        size = len(buf)
-        while size - pos >= 2:
-            b0 = buf[pos]
-            n = buf[pos + 1] & 0x7F
-            head = 2
-            if n == 126:
-                if size - pos < 4:
-                    break
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif n == 127:
-                if size - pos < 10:
-                    break
-                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = 10
-            if size - pos < head + n:
-                break
-            start = pos + head
-            payload = bytes(buf[start : start + n])
-            pos = start + n
-            opcode = b0 & 0x0F
+        for opcode, payload in take_frames(buf):
             if opcode == 0x1:
                 self._frame(_decode(payload), now)
             elif opcode == 0x8:
                 self.lost = True
             elif opcode == 0x9 and self.transport is not None:
-                self.transport.write(_client_frame(payload, 0xA))
-        if pos:
-            del buf[:pos]
+                self.transport.write(client_frame(payload, 0xA))
 
     def _frame(self, ev: _In, now: int) -> None:
         rid = ev.rid
@@ -332,7 +294,7 @@ class _Conn(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_client_frame(b"\x03\xe8", 0x8))
+            self.transport.write(client_frame(b"\x03\xe8", 0x8))
             self.transport.close()
 
 

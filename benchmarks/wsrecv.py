@@ -25,7 +25,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -55,9 +55,12 @@ _decode = msgspec.json.Decoder(Event).decode
 _encode = msgspec.json.encode
 
 
+_ZERO_MASK: Final = b"\0\0\0\0"
+
+
 def client_frame(payload: bytes, opcode: int = _OP_TEXT) -> bytes:
-    """One masked client frame (RFC 6455 §5.3; the mask makes no difference to a benchmark,
-    but the server must see one)."""
+    """One masked client frame (RFC 6455 §5.3). The server must see a mask; the all-zero
+    key is a valid one and costs no XOR."""
     n = len(payload)
     if n < 126:
         head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
@@ -65,9 +68,47 @@ def client_frame(payload: bytes, opcode: int = _OP_TEXT) -> bytes:
         head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
     else:
         head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-    return head + mask + masked
+    return head + _ZERO_MASK + payload
+
+
+def take_upgrade(buf: bytearray) -> bytes | None:
+    """When the HTTP response head is complete in ``buf``: remove it and return its
+    status line; otherwise None (wait for more bytes)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    status = bytes(buf[: buf.find(b"\r\n")])
+    del buf[: end + 4]
+    return status
+
+
+def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Remove every complete (unmasked, unfragmented) server frame from ``buf``; returns
+    ``(opcode, payload)`` of each, in order. A partial frame stays in ``buf``."""
+    frames: list[tuple[int, bytes]] = []
+    pos = 0
+    size = len(buf)
+    while size - pos >= 2:
+        n = buf[pos + 1] & 0x7F
+        head = 2
+        if n == 126:
+            if size - pos < 4:
+                break
+            n = (buf[pos + 2] << 8) | buf[pos + 3]
+            head = 4
+        elif n == 127:
+            if size - pos < 10:
+                break
+            n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            head = 10
+        if size - pos < head + n:
+            break
+        start = pos + head
+        frames.append((buf[pos] & 0x0F, bytes(buf[start : start + n])))
+        pos = start + n
+    if pos:
+        del buf[:pos]
+    return frames
 
 
 class Receiver(asyncio.Protocol):
@@ -111,11 +152,9 @@ class Receiver(asyncio.Protocol):
         buf = self._buf
         buf += data
         if not self._upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            status = take_upgrade(buf)
+            if status is None:
                 return
-            status = bytes(buf[: buf.find(b"\r\n")])
-            del buf[: end + 4]
             if b" 101 " not in status:
                 self._fail(f"upgrade refused: {status!r}")
                 return
@@ -123,28 +162,7 @@ class Receiver(asyncio.Protocol):
             self.send({"op": "hello", "v": 1, "client": "imserver-bench", "rid": "h"})
             self.send({"op": "auth", "token": self.token, "rid": "a"})
         now = time.monotonic_ns()
-        pos = 0
-        size = len(buf)
-        while size - pos >= 2:
-            b0 = buf[pos]
-            n = buf[pos + 1] & 0x7F
-            head = 2
-            if n == 126:
-                if size - pos < 4:
-                    break
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif n == 127:
-                if size - pos < 10:
-                    break
-                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = 10
-            if size - pos < head + n:
-                break
-            start = pos + head
-            payload = bytes(buf[start : start + n])
-            pos = start + n
-            opcode = b0 & 0x0F
+        for opcode, payload in take_frames(buf):
             if opcode == _OP_TEXT:
                 self._event(_decode(payload), now)
             elif opcode == _OP_CLOSE:
@@ -152,8 +170,6 @@ class Receiver(asyncio.Protocol):
             elif opcode == _OP_PING:
                 assert self.transport is not None
                 self.transport.write(client_frame(payload, 0xA))
-        if pos:
-            del buf[:pos]
 
     async def request(self, frame: dict[str, Any], wait_s: float = 30.0) -> Event:
         """Send ``frame`` (which must carry a ``rid`` other than ``h``/``a``) and wait
@@ -297,11 +313,9 @@ class AuthProbe(asyncio.Protocol):
         buf = self._buf
         buf += data
         if not self._upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            status = take_upgrade(buf)
+            if status is None:
                 return
-            status = bytes(buf[: buf.find(b"\r\n")])
-            del buf[: end + 4]
             if b" 101 " not in status:
                 self._finish("upgrade")
                 return
@@ -309,27 +323,7 @@ class AuthProbe(asyncio.Protocol):
             self.auth_ns = time.monotonic_ns()
             assert self.transport is not None
             self.transport.write(self.greeting)
-        pos = 0
-        size = len(buf)
-        while size - pos >= 2:
-            n = buf[pos + 1] & 0x7F
-            head = 2
-            if n == 126:
-                if size - pos < 4:
-                    break
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif n == 127:
-                if size - pos < 10:
-                    break
-                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = 10
-            if size - pos < head + n:
-                break
-            opcode = buf[pos] & 0x0F
-            start = pos + head
-            payload = bytes(buf[start : start + n])
-            pos = start + n
+        for opcode, payload in take_frames(buf):
             if opcode == _OP_TEXT and not self.reply_ns:
                 ev = _decode(payload)
                 if ev.rid == "a":
@@ -341,8 +335,6 @@ class AuthProbe(asyncio.Protocol):
                     self._finish(f"hello:{_code(ev.error)}")
             elif opcode == _OP_CLOSE and not self.reply_ns:
                 self._finish("lost")
-        if pos:
-            del buf[:pos]
 
     def _finish(self, error: str | None) -> None:
         """Record ``error`` (if any) and start the closing handshake: the server answers
