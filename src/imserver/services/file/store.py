@@ -36,7 +36,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+from imserver.storage.sql import EngineStore
 
 metadata = MetaData()
 
@@ -117,20 +118,8 @@ def _record(row: Sequence[Any]) -> FileRecord:
     )
 
 
-class SqlFileStore:
+class SqlFileStore(EngineStore):
     """All of the file service's persistent state, on one async SQLAlchemy engine."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    async def check(self) -> None:
-        """Run a trivial query: raises if the database cannot be reached."""
-        async with self._engine.connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-
-    async def close(self) -> None:
-        """Dispose the engine's connection pool."""
-        await self._engine.dispose()
 
     async def usage(self, owner: str) -> int:
         """Bytes the user's records add up to."""

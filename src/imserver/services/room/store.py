@@ -47,9 +47,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imserver.protocol.models import RoomRole
+from imserver.storage.sql import EngineStore
 
 metadata = MetaData()
 
@@ -148,20 +149,8 @@ def _room(row: Sequence[Any]) -> RoomRecord:
     )
 
 
-class SqlRoomStore:
+class SqlRoomStore(EngineStore):
     """All of the room service's persistent state, on one async SQLAlchemy engine."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    async def check(self) -> None:
-        """Run a trivial query: raises if the database cannot be reached."""
-        async with self._engine.connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-
-    async def close(self) -> None:
-        """Dispose the engine's connection pool."""
-        await self._engine.dispose()
 
     # --- rooms ------------------------------------------------------------------------
 

@@ -42,9 +42,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imserver.protocol.models import User
+from imserver.storage.sql import EngineStore
 from imserver.utils.errors import Conflict, NotFound
 from imserver.utils.ids import LoginId, UserId
 
@@ -169,20 +170,8 @@ def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[st
         yield items[start : start + size]
 
 
-class SqlUserStore:
+class SqlUserStore(EngineStore):
     """All of the user service's persistent state, on one async SQLAlchemy engine."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    async def check(self) -> None:
-        """Run a trivial query: raises if the database cannot be reached."""
-        async with self._engine.connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-
-    async def close(self) -> None:
-        """Dispose the engine's connection pool."""
-        await self._engine.dispose()
 
     # --- accounts ---------------------------------------------------------------------
 
