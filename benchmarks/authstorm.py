@@ -53,6 +53,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from benchmarks import harness
+from benchmarks.harness import Timeline
 from benchmarks.wsrecv import (
     CycleResult,
     Event,
@@ -135,13 +136,6 @@ class WorkerSpec:
     cycle_timeout: float
     uvloop: bool
     progress_every: float
-
-
-@dataclass(frozen=True)
-class Timeline:
-    start: int
-    measure: int
-    end: int
 
 
 # --- worker processes -------------------------------------------------------------------

@@ -60,13 +60,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from benchmarks import harness
+from benchmarks.harness import Timeline
 from benchmarks.reference import clients
 from benchmarks.reference.clients import (
     EchoSpec,
     PublisherSpec,
     SqliteSpec,
     SubscriberSpec,
-    Timeline,
 )
 
 SCENARIO: Final = "baselines"

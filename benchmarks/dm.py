@@ -50,6 +50,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from benchmarks import harness
+from benchmarks.harness import Timeline
 from imserver.client import (
     Client,
     CodecName,
@@ -148,15 +149,6 @@ class WorkerSpec:
     progress_every: float
     uvloop: bool
     pairs: tuple[PairSpec, ...]
-
-
-@dataclass(frozen=True)
-class Timeline:
-    """When to start, when measuring begins and when sending stops (monotonic ns)."""
-
-    start: int
-    measure: int
-    end: int
 
 
 # --- the worker process -----------------------------------------------------------------
@@ -863,4 +855,4 @@ def _finish_profile(
     return summary
 
 
-__all__ = ["PairSpec", "Timeline", "WorkerSpec", "add_arguments", "run", "worker_main"]
+__all__ = ["PairSpec", "WorkerSpec", "add_arguments", "run", "worker_main"]

@@ -365,6 +365,19 @@ class ServerProcess:
         self.cleanup()
 
 
+# --- the shared timeline ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """When to start, when measuring begins and when sending stops (monotonic ns,
+    comparable across the processes of one machine)."""
+
+    start: int
+    measure: int
+    end: int
+
+
 # --- users ------------------------------------------------------------------------------
 
 

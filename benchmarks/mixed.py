@@ -57,6 +57,7 @@ from typing import Any, Final
 import msgspec
 
 from benchmarks import harness
+from benchmarks.harness import Timeline
 from benchmarks.wsrecv import client_frame, take_frames, take_upgrade
 from imserver.client import Client, HttpClient
 
@@ -137,13 +138,6 @@ class WorkerSpec:
     seed: int
     drain_timeout: float
     progress_every: float
-
-
-@dataclass(frozen=True)
-class Timeline:
-    start: int
-    measure: int
-    end: int
 
 
 # --- the lean WebSocket client ----------------------------------------------------------

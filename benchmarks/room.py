@@ -38,6 +38,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from benchmarks import harness
+from benchmarks.harness import Timeline
 from benchmarks.wsrecv import Event, Receiver, connect_receiver
 from imserver.client import Client, Frame, HttpClient, IMClientError
 
@@ -120,13 +121,6 @@ class SenderSpec:
     body: str
     progress_every: float
     drain_timeout: float
-
-
-@dataclass(frozen=True)
-class Timeline:
-    start: int
-    measure: int
-    end: int
 
 
 # --- receiver processes -----------------------------------------------------------------

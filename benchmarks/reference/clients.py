@@ -47,15 +47,6 @@ SUBJECT: Final = "bench.fanout"
 
 
 @dataclass(frozen=True)
-class Timeline:
-    """When to start, when measuring begins and when sending stops (monotonic ns)."""
-
-    start: int
-    measure: int
-    end: int
-
-
-@dataclass(frozen=True)
 class EchoSpec:
     worker: int
     host: str
