@@ -384,7 +384,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         pool.join()
         memory = harness.memory_of(server.pid)
         sockstat = tcp_sockstat()
-        profile = _finish_profile(measured["profiler"])
+        profiler = measured["profiler"]
+        profile = profiler.summary() if profiler is not None else None
         alive = server.proc is not None and server.proc.poll() is None
         if not alive:
             failures.append(f"the server died during the run\n{server.logs()}")
@@ -535,16 +536,6 @@ def _drive(
         "profiler": profiler,
         "timeseries": series.as_dict(),
     }
-
-
-def _finish_profile(profiler: harness.PySpy | None) -> dict[str, Any] | None:
-    if profiler is None:
-        return None
-    if profiler.wait():
-        prof = harness.summarize_speedscope(profiler.out)
-        prof["file"] = str(profiler.out)
-        return prof
-    return {"error": profiler.error()}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -408,7 +408,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             raise
         pool.join()
         if measured["profiler"] is not None:
-            profile = _finish_profile(measured["profiler"])
+            profile = measured["profiler"].summary()
         alive = alive and server.proc is not None and server.proc.poll() is None
         if not alive:
             failures.append(f"the server died during the run\n{server.logs()}")
@@ -630,14 +630,6 @@ def _final(pool: harness.WorkerPool, kind: str, timeout: float) -> list[Any]:
             elif what == "error" or (what == "exit" and i not in got):
                 raise RuntimeError(f"worker {i} failed before {kind!r}:\n{data}")
     return [got[i] for i in sorted(got)]
-
-
-def _finish_profile(profiler: harness.PySpy) -> dict[str, Any]:
-    if profiler.wait():
-        prof = harness.summarize_speedscope(profiler.out)
-        prof["file"] = str(profiler.out)
-        return prof
-    return {"error": profiler.error()}
 
 
 def run(args: argparse.Namespace) -> int:

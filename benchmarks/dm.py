@@ -847,11 +847,10 @@ def _finish_profile(
 ) -> dict[str, Any] | None:
     if profiler is None:
         return None
-    if not profiler.wait():
-        report.notes.append(f"py-spy failed: {profiler.error()}")
+    summary = profiler.summary()
+    if "error" in summary:
+        report.notes.append(f"py-spy failed: {summary['error']}")
         return None
-    summary = harness.summarize_speedscope(profiler.out)
-    summary["file"] = str(profiler.out)
     return summary
 
 

@@ -845,6 +845,15 @@ class PySpy:
         except OSError:
             return ""
 
+    def summary(self) -> dict[str, Any]:
+        """Wait for the profile: its :func:`summarize_speedscope` (with ``file``), or
+        ``{"error": py-spy's output}`` when it failed."""
+        if not self.wait():
+            return {"error": self.error()}
+        out = summarize_speedscope(self.out)
+        out["file"] = str(self.out)
+        return out
+
 
 _PLUMBING: Final = (
     "(<frozen runpy>)",

@@ -876,13 +876,7 @@ def _drive(
                 f"ops {ops:,}  events {events:,}" + (f"  ERRORS {errs:,}" if errs else ""),
             )
     assert snap_a is not None and snap_b is not None
-    profile: dict[str, Any] | None = None
-    if profiler is not None:
-        if profiler.wait():
-            profile = harness.summarize_speedscope(profiler.out)
-            profile["file"] = str(profiler.out)
-        else:
-            profile = {"error": profiler.error()}
+    profile = profiler.summary() if profiler is not None else None
     return {
         "results": [results[i] for i in sorted(results)],
         "snapshots": (snap_a, snap_b),

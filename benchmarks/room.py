@@ -580,13 +580,7 @@ def _drive(
             )
     assert snap_a is not None and snap_b is not None
     series.sample(time.monotonic_ns(), acked_now, sum(delivered_now.values()), force=True)
-    profile = None
-    if profiler is not None:
-        if profiler.wait():
-            profile = harness.summarize_speedscope(profiler.out)
-            profile["file"] = str(profiler.out)
-        else:
-            profile = {"error": profiler.error()}
+    profile = profiler.summary() if profiler is not None else None
     return {
         "profile": profile,
         "sender": sender,
