@@ -401,7 +401,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             mem_after: dict[str, float] = measured["mem_after"]
             alive = server.proc is not None and server.proc.poll() is None
             pool.send_all(("close", None))
-            results = _final(pool, "result", timeout=60)
+            results = pool.gather("result", timeout=60)
         except BaseException:
             pool.send_all(("stop", None))
             pool.join(5)
@@ -615,21 +615,6 @@ def _drive(
         "profiler": profiler,
         "timeseries": series.as_dict(),
     }
-
-
-def _final(pool: harness.WorkerPool, kind: str, timeout: float) -> list[Any]:
-    """One last ``kind`` message from every worker (which may exit right after it)."""
-    got: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    while len(got) < len(pool.procs):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"workers did not report {kind!r} within {timeout} s")
-        for i, (what, data) in pool.poll(0.25):
-            if what == kind:
-                got[i] = data
-            elif what == "error" or (what == "exit" and i not in got):
-                raise RuntimeError(f"worker {i} failed before {kind!r}:\n{data}")
-    return [got[i] for i in sorted(got)]
 
 
 def run(args: argparse.Namespace) -> int:

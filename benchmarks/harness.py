@@ -541,7 +541,8 @@ class WorkerPool:
             for i, (what, data) in self.poll(min(left, 0.5)):
                 if what == kind:
                     got[i] = data
-                elif what in ("error", "exit"):
+                elif what == "error" or (what == "exit" and i not in got):
+                    # A worker may exit right after its last message.
                     raise RuntimeError(f"worker {i} failed before {kind!r}:\n{data}")
         return [got[i] for i in range(len(self.procs))]
 
