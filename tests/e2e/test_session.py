@@ -443,6 +443,26 @@ async def test_tcp_length_over_max_frame_closes_only_that_connection(
     assert (await peer.next_event("msg"))["body"] == "still here"
 
 
+async def test_tcp_close_with_unread_input_ends_in_fin_not_reset(
+    shared_server: ServerProcess,
+) -> None:
+    """A connection the server closes while the client's bytes are still arriving gets
+    the server's last frames and then a clean end of stream. Closing a socket with
+    unread input makes the kernel answer with a reset, which can destroy ``closed``
+    before the client reads it; the server half-closes and drains instead."""
+    raw = await RawTcp.open(shared_server.tcp_addr)
+    await raw.send(b'{"op":"hello","rid":"h","v":1}')
+    assert (await raw.recv())[1]["ok"] is True
+    # An over-long header ends the connection; 4 MiB behind it stay unread by the server.
+    raw.writer.write(struct.pack(">I", MAX_FRAME + 1) + b"x" * (4 << 20))
+    raw.writer.write_eof()
+    assert error_of((await raw.recv())[1]) == ("too_large", None)
+    assert (await raw.recv())[1] == {"op": "closed", "reason": "frame_too_large"}
+    async with asyncio.timeout(5):
+        assert await raw.reader.read() == b""  # FIN; a reset raises ConnectionResetError
+    await raw.close()
+
+
 async def test_message_body_over_max_body_is_too_large(
     shared_server: ServerProcess, clients: Clients, wire: Wire
 ) -> None:

@@ -68,11 +68,12 @@ class WsLink:
     """A session's WebSocket transport."""
 
     kind = "ws"
-    __slots__ = ("transport", "ws")
+    __slots__ = ("closer", "transport", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
         self.ws = ws
         self.transport = transport
+        self.closer: asyncio.Task[None] | None = None
 
     def frame(self, payload: bytes, codec: Codec) -> bytes:
         return ws_frame(payload, OP_TEXT if codec is Codec.JSON else OP_BINARY)
@@ -85,7 +86,12 @@ class WsLink:
         return self.transport.get_write_buffer_size()
 
     def close(self) -> None:
-        asyncio.get_running_loop().create_task(self._close())
+        """Flush, send the close frame, and discard input until the peer's close frame
+        (the handler waits for this before it returns): closing the socket with unread
+        input makes the kernel send RST, which can destroy the last frames (``closed``
+        among them) before the peer reads them."""
+        if self.closer is None:
+            self.closer = asyncio.get_running_loop().create_task(self._close())
 
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
@@ -209,12 +215,16 @@ class HttpApi:
             return _error_response(Unavailable("server is shutting down"))
         max_frame = gw.config.limits.max_frame
         ws = web.WebSocketResponse(
-            max_msg_size=max_frame * WS_HARD_CAP_FACTOR, compress=False, autoping=True
+            max_msg_size=max_frame * WS_HARD_CAP_FACTOR,
+            compress=False,
+            autoping=True,
+            timeout=gw.config.shutdown_grace,  # close() waits this long for the peer
         )
         await ws.prepare(request)
         transport = request.transport
         assert transport is not None
-        session = Session(gw, WsLink(ws, transport))
+        link = WsLink(ws, transport)
+        session = Session(gw, link)
         gw.opened(session)
         try:
             async for msg in ws:
@@ -241,6 +251,8 @@ class HttpApi:
                     break
         finally:
             await gw.closed(session)
+        if link.closer is not None:
+            await link.closer
         return ws
 
     async def api(self, request: web.Request) -> web.Response:

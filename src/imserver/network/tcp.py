@@ -8,6 +8,7 @@ buffered. Other bad frames leave the connection open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from imserver.core.session import Session
@@ -24,23 +25,34 @@ class TcpLink:
     """A session's TCP transport."""
 
     kind = "tcp"
-    __slots__ = ("transport",)
+    __slots__ = ("ending", "transport")
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self.transport = transport
+        self.ending = False
 
     def frame(self, payload: bytes, codec: Codec) -> bytes:
         return encode_frame(payload)
 
     def write(self, data: bytes) -> None:
-        if not self.transport.is_closing():
+        if not self.ending and not self.transport.is_closing():
             self.transport.write(data)
 
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size()
 
     def close(self) -> None:
-        self.transport.close()
+        """Flush what is queued, then half-close (FIN). The reader keeps draining the
+        peer's input until it closes too (:func:`linger`): closing a socket with unread
+        input makes the kernel send RST, which can destroy the last frames (``closed``
+        among them) before the peer reads them."""
+        if self.ending:
+            return
+        self.ending = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
 
     def abort(self) -> None:
         self.transport.abort()
@@ -56,7 +68,7 @@ async def serve_tcp(gateway: Gateway, host: str, port: int) -> asyncio.Server:
         try:
             while not session.closing:
                 data = await reader.read(READ_SIZE)
-                if not data:
+                if not data or session.closing:
                     break
                 too_large: FrameTooLarge | None = None
                 try:
@@ -75,7 +87,16 @@ async def serve_tcp(gateway: Gateway, host: str, port: int) -> asyncio.Server:
             pass
         finally:
             await gateway.closed(session)
-            if not session.closing:
-                writer.close()
+        if session.closing:
+            await linger(reader, gateway.config.shutdown_grace)
+        writer.close()
 
     return await asyncio.start_server(handle, host, port, limit=READ_SIZE)
+
+
+async def linger(reader: asyncio.StreamReader, within: float) -> None:
+    """Read and discard until the peer closes its side or ``within`` seconds pass."""
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        async with asyncio.timeout(within):
+            while await reader.read(READ_SIZE):
+                pass
