@@ -20,6 +20,7 @@ from aiohttp import web
 from imserver.core.metrics import Metrics
 from imserver.network.http import HttpApi, build_app
 from imserver.network.tcp import serve_tcp
+from imserver.network.ws import WsEntry, serve_http
 from imserver.services.file.service import LocalFileService, open_file_service
 from imserver.services.gateway.service import Gateway
 from imserver.services.message.service import LocalMessageService, open_message_service
@@ -61,6 +62,8 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._api: HttpApi | None = None
         self._tcp: asyncio.Server | None = None
+        self._http: asyncio.Server | None = None
+        self._ws: WsEntry | None = None
         self.http_port = config.http_port
         self.tcp_port = config.tcp_port
 
@@ -112,13 +115,13 @@ class Server:
         app, self._api = build_app(gateway, self.files)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
-        await site.start()
+        assert self._runner.server is not None
+        self._http, self._ws = await serve_http(
+            gateway, self._runner.server, cfg.host, cfg.http_port
+        )
         self._tcp = await serve_tcp(gateway, cfg.host, cfg.tcp_port)
-        self.http_port = _bound_port(site) or cfg.http_port
-        sockets = self._tcp.sockets
-        if sockets:
-            self.tcp_port = sockets[0].getsockname()[1]
+        self.http_port = _bound_port(self._http) or cfg.http_port
+        self.tcp_port = _bound_port(self._tcp) or cfg.tcp_port
         self._api.ready = True
         logger.info(
             "imserver listening: http/ws %s:%d, tcp %s:%d, data %s",
@@ -141,6 +144,10 @@ class Server:
             await self.messages.flush()
         if self.gateway is not None:
             await self.gateway.shutdown()
+        if self._http is not None:  # open until now to answer "unavailable" while draining
+            self._http.close()
+        if self._ws is not None:
+            await self._ws.wait_closed(self.config.shutdown_grace)
         if self._tcp is not None:
             await self._tcp.wait_closed()
         if self._runner is not None:
@@ -156,10 +163,8 @@ class Server:
         logger.info("imserver stopped")
 
 
-def _bound_port(site: web.TCPSite) -> int | None:
-    server = site._server  # aiohttp keeps the asyncio server here
-    sockets = getattr(server, "sockets", None)
-    if sockets:
-        port: int = sockets[0].getsockname()[1]
+def _bound_port(server: asyncio.Server) -> int | None:
+    for sock in server.sockets:
+        port: int = sock.getsockname()[1]
         return port
     return None

@@ -1,50 +1,38 @@
-"""The aiohttp application: the WebSocket at ``/ws``, the HTTP API, health and metrics.
+"""The aiohttp application: the HTTP API, health and metrics.
 
 Routes:
 
-* ``GET /ws`` — the WebSocket (text frames JSON, binary frames MessagePack);
+* ``GET /ws`` — only the refusals: the WebSocket itself is served by
+  :mod:`imserver.network.ws`, which hands aiohttp every other request;
 * ``POST /api/v1/<op>`` — any op, body = the op's fields as JSON;
 * ``GET /api/v1/openapi.json`` — generated from the op structs;
 * ``POST /api/v1/files``, ``GET /api/v1/files/<id>``, ``GET /api/v1/files/<id>/thumb``
   — uploads (the raw body streamed to the file service) and downloads (``Range``);
 * ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
-
-WebSocket frames up to ``max_frame`` bytes are handled; larger ones up to a hard cap
-(``WS_HARD_CAP_FACTOR`` × ``max_frame``) are answered ``too_large`` and the
-connection stays open; aiohttp closes the connection (status 1009) on anything past
-the hard cap, which bounds what a client can make the server buffer.
-
-Server → client WebSocket frames are framed by :mod:`imserver.protocol.wsframe` and
-written straight to the transport, so a fanned-out event is framed once and the
-same bytes go to every recipient. Compression is not negotiated, which is what
-makes those pre-built frames valid.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
 from typing import Any
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from imserver.core.openapi import openapi_document
 from imserver.core.ratelimit import TokenBucket
 from imserver.core.router import PUBLIC_OPS
 from imserver.core.session import Session
 from imserver.protocol.codec import Codec, decode_op_as, encode_json
-from imserver.protocol.wsframe import OP_BINARY, OP_TEXT, ws_frame
 from imserver.services.caller import Caller
 from imserver.services.file.api import FileService, RangeNotSatisfiable, UploadData
 from imserver.services.file.content import content_disposition
 from imserver.services.gateway.service import Gateway
 from imserver.utils.errors import (
     BadRequest,
-    Forbidden,
     IMError,
     Internal,
     NotFound,
@@ -62,43 +50,6 @@ WS_HARD_CAP_FACTOR = 16
 HTTP_BUCKETS_MAX = 10_000
 UPLOAD_CHUNK = 256 * 1024
 """Most bytes taken from an upload's body at a time."""
-
-
-class WsLink:
-    """A session's WebSocket transport."""
-
-    kind = "ws"
-    __slots__ = ("closer", "transport", "ws")
-
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
-        self.ws = ws
-        self.transport = transport
-        self.closer: asyncio.Task[None] | None = None
-
-    def frame(self, payload: bytes, codec: Codec) -> bytes:
-        return ws_frame(payload, OP_TEXT if codec is Codec.JSON else OP_BINARY)
-
-    def write(self, data: bytes) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(data)
-
-    def buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
-
-    def close(self) -> None:
-        """Flush, send the close frame, and discard input until the peer's close frame
-        (the handler waits for this before it returns): closing the socket with unread
-        input makes the kernel send RST, which can destroy the last frames (``closed``
-        among them) before the peer reads them."""
-        if self.closer is None:
-            self.closer = asyncio.get_running_loop().create_task(self._close())
-
-    async def _close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close()
-
-    def abort(self) -> None:
-        self.transport.abort()
 
 
 class HttpLink:
@@ -206,54 +157,13 @@ class HttpApi:
             self._buckets.move_to_end(key)
         return bucket
 
-    async def websocket(self, request: web.Request) -> web.StreamResponse:
-        gw = self.gateway
-        allowed = gw.config.ws.allowed_origins
-        if allowed and request.headers.get("Origin") not in allowed:
-            return _error_response(Forbidden("origin not allowed"))
-        if gw.draining:
-            return _error_response(Unavailable("server is shutting down"))
-        max_frame = gw.config.limits.max_frame
-        ws = web.WebSocketResponse(
-            max_msg_size=max_frame * WS_HARD_CAP_FACTOR,
-            compress=False,
-            autoping=True,
-            timeout=gw.config.shutdown_grace,  # close() waits this long for the peer
-        )
-        await ws.prepare(request)
-        transport = request.transport
-        assert transport is not None
-        link = WsLink(ws, transport)
-        session = Session(gw, link)
-        gw.opened(session)
-        try:
-            async for msg in ws:
-                if msg.type is WSMsgType.TEXT:
-                    data: str | bytes = msg.data
-                    codec = Codec.JSON
-                    size = len(data) if len(data) * 4 <= max_frame else len(msg.data.encode())
-                elif msg.type is WSMsgType.BINARY:
-                    data = msg.data
-                    codec = Codec.MSGPACK
-                    size = len(data)
-                else:
-                    break
-                if size > max_frame:
-                    session.last_rx = time.monotonic()
-                    session.send_error(
-                        None,
-                        TooLarge(f"frame of {size} bytes exceeds max_frame {max_frame}"),
-                        codec,
-                    )
-                    continue
-                await session.receive(data, codec)
-                if session.closing:
-                    break
-        finally:
-            await gw.closed(session)
-        if link.closer is not None:
-            await link.closer
-        return ws
+    async def websocket(self, request: web.Request) -> web.Response:
+        """``GET /ws`` requests that :mod:`imserver.network.ws` did not upgrade: the
+        refused upgrades and requests that are not upgrades at all."""
+        refusal = self.gateway.ws_refusal(request.headers.get("Origin"))
+        if refusal is None:
+            refusal = BadRequest("expected a WebSocket upgrade (RFC 6455, version 13)")
+        return _error_response(refusal)
 
     async def api(self, request: web.Request) -> web.Response:
         gw = self.gateway

@@ -28,7 +28,7 @@ from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, UserService
 from imserver.storage.bus import Delivery, LiveBus
 from imserver.utils.config import Config
-from imserver.utils.errors import Conflict
+from imserver.utils.errors import Conflict, Forbidden, IMError, Unavailable
 from imserver.utils.ids import LoginId, UserId
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,15 @@ class Gateway:
     def new_bucket(self) -> TokenBucket:
         """A fresh rate-limit bucket with the configured limits."""
         return TokenBucket(self.config.limits.rate_per_s, self.config.limits.rate_burst)
+
+    def ws_refusal(self, origin: str | None) -> IMError | None:
+        """Why a WebSocket upgrade from ``origin`` is refused, or ``None`` to accept."""
+        allowed = self.config.ws.allowed_origins
+        if allowed and origin not in allowed:
+            return Forbidden("origin not allowed")
+        if self.draining:
+            return Unavailable("server is shutting down")
+        return None
 
     def opened(self, session: Session) -> None:
         """A transport accepted a connection."""

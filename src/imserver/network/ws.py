@@ -1,0 +1,323 @@
+"""The HTTP port's front door and the WebSocket transport.
+
+Every connection to the HTTP port starts at :class:`Front`, which reads the first
+request head. A valid WebSocket upgrade of ``/ws`` that the gateway accepts (origin
+allowed, not draining) is answered here and the connection becomes a
+:class:`WsConnection`: the frames are parsed by :class:`~imserver.protocol.wsframe.WsParser`
+and go to the same :class:`~imserver.core.session.Session` as TCP's. Anything else —
+every HTTP API request, and upgrades to be refused — is handed, with the bytes already
+read, to aiohttp's request handler, which serves the routes of
+:mod:`imserver.network.http` (including the refusals of ``/ws``).
+
+Taking the upgrade out of aiohttp saves most of the cost of accepting a WebSocket
+(request object, response object, two tasks, its reader and writer) and of receiving
+each message; see ``docs/performance.md``.
+
+Inbound limits: messages up to ``max_frame`` bytes are handled; larger ones up to
+``WS_HARD_CAP_FACTOR`` × ``max_frame`` are answered ``too_large`` and the connection
+stays open; a message past that cap is refused from its header, before its payload is
+buffered, with close code 1009. A text message that is not UTF-8 closes with 1007, a
+protocol violation with 1002 (none of these send ``closed``).
+
+Closing is a handshake: whoever closes sends a close frame, and the server reads (and
+discards) until the peer's close frame before it closes the socket, so that frames
+still in flight from the client cannot turn the close into a reset (which can destroy
+the server's last frames before the client reads them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+from imserver.core.session import Session
+from imserver.protocol.codec import Codec
+from imserver.protocol.wsframe import (
+    CLOSE_INVALID_DATA,
+    CLOSE_NORMAL,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    WsParser,
+    WsProtocolError,
+    parse_request_head,
+    upgrade_key,
+    upgrade_response,
+    ws_close_frame,
+    ws_frame,
+    ws_pong,
+)
+from imserver.services.gateway.service import Gateway
+from imserver.utils.errors import TooLarge
+
+logger = logging.getLogger(__name__)
+
+WS_PATH = "/ws"
+WS_HARD_CAP_FACTOR = 16
+"""Messages up to this many times ``max_frame`` are answered ``too_large``; larger
+ones close the connection (1009)."""
+MAX_HEAD = 16 * 1024
+"""A first request head longer than this goes to aiohttp, which refuses it."""
+READ_LIMIT = 256 * 1024
+"""Unprocessed input past which a connection stops reading until its task catches up."""
+
+
+class WsLink:
+    """A session's WebSocket transport."""
+
+    kind = "ws"
+    __slots__ = ("closing", "conn", "transport")
+
+    def __init__(self, conn: WsConnection) -> None:
+        self.conn = conn
+        self.transport = conn.transport
+        self.closing = False
+
+    def frame(self, payload: bytes, codec: Codec) -> bytes:
+        return ws_frame(payload, OP_TEXT if codec is Codec.JSON else OP_BINARY)
+
+    def write(self, data: bytes) -> None:
+        if not self.closing and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def close(self, code: int = CLOSE_NORMAL) -> None:
+        """Send the close frame after what is queued; the connection's task then
+        waits for the client's close frame and closes the socket."""
+        if self.closing:
+            return
+        if not self.transport.is_closing():
+            self.transport.write(ws_close_frame(code))
+        self.closing = True
+        self.conn.interrupt()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+
+class WsConnection(asyncio.Protocol):
+    """One upgraded WebSocket: buffers what arrives and runs its frames, in order, on
+    one task (:meth:`run`) that calls the session."""
+
+    def __init__(self, gateway: Gateway, transport: asyncio.Transport) -> None:
+        self.gateway = gateway
+        self.transport = transport
+        self.link = WsLink(self)
+        self.session = Session(gateway, self.link)
+        self.parser = WsParser(gateway.config.limits.max_frame * WS_HARD_CAP_FACTOR)
+        self._inbox = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._interrupted = False
+        self._paused = False
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._inbox += data
+        if len(self._inbox) > READ_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._wake()
+        return True  # the task closes the transport once it is done with it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = True
+        self._wake()
+
+    # --- the task's side ---------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Make a pending :meth:`_read` return so the task notices the session closed."""
+        self._interrupted = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _read(self, interruptible: bool) -> bytearray:
+        """What arrived since the last call; empty once the peer is gone (or, when
+        ``interruptible``, once the session is closing)."""
+        while not self._inbox:
+            if self._ended or (interruptible and self._interrupted):
+                return self._inbox
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._inbox
+        self._inbox = bytearray()
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def run(self) -> None:
+        gw = self.gateway
+        session = self.session
+        link = self.link
+        max_frame = gw.config.limits.max_frame
+        peer_closed = False
+        gw.opened(session)
+        try:
+            while not session.closing:
+                data = await self._read(interruptible=True)
+                if not data or session.closing:
+                    break
+                failure: int | None = None
+                try:
+                    frames = self.parser.feed(data)
+                except WsProtocolError as exc:
+                    frames, failure = exc.frames, exc.code
+                for opcode, payload in frames:
+                    if opcode in (OP_TEXT, OP_BINARY):
+                        if opcode == OP_TEXT:
+                            codec = Codec.JSON
+                            try:
+                                payload.decode()
+                            except UnicodeDecodeError:
+                                failure = CLOSE_INVALID_DATA
+                                break
+                        else:
+                            codec = Codec.MSGPACK
+                        size = len(payload)
+                        if size > max_frame:
+                            session.last_rx = time.monotonic()
+                            session.send_error(
+                                None,
+                                TooLarge(f"frame of {size} bytes exceeds max_frame {max_frame}"),
+                                codec,
+                            )
+                            continue
+                        await session.receive(payload, codec)
+                        if session.closing:
+                            break
+                    elif opcode == OP_PING:
+                        link.write(ws_pong(payload))
+                    elif opcode == OP_CLOSE:
+                        peer_closed = True
+                        session.flush()
+                        if not link.closing:
+                            self.transport.write(ws_frame(payload[:2], OP_CLOSE))
+                            link.closing = True
+                        break
+                if peer_closed:
+                    break
+                if failure is not None:
+                    session.flush()  # the replies to the frames before the bad one
+                    link.close(failure)
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            await gw.closed(session)
+        if not peer_closed and not self._ended:
+            if not link.closing:
+                link.close()
+            await self._linger()
+        self.transport.close()
+
+    async def _linger(self) -> None:
+        """Discard input until the client's close frame (or its end), at most
+        ``shutdown_grace`` seconds."""
+        with contextlib.suppress(TimeoutError, WsProtocolError):
+            async with asyncio.timeout(self.gateway.config.shutdown_grace):
+                while data := await self._read(interruptible=False):
+                    if any(op == OP_CLOSE for op, _ in self.parser.feed(data)):
+                        return
+
+
+class Front(asyncio.Protocol):
+    """A new connection to the HTTP port, until its first request head says whether it
+    is a WebSocket of ours or HTTP for aiohttp."""
+
+    def __init__(self, entry: WsEntry) -> None:
+        self.entry = entry
+        self.transport: asyncio.Transport | None = None
+        self._head = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports have the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        head = self._head
+        head += data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD:
+                self._hand_over(self.entry.http())
+            return
+        request = parse_request_head(bytes(head[: end + 4]))
+        if request is not None and request.target.partition("?")[0] == WS_PATH:
+            key = upgrade_key(request)
+            gw = self.entry.gateway
+            if key is not None and gw.ws_refusal(request.headers.get("origin")) is None:
+                self._upgrade(key, bytes(head[end + 4 :]))
+                return
+        self._hand_over(self.entry.http())
+
+    def _hand_over(self, protocol: asyncio.Protocol) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(bytes(self._head))
+
+    def _upgrade(self, key: str, rest: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(upgrade_response(key))
+        conn = WsConnection(self.entry.gateway, transport)
+        transport.set_protocol(conn)
+        if rest:
+            conn.data_received(rest)
+        self.entry.start(conn)
+
+
+class WsEntry:
+    """What every :class:`Front` shares: the gateway, aiohttp's protocol factory for
+    HTTP, and the running WebSocket connections' tasks."""
+
+    def __init__(self, gateway: Gateway, http: Callable[[], asyncio.Protocol]) -> None:
+        self.gateway = gateway
+        self.http = http
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, conn: WsConnection) -> None:
+        task = asyncio.get_running_loop().create_task(conn.run())
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("WebSocket connection failed", exc_info=task.exception())
+
+    async def wait_closed(self, within: float) -> None:
+        """Wait (bounded) for every WebSocket connection's task to finish."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=within)
+
+
+async def serve_http(
+    gateway: Gateway, http: Callable[[], asyncio.Protocol], host: str, port: int
+) -> tuple[asyncio.Server, WsEntry]:
+    """Listen on the HTTP port: WebSocket upgrades here, everything else to ``http``."""
+    entry = WsEntry(gateway, http)
+    server = await asyncio.get_running_loop().create_server(lambda: Front(entry), host, port)
+    return server, entry
