@@ -63,13 +63,24 @@ async def serve_tcp(gateway: Gateway, host: str, port: int) -> asyncio.Server:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(gateway, TcpLink(writer.transport))
+        try:
+            gateway.opened(session)
+            try:
+                await serve(session, reader)
+            finally:
+                await gateway.closed(session)
+            if session.closing:
+                await linger(reader, gateway.config.shutdown_grace)
+        finally:
+            writer.close()
+
+    async def serve(session: Session, reader: asyncio.StreamReader) -> None:
         decoder = FrameDecoder(gateway.config.limits.max_frame)
-        gateway.opened(session)
         try:
             while not session.closing:
                 data = await reader.read(READ_SIZE)
                 if not data or session.closing:
-                    break
+                    return
                 too_large: FrameTooLarge | None = None
                 try:
                     frames = decoder.feed(data)
@@ -79,17 +90,12 @@ async def serve_tcp(gateway: Gateway, host: str, port: int) -> asyncio.Server:
                 for payload in frames:
                     await session.receive(payload, detect_codec(payload))
                     if session.closing:
-                        break
+                        return
                 if too_large is not None:
                     session.send_error(None, too_large)
                     session.close("frame_too_large")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        finally:
-            await gateway.closed(session)
-        if session.closing:
-            await linger(reader, gateway.config.shutdown_grace)
-        writer.close()
 
     return await asyncio.start_server(handle, host, port, limit=READ_SIZE)
 

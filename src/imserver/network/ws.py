@@ -167,17 +167,31 @@ class WsConnection(asyncio.Protocol):
         return data
 
     async def run(self) -> None:
+        """The connection's life: its frames, then the close handshake."""
         gw = self.gateway
+        try:
+            gw.opened(self.session)
+            try:
+                peer_closed = await self._serve()
+            finally:
+                await gw.closed(self.session)
+            if not peer_closed and not self._ended:
+                self.link.close()
+                await self._linger()
+        finally:
+            self.transport.close()
+
+    async def _serve(self) -> bool:
+        """Hand the session its messages until either side closes; True if the
+        client sent the close frame."""
         session = self.session
         link = self.link
-        max_frame = gw.config.limits.max_frame
-        peer_closed = False
-        gw.opened(session)
+        max_frame = self.gateway.config.limits.max_frame
         try:
             while not session.closing:
                 data = await self._read(interruptible=True)
                 if not data or session.closing:
-                    break
+                    return False
                 failure: int | None = None
                 try:
                     frames = self.parser.feed(data)
@@ -205,31 +219,22 @@ class WsConnection(asyncio.Protocol):
                             continue
                         await session.receive(payload, codec)
                         if session.closing:
-                            break
+                            return False
                     elif opcode == OP_PING:
                         link.write(ws_pong(payload))
                     elif opcode == OP_CLOSE:
-                        peer_closed = True
                         session.flush()
-                        if not link.closing:
+                        if not link.closing:  # echo the status code (RFC 6455 §5.5.1)
                             self.transport.write(ws_frame(payload[:2], OP_CLOSE))
                             link.closing = True
-                        break
-                if peer_closed:
-                    break
+                        return True
                 if failure is not None:
                     session.flush()  # the replies to the frames before the bad one
                     link.close(failure)
-                    break
+                    return False
         except ConnectionError:
             pass
-        finally:
-            await gw.closed(session)
-        if not peer_closed and not self._ended:
-            if not link.closing:
-                link.close()
-            await self._linger()
-        self.transport.close()
+        return False
 
     async def _linger(self) -> None:
         """Discard input until the client's close frame (or its end), at most
