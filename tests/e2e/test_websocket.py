@@ -9,13 +9,14 @@ import asyncio
 import base64
 import os
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
 
 if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at run time
-    from conftest import ServerProcess
+    from conftest import ServerFactory, ServerProcess
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -206,3 +207,41 @@ async def test_requests_to_ws_that_are_not_valid_upgrades(
     async with asyncio.timeout(5):
         assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
     writer.close()
+
+
+async def test_an_oversized_request_head_is_refused_and_the_server_goes_on(
+    shared_server: ServerProcess,
+) -> None:
+    """A head past 16 KiB is not buffered further by the front door: aiohttp gets it
+    and refuses it; the server keeps serving."""
+    reader, writer = await asyncio.open_connection(shared_server.host, shared_server.http_port)
+    writer.write(upgrade_request(X_Pad="a" * 40_000))
+    async with asyncio.timeout(5):
+        status = await reader.readuntil(b"\r\n")
+    assert status.split()[1] in (b"400", b"431"), status
+    writer.close()
+    ws, head = await RawWebSocket.open(shared_server)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    await hello(ws)
+    ws.close()
+
+
+async def test_a_connection_that_never_sends_a_request_head_is_dropped(
+    server_factory: ServerFactory,
+) -> None:
+    """After 2 x heartbeat, like a silent session; a complete request is not affected."""
+    server = server_factory({"limits": {"heartbeat": 1}})
+    reader, writer = await asyncio.open_connection(server.host, server.http_port)
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: local")  # and nothing more
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    assert 1.5 < time.monotonic() - started < 4
+    writer.close()
+    ws, _ = await RawWebSocket.open(server)
+    await asyncio.sleep(1.2)
+    await hello(ws)  # activity for the session's own heartbeat check
+    await asyncio.sleep(1.3)  # 2.5 s after the upgrade: past the head timeout
+    ws.send(masked(b'{"op":"ping","rid":"alive"}'))
+    assert (await ws.recv_json())["rid"] == "alive"
+    ws.close()

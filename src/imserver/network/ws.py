@@ -254,18 +254,33 @@ class Front(asyncio.Protocol):
         self.entry = entry
         self.transport: asyncio.Transport | None = None
         self._head = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        # A connection that never completes its first request head is dropped after
+        # the same 2 x heartbeat that closes silent sessions.
+        self._timer = asyncio.get_running_loop().call_later(
+            2 * self.entry.gateway.config.limits.heartbeat, transport.close
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def data_received(self, data: bytes) -> None:
         head = self._head
         head += data
         end = head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(head) > MAX_HEAD:
-                self._hand_over(self.entry.http())
+        if end < 0 and len(head) <= MAX_HEAD:
+            return
+        if end < 0 or end > MAX_HEAD:
+            self._hand_over(self.entry.http())
             return
         request = parse_request_head(bytes(head[: end + 4]))
         if request is not None and request.target.partition("?")[0] == WS_PATH:
@@ -277,6 +292,7 @@ class Front(asyncio.Protocol):
         self._hand_over(self.entry.http())
 
     def _hand_over(self, protocol: asyncio.Protocol) -> None:
+        self._stop_timer()
         transport = self.transport
         assert transport is not None
         transport.set_protocol(protocol)
@@ -284,6 +300,7 @@ class Front(asyncio.Protocol):
         protocol.data_received(bytes(self._head))
 
     def _upgrade(self, key: str, rest: bytes) -> None:
+        self._stop_timer()
         transport = self.transport
         assert transport is not None
         transport.write(upgrade_response(key))
