@@ -47,9 +47,7 @@ class Users:
 
 
 class Result:
-    def __init__(
-        self, messages: int, seconds: float, cpu_s: float, latencies: list[float]
-    ) -> None:
+    def __init__(self, messages: int, seconds: float, cpu_s: float, latencies: list[float]) -> None:
         latencies.sort()
         self.messages = messages
         self.seconds = seconds
