@@ -46,7 +46,6 @@ from imserver.utils.ids import UserId
 logger = logging.getLogger(__name__)
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
-WS_HARD_CAP_FACTOR = 16
 HTTP_BUCKETS_MAX = 10_000
 UPLOAD_CHUNK = 256 * 1024
 """Most bytes taken from an upload's body at a time."""
