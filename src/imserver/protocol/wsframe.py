@@ -108,7 +108,7 @@ def upgrade_key(head: RequestHead) -> str | None:
         return None
     key = h.get("sec-websocket-key", "")
     try:
-        if len(base64.b64decode(key, validate=True)) != 16:
+        if len(binascii.a2b_base64(key, strict_mode=True)) != 16:
             return None
     except (binascii.Error, ValueError):
         return None

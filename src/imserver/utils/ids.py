@@ -6,6 +6,7 @@ ids (``d:<A>:<B>``, ``r:<room>``, ``s:<user>``) split unambiguously.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from typing import NewType
 
@@ -36,9 +37,20 @@ def new_user_id() -> UserId:
     return UserId(random_id("u"))
 
 
+_PROCESS = random_id("c", 8)
+_CONNECTIONS = itertools.count()
+
+
 def new_session_id() -> SessionId:
-    """A fresh connection id."""
-    return SessionId(random_id("c", 8))
+    """A fresh connection id: this process's random prefix and a counter.
+
+    Unique across processes and restarts, and cheap (no random bytes per connection:
+    a reconnect storm makes thousands a second). The client sees it (``hello``'s
+    ``session``) but no op takes it, so it grants nothing and need not be
+    unpredictable; the counter tells a client how many connections this process has
+    accepted, which is not a secret.
+    """
+    return SessionId(f"{_PROCESS}.{next(_CONNECTIONS):x}")
 
 
 def new_login_id() -> LoginId:
