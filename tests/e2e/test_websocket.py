@@ -12,6 +12,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import msgspec
 import pytest
 
@@ -245,3 +246,55 @@ async def test_a_connection_that_never_sends_a_request_head_is_dropped(
     ws.send(masked(b'{"op":"ping","rid":"alive"}'))
     assert (await ws.recv_json())["rid"] == "alive"
     ws.close()
+
+
+async def test_upgrade_on_a_keep_alive_connection_after_http_requests(
+    shared_server: ServerProcess,
+) -> None:
+    """Clients that pool connections (aiohttp's ClientSession, for one) may send the
+    upgrade on a connection that already carried HTTP requests: it is served the same."""
+    reader, writer = await asyncio.open_connection(shared_server.host, shared_server.http_port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    async with asyncio.timeout(5):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        assert head.startswith("HTTP/1.1 200 "), head
+        length = next(
+            int(line.split(":")[1])
+            for line in head.split("\r\n")
+            if line.lower().startswith("content-length")
+        )
+        await reader.readexactly(length)
+        # The upgrade, with a frame in the same write.
+        writer.write(upgrade_request() + masked(b'{"op":"hello","rid":"h","v":1}'))
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    assert head.startswith("HTTP/1.1 101 "), head
+    assert "transfer-encoding" not in head.lower()
+    ws = RawWebSocket(reader, writer)
+    assert (await ws.recv_json())["rid"] == "h"
+    ws.send(masked(b"still there?", OP_PING), masked(b'{"op":"ping","rid":"p"}'))
+    assert await ws.recv() == (OP_PONG, b"still there?")
+    assert await ws.recv_json() == {"op": "reply", "rid": "p", "ok": True, "data": {}}
+    ws.send(masked(b"not json"))
+    assert (await ws.recv_json())["error"]["code"] == "bad_request"
+    ws.send(masked(struct.pack("!H", 1000), OP_CLOSE))
+    assert await ws.recv() == (OP_CLOSE, struct.pack("!H", 1000))
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+
+
+async def test_a_pooling_http_client_gets_its_websocket(shared_server: ServerProcess) -> None:
+    """The same through aiohttp's client: an HTTP call, then ``ws_connect`` on the
+    same session (which reuses the pooled connection), then a server-side close."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{shared_server.http_url}/healthz") as response:
+            assert response.status == 200
+        ws = await http.ws_connect(shared_server.ws_url)
+        await ws.send_str('{"op":"hello","rid":"h","v":1}')
+        assert msgspec.json.decode((await ws.receive(timeout=5)).data)["rid"] == "h"
+        for _ in range(32):  # limits.bad_frames: the server closes with `closed`
+            await ws.send_str("not json")
+        events = []
+        while (msg := await ws.receive(timeout=5)).type is aiohttp.WSMsgType.TEXT:
+            events.append(msgspec.json.decode(msg.data))
+        assert events[-1] == {"op": "closed", "reason": "bad_frames"}
+        assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1000

@@ -26,7 +26,9 @@ from imserver.core.openapi import openapi_document
 from imserver.core.ratelimit import TokenBucket
 from imserver.core.router import PUBLIC_OPS
 from imserver.core.session import Session
+from imserver.network.ws import upgrade_within_aiohttp
 from imserver.protocol.codec import Codec, decode_op_as, encode_json
+from imserver.protocol.wsframe import RequestHead, header_dict, upgrade_key
 from imserver.services.caller import Caller
 from imserver.services.file.api import FileService, RangeNotSatisfiable, UploadData
 from imserver.services.file.content import content_disposition
@@ -156,13 +158,24 @@ class HttpApi:
             self._buckets.move_to_end(key)
         return bucket
 
-    async def websocket(self, request: web.Request) -> web.Response:
-        """``GET /ws`` requests that :mod:`imserver.network.ws` did not upgrade: the
-        refused upgrades and requests that are not upgrades at all."""
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        """``GET /ws`` requests that did not come first on their connection (the front
+        door of :mod:`imserver.network.ws` upgrades those itself): the refusals, the
+        requests that are not upgrades, and upgrades on a keep-alive connection that
+        carried HTTP requests before, which are served here."""
         refusal = self.gateway.ws_refusal(request.headers.get("Origin"))
-        if refusal is None:
-            refusal = BadRequest("expected a WebSocket upgrade (RFC 6455, version 13)")
-        return _error_response(refusal)
+        if refusal is not None:
+            return _error_response(refusal)
+        version = f"HTTP/{request.version.major}.{request.version.minor}"
+        head = RequestHead(
+            request.method, request.raw_path, version, header_dict(request.headers.items())
+        )
+        key = upgrade_key(head)
+        if key is None:
+            return _error_response(
+                BadRequest("expected a WebSocket upgrade (RFC 6455, version 13)")
+            )
+        return await upgrade_within_aiohttp(self.gateway, request, key)
 
     async def api(self, request: web.Request) -> web.Response:
         gw = self.gateway

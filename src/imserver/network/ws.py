@@ -7,7 +7,10 @@ allowed, not draining) is answered here and the connection becomes a
 and go to the same :class:`~imserver.core.session.Session` as TCP's. Anything else —
 every HTTP API request, and upgrades to be refused — is handed, with the bytes already
 read, to aiohttp's request handler, which serves the routes of
-:mod:`imserver.network.http` (including the refusals of ``/ws``).
+:mod:`imserver.network.http` (including the refusals of ``/ws``). An upgrade that
+comes after HTTP requests on a keep-alive connection therefore reaches aiohttp; its
+``/ws`` route gives that connection to a :class:`WsConnection` as well
+(:func:`upgrade_within_aiohttp`).
 
 Taking the upgrade out of aiohttp saves most of the cost of accepting a WebSocket
 (request object, response object, two tasks, its reader and writer) and of receiving
@@ -34,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from aiohttp import web
+
 from imserver.core.session import Session
 from imserver.protocol.codec import Codec
 from imserver.protocol.wsframe import (
@@ -45,6 +50,7 @@ from imserver.protocol.wsframe import (
     OP_TEXT,
     WsParser,
     WsProtocolError,
+    accept_key,
     parse_request_head,
     upgrade_key,
     upgrade_response,
@@ -309,6 +315,49 @@ class Front(asyncio.Protocol):
         if rest:
             conn.data_received(rest)
         self.entry.start(conn)
+
+
+class _AiohttpFeed:
+    """What aiohttp's request handler is given to pass on a connection's bytes once
+    the connection is a WebSocket (its ``set_parser`` interface, which its own
+    WebSocket reader implements)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: WsConnection) -> None:
+        self.conn = conn
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.conn.data_received(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.conn.connection_lost(None)
+
+
+async def upgrade_within_aiohttp(
+    gateway: Gateway, request: web.Request, key: str
+) -> web.StreamResponse:
+    """Serve a WebSocket whose upgrade reached aiohttp: one sent on a keep-alive
+    connection that carried HTTP requests first (:class:`Front` sees only a
+    connection's first request head). aiohttp writes the ``101``; from then on its
+    request handler passes every byte to the :class:`WsConnection`, which writes to
+    the transport directly, and this handler lasts as long as the WebSocket."""
+    response = web.StreamResponse(
+        status=101,
+        headers={
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Accept": accept_key(key),
+        },
+    )
+    await response.prepare(request)
+    transport = request.transport
+    assert transport is not None
+    conn = WsConnection(gateway, transport)
+    request.protocol.set_parser(_AiohttpFeed(conn))  # type: ignore[arg-type]
+    await conn.run()
+    return response
 
 
 class WsEntry:

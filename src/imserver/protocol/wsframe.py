@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import struct
+from collections.abc import Iterable
 from typing import NamedTuple
 
 OP_CONTINUATION = 0x0
@@ -82,17 +83,24 @@ def parse_request_head(head: bytes) -> RequestHead | None:
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         return None
-    headers: dict[str, str] = {}
+    fields: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
             return None
+        fields.append((name, value.strip()))
+    return RequestHead(parts[0], parts[1], parts[2], header_dict(fields))
+
+
+def header_dict(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header fields by lower-case name, repeated ones joined with ``", "``."""
+    headers: dict[str, str] = {}
+    for name, value in fields:
         key = name.lower()
-        value = value.strip()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return RequestHead(parts[0], parts[1], parts[2], headers)
+    return headers
 
 
 def upgrade_key(head: RequestHead) -> str | None:
@@ -115,13 +123,17 @@ def upgrade_key(head: RequestHead) -> str | None:
     return key
 
 
+def accept_key(key: str) -> str:
+    """The ``Sec-WebSocket-Accept`` value that answers ``key``."""
+    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+
+
 def upgrade_response(key: str) -> bytes:
     """The ``101 Switching Protocols`` answer to an upgrade carrying ``key``."""
-    accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest())
     return (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-    )
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n"
+    ).encode()
 
 
 # --- client frames ---------------------------------------------------------------------
