@@ -1,0 +1,113 @@
+"""A real browser against the WebSocket (docs/protocol.md §1.1): headless Chromium
+loads a page from an allowed origin, speaks the protocol over ``/ws`` and closes
+cleanly; the same page from an origin the server does not allow cannot connect.
+
+Chromium is a system package (``apt-get install chromium``); without it these tests
+are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from typing import TYPE_CHECKING
+
+import pytest
+from aiohttp import web
+
+if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at run time
+    from conftest import ServerFactory
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"
+)
+
+PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+const out = document.getElementById("out");
+const replies = [];
+const ws = new WebSocket("%(url)s");
+ws.onopen = () => {
+  ws.send(JSON.stringify({op: "hello", rid: "h", v: 1}));
+  ws.send(JSON.stringify({op: "ping", rid: "p"}));
+  ws.send(JSON.stringify({op: "nonsense", rid: "n"}));
+};
+ws.onmessage = (e) => {
+  const m = JSON.parse(e.data);
+  replies.push([m.rid, m.ok, m.ok ? null : m.error.code]);
+  if (replies.length === 3) ws.close(1000);
+};
+ws.onclose = (e) => {
+  out.textContent = "DONE " + JSON.stringify({replies, code: e.code, clean: e.wasClean});
+};
+</script></body></html>"""
+
+
+class PageServer:
+    """Serves the page; the WebSocket URL it opens is set once IMServer listens (the
+    allow-list needs the page's origin before IMServer starts)."""
+
+    def __init__(self) -> None:
+        self.ws_url = ""
+        self.runner: web.AppRunner | None = None
+
+    async def _page(self, _: web.Request) -> web.Response:
+        return web.Response(text=PAGE % {"url": self.ws_url}, content_type="text/html")
+
+    async def start(self) -> str:
+        """Listen on a free port; returns the page's origin."""
+        app = web.Application()
+        app.router.add_get("/", self._page)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def browse(url: str) -> str:
+    """What the page printed once its WebSocket closed (Chromium's DOM dump)."""
+    assert CHROMIUM is not None
+    proc = await asyncio.create_subprocess_exec(
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    found = re.search(r'<pre id="out">(.*?)</pre>', stdout.decode())
+    assert found, stdout[-2000:]
+    return found.group(1).replace("&quot;", '"')
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_chromium_speaks_the_protocol_over_the_websocket(
+    server_factory: ServerFactory, allowed: bool
+) -> None:
+    pages = PageServer()
+    origin = await pages.start()
+    try:
+        allow = [origin] if allowed else ["https://elsewhere.example"]
+        server = server_factory({"ws": {"allowed_origins": allow}})
+        pages.ws_url = server.ws_url
+        result = await browse(origin + "/")
+    finally:
+        await pages.stop()
+    if allowed:
+        assert result == (
+            'DONE {"replies":[["h",true,null],["p",true,null],["n",false,"bad_request"]],'
+            '"code":1000,"clean":true}'
+        )
+    else:  # refused with 403: the browser reports an abnormal closure
+        assert result == 'DONE {"replies":[],"code":1006,"clean":false}'
