@@ -75,11 +75,7 @@ class RequestHead(NamedTuple):
 def parse_request_head(head: bytes) -> RequestHead | None:
     """The request line and headers of ``head`` (up to and including the blank line);
     ``None`` if it is not a well-formed HTTP/1.x request head."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        return None
-    lines = text.split("\r\n")
+    lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         return None
