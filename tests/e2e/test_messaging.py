@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from refusals import refused
 
-from imserver.client import Client, ClientError
+from imserver.client import Client
 
 if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at run time
     from conftest import Clients, ServerProcess, Wire
@@ -40,25 +41,6 @@ def dm(a: Client, b: Client) -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-async def refused(
-    call: Awaitable[Any], code: str, field: str | None = None, *, what: str = ""
-) -> ClientError:
-    """Await ``call`` and require an error reply with ``code`` (and ``field``)."""
-    try:
-        result = await call
-    except ClientError as exc:
-        err = exc
-    else:
-        pytest.fail(f"{what}: expected {code}, got a success: {result}")
-    assert err.code == code, f"{what}: expected {code}, got {err.code}: {err.message}"
-    assert err.message, f"{what}: an error has a message"
-    if field is not None:
-        assert err.field == field, (
-            f"{what}: expected field {field!r}, got {err.field!r} ({err.message})"
-        )
-    return err
 
 
 async def all_messages(c: Client, conv: str) -> list[Frame]:

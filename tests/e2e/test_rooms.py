@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
+from refusals import refused
 
-from imserver.client import Client, ClientError, HttpClient
+from imserver.client import Client, HttpClient
 
 if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at run time
     from conftest import Clients, ServerFactory, ServerProcess
@@ -41,23 +42,6 @@ ROOM_OPS = [
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-async def refused(
-    call: Awaitable[Any], code: str, field: str | None = None, *, what: str = ""
-) -> ClientError:
-    """Await ``call`` and require an error reply with ``code`` (and ``field``)."""
-    try:
-        result = await call
-    except ClientError as exc:
-        err = exc
-    else:
-        pytest.fail(f"{what}: expected {code}, got a success: {result}")
-    assert err.code == code, f"{what}: expected {code}, got {err.code}: {err.message}"
-    assert err.message, f"{what}: an error has a message"
-    if field is not None:
-        assert err.field == field, f"{what}: expected field {field!r}, got {err.field!r}"
-    return err
 
 
 def unique(prefix: str = "room") -> str:
