@@ -15,13 +15,12 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import secrets
 import struct
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -710,24 +709,6 @@ async def test_file_routes_are_in_openapi(shared_server: ServerProcess) -> None:
 
 
 # --- the S3 backend ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server (a real S3 API over HTTP) in a thread of the test process."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("moto[server] is required under CI=true for the S3 backend test")
-        pytest.skip("moto[server] is not installed: the S3 backend end-to-end test is skipped")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 async def test_s3_backend_end_to_end(

@@ -9,38 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from imserver.services.file.blobs import CHUNK, BlobStore, LocalBlobStore, S3BlobStore
 from imserver.utils.errors import Unavailable
-
-
-def _need_moto() -> Any:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("moto[server] is required under CI=true for the S3 blob store tests")
-        pytest.skip(
-            "moto[server] is not installed: S3 blob store tests skipped (pip install -e '.[dev]')"
-        )
-    return ThreadedMotoServer
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server in a thread of this process, on a free loopback port."""
-    server = _need_moto()(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 async def open_s3(endpoint: str, bucket: str | None = None) -> S3BlobStore:

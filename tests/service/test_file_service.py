@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,23 +83,6 @@ class Conversations:
         self.flushes += 1
         if self.on_flush is not None:
             self.on_flush()
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("moto[server] is required under CI=true")
-        pytest.skip("moto[server] is not installed: S3-backed file service tests skipped")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 Opener = Callable[..., Awaitable[LocalFileService]]
