@@ -9,6 +9,7 @@ are skipped with that reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 from typing import TYPE_CHECKING
@@ -40,25 +41,47 @@ ws.onmessage = (e) => {
 };
 ws.onclose = (e) => {
   out.textContent = "DONE " + JSON.stringify({replies, code: e.code, clean: e.wasClean});
+  fetch("/result", {method: "POST", body: out.textContent});
 };
-</script></body></html>"""
+</script><img src="/wait"></body></html>"""
 
 
 class PageServer:
     """Serves the page; the WebSocket URL it opens is set once IMServer listens (the
-    allow-list needs the page's origin before IMServer starts)."""
+    allow-list needs the page's origin before IMServer starts).
+
+    The page posts what it saw to ``/result``. Until then its image ``/wait`` is not
+    answered, which holds the page's load event, so Chromium's DOM dump (taken after
+    the load event) cannot come before the WebSocket has finished.
+    """
 
     def __init__(self) -> None:
         self.ws_url = ""
         self.runner: web.AppRunner | None = None
+        self.result: asyncio.Future[str] | None = None
 
     async def _page(self, _: web.Request) -> web.Response:
         return web.Response(text=PAGE % {"url": self.ws_url}, content_type="text/html")
 
+    async def _result(self, request: web.Request) -> web.Response:
+        assert self.result is not None
+        if not self.result.done():
+            self.result.set_result(await request.text())
+        return web.Response(status=204)
+
+    async def _wait(self, _: web.Request) -> web.Response:
+        assert self.result is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.result), 30)
+        return web.Response(status=204)
+
     async def start(self) -> str:
         """Listen on a free port; returns the page's origin."""
         app = web.Application()
+        self.result = asyncio.get_running_loop().create_future()
         app.router.add_get("/", self._page)
+        app.router.add_post("/result", self._result)
+        app.router.add_get("/wait", self._wait)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -101,7 +124,10 @@ async def test_chromium_speaks_the_protocol_over_the_websocket(
         allow = [origin] if allowed else ["https://elsewhere.example"]
         server = server_factory({"ws": {"allowed_origins": allow}})
         pages.ws_url = server.ws_url
-        result = await browse(origin + "/")
+        shown = await browse(origin + "/")
+        assert pages.result is not None and pages.result.done(), shown
+        result = pages.result.result()
+        assert shown == result  # what the page posted is what it shows
     finally:
         await pages.stop()
     if allowed:
