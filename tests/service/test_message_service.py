@@ -223,6 +223,40 @@ async def test_duplicate_within_one_batch(env: Env) -> None:
     assert len(env.msgs()) == 1
 
 
+async def test_resend_unknown_to_the_cache_is_a_duplicate(env: Env) -> None:
+    first = await env.svc.send(A, send(AB, "old", "stored before the restart"))
+    await env.svc.send(B, send(AB, "b-1", "reply"))
+    await env.reopen()  # a new writer: its key cache is empty
+    env.deliveries.clear()
+    # The resend shares its batch with new writes to the same and another conversation.
+    results = await asyncio.gather(
+        env.svc.send(A, send(AB, "new-1", "after")),
+        env.svc.send(A, send(AB, "old", "resent")),
+        env.svc.send(A, send(AC, "new-2", "elsewhere")),
+        env.svc.send(B, send(AB, "new-3", "more")),
+    )
+    assert [(r.conv, r.seq, r.dup) for r in results] == [
+        (AB, 3, False),
+        (AB, 1, True),
+        (AC, 1, False),
+        (AB, 4, False),
+    ]
+    assert results[1].ts == first.ts
+    page = await history(env, A, AB)
+    assert [(m.seq, m.body) for m in page] == [
+        (1, "stored before the restart"),
+        (2, "reply"),
+        (3, "after"),
+        (4, "more"),
+    ]
+    assert [(m.conv, m.seq) for m in env.msgs()] == [(AB, 3), (AC, 1), (AB, 4)]
+    # Alone in its batch, and again once the cache knows it.
+    for _ in range(2):
+        again = await env.svc.send(A, send(AB, "old", "once more"))
+        assert (again.seq, again.ts, again.dup) == (1, first.ts, True)
+    assert rows(env, "SELECT count(*) FROM messages") == [(5,)]
+
+
 async def test_concurrent_sends_are_gap_free_and_refusals_take_no_seq(env: Env) -> None:
     futures = []
     for i in range(150):

@@ -15,7 +15,10 @@ system notices all go through it):
    a refused item or a failed commit consumes no seq.
 4. **Idempotency is permanent.** (conv, sender, cid) is unique in the database; a
    repeat (also within one batch) stores nothing and answers the original seq/ts
-   with ``dup: true``.
+   with ``dup: true``. Recent keys are answered from memory; a key memory does not
+   hold is taken to be new, and the unique index has the last word: when the
+   commit meets a stored key, the batch is abandoned and applied again with every
+   key looked up. The common case, a new message, reads nothing before it writes.
 5. **Publish order.** After commit, deliveries are published in batch order, which
    is ascending seq within each conversation, from this one task: every session
    sees a conversation's ``msg`` events in seq order. Duplicates publish nothing.
@@ -51,6 +54,8 @@ from imserver.services.message.api import (
 )
 from imserver.services.message.store import (
     IdemKey,
+    KeyConflict,
+    Loaded,
     MessageKey,
     SqlMessageStore,
     Target,
@@ -207,6 +212,11 @@ class _Write:
     receipt: ReceiptKind = "read"
     notify: tuple[str, ...] = ()
     members: Members | None = None
+
+
+_Out = tuple[int, Event, Members, Message | None]
+"""An event a batch publishes after commit: (item index, event, recipients, stored
+message), in batch order."""
 
 
 @dataclass(slots=True)
@@ -547,58 +557,22 @@ class LocalMessageService:
 
         await self._check_files(batch, results, pre)
 
-        # (item index, event, recipients, stored message) in batch order.
-        outbox: list[tuple[int, Event, Members, Message | None]] = []
-        pinned: dict[str, Members] = {}  # room -> members set by this batch
         if all(r is not None for r in results):
             self._resolve(batch, results)
             return
+        decided = results.copy()
         try:
-            async with self._store.begin() as tx:
-                state = await self._load_state(tx, batch, results)
-                for i, item in enumerate(batch):
-                    if results[i] is not None:
-                        continue
-                    m = members[item.conv.id]
-                    assert not isinstance(m, IMError)
-                    if (
-                        item.kind != "system"
-                        and pre[i] is None
-                        and item.conv.kind == "room"
-                        and item.user not in m.set
-                    ):
-                        pre[i] = Forbidden(f"not a member of {item.conv.id}")
-                    if item.kind == "mark":
-                        if pre[i] is not None:
-                            results[i] = pre[i]
-                            continue
-                        receipt = self._apply_mark(state, item)
-                        results[i] = True
-                        if receipt is not None:
-                            outbox.append((i, receipt, m, None))
-                        continue
-                    key = (item.conv.id, item.user, item.cid)
-                    dup = state.known.get(key) or state.new_keys.get(key)
-                    if dup is not None:
-                        results[i] = ops.SendData(
-                            conv=item.conv.id, seq=dup[0], ts=dup[1], cid=item.cid, dup=True
-                        )
-                        continue
-                    err = pre[i]
-                    if err is None:
-                        try:
-                            msg = self._apply(state, item, m, roles)
-                        except IMError as exc:
-                            err = exc
-                        else:
-                            state.new_keys[key] = (msg.seq, msg.ts)
-                            if item.members is not None:
-                                # A membership change takes effect at its own seq.
-                                m = members[item.conv.id] = pinned[item.conv.a] = item.members
-                            outbox.append((i, Msg.of(msg), m, msg))
-                            continue
-                    results[i] = err
-                await tx.commit(state.write)
+            try:
+                done = await self._transact(batch, results, members, pre, roles, check_all=False)
+            except KeyConflict:
+                # A resend of a message stored before the key cache knew it: apply the
+                # batch again, this time looking every key up.
+                results[:] = decided
+                done = await self._transact(batch, results, members, pre, roles, check_all=True)
+        except KeyConflict:
+            logger.exception("message batch conflicts with stored keys")
+            self._fail_pending(batch, results, Internal("message store error"))
+            return
         except IMError as exc:
             self._fail_pending(batch, results, exc)
             return
@@ -606,7 +580,7 @@ class LocalMessageService:
             logger.exception("message batch failed")
             self._fail_pending(batch, results, Internal("message store error"))
             return
-
+        state, outbox, pinned = done
         # Committed: the working state becomes the truth.
         self._pinned.update(pinned)
         if state.write.peers:
@@ -632,6 +606,75 @@ class LocalMessageService:
                     conv=stored.conv, seq=stored.seq, ts=stored.ts, cid=stored.cid, dup=False
                 )
         self._resolve(batch, results)
+
+    async def _transact(
+        self,
+        batch: list[_Write],
+        results: list[Any],
+        members: dict[str, Members | IMError],
+        pre: list[IMError | None],
+        roles: dict[tuple[str, str], str | None],
+        *,
+        check_all: bool,
+    ) -> tuple[_BatchState, list[_Out], dict[str, Members]]:
+        """Apply the batch in one transaction and commit it; decided answers go to
+        ``results``. Returns the committed state, the events to publish and the room
+        memberships the batch set.
+
+        ``check_all``: look up every idempotency key the cache does not hold. Without
+        it such keys are taken to be new, and a stored one makes the commit raise
+        :class:`KeyConflict` (see :meth:`_run_batch`).
+        """
+        outbox: list[_Out] = []
+        pinned: dict[str, Members] = {}  # room -> members set by this batch
+        members = dict(members)  # a membership change within the batch replaces an entry
+        pre = list(pre)
+        async with self._store.begin() as tx:
+            state = await self._load_state(tx, batch, results, check_all=check_all)
+            for i, item in enumerate(batch):
+                if results[i] is not None:
+                    continue
+                m = members[item.conv.id]
+                assert not isinstance(m, IMError)
+                if (
+                    item.kind != "system"
+                    and pre[i] is None
+                    and item.conv.kind == "room"
+                    and item.user not in m.set
+                ):
+                    pre[i] = Forbidden(f"not a member of {item.conv.id}")
+                if item.kind == "mark":
+                    if pre[i] is not None:
+                        results[i] = pre[i]
+                        continue
+                    receipt = self._apply_mark(state, item)
+                    results[i] = True
+                    if receipt is not None:
+                        outbox.append((i, receipt, m, None))
+                    continue
+                key = (item.conv.id, item.user, item.cid)
+                dup = state.known.get(key) or state.new_keys.get(key)
+                if dup is not None:
+                    results[i] = ops.SendData(
+                        conv=item.conv.id, seq=dup[0], ts=dup[1], cid=item.cid, dup=True
+                    )
+                    continue
+                err = pre[i]
+                if err is None:
+                    try:
+                        msg = self._apply(state, item, m, roles)
+                    except IMError as exc:
+                        err = exc
+                    else:
+                        state.new_keys[key] = (msg.seq, msg.ts)
+                        if item.members is not None:
+                            # A membership change takes effect at its own seq.
+                            m = members[item.conv.id] = pinned[item.conv.a] = item.members
+                        outbox.append((i, Msg.of(msg), m, msg))
+                        continue
+                results[i] = err
+            await tx.commit(state.write)
+        return state, outbox, pinned
 
     @staticmethod
     def _resolve(batch: list[_Write], results: list[Any]) -> None:
@@ -659,10 +702,11 @@ class LocalMessageService:
                 item.future.set_exception(type(exc)(exc.message))
 
     async def _load_state(
-        self, tx: WriteTx, batch: list[_Write], results: list[Any]
+        self, tx: WriteTx, batch: list[_Write], results: list[Any], *, check_all: bool
     ) -> _BatchState:
-        """Read what the batch needs in one step: stored idempotency keys (those not
-        known from memory), last seqs of conversations not in memory, targets, markers."""
+        """Read what the batch needs in one step: last seqs of conversations not in
+        memory, targets, markers and, with ``check_all``, the stored idempotency keys
+        not known from memory. Nothing is read when memory holds it all."""
         idem_keys: dict[IdemKey, None] = {}
         known: dict[IdemKey, tuple[int, int]] = {}
         last: dict[str, int] = {}
@@ -687,11 +731,16 @@ class LocalMessageService:
             hit = self._keys.get(key)
             if hit is not None:
                 known[key] = hit
-            else:
+            elif check_all:
                 idem_keys[key] = None
             if item.kind in ("edit", "recall", "react"):
                 target_keys[(conv_id, item.target)] = None
-        loaded = await tx.load(list(idem_keys), unknown_convs, list(target_keys), list(marker_keys))
+        if idem_keys or unknown_convs or target_keys or marker_keys:
+            loaded = await tx.load(
+                list(idem_keys), unknown_convs, list(target_keys), list(marker_keys)
+            )
+        else:
+            loaded = Loaded(existing={}, last={}, targets={}, markers={})
         known.update(loaded.existing)
         last.update(loaded.last)
         return _BatchState(

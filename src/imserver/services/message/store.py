@@ -73,7 +73,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -837,8 +837,18 @@ def _rollback(conn: Connection) -> None:
     conn.rollback()
 
 
+class KeyConflict(Exception):
+    """A batch's write hit a unique key that is already stored.
+
+    The writer loads only the idempotency keys it was told to check, so a batch that
+    skipped the check can meet a stored key here; the transaction is then abandoned
+    and the batch is applied again with every key checked.
+    """
+
+
 class WriteTx:
-    """One batch's transaction: :meth:`load`, then :meth:`commit` (else rolled back)."""
+    """One batch's transaction: :meth:`load` (optional), then :meth:`commit` (else
+    rolled back)."""
 
     def __init__(
         self, runner: Runner, search: MessageSearch, committed: Callable[[], None]
@@ -863,9 +873,12 @@ class WriteTx:
             raise translate(exc) from exc
 
     async def commit(self, batch: WriteBatch) -> None:
-        """Write ``batch`` and commit, in one step."""
+        """Write ``batch`` and commit, in one step (opening the transaction if
+        :meth:`load` did not). Raises :class:`KeyConflict` when a unique key exists."""
         try:
             await self._runner.call(_write, batch, self._search)
+        except IntegrityError as exc:
+            raise KeyConflict(str(exc.orig)) from exc
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
         self.done = True
