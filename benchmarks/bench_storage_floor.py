@@ -2,15 +2,19 @@
 
 Creates the message database with the service's own migrations and replays, through
 ``sqlite3`` directly (no SQLAlchemy, no service logic, no network), the statements
-the group-commit writer runs per batch: the idempotency lookup (one ``OR`` of
-``(conv, sender, cid)`` equalities), ``MAX(id)``, the ``INSERT`` of the rows, the FTS5
-index of the new rows and the commit (WAL, ``synchronous=FULL``, the store's
-pragmas; a passive checkpoint every second as the store does). It prints the CPU per
-message of each step: the floor under the server's CPU per message, since the server
-runs these same statements and more.
+the group-commit writer runs per batch of new messages: ``MAX(id)``, the ``INSERT``
+of the rows, the FTS5 index of the new rows and the commit (WAL,
+``synchronous=FULL``, the store's pragmas; a passive checkpoint every second as the
+store does). It prints the CPU per message of each step: the floor under the
+server's CPU per message, since the server runs these same statements and more.
+
+``--lookup`` adds the idempotency lookup (one ``OR`` of ``(conv, sender, cid)``
+equalities) that the writer runs only for a batch that met a stored key it did not
+have in memory (a resend after a restart), and that it ran for every batch before.
 
     .venv/bin/python benchmarks/bench_storage_floor.py
     .venv/bin/python benchmarks/bench_storage_floor.py --convs 16 128 --batch 32 128 --cids seq uuid
+    .venv/bin/python benchmarks/bench_storage_floor.py --lookup
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from imserver.storage.sql import SQLITE_PRAGMAS, sqlite_url, upgrade_sync
 
-STEPS = ("lookup", "max id", "insert", "fts", "commit")
+STEPS = ("max id", "insert", "fts", "commit")
 LOOKUP_SIZES = (4, 32, 256)  # the store's KeyLookup size classes
 INSERT = (
     "INSERT INTO messages (conv, seq, sender, ts, type, body, cid, meta, reply_to, mentions,"
@@ -42,7 +46,9 @@ def lookup_sql(size: int) -> str:
     return f"SELECT conv, sender, cid, seq, ts FROM messages WHERE {terms}"
 
 
-def run(root: Path, convs: int, batch: int, cids: str, prefill: int, measure: int) -> list[float]:
+def run(
+    root: Path, convs: int, batch: int, cids: str, prefill: int, measure: int, lookup: bool
+) -> list[float]:
     """CPU µs per message of each step, over ``measure`` messages after ``prefill``."""
     db_dir = root / f"c{convs}-b{batch}-{cids}"
     db_dir.mkdir()
@@ -56,7 +62,8 @@ def run(root: Path, convs: int, batch: int, cids: str, prefill: int, measure: in
     seqs = [0] * convs
     counter = itertools.count()
     lookups = {size: lookup_sql(size) for size in LOOKUP_SIZES}
-    totals = [0.0] * len(STEPS)
+    steps = ("lookup", *STEPS) if lookup else STEPS
+    totals = [0.0] * len(steps)
     last_checkpoint = time.monotonic()
 
     def one_batch(timed: bool) -> None:
@@ -74,12 +81,13 @@ def run(root: Path, convs: int, batch: int, cids: str, prefill: int, measure: in
             keys += (conv_ids[c], sender, cid)
         marks = [time.process_time()]
         db.execute("BEGIN IMMEDIATE")
-        for i in range(0, batch, LOOKUP_SIZES[-1]):
-            chunk = keys[3 * i : 3 * (i + LOOKUP_SIZES[-1])]
-            size = next(s for s in LOOKUP_SIZES if 3 * s >= len(chunk))
-            chunk += chunk[-3:] * (size - len(chunk) // 3)
-            assert not db.execute(lookups[size], chunk).fetchall()
-        marks.append(time.process_time())
+        if lookup:
+            for i in range(0, batch, LOOKUP_SIZES[-1]):
+                chunk = keys[3 * i : 3 * (i + LOOKUP_SIZES[-1])]
+                size = next(s for s in LOOKUP_SIZES if 3 * s >= len(chunk))
+                chunk += chunk[-3:] * (size - len(chunk) // 3)
+                assert not db.execute(lookups[size], chunk).fetchall()
+            marks.append(time.process_time())
         last_id = db.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
         marks.append(time.process_time())
         db.executemany(INSERT, rows)
@@ -89,7 +97,7 @@ def run(root: Path, convs: int, batch: int, cids: str, prefill: int, measure: in
         db.execute("COMMIT")
         marks.append(time.process_time())
         if timed:
-            for i in range(len(STEPS)):
+            for i in range(len(steps)):
                 totals[i] += marks[i + 1] - marks[i]
         now = time.monotonic()
         if now - last_checkpoint >= 1.0:
@@ -115,13 +123,15 @@ def main() -> None:
     parser.add_argument("--cids", choices=("seq", "uuid"), nargs="+", default=["seq", "uuid"])
     parser.add_argument("--prefill", type=int, default=100_000, help="rows before measuring")
     parser.add_argument("--measure", type=int, default=50_000, help="rows measured")
+    parser.add_argument("--lookup", action="store_true", help="add the idempotency lookup step")
     args = parser.parse_args()
-    head = f"{'convs':>6} {'batch':>6} {'cids':>5} " + " ".join(f"{s:>8}" for s in STEPS)
+    steps = ("lookup", *STEPS) if args.lookup else STEPS
+    head = f"{'convs':>6} {'batch':>6} {'cids':>5} " + " ".join(f"{s:>8}" for s in steps)
     print("CPU µs per message, by step")
     print(head + f" {'total':>8}")
     with tempfile.TemporaryDirectory(prefix="imserver-storage-floor-") as tmp:
         for convs, batch, cids in itertools.product(args.convs, args.batch, args.cids):
-            per_step = run(Path(tmp), convs, batch, cids, args.prefill, args.measure)
+            per_step = run(Path(tmp), convs, batch, cids, args.prefill, args.measure, args.lookup)
             cells = " ".join(f"{v:>8.2f}" for v in per_step)
             print(f"{convs:>6} {batch:>6} {cids:>5} {cells} {sum(per_step):>8.2f}")
 
