@@ -35,6 +35,7 @@ the suite reads:
 - ``auth_latency_ms`` — the same of the auth alone;
 - ``server_us_per_auth`` — server CPU µs per completed auth;
 - ``server_pct`` / ``clients_pct`` — CPU in % of one core over the interval;
+- ``steal_pct`` — CPU the host took from this virtual machine, in % of all cores;
 - ``rss_mib`` — server RSS at the end; ``failures`` — failed cycles by error code.
 """
 
@@ -446,6 +447,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "clients_pct": harness.cpu_percent(a, b, worker_pids),
         "clients_pct_each": [harness.cpu_percent(a, b, [p]) for p in worker_pids],
         "machine_pct": harness.machine_percent(a, b),
+        "steal_pct": harness.steal_percent(a, b),
         "rss_mib": memory.get("rss_mib"),
         "peak_rss_mib": memory.get("peak_rss_mib"),
         "failures": dict(errors),
@@ -588,7 +590,10 @@ def run(args: argparse.Namespace) -> int:
         + " + ".join(f"{p:.0f}" for p in res["clients_pct_each"])
         + ")",
     )
-    r.add(f"machine CPU busy ({os.cpu_count()} cores)", f"{res['machine_pct']:.0f}%")
+    r.add(
+        f"machine CPU busy ({os.cpu_count()} cores)",
+        f"{res['machine_pct']:.0f}% (host steal {res['steal_pct']:.1f}%)",
+    )
     r.add("server RSS / peak (MiB)", f"{res['rss_mib']:.0f} / {res['peak_rss_mib']:.0f}")
     tot = res["totals"]
     r.add(

@@ -335,6 +335,7 @@ def _drive(
         "deliveries_per_s": window_d / args.duration,
         "clients_pct": harness.cpu_percent(snap_a, snap_b, client_pids),
         "machine_pct": harness.machine_percent(snap_a, snap_b),
+        "steal_pct": harness.steal_percent(snap_a, snap_b),
         "delivered": sum(r["delivered"] for r in res),
         "problems": [p for r in res for p in r["problems"]],
     }
@@ -513,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
     def pct(res: dict[str, Any]) -> str:
         return (
             f"server {res.get('server_pct', 0):.0f}% / clients {res['clients_pct']:.0f}% of a "
-            f"core; machine {res['machine_pct']:.0f}% busy"
+            f"core; machine {res['machine_pct']:.0f}% busy, host steal {res['steal_pct']:.1f}%"
         )
 
     if "echo" in only:

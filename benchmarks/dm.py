@@ -29,7 +29,8 @@ printed and makes the exit status 1.
 
 The JSON (:func:`harness.write_results`) holds the figures under ``"results"``
 (``acked_per_s``, ``delivered_per_s``, ``ack_latency`` and ``delivery_latency``
-summaries, ``cpu.server_us_per_msg``, ``cpu.clients_pct``, ``memory``) and the
+summaries, ``cpu.server_us_per_msg``, ``cpu.clients_pct``, ``cpu.steal_pct``,
+``memory``) and the
 workers' counters sampled every 0.25 s under ``"timeseries"``
 (:class:`harness.Timeseries`).
 """
@@ -668,6 +669,7 @@ def run(args: argparse.Namespace) -> int:
             "clients_pct": harness.cpu_percent(a, b, worker_pids),
             "clients_pct_each": [harness.cpu_percent(a, b, [p]) for p in worker_pids],
             "machine_pct": harness.machine_percent(a, b),
+            "steal_pct": harness.steal_percent(a, b),
         }
 
     # verification
@@ -712,7 +714,10 @@ def run(args: argparse.Namespace) -> int:
             + " + ".join(f"{p:.0f}" for p in cpu["clients_pct_each"])
             + ")",
         )
-        r.add(f"machine CPU busy ({os.cpu_count()} cores)", f"{cpu['machine_pct']:.0f}%")
+        r.add(
+            f"machine CPU busy ({os.cpu_count()} cores)",
+            f"{cpu['machine_pct']:.0f}% (host steal {cpu['steal_pct']:.1f}%)",
+        )
     r.add("server RSS / peak (MiB)", f"{memory['rss_mib']:.0f} / {memory['peak_rss_mib']:.0f}")
     r.add(
         "whole run: sent / acked / delivered",

@@ -595,14 +595,16 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return out
 
 
-def machine_cpu() -> tuple[float, float]:
-    """``(busy, total)`` CPU seconds of the whole machine since boot, over all cores."""
+def machine_cpu() -> tuple[float, float, float]:
+    """``(busy, total, steal)`` CPU seconds of the whole machine since boot, over all
+    cores. *Steal* is time a virtual machine's cores were runnable but the host ran
+    something else; it counts as busy."""
     with open("/proc/stat", "rb") as fh:
         first = fh.readline().split()
     values = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
     idle = values[3] + values[4]
     total = sum(values)
-    return (total - idle) / CLK_TCK, total / CLK_TCK
+    return (total - idle) / CLK_TCK, total / CLK_TCK, values[7] / CLK_TCK
 
 
 def memory_of(pid: int) -> dict[str, float]:
@@ -630,6 +632,7 @@ class CpuSnapshot:
     threads: dict[str, float]
     machine_busy: float
     machine_total: float
+    machine_steal: float
 
 
 def take_snapshot(pids: Iterable[int], threads_of: int | None = None) -> CpuSnapshot:
@@ -645,8 +648,8 @@ def take_snapshot(pids: Iterable[int], threads_of: int | None = None) -> CpuSnap
         procs[pid] = user + sys_s
         system[pid] = sys_s
     threads = thread_cpu_seconds(threads_of) if threads_of is not None else {}
-    busy, total = machine_cpu()
-    return CpuSnapshot(time.monotonic(), procs, system, threads, busy, total)
+    busy, total, steal = machine_cpu()
+    return CpuSnapshot(time.monotonic(), procs, system, threads, busy, total, steal)
 
 
 def cpu_percent(a: CpuSnapshot, b: CpuSnapshot, pids: Iterable[int]) -> float:
@@ -679,6 +682,13 @@ def machine_percent(a: CpuSnapshot, b: CpuSnapshot) -> float:
     """The whole machine's busy CPU between two snapshots, in % of all cores."""
     total = b.machine_total - a.machine_total
     return 100.0 * (b.machine_busy - a.machine_busy) / total if total > 0 else 0.0
+
+
+def steal_percent(a: CpuSnapshot, b: CpuSnapshot) -> float:
+    """CPU time the host took from this virtual machine between two snapshots, in % of
+    all cores: a share above a few % means other tenants slowed every process here."""
+    total = b.machine_total - a.machine_total
+    return 100.0 * (b.machine_steal - a.machine_steal) / total if total > 0 else 0.0
 
 
 # --- latency ----------------------------------------------------------------------------

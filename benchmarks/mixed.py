@@ -33,7 +33,7 @@ JSON (``benchmarks/results/mixed-<stamp>.json``), the keys the suite reads::
       "by_op": {"dm"|"room"|"typing"|"read"|"history":
                 {"ops_per_s", "p50_ms", "p99_ms", "p999_ms"}},
       "delivery_latency": {...latency_summary...}, "events_by_kind": {kind: per_s},
-      "clients_pct", "machine_pct", "memory": {"rss_mib", "peak_rss_mib"}
+      "clients_pct", "machine_pct", "steal_pct", "memory": {"rss_mib", "peak_rss_mib"}
     }
 """
 
@@ -723,6 +723,7 @@ def run(args: argparse.Namespace) -> int:
         "server_threads_pct": harness.thread_percents(a, b),
         "clients_pct": harness.cpu_percent(a, b, client_pids),
         "machine_pct": harness.machine_percent(a, b),
+        "steal_pct": harness.steal_percent(a, b),
         "memory": memory,
         "errors": dict(errors),
         "read_fallback": sum(r["read_fallback"] for r in res),
@@ -769,7 +770,8 @@ def run(args: argparse.Namespace) -> int:
     report.add(
         "client CPU / machine busy",
         f"{results['clients_pct']:.0f}% of a core ({len(client_pids)} procs) / "
-        f"{results['machine_pct']:.0f}% of {os.cpu_count()} cores",
+        f"{results['machine_pct']:.0f}% of {os.cpu_count()} cores "
+        f"(host steal {results['steal_pct']:.1f}%)",
     )
     report.add("server RSS / peak (MiB)", f"{memory['rss_mib']:.0f} / {memory['peak_rss_mib']:.0f}")
     tot = results["totals"]

@@ -501,6 +501,7 @@ def _run_size(args: argparse.Namespace, size: int, stamp: str) -> dict[str, Any]
         "server_us_per_delivery": 1e6 * server_cpu_s / delivered_w if delivered_w else None,
         "clients_pct": harness.cpu_percent(a, b, client_pids),
         "machine_pct": harness.machine_percent(a, b),
+        "steal_pct": harness.steal_percent(a, b),
         "memory": memory,
         "totals": {"acked": acked, "delivered": delivered, "expected": expected},
         "exit_code": exit_code,
@@ -637,7 +638,7 @@ def run(args: argparse.Namespace) -> int:
         report.add(
             f"{n:,} members: client CPU / machine busy",
             f"{res['clients_pct']:.0f}% of a core / {res['machine_pct']:.0f}% of "
-            f"{os.cpu_count()} cores",
+            f"{os.cpu_count()} cores (host steal {res['steal_pct']:.1f}%)",
         )
         report.add(
             f"{n:,} members: server RSS (MiB), setup",

@@ -665,6 +665,7 @@ def build_table(results: Mapping[str, StepResult]) -> list[Row]:
             ),
             Row("dm", "ack p99 ms", "ms", num(r, "ack_latency", "p99_ms")),
             Row("dm", "client CPU %", "%", num(r, "cpu", "clients_pct")),
+            Row("dm", "host steal %", "%", num(r, "cpu", "steal_pct")),
         ]
     if (d := data_of("dm-rate")) is not None:
         r = d.get("results", {})
@@ -715,6 +716,7 @@ def build_table(results: Mapping[str, StepResult]) -> list[Row]:
         rows += [
             Row(name, "delivery p99 ms", "ms", num(run, "delivery_latency", "p99_ms")),
             Row(name, "client CPU %", "%", num(run, "clients_pct")),
+            Row(name, "host steal %", "%", num(run, "steal_pct")),
         ]
     if (d := data_of("connections")) is not None:
         r = d.get("results", {})
@@ -740,6 +742,7 @@ def build_table(results: Mapping[str, StepResult]) -> list[Row]:
             Row("auth-storm", "token auths/s", "/s", num(r, "auths_per_s"), Target(">=", 5_000)),
             Row("auth-storm", "server CPU µs/auth", "µs", num(r, "server_us_per_auth")),
             Row("auth-storm", "connect→auth p99 ms", "ms", num(r, "cycle_latency", "p99_ms")),
+            Row("auth-storm", "host steal %", "%", num(r, "steal_pct")),
         ]
     if (d := data_of("mixed")) is not None:
         r = d.get("results", {})
