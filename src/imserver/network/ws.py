@@ -50,8 +50,8 @@ from imserver.protocol.wsframe import (
     OP_TEXT,
     WsParser,
     WsProtocolError,
-    accept_key,
     parse_request_head,
+    upgrade_headers,
     upgrade_key,
     upgrade_response,
     ws_close_frame,
@@ -343,14 +343,7 @@ async def upgrade_within_aiohttp(
     connection's first request head). aiohttp writes the ``101``; from then on its
     request handler passes every byte to the :class:`WsConnection`, which writes to
     the transport directly, and this handler lasts as long as the WebSocket."""
-    response = web.StreamResponse(
-        status=101,
-        headers={
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Accept": accept_key(key),
-        },
-    )
+    response = web.StreamResponse(status=101, headers=upgrade_headers(key))
     await response.prepare(request)
     transport = request.transport
     assert transport is not None

@@ -124,12 +124,19 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
 
 
+def upgrade_headers(key: str) -> dict[str, str]:
+    """The headers of the ``101 Switching Protocols`` answer to ``key``."""
+    return {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": accept_key(key),
+    }
+
+
 def upgrade_response(key: str) -> bytes:
     """The ``101 Switching Protocols`` answer to an upgrade carrying ``key``."""
-    return (
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n"
-    ).encode()
+    fields = "".join(f"{name}: {value}\r\n" for name, value in upgrade_headers(key).items())
+    return f"HTTP/1.1 101 Switching Protocols\r\n{fields}\r\n".encode()
 
 
 # --- client frames ---------------------------------------------------------------------
