@@ -6,10 +6,11 @@ msgspec blamed, and carries the frame's ``rid`` when one could be read, so the
 gateway can answer the right request and keep the connection open. Nothing else
 escapes: nesting too deep for msgspec (``RecursionError``) is a malformed frame too.
 
-Free-form values (``send.meta``) must stay inside the JSON data model even when they
-arrive as MessagePack: a MessagePack extension, binary, timestamp or non-string map
-key would make the message impossible to deliver to JSON sessions (or to store), so
-it is refused here, at the boundary, rather than failing later for every recipient.
+Free-form values (``send.meta``) must be encodable in both codecs whatever codec
+they arrive in (:mod:`imserver.protocol.values`): a MessagePack extension, an integer
+past 64 bits in JSON, a NaN or a value nested too deep would make the message
+impossible to deliver to the sessions of the other codec (or to store), so it is
+refused here, at the boundary, rather than failing later for every recipient.
 
 Encoding an event is done once per codec and the bytes are shared by every
 recipient (see :class:`EncodedEvent`).
@@ -25,6 +26,7 @@ import msgspec
 
 from imserver.protocol.events import Event
 from imserver.protocol.ops import ALL_OPS, Op, Send
+from imserver.protocol.values import value_problem
 from imserver.utils.errors import BadRequest
 
 
@@ -54,8 +56,6 @@ _msgpack_enc = msgspec.msgpack.Encoder()
 
 # A frame nested deeper than msgspec's recursion guard raises RecursionError, not DecodeError.
 _DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
-# What a MessagePack value may contain and still mean the same thing in JSON (bool is an int).
-_JSON_SCALARS = (str, int, float, type(None))
 
 _FIELD_RE = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
 _UNKNOWN_OP_RE = re.compile(r"^Invalid value '(.*)' - at `\$\.op`$", re.S)
@@ -70,26 +70,33 @@ def decode_op(payload: bytes | str, codec: Codec) -> Op:
     """Decode and validate one op. Raises :class:`BadRequest` (with ``rid`` when readable)."""
     try:
         if codec is Codec.JSON:
-            return _json_ops.decode(payload)  # type: ignore[no-any-return]
-        op: Op = _msgpack_ops.decode(payload.encode() if isinstance(payload, str) else payload)
+            op: Op = _json_ops.decode(payload)
+        else:
+            op = _msgpack_ops.decode(payload.encode() if isinstance(payload, str) else payload)
     except _DECODE_ERRORS as exc:
         raise _bad_request(payload, codec, exc) from None
-    # JSON can only produce JSON values; MessagePack can produce more (see module docstring).
-    if isinstance(op, Send) and op.meta is not None:
-        problem = _non_json_value(op.meta)
-        if problem is not None:
-            err = BadRequest(f"invalid field 'meta': {problem}", field="meta")
-            err.rid = op.rid
-            raise err
+    _check_values(op)
     return op
 
 
 def decode_op_as(payload: bytes, op_type: type[Op]) -> Op:
     """Decode a JSON body as one known op (the HTTP API, where the URL names the op)."""
     try:
-        return msgspec.json.decode(payload or b"{}", type=op_type)
+        op: Op = msgspec.json.decode(payload or b"{}", type=op_type)
     except _DECODE_ERRORS as exc:
         raise _bad_request(payload, Codec.JSON, exc) from None
+    _check_values(op)
+    return op
+
+
+def _check_values(op: Op) -> None:
+    """Refuse free-form values that one of the codecs could not encode (module docstring)."""
+    if isinstance(op, Send) and op.meta is not None:
+        problem = value_problem(op.meta, "meta")
+        if problem is not None:
+            err = BadRequest(f"invalid field 'meta': {problem}", field="meta")
+            err.rid = op.rid
+            raise err
 
 
 def _bad_request(payload: bytes | str, codec: Codec, exc: Exception) -> BadRequest:
@@ -125,24 +132,6 @@ def read_rid(payload: bytes | str, codec: Codec) -> str | None:
         return None
     rid = env.rid
     return rid if isinstance(rid, str) and len(rid) <= 64 else None
-
-
-def _non_json_value(value: Any) -> str | None:
-    """Why a decoded MessagePack value has no JSON equivalent, or None when it has one."""
-    # Iterative: msgspec accepts nesting deeper than Python's own recursion limit allows here.
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, sub in item.items():
-                if not isinstance(key, str):
-                    return f"map keys must be strings, not {type(key).__name__}"
-                stack.append(sub)
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif not isinstance(item, _JSON_SCALARS):
-            return f"{type(item).__name__} values have no JSON equivalent"
-    return None
 
 
 def encode(event: Event | msgspec.Struct, codec: Codec) -> bytes:
