@@ -343,6 +343,45 @@ async def test_send_validation(shared_server: ServerProcess, clients: Clients) -
     assert history[3]["body"] == "" and history[3]["type"] == "custom"
 
 
+async def test_meta_values_both_codecs_can_carry(
+    shared_server: ServerProcess, clients: Clients
+) -> None:
+    """A value one codec cannot encode is refused whatever codec it arrives in, naming
+    ``meta``: stored, it would break every read of the other codec's recipients. The
+    values at the edges of the model reach both codecs, live and from history."""
+    a = await clients.user(shared_server, "a", transport="ws", codec="json")
+    b = await clients.user(shared_server, "b", transport="tcp", codec="msgpack")
+    b_json = await clients.connect(shared_server, "ws", "json", login_as=None)
+    await b_json.auth(b.token)
+    conv = dm(a, b)
+    deep: Any = 0
+    for _ in range(32):  # {"deep": deep} is 33 levels deep, {"deep": deep[0]} 32
+        deep = [deep]
+    for meta in (
+        {"n": 2**64},
+        {"n": 2**63},
+        {"n": -(2**63) - 1},
+        {"list": [1, {"deeper": 10**30}]},
+        {"deep": deep},
+    ):
+        await refused(send(a, conv, meta=meta), "bad_request", "meta", what=str(meta)[:40])
+    max_meta = a.hello_data["limits"]["max_meta"] if a.hello_data else 8192
+    await refused(send(a, conv, meta={"s": "x" * max_meta}), "too_large", "meta")
+    # MessagePack can say what JSON cannot: NaN, infinity, unsigned 64-bit integers.
+    for meta in ({"f": float("nan")}, {"f": float("-inf")}, {"n": 2**64 - 1}):
+        await refused(send(b, conv, meta=meta), "bad_request", "meta", what=str(meta))
+    assert await a.ping() == {} and await b.ping() == {}
+
+    edge = {"max": 2**63 - 1, "min": -(2**63), "f": -1.5e308, "deep": deep[0], "u": "é\u0000"}
+    ack = await send(a, conv, meta=edge)
+    assert ack["seq"] == 1  # nothing refused used a seq
+    for reader in (b, b_json):
+        assert (await next_msg(reader, conv))["meta"] == edge
+        assert [m["meta"] for m in await all_messages(reader, conv)] == [edge]
+        entry = await conv_entry(reader, conv)
+        assert entry is not None and entry["last"]["meta"] == edge
+
+
 # --- history paging -------------------------------------------------------------------
 
 

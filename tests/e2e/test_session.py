@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at 
 
 MAX_FRAME = 65536
 MAX_BODY = 16384
+MAX_META = 8192
 
 
 def other_codec(codec: str) -> str:
@@ -138,6 +139,7 @@ async def test_hello_reply_fields(
     assert data["limits"] == {
         "max_frame": MAX_FRAME,
         "max_body": MAX_BODY,
+        "max_meta": MAX_META,
         "rate": {"per_s": 50, "burst": 200},
     }
     # Every connection is its own session.

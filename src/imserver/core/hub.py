@@ -9,41 +9,56 @@ Fan-out invariants:
 * Deliveries are handled in the order they are published, and each is written to
   every recipient before the next is looked at, so a session sees a conversation's
   ``msg`` events in seq order.
+* An event that cannot be encoded in one codec (a bug: values are checked when they
+  arrive, see :mod:`imserver.protocol.values`) is logged and counted once and skipped
+  for the sessions of that codec only; they see a seq gap and recover by ``history``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
+from imserver.core.metrics import Metrics
 from imserver.core.session import Session
 from imserver.protocol.codec import Codec, EncodedEvent
 from imserver.storage.bus import Delivery
 from imserver.utils.ids import LoginId, UserId
 
+logger = logging.getLogger(__name__)
 
 class _Framed:
-    """One event's framed bytes, per (transport kind, codec), computed on first use."""
+    """One event's framed bytes, per (transport kind, codec), computed on first use;
+    ``None`` for a codec that cannot encode the event."""
 
-    __slots__ = ("cache", "encoded")
+    __slots__ = ("cache", "encoded", "metrics")
 
-    def __init__(self, encoded: EncodedEvent) -> None:
+    def __init__(self, encoded: EncodedEvent, metrics: Metrics) -> None:
         self.encoded = encoded
-        self.cache: dict[tuple[str, Codec], bytes] = {}
+        self.metrics = metrics
+        self.cache: dict[tuple[str, Codec], bytes | None] = {}
 
-    def get(self, session: Session) -> bytes:
+    def get(self, session: Session) -> bytes | None:
         key = (session.link.kind, session.codec)
-        data = self.cache.get(key)
-        if data is None:
-            data = self.cache[key] = session.link.frame(
-                self.encoded.for_codec(session.codec), session.codec
-            )
+        if key in self.cache:
+            return self.cache[key]
+        codec = session.codec
+        data: bytes | None = None
+        try:
+            data = session.link.frame(self.encoded.for_codec(codec), codec)
+        except Exception:
+            event = self.encoded.event
+            logger.exception("cannot encode a %s event in %s", type(event).__name__, codec.name)
+            self.metrics.encode_failure("event", codec.name.lower())
+        self.cache[key] = data
         return data
 
 
 class Hub:
     """Live authenticated sessions, indexed by user and by login session."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
         self._by_user: dict[UserId, dict[Session, None]] = {}
         self._by_login: dict[LoginId, dict[Session, None]] = {}
         self.delivered = 0
@@ -108,7 +123,7 @@ class Hub:
         by_user: dict[str, dict[Session, None]] = self._by_user  # type: ignore[assignment]
         last_kind: str | None = None
         last_codec: Codec | None = None
-        data = b""
+        data: bytes | None = b""
         count = 0
         for user in delivery.users:
             sessions = by_user.get(user)
@@ -121,9 +136,11 @@ class Hub:
                 codec = session.codec
                 if kind != last_kind or codec is not last_codec:
                     if framed is None:
-                        framed = _Framed(EncodedEvent(delivery.event))
+                        framed = _Framed(EncodedEvent(delivery.event), self._metrics)
                     data = framed.get(session)
                     last_kind, last_codec = kind, codec
+                if data is None:
+                    continue
                 session.push(data)
                 count += 1
         self.delivered += count

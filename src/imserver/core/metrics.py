@@ -66,6 +66,7 @@ class Metrics(Collector):
         self.connections: dict[str, int] = {}
         self.ack_latency = Histogram(ACK_BUCKETS)
         self.slow_consumers = Count()
+        self.encode_failures: dict[tuple[str, str], int] = {}
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -77,6 +78,11 @@ class Metrics(Collector):
     def connection(self, transport: str, delta: int) -> None:
         """Add ``delta`` to the open-connection gauge of ``transport``."""
         self.connections[transport] = self.connections.get(transport, 0) + delta
+
+    def encode_failure(self, frame: str, codec: str) -> None:
+        """Count one ``reply`` or ``event`` that could not be encoded in ``codec``."""
+        key = (frame, codec)
+        self.encode_failures[key] = self.encode_failures.get(key, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
         conns = GaugeMetricFamily(
@@ -103,6 +109,14 @@ class Metrics(Collector):
             "Sessions closed because their queue overflowed",
             value=self.slow_consumers.value,
         )
+        failures = CounterMetricFamily(
+            "imserver_encode_failures",
+            "Replies and events that could not be encoded in a session's codec",
+            labels=["frame", "codec"],
+        )
+        for (frame, codec), value in sorted(self.encode_failures.items()):
+            failures.add_metric([frame, codec], value)
+        yield failures
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -98,6 +98,7 @@ class Server:
             rooms=self.rooms,
             files=self.files,
             max_body=cfg.limits.max_body,
+            max_meta=cfg.limits.max_meta,
             batch_max=cfg.storage.batch_max,
         )
         self.rooms.bind(messages=self.messages)

@@ -147,10 +147,17 @@ class Session:
     # --- outbound ------------------------------------------------------------------
 
     def send_reply(self, rid: str | None, data: Any) -> None:
-        """Write a successful reply."""
-        self.push(
-            self.link.frame(encode(Reply(rid=rid, ok=True, data=data), self.codec), self.codec)
-        )
+        """Write a successful reply, or ``internal`` when ``data`` cannot be encoded in
+        the session's codec (a bug, logged and counted; the session stays open)."""
+        codec = self.codec
+        try:
+            payload = encode(Reply(rid=rid, ok=True, data=data), codec)
+        except Exception:
+            logger.exception("cannot encode the reply to rid %r in %s", rid, codec.name)
+            self.gateway.metrics.encode_failure("reply", codec.name.lower())
+            self.send_error(rid, Internal(f"the reply could not be encoded in {codec.name}"))
+            return
+        self.push(self.link.frame(payload, codec))
 
     def send_error(self, rid: str | None, exc: IMError, codec: Codec | None = None) -> None:
         """Write an error reply (sent even for ops without ``rid``)."""

@@ -100,6 +100,7 @@ class RateLimits(msgspec.Struct, kw_only=True):
 class Limits(msgspec.Struct, kw_only=True):
     max_frame: int
     max_body: int
+    max_meta: int
     rate: RateLimits
 
 

@@ -6,11 +6,15 @@ the same bytes to each live session of the named users. Embedded mode uses
 :class:`MemoryLiveBus` (a direct call); distributed mode puts Redis pub/sub here.
 
 Deliveries published by one caller reach subscribers in publication order, which
-is what keeps each conversation's ``msg`` events in seq order per session.
+is what keeps each conversation's ``msg`` events in seq order per session. A
+subscriber that fails on one delivery is logged and keeps its subscription; the
+failure reaches neither the publisher (whose write has committed) nor the other
+subscribers.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -18,6 +22,7 @@ import msgspec
 
 from imserver.protocol.events import Event
 
+logger = logging.getLogger(__name__)
 
 class Delivery(msgspec.Struct, frozen=True):
     """One event for the live sessions of ``users``.
@@ -53,7 +58,11 @@ class MemoryLiveBus:
 
     def publish(self, delivery: Delivery) -> None:
         for handler in self._handlers:
-            handler(delivery)
+            try:
+                handler(delivery)
+            except Exception:
+                name = type(delivery.event).__name__
+                logger.exception("live-bus subscriber %r failed on a %s event", handler, name)
 
     def subscribe(self, handler: DeliveryHandler) -> None:
         self._handlers.append(handler)

@@ -34,6 +34,8 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Largest frame accepted, in bytes (WebSocket message, TCP payload, HTTP body)."""
     max_body: int = 16384
     """Largest message ``body``, in characters."""
+    max_meta: int = 8192
+    """Largest ``send.meta``, in bytes of its JSON encoding."""
     rate_per_s: float = 50.0
     """Sustained ops per second per connection (token bucket refill)."""
     rate_burst: int = 200

@@ -55,7 +55,7 @@ class Gateway:
         self.rooms = rooms
         self.bus = bus
         self.metrics = metrics
-        self.hub = Hub()
+        self.hub = Hub(metrics)
         self.flusher = Flusher()
         self.router = Router(build_handlers(self))
         self.sessions: set[Session] = set()
@@ -65,6 +65,7 @@ class Gateway:
         self.limits = Limits(
             max_frame=lim.max_frame,
             max_body=lim.max_body,
+            max_meta=lim.max_meta,
             rate=RateLimits(per_s=lim.rate_per_s, burst=lim.rate_burst),
         )
         self._sweeper: asyncio.Task[None] | None = None

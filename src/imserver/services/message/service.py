@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeVar
 
 from imserver.protocol import ops
+from imserver.protocol.codec import encode_json
 from imserver.protocol.events import Event, Msg, Receipt, TypingEvent
 from imserver.protocol.models import ConvKind, ConvSummary, Message, ReceiptKind
 from imserver.services.caller import Caller
@@ -247,6 +248,7 @@ class LocalMessageService:
         rooms: RoomDirectory | None = None,
         files: FileDirectory | None = None,
         max_body: int = 16384,
+        max_meta: int = 8192,
         batch_max: int = 512,
     ) -> None:
         self._store = store
@@ -255,6 +257,7 @@ class LocalMessageService:
         self._rooms = rooms
         self._files = files
         self._max_body = max_body
+        self._max_meta = max_meta
         self._batch_max = batch_max
         self._queue: deque[_Write] = deque()
         self._wake = asyncio.Event()
@@ -343,13 +346,17 @@ class LocalMessageService:
         )
         return fut
 
-    @staticmethod
-    def _file_check(req: ops.Send) -> Callable[[], None] | None:
-        """Image and file messages must name their file in ``meta.file``."""
-        if req.type not in ("image", "file"):
+    def _send_check(self, req: ops.Send) -> Callable[[], None] | None:
+        """``meta`` within ``max_meta`` bytes; image and file messages must name their
+        file in ``meta.file``."""
+        if req.meta is None and req.type not in ("image", "file"):
             return None
 
         def check() -> None:
+            if req.meta is not None and len(encode_json(req.meta)) > self._max_meta:
+                raise TooLarge(f"meta larger than {self._max_meta} bytes", field="meta")
+            if req.type not in ("image", "file"):
+                return
             file_id = (req.meta or {}).get("file")
             if not isinstance(file_id, str) or not file_id:
                 raise BadRequest(f"{req.type} messages need meta.file", field="meta")
@@ -364,7 +371,7 @@ class LocalMessageService:
             caller,
             req.conv,
             req.body,
-            self._file_check(req),
+            self._send_check(req),
             cid=req.cid,
             type=req.type,
             meta=req.meta,
@@ -1104,6 +1111,7 @@ async def open_message_service(
     rooms: RoomDirectory | None = None,
     files: FileDirectory | None = None,
     max_body: int = 16384,
+    max_meta: int = 8192,
     batch_max: int = 512,
 ) -> LocalMessageService:
     """Migrate the database at ``url``, open it and start the writer."""
@@ -1121,6 +1129,7 @@ async def open_message_service(
         rooms=rooms,
         files=files,
         max_body=max_body,
+        max_meta=max_meta,
         batch_max=batch_max,
     )
     service.start()
