@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at 
     from conftest import ServerFactory
 
 
-
 def _which_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -27,6 +27,7 @@ from imserver.utils.ids import LoginId, UserId
 
 logger = logging.getLogger(__name__)
 
+
 class _Framed:
     """One event's framed bytes, per (transport kind, codec), computed on first use;
     ``None`` for a codec that cannot encode the event."""

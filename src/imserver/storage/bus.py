@@ -24,6 +24,7 @@ from imserver.protocol.events import Event
 
 logger = logging.getLogger(__name__)
 
+
 class Delivery(msgspec.Struct, frozen=True):
     """One event for the live sessions of ``users``.
 
