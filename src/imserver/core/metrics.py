@@ -67,6 +67,9 @@ class Metrics(Collector):
         self.ack_latency = Histogram(ACK_BUCKETS)
         self.slow_consumers = Count()
         self.encode_failures: dict[tuple[str, str], int] = {}
+        self.accept_paused = 0
+        self.accept_pauses = Count()
+        self.refused_per_address = Count()
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -117,6 +120,21 @@ class Metrics(Collector):
         for (frame, codec), value in sorted(self.encode_failures.items()):
             failures.add_metric([frame, codec], value)
         yield failures
+        yield GaugeMetricFamily(
+            "imserver_accept_paused",
+            "1 while the listeners stop accepting to keep descriptors in reserve",
+            value=self.accept_paused,
+        )
+        yield CounterMetricFamily(
+            "imserver_accept_pauses",
+            "Times the listeners stopped accepting near the descriptor limit",
+            value=self.accept_pauses.value,
+        )
+        yield CounterMetricFamily(
+            "imserver_connections_refused_per_address",
+            "Connections closed on accept: their address had max_connections_per_ip open",
+            value=self.refused_per_address.value,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

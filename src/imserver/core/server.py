@@ -11,7 +11,6 @@ every session and wait (bounded) for their queues to flush; close the databases.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from imserver.core.metrics import Metrics
 from imserver.network.http import HttpApi, build_app
+from imserver.network.listener import Admission, Listener, system_backlog
 from imserver.network.tcp import serve_tcp
 from imserver.network.ws import WsEntry, serve_http
 from imserver.services.file.service import LocalFileService, open_file_service
@@ -61,8 +61,9 @@ class Server:
         self.files: LocalFileService | None = None
         self._runner: web.AppRunner | None = None
         self._api: HttpApi | None = None
-        self._tcp: asyncio.Server | None = None
-        self._http: asyncio.Server | None = None
+        self._tcp: Listener | None = None
+        self._http: Listener | None = None
+        self._admission: Admission | None = None
         self._ws: WsEntry | None = None
         self.http_port = config.http_port
         self.tcp_port = config.tcp_port
@@ -117,21 +118,36 @@ class Server:
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         assert self._runner.server is not None
-        self._http, self._ws = await serve_http(
-            gateway, self._runner.server, cfg.host, cfg.http_port
+        lim = cfg.limits
+        admission = self._admission = Admission(
+            reserved_fds=lim.reserved_fds,
+            max_per_address=lim.max_connections_per_ip,
+            metrics=self.metrics,
         )
-        self._tcp = await serve_tcp(gateway, cfg.host, cfg.tcp_port)
-        self.http_port = _bound_port(self._http) or cfg.http_port
-        self.tcp_port = _bound_port(self._tcp) or cfg.tcp_port
+        backlog = cfg.listen_backlog or system_backlog()
+        self._http, self._ws = await serve_http(
+            gateway, self._runner.server, cfg.host, cfg.http_port, backlog, admission
+        )
+        self._tcp = await serve_tcp(gateway, cfg.host, cfg.tcp_port, backlog, admission)
+        self.http_port = self._http.port
+        self.tcp_port = self._tcp.port
         self._api.ready = True
         logger.info(
-            "imserver listening: http/ws %s:%d, tcp %s:%d, data %s",
+            "imserver listening: http/ws %s:%d, tcp %s:%d, backlog %d, data %s",
             cfg.host,
             self.http_port,
             cfg.host,
             self.tcp_port,
+            backlog,
             data_dir.resolve(),
         )
+        budget = admission.budget
+        if budget.enabled:
+            logger.info(
+                "descriptors: limit %d, accepting stops at %d open",
+                budget.limit,
+                budget.high,
+            )
 
     async def stop(self) -> None:
         """Shut down gracefully; nothing acknowledged is lost."""
@@ -151,6 +167,8 @@ class Server:
             await self._ws.wait_closed(self.config.shutdown_grace)
         if self._tcp is not None:
             await self._tcp.wait_closed()
+        if self._admission is not None:
+            self._admission.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.messages is not None:
@@ -163,9 +181,3 @@ class Server:
             await self.users.close()
         logger.info("imserver stopped")
 
-
-def _bound_port(server: asyncio.Server) -> int | None:
-    for sock in server.sockets:
-        port: int = sock.getsockname()[1]
-        return port
-    return None

@@ -77,6 +77,7 @@ class Session:
         "id",
         "last_rx",
         "link",
+        "opened",
     )
 
     def __init__(self, gateway: Gateway, link: Link) -> None:
@@ -89,7 +90,7 @@ class Session:
         self.device: str | None = None
         self.bad_frames = 0
         self.bucket = gateway.new_bucket()
-        self.last_rx = time.monotonic()
+        self.opened = self.last_rx = time.monotonic()
         self._closing = False
         self._out: list[bytes] | None = None
 

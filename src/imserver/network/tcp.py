@@ -12,6 +12,7 @@ import contextlib
 import logging
 
 from imserver.core.session import Session
+from imserver.network.listener import Admission, Listener
 from imserver.protocol.codec import Codec, detect_codec
 from imserver.protocol.framing import FrameDecoder, FrameTooLarge, encode_frame
 from imserver.services.gateway.service import Gateway
@@ -58,7 +59,9 @@ class TcpLink:
         self.transport.abort()
 
 
-async def serve_tcp(gateway: Gateway, host: str, port: int) -> asyncio.Server:
+async def serve_tcp(
+    gateway: Gateway, host: str, port: int, backlog: int, admission: Admission
+) -> Listener:
     """Start the TCP listener."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -97,7 +100,10 @@ async def serve_tcp(gateway: Gateway, host: str, port: int) -> asyncio.Server:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
 
-    return await asyncio.start_server(handle, host, port, limit=READ_SIZE)
+    def connection() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=READ_SIZE), handle)
+
+    return await Listener.start(host, port, backlog, connection, admission)
 
 
 async def linger(reader: asyncio.StreamReader, within: float) -> None:

@@ -40,6 +40,7 @@ from typing import cast
 from aiohttp import web
 
 from imserver.core.session import Session
+from imserver.network.listener import Admission, Listener
 from imserver.protocol.codec import Codec
 from imserver.protocol.wsframe import (
     CLOSE_INVALID_DATA,
@@ -266,9 +267,9 @@ class Front(asyncio.Protocol):
         # uvloop's transports have the interface without subclassing asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
         # A connection that never completes its first request head is dropped after
-        # the same 2 x heartbeat that closes silent sessions.
+        # the same time a TCP connection has to send hello.
         self._timer = asyncio.get_running_loop().call_later(
-            2 * self.entry.gateway.config.limits.heartbeat, transport.close
+            self.entry.gateway.config.limits.hello_timeout, transport.close
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -379,9 +380,14 @@ class WsEntry:
 
 
 async def serve_http(
-    gateway: Gateway, http: Callable[[], asyncio.Protocol], host: str, port: int
-) -> tuple[asyncio.Server, WsEntry]:
+    gateway: Gateway,
+    http: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    backlog: int,
+    admission: Admission,
+) -> tuple[Listener, WsEntry]:
     """Listen on the HTTP port: WebSocket upgrades here, everything else to ``http``."""
     entry = WsEntry(gateway, http)
-    server = await asyncio.get_running_loop().create_server(lambda: Front(entry), host, port)
-    return server, entry
+    listener = await Listener.start(host, port, backlog, lambda: Front(entry), admission)
+    return listener, entry

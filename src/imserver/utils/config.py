@@ -46,6 +46,15 @@ class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Outbound bytes a session may have queued before it is closed as a slow consumer."""
     bad_frames: int = 32
     """Consecutive malformed frames after which a connection is closed."""
+    hello_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Seconds a new connection has to send ``hello`` (WebSocket/TCP) or its first request
+    head (HTTP port) before it is closed."""
+    max_connections_per_ip: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Most open connections from one client address, both ports together; 0: no cap.
+    Behind a load balancer every connection comes from the balancer's address."""
+    reserved_fds: Annotated[int, msgspec.Meta(ge=0)] = 256
+    """File descriptors kept out of reach of new connections (databases, uploads): the
+    listeners stop accepting when fewer than this are left under the process's limit."""
 
 
 class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -105,6 +114,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     http_port: int = 8080
     tcp_port: int = 8090
+    listen_backlog: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Connections the kernel queues on each port before they are accepted; 0: the
+    system's maximum (``net.core.somaxconn``)."""
     data_dir: str = "./data"
     log_level: str = "info"
     server_name: str = "imserver"

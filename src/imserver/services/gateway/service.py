@@ -153,15 +153,21 @@ class Gateway:
     # --- heartbeats and shutdown ---------------------------------------------------
 
     async def _sweep_heartbeats(self) -> None:
-        """Close connections silent for more than twice the heartbeat interval."""
-        limit = 2 * self.config.limits.heartbeat
-        period = max(0.2, min(5.0, self.config.limits.heartbeat / 4))
+        """Close connections silent for more than twice the heartbeat interval, and
+        connections that have not sent ``hello`` within ``hello_timeout``."""
+        lim = self.config.limits
+        silence = 2 * lim.heartbeat
+        period = max(0.2, min(5.0, lim.heartbeat / 4, lim.hello_timeout / 4))
         while True:
             await asyncio.sleep(period)
-            deadline = time.monotonic() - limit
+            now = time.monotonic()
             for session in list(self.sessions):
-                if session.last_rx < deadline and not session.closing:
+                if session.closing:
+                    continue
+                if session.last_rx < now - silence:
                     session.close("heartbeat_timeout")
+                elif not session.greeted and session.opened < now - lim.hello_timeout:
+                    session.close("hello_timeout")
 
     async def shutdown(self) -> None:
         """Tell every session ``closed {shutdown}`` and wait (bounded) for flushes."""
