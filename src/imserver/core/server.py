@@ -180,4 +180,3 @@ class Server:
         if self.users is not None:
             await self.users.close()
         logger.info("imserver stopped")
-
