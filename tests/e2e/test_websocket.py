@@ -84,11 +84,13 @@ class RawWebSocket:
         assert opcode == OP_TEXT
         return msgspec.json.decode(payload)
 
-    async def expect_close(self, code: int) -> None:
-        """The server's close frame with ``code``, then the end of the stream."""
+    async def expect_close(self, code: int, *, answer: bool = True) -> None:
+        """The server's close frame with ``code``, then the end of the stream (after
+        the client's answering close frame if ``answer``)."""
         opcode, payload = await self.recv()
         assert (opcode, struct.unpack("!H", payload[:2])[0]) == (OP_CLOSE, code), payload
-        self.send(masked(payload[:2], OP_CLOSE))
+        if answer:
+            self.send(masked(payload[:2], OP_CLOSE))
         async with asyncio.timeout(5):
             assert await self.reader.read() == b""
 
@@ -154,12 +156,53 @@ async def test_protocol_violations_close_with_their_code(
     shared_server: ServerProcess, frame: bytes, code: int
 ) -> None:
     """No ``closed`` event (the connection cannot be trusted to frame one), the close
-    frame with the code, then the end of the stream once the client answers."""
+    frame with the code, then the end of the stream without waiting for the client's
+    answer (RFC 6455 §7.1.7: the server fails the connection)."""
     ws, _ = await RawWebSocket.open(shared_server)
     await hello(ws)
     ws.send(masked(b'{"op":"ping","rid":"before"}'), frame)
     assert (await ws.recv_json())["rid"] == "before"
-    await ws.expect_close(code)
+    await ws.expect_close(code, answer=False)
+    ws.close()
+
+
+def code(n: int) -> bytes:
+    return struct.pack("!H", n)
+
+
+CLOSE_FRAMES = [
+    *((code(n), code(1002)) for n in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000)),
+    *((code(n), code(1002)) for n in (2999, 5000, 65535)),
+    (b"\x03", code(1002)),  # a one-byte payload: half a code
+    (code(1000) + b"caf\xe9", code(1007)),  # a reason that is not UTF-8
+    (code(1000) + b"\xed\xa0\x80", code(1007)),  # an encoded surrogate
+    *((code(n), code(n)) for n in (1000, 1003, 1007, 1014, 3000, 4999)),
+    (code(4000) + "à bientôt".encode(), code(4000)),
+    (b"", b""),  # no code at all
+]
+"""A client's close payload and the server's answer: the code echoed when the frame is
+valid, 1002 or 1007 when it is not (RFC 6455 §5.5.1, §7.4)."""
+
+
+async def test_the_clients_close_frame_is_validated(server_factory: ServerFactory) -> None:
+    """An invalid close frame is answered with the close code of the error, and the
+    server then closes the connection without waiting for anything more: the client
+    has sent its close frame already. The grace is long, so a server that waited for
+    a second close frame would fail the read's timeout."""
+    server = server_factory({"shutdown_grace": 60})
+    for payload, expected in CLOSE_FRAMES:
+        ws, _ = await RawWebSocket.open(server)
+        await hello(ws)
+        ws.send(masked(b'{"op":"ping","rid":"before"}'), masked(payload, OP_CLOSE))
+        assert (await ws.recv_json())["rid"] == "before", payload
+        assert await ws.recv() == (OP_CLOSE, expected), payload
+        async with asyncio.timeout(5):
+            assert await ws.reader.read() == b"", payload  # no `closed`, then the end
+        ws.close()
+    # The server goes on.
+    ws, _ = await RawWebSocket.open(server)
+    await hello(ws)
+    ws.close()
 
 
 async def test_server_close_waits_for_the_clients_close_frame(

@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from imserver.protocol.wsframe import (
+    CLOSE_INVALID_DATA,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
     OP_BINARY,
@@ -186,3 +187,105 @@ def test_fragments_count_toward_the_limit_together() -> None:
     with pytest.raises(WsProtocolError) as info:
         parser.feed(masked(b"b" * 401, OP_CONTINUATION)[:8])
     assert info.value.code == CLOSE_TOO_BIG
+
+
+# --- close frames (§5.5.1, §7.4) --------------------------------------------------------
+
+VALID_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014]
+VALID_CLOSE_CODES += [3000, 3001, 3999, 4000, 4998, 4999]
+INVALID_CLOSE_CODES = [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999]
+INVALID_CLOSE_CODES += [5000, 5001, 65535]
+
+
+def close(code: int, reason: bytes = b"") -> bytes:
+    return masked(struct.pack("!H", code) + reason, OP_CLOSE)
+
+
+@pytest.mark.parametrize("code", VALID_CLOSE_CODES)
+def test_a_close_frame_with_a_valid_code_is_delivered(code: int) -> None:
+    parser = WsParser(1000)
+    payload = struct.pack("!H", code) + b"bye"
+    assert parser.feed(masked(b"before") + close(code, b"bye")) == [
+        (OP_TEXT, b"before"),
+        (OP_CLOSE, payload),
+    ]
+
+
+@pytest.mark.parametrize("code", INVALID_CLOSE_CODES)
+def test_a_close_frame_with_an_invalid_code_is_a_protocol_error(code: int) -> None:
+    parser = WsParser(1000)
+    with pytest.raises(WsProtocolError) as info:
+        parser.feed(masked(b"before") + close(code))
+    assert info.value.code == CLOSE_PROTOCOL_ERROR
+    assert f"invalid close code {code}" in info.value.message
+    assert info.value.frames == [(OP_TEXT, b"before")]
+
+
+def test_every_close_code_from_0_to_65535() -> None:
+    """The rule as RFC 6455 §7.4 and the IANA registry state it, over the whole range."""
+    for code in range(65536):
+        valid = 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+        parser = WsParser(1000)
+        if valid:
+            assert parser.feed(close(code)) == [(OP_CLOSE, struct.pack("!H", code))], code
+        else:
+            with pytest.raises(WsProtocolError) as info:
+                parser.feed(close(code))
+            assert info.value.code == CLOSE_PROTOCOL_ERROR, code
+
+
+def test_an_empty_close_frame_is_delivered() -> None:
+    """No status code at all is allowed (it reads as 1005 to the application)."""
+    assert WsParser(1000).feed(masked(b"", OP_CLOSE)) == [(OP_CLOSE, b"")]
+
+
+def test_a_one_byte_close_payload_is_a_protocol_error() -> None:
+    parser = WsParser(1000)
+    with pytest.raises(WsProtocolError) as info:
+        parser.feed(masked(b"before") + masked(b"\x03", OP_CLOSE))
+    assert info.value.code == CLOSE_PROTOCOL_ERROR
+    assert info.value.frames == [(OP_TEXT, b"before")]
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        b"going away",
+        "au revoir, à bientôt 👋".encode(),
+        b"x" * 123,  # the longest reason a control frame can carry
+    ],
+)
+def test_a_close_reason_in_utf8_is_delivered(reason: bytes) -> None:
+    frames = WsParser(1000).feed(close(1001, reason))
+    assert frames == [(OP_CLOSE, struct.pack("!H", 1001) + reason)]
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        b"\xff",  # never in UTF-8
+        b"caf\xe9",  # latin-1
+        b"\xc3",  # a truncated sequence
+        b"\xc0\xaf",  # an overlong "/"
+        b"\xed\xa0\x80",  # an encoded surrogate
+        b"\xf4\x90\x80\x80",  # past U+10FFFF
+        b"ok\x80",
+    ],
+)
+def test_a_close_reason_that_is_not_utf8_closes_with_1007(reason: bytes) -> None:
+    parser = WsParser(1000)
+    with pytest.raises(WsProtocolError) as info:
+        parser.feed(masked(b"before") + close(1000, reason))
+    assert info.value.code == CLOSE_INVALID_DATA
+    assert info.value.frames == [(OP_TEXT, b"before")]
+
+
+def test_a_bad_close_frame_split_across_feeds() -> None:
+    """The check runs on the whole frame, however its bytes arrive."""
+    data = close(1004, b"reserved")
+    parser = WsParser(1000)
+    for i in range(len(data) - 1):
+        assert parser.feed(data[i : i + 1]) == []
+    with pytest.raises(WsProtocolError) as info:
+        parser.feed(data[-1:])
+    assert info.value.code == CLOSE_PROTOCOL_ERROR

@@ -19,13 +19,19 @@ each message; see ``docs/performance.md``.
 Inbound limits: messages up to ``max_frame`` bytes are handled; larger ones up to
 ``WS_HARD_CAP_FACTOR`` × ``max_frame`` are answered ``too_large`` and the connection
 stays open; a message past that cap is refused from its header, before its payload is
-buffered, with close code 1009. A text message that is not UTF-8 closes with 1007, a
-protocol violation with 1002 (none of these send ``closed``).
+buffered, with close code 1009. A text message or a close reason that is not UTF-8
+closes with 1007, any other protocol violation (an invalid close code among them) with
+1002; none of these sends ``closed``.
 
 Closing is a handshake: whoever closes sends a close frame, and the server reads (and
 discards) until the peer's close frame before it closes the socket, so that frames
 still in flight from the client cannot turn the close into a reset (which can destroy
-the server's last frames before the client reads them).
+the server's last frames before the client reads them). A protocol violation (an
+invalid close frame among them) *fails* the connection instead (RFC 6455 §7.1.7): the
+close frame with the error's code, then at once the end of the server's side (FIN),
+then input is discarded, without being parsed, until the client's side ends too. No
+close frame is awaited: the client may have sent its own already (the invalid one),
+and nothing it sends after the violation is processed.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from enum import Enum, auto
 from typing import cast
 
 from aiohttp import web
@@ -72,6 +79,19 @@ MAX_HEAD = 16 * 1024
 """A first request head longer than this goes to aiohttp, which refuses it."""
 READ_LIMIT = 256 * 1024
 """Unprocessed input past which a connection stops reading until its task catches up."""
+
+
+class _End(Enum):
+    """How :meth:`WsConnection._serve` ended, which decides how the socket is closed."""
+
+    PEER_CLOSED = auto()
+    """The client's (valid) close frame arrived and was answered: close the socket."""
+    SERVER_CLOSING = auto()
+    """The session is closing, or the client is gone: the close handshake unless it is
+    gone, then close the socket."""
+    FAILED = auto()
+    """A protocol violation: the close frame with its code went out; half-close and
+    discard until the client's end."""
 
 
 class WsLink:
@@ -179,18 +199,20 @@ class WsConnection(asyncio.Protocol):
         try:
             gw.opened(self.session)
             try:
-                peer_closed = await self._serve()
+                end = await self._serve()
             finally:
                 await gw.closed(self.session)
-            if not peer_closed and not self._ended:
+            if end is _End.FAILED:
+                await self._discard()
+            elif end is _End.SERVER_CLOSING and not self._ended:
                 self.link.close()
                 await self._linger()
         finally:
             self.transport.close()
 
-    async def _serve(self) -> bool:
-        """Hand the session its messages until either side closes; True if the
-        client sent the close frame."""
+    async def _serve(self) -> _End:
+        """Hand the session its messages until either side closes or the client
+        breaks the protocol."""
         session = self.session
         link = self.link
         max_frame = self.gateway.config.limits.max_frame
@@ -198,7 +220,7 @@ class WsConnection(asyncio.Protocol):
             while not session.closing:
                 data = await self._read(interruptible=True)
                 if not data or session.closing:
-                    return False
+                    return _End.SERVER_CLOSING
                 failure: int | None = None
                 try:
                     frames = self.parser.feed(data)
@@ -226,22 +248,35 @@ class WsConnection(asyncio.Protocol):
                             continue
                         await session.receive(payload, codec)
                         if session.closing:
-                            return False
+                            return _End.SERVER_CLOSING
                     elif opcode == OP_PING:
                         link.write(ws_pong(payload))
                     elif opcode == OP_CLOSE:
                         session.flush()
-                        if not link.closing:  # echo the status code (RFC 6455 §5.5.1)
+                        # The parser let only a valid code through: echo it (§5.5.1).
+                        if not link.closing:
                             self.transport.write(ws_frame(payload[:2], OP_CLOSE))
                             link.closing = True
-                        return True
+                        return _End.PEER_CLOSED
                 if failure is not None:
                     session.flush()  # the replies to the frames before the bad one
                     link.close(failure)
-                    return False
+                    return _End.FAILED
         except ConnectionError:
             pass
-        return False
+        return _End.SERVER_CLOSING
+
+    async def _discard(self) -> None:
+        """After a failure: end the server's side (after the close frame already
+        queued) and discard input until the client's side ends, at most
+        ``shutdown_grace`` seconds."""
+        transport = self.transport
+        if not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.gateway.config.shutdown_grace):
+                while await self._read(interruptible=False):
+                    pass
 
     async def _linger(self) -> None:
         """Discard input until the client's close frame (or its end), at most

@@ -32,6 +32,13 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
 
+PEER_CLOSE_CODES = frozenset(
+    (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
+)
+"""The codes below 3000 a peer may send (RFC 6455 §7.4.1 and the IANA registry, which
+added 1012-1014). 1004 is reserved, 1005, 1006 and 1015 must never be sent, and
+1016-2999 are kept for future revisions of the protocol."""
+
 _FIN = 0x80
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -52,6 +59,13 @@ def ws_close_frame(code: int, reason: str = "") -> bytes:
     """A close frame with a status code and a (≤ 123 byte) reason."""
     body = struct.pack("!H", code) + reason.encode()[:123]
     return ws_frame(body, OP_CLOSE)
+
+
+def close_code_valid(code: int) -> bool:
+    """Whether a peer may put ``code`` in a close frame: one of
+    :data:`PEER_CLOSE_CODES`, or 3000-4999 (registered libraries and frameworks,
+    private use) (RFC 6455 §7.4.2)."""
+    return code in PEER_CLOSE_CODES or 3000 <= code <= 4999
 
 
 def ws_pong(payload: bytes) -> bytes:
@@ -181,9 +195,11 @@ class WsParser:
     :meth:`feed` returns ``(opcode, payload)`` pairs: whole data messages (``OP_TEXT``
     or ``OP_BINARY``, fragments joined) and control frames (``OP_CLOSE``, ``OP_PING``,
     ``OP_PONG``), in arrival order. It raises :class:`WsProtocolError` on an unmasked
-    frame, reserved bits or opcodes, a bad fragment sequence, a bad control frame
-    (code 1002) and on a message over ``max_message`` bytes (1009) — the latter as soon
-    as its header says so.
+    frame, reserved bits or opcodes, a bad fragment sequence, a bad control frame, a
+    close frame with a one-byte payload or a code :func:`close_code_valid` refuses
+    (code 1002), a close reason that is not UTF-8 (1007), and on a message over
+    ``max_message`` bytes (1009) — the latter as soon as its header says so. A close
+    frame it returns therefore carries nothing, or a valid code and a UTF-8 reason.
     """
 
     __slots__ = ("_buf", "_frag", "_frag_op", "_frag_size", "max_message")
@@ -259,10 +275,27 @@ class WsParser:
                 out.append((self._frag_op, b"".join(self._frag)))
                 self._frag_op = self._frag_size = 0
                 self._frag = []
-        elif opcode in (OP_CLOSE, OP_PING, OP_PONG):
+        elif opcode == OP_CLOSE:
+            self._check_close(payload, out)
+            out.append((opcode, payload))
+        elif opcode in (OP_PING, OP_PONG):
             out.append((opcode, payload))
         else:
             raise self._error(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode:#x}", out)
+
+    def _check_close(self, payload: bytes, out: list[tuple[int, bytes]]) -> None:
+        """Raise unless ``payload`` is empty or a valid code and a UTF-8 reason (§5.5.1)."""
+        if not payload:
+            return
+        if len(payload) == 1:
+            raise self._error(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload", out)
+        code = (payload[0] << 8) | payload[1]
+        if not close_code_valid(code):
+            raise self._error(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}", out)
+        try:
+            payload[2:].decode()
+        except UnicodeDecodeError:
+            raise self._error(CLOSE_INVALID_DATA, "close reason is not UTF-8", out) from None
 
     def _error(self, code: int, message: str, out: list[tuple[int, bytes]]) -> WsProtocolError:
         return WsProtocolError(code, message, list(out))
