@@ -2,11 +2,13 @@
 
 ``Directory`` and ``Rooms`` are in-memory implementations of the ``UserDirectory`` and
 ``RoomDirectory`` protocols (dicts and sets, no mocking); the database and the live bus
-used with them in the tests are real.
+used with them in the tests are real. :func:`open_backend` opens the service on one
+of :data:`BACKENDS`.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,6 +16,21 @@ from imserver.protocol import ops
 from imserver.protocol.models import User
 from imserver.services.caller import Caller
 from imserver.services.message.api import FileRef, Members
+from imserver.services.message.service import (
+    MIGRATIONS,
+    LocalMessageService,
+    open_message_service,
+)
+from imserver.services.message.store import (
+    AsyncRunner,
+    Fts5Search,
+    LikeSearch,
+    SqlMessageStore,
+    ThreadRunner,
+    sqlite_engine,
+)
+from imserver.storage.bus import MemoryLiveBus
+from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.errors import NotFound
 from imserver.utils.ids import LoginId, SessionId, UserId
 
@@ -105,3 +122,47 @@ def send(conv: str, cid: str, body: str = "hi", **fields: Any) -> ops.Send:
     """A ``send`` op of type ``text`` unless ``type`` is given."""
     fields.setdefault("type", "text")
     return ops.Send(conv=conv, cid=cid, body=body, **fields)
+
+
+BACKENDS = ["sqlite", "sqlite-async", "sqlite-like"]
+"""``sqlite``: what ``open_message_service`` builds (thread runners, FTS5);
+``sqlite-async``: the async-engine runner other dialects use (here on aiosqlite);
+``sqlite-like``: the portable ``LIKE`` search other dialects fall back to."""
+
+
+async def open_backend(
+    backend: str,
+    url: str,
+    *,
+    bus: MemoryLiveBus,
+    users: Directory,
+    rooms: Rooms,
+    files: Files,
+    max_body: int = 100,
+) -> LocalMessageService:
+    """The message service on the SQLite database at ``url``, built as ``backend`` says."""
+    if backend == "sqlite":
+        return await open_message_service(
+            url, bus=bus, users=users, rooms=rooms, files=files, max_body=max_body
+        )
+    await upgrade(url, MIGRATIONS)
+    if backend == "sqlite-async":
+        engine = make_engine(url)
+        store = SqlMessageStore(
+            reads=AsyncRunner(engine), writes=AsyncRunner(engine, pinned=True), search=Fts5Search()
+        )
+    else:
+        # No FTS5 index on this "dialect": drop its triggers as a non-SQLite schema would lack them.
+        with sqlite3.connect(url.split("///", 1)[1]) as conn:
+            conn.execute("DROP TRIGGER IF EXISTS messages_fts_update")
+            conn.execute("DROP TRIGGER IF EXISTS messages_fts_delete")
+        store = SqlMessageStore(
+            reads=ThreadRunner(sqlite_engine(url, writer=False), threads=2),
+            writes=ThreadRunner(sqlite_engine(url, writer=True), pinned=True),
+            search=LikeSearch(),
+        )
+    svc = LocalMessageService(
+        store, bus=bus, users=users, rooms=rooms, files=files, max_body=max_body
+    )
+    svc.start()
+    return svc

@@ -13,28 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from message_helpers import Directory, Files, Rooms, caller, send
+from message_helpers import BACKENDS, Directory, Files, Rooms, caller, open_backend, send
 
 from imserver.protocol import ops
 from imserver.protocol.events import Msg, Receipt, TypingEvent
 from imserver.protocol.models import Message, User
 from imserver.services.message.api import MessageService
-from imserver.services.message.service import (
-    MIGRATIONS,
-    LocalMessageService,
-    open_message_service,
-)
-from imserver.services.message.store import (
-    AsyncRunner,
-    Fts5Search,
-    LikeSearch,
-    SqlMessageStore,
-    ThreadRunner,
-    fts5_query,
-    sqlite_engine,
-)
+from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.message.store import fts5_query
 from imserver.storage.bus import Delivery, MemoryLiveBus
-from imserver.storage.sql import make_engine, sqlite_url, upgrade
+from imserver.storage.sql import sqlite_url
 from imserver.utils.errors import (
     BadRequest,
     Forbidden,
@@ -58,38 +46,10 @@ FILES.add("f", AB, "notes.pdf", "application/pdf")
 FILES.add("f-ac", AC, "other.png", "image/png")
 
 
-BACKENDS = ["sqlite", "sqlite-async", "sqlite-like"]
-"""``sqlite``: what ``open_message_service`` builds (thread runners, FTS5);
-``sqlite-async``: the async-engine runner other dialects use (here on aiosqlite);
-``sqlite-like``: the portable ``LIKE`` search other dialects fall back to."""
-
-
 async def open_service(
     backend: str, url: str, bus: MemoryLiveBus, users: Directory, rooms: Rooms
 ) -> LocalMessageService:
-    if backend == "sqlite":
-        return await open_message_service(
-            url, bus=bus, users=users, rooms=rooms, files=FILES, max_body=100
-        )
-    await upgrade(url, MIGRATIONS)
-    if backend == "sqlite-async":
-        engine = make_engine(url)
-        store = SqlMessageStore(
-            reads=AsyncRunner(engine), writes=AsyncRunner(engine, pinned=True), search=Fts5Search()
-        )
-    else:
-        # No FTS5 index on this "dialect": drop its triggers as a non-SQLite schema would lack them.
-        with sqlite3.connect(url.split("///", 1)[1]) as conn:
-            conn.execute("DROP TRIGGER IF EXISTS messages_fts_update")
-            conn.execute("DROP TRIGGER IF EXISTS messages_fts_delete")
-        store = SqlMessageStore(
-            reads=ThreadRunner(sqlite_engine(url, writer=False), threads=2),
-            writes=ThreadRunner(sqlite_engine(url, writer=True), pinned=True),
-            search=LikeSearch(),
-        )
-    svc = LocalMessageService(store, bus=bus, users=users, rooms=rooms, files=FILES, max_body=100)
-    svc.start()
-    return svc
+    return await open_backend(backend, url, bus=bus, users=users, rooms=rooms, files=FILES)
 
 
 @dataclass
