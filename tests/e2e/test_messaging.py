@@ -760,6 +760,40 @@ async def test_search(shared_server: ServerProcess, clients: Clients) -> None:
     assert (await c.request("search", query=other))["messages"] == []
 
 
+async def test_search_any_text_is_searched_as_text(
+    shared_server: ServerProcess, clients: Clients, wire: Wire
+) -> None:
+    """NUL, other control characters and FTS5 syntax in a query are text: a NUL
+    separates words like punctuation does. Not Unicode text (a lone surrogate) is a
+    malformed frame. The connection serves on after each."""
+    a = await clients.user(shared_server, "a")
+    b = await clients.user(shared_server, "b")
+    conv = dm(a, b)
+    word = "nq" + uuid.uuid4().hex[:10]
+    for body in (f"{word}\x00quagga", f"{word} quagga", f"{word}, quagga!", f"quagga {word}"):
+        await a.send_message(conv, body)  # seqs 1-4
+    for query in (f"{word}\x00quagga", f"\x00{word}\x00\x00quag\x00", f"{word}\x01quagga"):
+        found = await b.request("search", query=query)
+        assert [(m["seq"], m["body"]) for m in found["messages"]] == [
+            (3, f"{word}, quagga!"),
+            (2, f"{word} quagga"),
+            (1, f"{word}\x00quagga"),
+        ], query
+    for query in ("\x00", "\x00 \x00\t", f'\x00"{word}" NEAR(\x00) OR *\x00'):
+        assert (await b.request("search", query=query))["messages"] == [], query
+    assert await b.ping() == {}
+
+    # A lone surrogate: JSON's \ud800 escape, or its UTF-8-like bytes in MessagePack.
+    if wire.codec == "json":
+        await b.send_raw('{"op":"search","rid":"s1","query":"zebra \\ud800"}')
+    else:
+        await b.send_raw(b"\x83\xa2op\xa6search\xa3rid\xa2s1\xa5query\xa3\xed\xa0\x80")
+    reply = await b.next_event("reply")
+    assert (reply["ok"], reply["error"]["code"]) == (False, "bad_request"), reply
+    assert (await b.request("search", query=word))["messages"][0]["seq"] == 4
+    assert await b.ping() == {}
+
+
 async def test_search_default_limit(shared_server: ServerProcess, clients: Clients) -> None:
     a = await clients.user(shared_server, "a")
     b = await clients.user(shared_server, "b")

@@ -186,6 +186,17 @@ def _decode_cursor(cursor: str) -> int:
     return value
 
 
+def _check_query(query: str) -> None:
+    """Refuse a search query that is not Unicode text (it holds a lone surrogate).
+    Neither decoder produces one, but a caller inside the process can, and the
+    database cannot take it."""
+    if not query.isascii():
+        try:
+            query.encode()
+        except UnicodeEncodeError:
+            raise BadRequest("query is not valid Unicode text", field="query") from None
+
+
 # --- queued writes ------------------------------------------------------------------
 
 WriteKind = Literal["send", "edit", "recall", "react", "system", "mark"]
@@ -1047,8 +1058,10 @@ class LocalMessageService:
     async def search(self, caller: Caller, req: ops.Search) -> ops.SearchData:
         """Full-text search over the caller's conversations, newest first.
 
-        ``next`` is an opaque cursor for ``before``; null on the last page.
+        ``next`` is an opaque cursor for ``before``; null on the last page. Any query
+        is searched as plain text (docs/protocol.md §4.10).
         """
+        _check_query(req.query)
         before = _decode_cursor(req.before) if req.before is not None else None
         if req.conv is not None:
             ref, _ = await self._member_access(caller, req.conv)

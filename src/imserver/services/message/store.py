@@ -453,15 +453,29 @@ class MessageSearch(Protocol):
 
 
 def fts5_query(query: str) -> str:
-    """Quote a user's query for FTS5: every whitespace-separated token becomes a
+    """Quote a user's query for FTS5: every whitespace-separated word becomes a
     quoted phrase (internal quotes doubled) and the last one a prefix match, so no
-    user input is ever parsed as FTS5 syntax. Empty for a blank query."""
-    tokens = query.split()
-    if not tokens:
+    user input is ever parsed as FTS5 syntax. Empty for a blank query.
+
+    Inside a quoted phrase every character is text to the tokenizer except NUL: FTS5
+    reads the query as a C string, so a NUL would end it inside the phrase
+    ("unterminated string"). The tokenizer treats NUL in a body as a separator, like
+    any character that is not a letter or digit, so it becomes a space: ``a<NUL>b`` is
+    the phrase "a b", as ``a,b`` is.
+    """
+    words = query.split()
+    if not words:
         return ""
-    phrases = ['"' + token.replace('"', '""') + '"' for token in tokens]
+    phrases = ['"' + word.replace('"', '""').replace("\0", " ") + '"' for word in words]
     phrases[-1] += "*"
     return " ".join(phrases)
+
+
+def like_words(query: str) -> list[str]:
+    """The words of a query for :class:`LikeSearch`: split on whitespace and NUL.
+    A NUL cannot go into a ``LIKE`` pattern: SQLite's ``LIKE`` stops reading at it
+    and PostgreSQL refuses it in text."""
+    return query.replace("\0", " ").split()
 
 
 class Fts5Search:
@@ -509,7 +523,7 @@ class LikeSearch:
     def search(
         self, conn: Connection, query: str, convs: Sequence[str], before: int | None, limit: int
     ) -> list[int]:
-        tokens = query.split()
+        tokens = like_words(query)
         if not tokens or not convs:
             return []
         conds: list[ColumnElement[bool]] = [
