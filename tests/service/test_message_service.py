@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conformance import signature_mismatches
 from message_helpers import BACKENDS, Directory, Files, Rooms, caller, open_backend, send
 
 from imserver.protocol import ops
 from imserver.protocol.events import Msg, Receipt, TypingEvent
 from imserver.protocol.models import Message, User
+from imserver.services.file.service import MemberDirectory
 from imserver.services.message.api import MessageService
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.services.message.store import fts5_query
@@ -613,9 +615,9 @@ async def test_search(env: Env) -> None:
         rows(env, "INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
 
 
-def test_the_service_satisfies_its_protocol() -> None:
-    service: type[MessageService] = LocalMessageService  # checked by mypy
-    assert service is LocalMessageService
+@pytest.mark.parametrize("proto", [MessageService, MemberDirectory])
+def test_the_service_satisfies_its_protocols(proto: type) -> None:
+    assert signature_mismatches(proto, LocalMessageService) == []
 
 
 def test_fts5_query_quoting() -> None:

@@ -11,9 +11,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from argon2 import PasswordHasher, Type
+from conformance import signature_mismatches
 from sqlalchemy import create_engine
 
 from imserver.protocol.models import PresenceInfo, User
+from imserver.services.message.api import UserDirectory as MessageUserDirectory
+from imserver.services.room.api import UserDirectory as RoomUserDirectory
 from imserver.services.user import service as user_service
 from imserver.services.user.api import Identity, UserService
 from imserver.services.user.service import (
@@ -122,11 +125,9 @@ def test_migrations_match_the_store_schema(url: str) -> None:
         engine.dispose()
 
 
-def test_local_service_satisfies_the_protocol(svc: LocalUserService) -> None:
-    service: UserService = svc  # mypy checks the signatures; this checks the methods exist
-    for name in UserService.__dict__:
-        if not name.startswith("_"):
-            assert callable(getattr(service, name)), name
+@pytest.mark.parametrize("proto", [UserService, MessageUserDirectory, RoomUserDirectory])
+def test_local_service_satisfies_its_protocols(proto: type) -> None:
+    assert signature_mismatches(proto, LocalUserService) == []
 
 
 # --- register -----------------------------------------------------------------------------
