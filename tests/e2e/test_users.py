@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at 
 PASSWORD = "correct-horse-battery"  # what the harness gives every account it creates
 BAD_LOGIN = "invalid username or password"
 BAD_TOKEN = "invalid or expired token"
+BAD_REFRESH = "invalid or expired refresh token"
 
 
 def now_ms() -> int:
@@ -263,18 +264,84 @@ async def test_refresh_rotates_the_tokens(
     # Re-authenticating a connection with the rotated token of its own login session.
     assert (await c.auth(t2))["user"] == account.user
     assert await c.convs() == []
-    # The spent refresh token is refused, and (user.md) its reuse ends the whole login
-    # session: its newest tokens die and its connections are closed like on a revocation.
-    assert await refused(x, "refresh", refresh_token=r1) == ("unauthorized", None)
+    # The rotated refresh token works once more; the connections stay authenticated.
+    assert set(await x.request("refresh", refresh_token=r2)) >= {"token", "refresh_token"}
+    assert await c.convs() == [] and await y.convs() == []
+
+
+async def refresh_refused(c: Client, refresh_token: str) -> None:
+    """``refresh`` is answered ``unauthorized`` (§3.7), and the connection stays usable."""
+    with pytest.raises(ClientError) as info:
+        await c.request("refresh", refresh_token=refresh_token)
+    assert (info.value.code, info.value.message, info.value.field) == (
+        "unauthorized",
+        BAD_REFRESH,
+        None,
+    )
+    assert await c.ping() == {}
+
+
+async def test_refresh_token_reuse_revokes_the_login_session_and_closes_it(
+    shared_server: ServerProcess, clients: Clients, register_user: Any, wire: Wire
+) -> None:
+    account: Account = await register_user(shared_server, "reuse")
+    c = await clients.connect(shared_server, login_as=account)  # login session 1
+    other = await clients.connect(shared_server, "tcp", "msgpack", login_as=account)  # session 2
+    r1 = c.refresh_token
+    assert r1 is not None and other.token is not None
+    rotated = await c.request("refresh", refresh_token=r1)
+    t2, r2 = rotated["token"], rotated["refresh_token"]
+    y = await clients.connect(shared_server, "tcp", "json")
+    assert (await y.auth(t2))["user"] == account.user  # session 1 on a second connection
+
+    # The spent refresh token comes back, here from a connection of session 1 itself:
+    # it is answered, then every connection of the session is closed, that one included.
+    with pytest.raises(ClientError) as info:
+        await c.request("refresh", refresh_token=r1)
+    assert (info.value.code, info.value.message) == ("unauthorized", BAD_REFRESH)
     for conn in (c, y):
         assert await conn.wait_closed(5) == "revoked"
         assert conn.events_nowait() == [{"op": "closed", "reason": "revoked"}]
-    assert await refused(x, "auth", {"token": t2}) == ("unauthorized", None)
-    assert await refused(x, "refresh", refresh_token=r2) == ("unauthorized", None)
-    # Other login sessions of the user are not affected.
-    again = await clients.connect(shared_server, "ws", "json", login_as=account)
-    assert (await again.refresh())["expires_in"] == 900
-    assert await again.convs() == []
+
+    # The whole login session is revoked: the reused refresh token, the legitimately
+    # rotated pair, all answer unauthorized.
+    probe = await clients.connect(shared_server, "ws", "json")
+    await refresh_refused(probe, r1)
+    await refresh_refused(probe, r2)
+    with pytest.raises(ClientError) as info:
+        await probe.auth(t2)
+    assert (info.value.code, info.value.message) == ("unauthorized", BAD_TOKEN)
+
+    # Session 2's connection, open all along, is still open: the closes above were made
+    # in one step, before c and y read theirs, so a close of `other` would have come
+    # before this ping's reply.
+    assert await other.ping() == {}
+    assert other.events_nowait("closed") == []
+    assert await other.convs() == []
+    assert (await probe.auth(other.token))["user"] == account.user
+    assert (await other.refresh())["expires_in"] == 900
+
+
+async def test_refresh_token_reuse_over_http_closes_the_sessions_connections(
+    shared_server: ServerProcess, clients: Clients, register_user: Any
+) -> None:
+    account: Account = await register_user(shared_server, "reusehttp")
+    c = await clients.connect(shared_server, "ws", "msgpack", login_as=account)
+    r1 = c.refresh_token
+    async with HttpClient(shared_server.http_url) as http:
+        rotated = await http.request("refresh", refresh_token=r1)
+        refused_body = {"error": {"code": "unauthorized", "message": BAD_REFRESH}}
+        assert await http.call("refresh", refresh_token=r1) == (401, refused_body)
+        assert await c.wait_closed(5) == "revoked"
+        assert c.events_nowait() == [{"op": "closed", "reason": "revoked"}]
+        assert await http.call("refresh", refresh_token=rotated["refresh_token"]) == (
+            401,
+            refused_body,
+        )
+        assert await http.call("convs", token=rotated["token"]) == (
+            401,
+            {"error": {"code": "unauthorized", "message": BAD_TOKEN}},
+        )
 
 
 async def test_expired_access_token(server_factory: ServerFactory, clients: Clients) -> None:
