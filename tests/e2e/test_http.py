@@ -23,6 +23,7 @@ MAX_FRAME = 65536
 MAX_BODY = 16384
 ALL_OP_NAMES = sorted(op_name(t) for t in ALL_OPS)
 PUBLIC = {"hello", "register", "login", "auth", "refresh", "ping"}
+BAD_TOKEN = "invalid or expired token"
 
 
 def error_body(status: int, body: dict[str, Any], expect_status: int) -> tuple[str, str | None]:
@@ -270,24 +271,68 @@ async def test_malformed_http_requests(shared_server: ServerProcess, http: HttpC
     assert await http.request("convs", token=token) == {"convs": []}
 
 
-async def test_public_ops_ignore_a_stale_bearer(shared_server: ServerProcess) -> None:
-    """register, login and refresh need no token (PROTOCOL §1), so a client that keeps
-    sending its expired or revoked bearer token can still refresh or log in.
-
-    Known failure: network/http.py (HttpApi.api, the Authorization block) authenticates
-    any bearer token before it looks at the op, so these answer 401."""
+async def test_public_ops_ignore_the_authorization_header(shared_server: ServerProcess) -> None:
+    """The public ops (PROTOCOL §7.1) ignore an ``Authorization`` header, whatever it
+    holds, while every op that needs a user refuses the same header with ``401``."""
     async with HttpClient(shared_server.http_url) as http:
         user, token = await http_user(http, "stale")
         status, body = await http.call("login", username=user["username"], password=PASSWORD)
-        refresh_token = body["refresh_token"]
+        assert status == 200, body
+        refresh_token, live_token = body["refresh_token"], body["token"]
         assert await http.request("logout", token=token) == {}  # `token` is now revoked
-        status, body = await http.call("refresh", refresh_token=refresh_token, token="stale")
-        assert status == 200, body
-        status, body = await http.call(
-            "login", username=user["username"], password=PASSWORD, token=token
-        )
-        assert status == 200, body
-        assert body["user"] == user
+        json_ct = {"Content-Type": "application/json"}
+        not_bearer = "Authorization must be 'Bearer <token>'"
+        # header -> what an op needing a user answers with it
+        headers = {
+            f"Bearer {token}": BAD_TOKEN,  # revoked by the logout
+            "Bearer not-a-token": BAD_TOKEN,
+            "Basic dXNlcjpwYXNz": not_bearer,
+            "Bearer": not_bearer,
+            "Token " + live_token: not_bearer,
+        }
+
+        async def post(op: str, fields: dict[str, Any], header: str) -> tuple[int, Any]:
+            status, _, raw = await http.post(
+                f"/api/v1/{op}",
+                msgspec.json.encode(fields),
+                headers={**json_ct, "Authorization": header},
+            )
+            return status, msgspec.json.decode(raw)
+
+        for header, refusal in headers.items():
+            assert await post("convs", {}, header) == (
+                401,
+                {"error": {"code": "unauthorized", "message": refusal}},
+            ), header
+            assert await post("ping", {}, header) == (200, {}), header
+            status, body = await post("hello", {"v": 1}, header)
+            assert (status, body["v"]) == (200, 1), (header, body)
+            name = fresh_name("pub")
+            status, body = await post("register", {"username": name, "password": PASSWORD}, header)
+            assert (status, body["user"]["username"]) == (200, name), (header, body)
+            status, body = await post(
+                "login", {"username": user["username"], "password": PASSWORD}, header
+            )
+            assert (status, body["user"]) == (200, user), (header, body)
+            status, body = await post("refresh", {"refresh_token": refresh_token}, header)
+            assert status == 200 and body["expires_in"] == 900, (header, body)
+            refresh_token, live_token = body["refresh_token"], body["token"]
+            assert await post("auth", {"token": live_token}, header) == (200, {"user": user})
+            # A public op's own refusals are its own, not the header's.
+            assert await post(
+                "login", {"username": user["username"], "password": "wrong-pw"}, header
+            ) == (
+                401,
+                {"error": {"code": "unauthorized", "message": "invalid username or password"}},
+            ), header
+            assert await post("refresh", {"refresh_token": "garbage"}, header) == (
+                401,
+                {"error": {"code": "unauthorized", "message": "invalid or expired refresh token"}},
+            ), header
+            status, body = await post("hello", {"v": 2}, header)
+            assert error_body(status, body, 400) == ("unsupported_version", None), header
+        # The tokens the public ops handed out work.
+        assert await http.request("convs", token=live_token) == {"convs": []}
 
 
 async def test_http_body_over_max_frame_is_too_large(

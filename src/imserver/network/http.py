@@ -198,8 +198,9 @@ class HttpApi:
                 raise RateLimited(round(wait, 3))
             session = Session(gw, _HTTP_LINK)
             auth = request.headers.get("Authorization")
-            # register/login/refresh/hello/ping need no token, so a stale one a client
-            # attaches out of habit must not make them fail.
+            # The public ops ignore the header (PROTOCOL §7.1): they act for no caller,
+            # and refresh/login are what a client whose token just died calls, often
+            # with that token still attached.
             if auth is not None and op_type not in PUBLIC_OPS:
                 scheme, _, token = auth.partition(" ")
                 if scheme.lower() != "bearer" or not token:
