@@ -16,8 +16,9 @@ history page of ``--history-limit``). Every op carries a ``rid``; its latency ru
 from its *scheduled* time to its reply (open loop: a server that falls behind shows
 it). A read with nothing seen yet in any conversation becomes a history page.
 
-Measured over the interval: per op type ops/s (replies by arrival) and p50/p99/p99.9
-latency; events delivered/s (``msg``, ``receipt``, ``typing``, ``presence``) and
+Measured over the interval: per op type ops/s (successful replies by arrival) and
+p50/p99/p99.9 latency (of successful replies), error replies/s counted apart (see
+:class:`OpTally`); events delivered/s (``msg``, ``receipt``, ``typing``, ``presence``) and
 ``msg`` delivery latency (from the send's scheduled time in ``meta.t``); server CPU
 (and per op), client CPU, server RSS.
 
@@ -29,9 +30,10 @@ per conversation per receiver.
 JSON (``benchmarks/results/mixed-<stamp>.json``), the keys the suite reads::
 
     "results": {
-      "ops_per_s", "server_pct", "server_us_per_op", "events_per_s",
+      "ops_per_s", "error_replies_per_s", "server_pct", "server_us_per_op",
+      "events_per_s",
       "by_op": {"dm"|"room"|"typing"|"read"|"history":
-                {"ops_per_s", "p50_ms", "p99_ms", "p999_ms"}},
+                {"ops_per_s", "errors_per_s", "p50_ms", "p99_ms", "p999_ms"}},
       "delivery_latency": {...latency_summary...}, "events_by_kind": {kind: per_s},
       "clients_pct", "machine_pct", "steal_pct", "memory": {"rss_mib", "peak_rss_mib"}
     }
@@ -292,6 +294,51 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
+# --- counting replies ---------------------------------------------------------------------
+
+
+class OpTally:
+    """One worker's replies, by op (an index into :data:`OPS`).
+
+    Only a reply that succeeded counts as a done op and gives a latency sample; an
+    error reply is counted apart, by op and code, so a server that answers errors
+    quickly cannot pass for a fast one. "In the window": a reply that arrived in
+    [``measure``, ``end``); a latency sample is taken for an op *scheduled* in it.
+    """
+
+    def __init__(self) -> None:
+        self.measure = 0
+        self.end = 0
+        self.ok = [0] * len(OPS)
+        self.ok_window = [0] * len(OPS)
+        self.lat_ns = [array("q") for _ in OPS]
+        self.errors: Counter[str] = Counter()
+        """``"<op>:<code>"`` -> error replies over the whole run."""
+        self.errors_window = [0] * len(OPS)
+
+    def reply(self, op_index: int, due: int, now: int, error: str | None) -> None:
+        """A reply arrived at ``now`` for an op scheduled at ``due``; ``error`` is its
+        error code, None for a success."""
+        in_window = self.measure <= now < self.end
+        if error is not None:
+            self.errors[f"{OPS[op_index]}:{error}"] += 1
+            if in_window:
+                self.errors_window[op_index] += 1
+            return
+        self.ok[op_index] += 1
+        if in_window:
+            self.ok_window[op_index] += 1
+        if self.measure <= due < self.end:
+            self.lat_ns[op_index].append(now - due)
+
+    def answered(self) -> list[int]:
+        """Replies of either kind over the whole run, by op."""
+        failed = [0] * len(OPS)
+        for key, n in self.errors.items():
+            failed[OPS.index(key.split(":", 1)[0])] += n
+        return [a + b for a, b in zip(self.ok, failed, strict=True)]
+
+
 # --- the worker process -----------------------------------------------------------------
 
 
@@ -309,10 +356,9 @@ class _Worker:
         self.measure = 0
         self.end = 0
         self.issued = [0] * len(OPS)
-        self.done = [0] * len(OPS)
-        self.done_window = [0] * len(OPS)
-        self.lat_ns = [array("q") for _ in OPS]
-        self.errors: Counter[str] = Counter()
+        self.tally = OpTally()
+        self.not_sent: Counter[str] = Counter()
+        """``"<op>:connection_lost"`` -> ops not sent: their connection was gone."""
         self.acked_by: Counter[tuple[str, str]] = Counter()
         self.events: Counter[str] = Counter()
         self.events_window: Counter[str] = Counter()
@@ -325,15 +371,10 @@ class _Worker:
 
     def replied(self, c: _Conn, entry: tuple[int, int, str], ev: _In, now: int) -> None:
         op_index, due, conv = entry
-        self.done[op_index] += 1
-        if self.measure <= now < self.end:
-            self.done_window[op_index] += 1
-        if self.measure <= due < self.end:
-            self.lat_ns[op_index].append(now - due)
         if not ev.ok:
-            code = ev.error.code if ev.error is not None else "?"
-            self.errors[f"{OPS[op_index]}:{code}"] += 1
+            self.tally.reply(op_index, due, now, ev.error.code if ev.error is not None else "?")
             return
+        self.tally.reply(op_index, due, now, None)
         data = ev.data
         if data is None:
             return
@@ -394,7 +435,7 @@ class _Worker:
 
     def _issue(self, c: _Conn, op: int, due: int, frame: dict[str, Any]) -> None:
         if c.lost:
-            self.errors[f"{OPS[op]}:connection_lost"] += 1
+            self.not_sent[f"{OPS[op]}:connection_lost"] += 1
             return
         self.issued[op] += 1
         c.request(op, due, frame)
@@ -421,6 +462,7 @@ class _Worker:
         if what != "go":
             return
         self.measure, self.end = timeline.measure, timeline.end
+        self.tally.measure, self.tally.end = timeline.measure, timeline.end
         reporter = asyncio.create_task(self._progress())
         try:
             await self._schedule(timeline)
@@ -451,10 +493,13 @@ class _Worker:
                     "worker": spec.worker,
                     "pid": os.getpid(),
                     "issued": self.issued,
-                    "done": self.done,
-                    "done_window": self.done_window,
-                    "lat_ns": self.lat_ns,
-                    "errors": dict(self.errors),
+                    "done": self.tally.ok,
+                    "done_window": self.tally.ok_window,
+                    "answered": self.tally.answered(),
+                    "lat_ns": self.tally.lat_ns,
+                    "errors": dict(self.tally.errors),
+                    "errors_window": self.tally.errors_window,
+                    "not_sent": dict(self.not_sent),
                     "events": dict(self.events),
                     "events_window": dict(self.events_window),
                     "dlv_ns": self.dlv_ns,
@@ -532,7 +577,11 @@ class _Worker:
                 self.conn.send(
                     (
                         "progress",
-                        (sum(self.done), sum(self.events.values()), sum(self.errors.values())),
+                        (
+                            sum(self.tally.ok),
+                            sum(self.events.values()),
+                            sum(self.tally.errors.values()) + sum(self.not_sent.values()),
+                        ),
                     )
                 )
 
@@ -690,20 +739,24 @@ def run(args: argparse.Namespace) -> int:
     a, b = measured["snapshots"]
     window = args.duration
     done_w = [sum(r["done_window"][k] for r in res) for k in range(len(OPS))]
+    errors_w = [sum(r["errors_window"][k] for r in res) for k in range(len(OPS))]
     ops_w = sum(done_w)
     server_cpu_s = b.procs[server.pid] - a.procs[server.pid]
     events_w: Counter[str] = Counter()
     events_all: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    not_sent: Counter[str] = Counter()
     for r in res:
         events_w.update(r["events_window"])
         events_all.update(r["events"])
         errors.update(r["errors"])
+        not_sent.update(r["not_sent"])
     by_op: dict[str, dict[str, float | None]] = {}
     for k, name in enumerate(OPS):
         lat = harness.latency_summary(x for r in res for x in r["lat_ns"][k])
         by_op[name] = {
             "ops_per_s": done_w[k] / window,
+            "errors_per_s": errors_w[k] / window,
             "p50_ms": lat.get("p50_ms"),
             "p99_ms": lat.get("p99_ms"),
             "p999_ms": lat.get("p99.9_ms"),
@@ -714,6 +767,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "measured_s": window,
         "ops_per_s": ops_w / window,
+        "error_replies_per_s": sum(errors_w) / window,
         "by_op": by_op,
         "events_per_s": sum(events_w.values()) / window,
         "events_by_kind": {k: v / window for k, v in sorted(events_w.items())},
@@ -726,10 +780,12 @@ def run(args: argparse.Namespace) -> int:
         "steal_pct": harness.steal_percent(a, b),
         "memory": memory,
         "errors": dict(errors),
+        "not_sent": dict(not_sent),
         "read_fallback": sum(r["read_fallback"] for r in res),
         "totals": {
             "issued": [sum(r["issued"][k] for r in res) for k in range(len(OPS))],
-            "answered": [sum(r["done"][k] for r in res) for k in range(len(OPS))],
+            "answered": [sum(r["answered"][k] for r in res) for k in range(len(OPS))],
+            "ok": [sum(r["done"][k] for r in res) for k in range(len(OPS))],
             "msgs_delivered": sum(r["delivered_msgs"] for r in res),
             "msgs_expected": sum(r["expected_msgs"] for r in res),
             "events": dict(events_all),
@@ -737,6 +793,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if errors:
         failures.append(f"error replies: {dict(errors)}")
+    if not_sent:
+        failures.append(f"ops not sent, their connection lost: {dict(not_sent)}")
     for r in res:
         failures.extend(f"worker {r['worker']}: {p}" for p in r["problems"])
 
@@ -745,7 +803,11 @@ def run(args: argparse.Namespace) -> int:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
 
-    report.add("ops/s (all)", f"{results['ops_per_s']:,.0f} (target {args.rate:,.0f})")
+    report.add(
+        "ops/s answered ok / error replies/s",
+        f"{results['ops_per_s']:,.0f} (target {args.rate:,.0f}) / "
+        f"{results['error_replies_per_s']:,.0f}",
+    )
     for name in OPS:
         o = by_op[name]
         report.add(
@@ -777,7 +839,8 @@ def run(args: argparse.Namespace) -> int:
     tot = results["totals"]
     report.add(
         "whole run: ops answered / msgs delivered",
-        f"{sum(tot['answered']):,} / {tot['msgs_delivered']:,} (expected {tot['msgs_expected']:,})",
+        f"{sum(tot['answered']):,} ({sum(tot['ok']):,} ok) / {tot['msgs_delivered']:,} "
+        f"(expected {tot['msgs_expected']:,})",
     )
     report.add("verification", "OK" if not failures else f"FAILED ({len(failures)})")
     report.failures.extend(failures)
@@ -886,4 +949,12 @@ def _drive(
     }
 
 
-__all__ = ["SCENARIO", "UserSpec", "WorkerSpec", "add_arguments", "default_procs", "run"]
+__all__ = [
+    "SCENARIO",
+    "OpTally",
+    "UserSpec",
+    "WorkerSpec",
+    "add_arguments",
+    "default_procs",
+    "run",
+]

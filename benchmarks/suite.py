@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -253,8 +253,8 @@ class StepResult:
 
     step: Step
     status: str
-    """``ok``, ``failed`` (exit status not 0, or no results file), ``skipped`` or
-    ``interrupted``."""
+    """``ok``, ``failed`` (exit status not 0, no results file, or one whose
+    ``verification.ok`` is false), ``skipped`` or ``interrupted``."""
     exit_code: int | None = None
     seconds: float = 0.0
     argv: list[str] = field(default_factory=list)
@@ -454,17 +454,26 @@ def run_step(
             result.data = json.loads(results_file.read_text())
         except ValueError as exc:
             result.note = f"unreadable results file: {exc}"
-    if interrupted:
-        result.status = "interrupted"
-    elif proc.returncode == 0 and result.data is not None:
-        result.status = "ok"
-    else:
-        result.note = result.note or (
-            f"exit status {proc.returncode}"
-            + ("" if result.data is not None else ", no results file")
-            + f"; see {log_file.name}"
-        )
+    result.status = step_status(proc.returncode, result.data, interrupted=interrupted)
+    if result.status == "failed":
+        if proc.returncode == 0 and result.data is not None:
+            why = "its results file says verification failed"
+        else:
+            why = f"exit status {proc.returncode}" + (
+                "" if result.data is not None else ", no results file"
+            )
+        result.note = result.note or f"{why}; see {log_file.name}"
     return result
+
+
+def step_status(exit_code: int | None, data: Mapping[str, Any] | None, *, interrupted: bool) -> str:
+    """A finished run's :attr:`StepResult.status`: ``ok`` only when the scenario exited
+    0 and wrote results that do not report a failed verification."""
+    if interrupted:
+        return "interrupted"
+    if exit_code == 0 and data is not None and dig(data, "verification", "ok") is not False:
+        return "ok"
+    return "failed"
 
 
 # --- the table --------------------------------------------------------------------------
@@ -498,7 +507,12 @@ class Target:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the results table."""
+    """One line of the results table.
+
+    ``status`` is that of the run the figure comes from (:attr:`StepResult.status`):
+    a figure of a run that failed its own checks is shown, marked, and never meets
+    its target.
+    """
 
     scenario: str
     metric: str
@@ -507,11 +521,13 @@ class Row:
     target: Target | None = None
     reference: float | None = None
     reference_name: str = ""
+    status: str = "ok"
 
     def as_json(self) -> dict[str, Any]:
         """The row with its verdict and ratio, for ``suite.json``."""
         return {
             "scenario": self.scenario,
+            "status": self.status,
             "metric": self.metric,
             "unit": self.unit,
             "ours": self.ours,
@@ -524,8 +540,13 @@ class Row:
 
     @property
     def met(self) -> bool | None:
-        """Target met (None when there is no target or no figure)."""
-        if self.target is None or self.ours is None:
+        """Target met: never by a run that did not succeed (None when there is no
+        target, or no figure from a run that succeeded)."""
+        if self.target is None:
+            return None
+        if self.status != "ok":
+            return False
+        if self.ours is None:
             return None
         return self.target.met(self.ours)
 
@@ -537,17 +558,18 @@ class Row:
         return self.ours / self.reference
 
     def cells(self) -> list[str]:
-        """scenario | metric | ours | target | met? | reference | ours/reference."""
+        """scenario | status | metric | ours | target | met? | reference | ours/reference."""
         met = self.met
-        verdict = (
-            ""
-            if met is None
-            else "yes"
-            if met
-            else f"NO ({self.target.shortfall(self.ours)})"
-            if self.target is not None and self.ours is not None
-            else "NO"
-        )
+        if met is None:
+            verdict = ""
+        elif met:
+            verdict = "yes"
+        elif self.status != "ok":
+            verdict = f"NO (run {self.status})"
+        elif self.target is not None and self.ours is not None:
+            verdict = f"NO ({self.target.shortfall(self.ours)})"
+        else:
+            verdict = "NO"
         target = "" if self.target is None else str(self.target)
         ref = ""
         if self.reference is not None:
@@ -557,6 +579,7 @@ class Row:
         ratio = self.ratio
         return [
             self.scenario,
+            self.status,
             self.metric,
             fmt(self.ours, self.unit),
             target,
@@ -566,7 +589,18 @@ class Row:
         ]
 
 
-HEADERS: Final = ("scenario", "metric", "ours", "target", "met?", "reference", "ours/reference")
+HEADERS: Final = (
+    "scenario",
+    "status",
+    "metric",
+    "ours",
+    "target",
+    "met?",
+    "reference",
+    "ours/reference",
+)
+STATUS_CELL: Final = HEADERS.index("status")
+VERDICT_CELL: Final = HEADERS.index("met?")
 
 
 def fmt(value: float | None, unit: str) -> str:
@@ -631,17 +665,32 @@ class References:
 
 
 def build_table(results: Mapping[str, StepResult]) -> list[Row]:
-    """Every headline figure against its target and reference."""
-    ref = References(results["baselines"].data if "baselines" in results else None)
+    """Every headline figure against its target and reference, in run order.
+
+    Each row carries the status of its run, whose figures are shown whatever that
+    status (a failed run's figures help find out why) but never meet a target. A run
+    without figures (skipped, failed before writing any, the baselines) still gets a
+    row, so the table shows every run's status.
+    """
+    base = results.get("baselines")
+    # Reference figures come only from a baselines run that succeeded.
+    ref = References(base.data if base is not None and base.status == "ok" else None)
     rows: list[Row] = []
+    for key, res in results.items():
+        own = _figures(key, res, ref) if res.data is not None else []
+        if not own:
+            metric = "(reference figures)" if key == "baselines" else "(no results)"
+            own = [Row(key, metric, "", None)]
+        rows += [replace(row, status=res.status) for row in own]
+    return rows
 
-    def data_of(key: str) -> dict[str, Any] | None:
-        res = results.get(key)
-        return res.data if res is not None else None
 
-    if (d := data_of("dm")) is not None:
-        r = d.get("results", {})
-        rows += [
+def _figures(key: str, res: StepResult, ref: References) -> list[Row]:
+    """The headline rows of one run that wrote a results file."""
+    d: Mapping[str, Any] = res.data or {}
+    r = d.get("results", {})
+    if key == "dm":
+        return [
             Row(
                 "dm",
                 "acked msgs/s",
@@ -667,60 +716,19 @@ def build_table(results: Mapping[str, StepResult]) -> list[Row]:
             Row("dm", "client CPU %", "%", num(r, "cpu", "clients_pct")),
             Row("dm", "host steal %", "%", num(r, "cpu", "steal_pct")),
         ]
-    if (d := data_of("dm-rate")) is not None:
-        r = d.get("results", {})
+    if key == "dm-rate":
         rate = num(d, "options", "rate") or 0.0
-        label = results["dm-rate"].step.label
-        rows += [
+        label = res.step.label
+        return [
             Row(label, "acked msgs/s", "msgs/s", num(r, "acked_per_s"), Target(">=", 0.98 * rate)),
             Row(label, "ack p99 ms", "ms", num(r, "ack_latency", "p99_ms"), Target("<=", 20)),
             Row(label, "delivery p99 ms", "ms", num(r, "delivery_latency", "p99_ms")),
             Row(label, "server CPU µs/msg", "µs", num(r, "cpu", "server_us_per_msg")),
         ]
-    for key in sorted((k for k in results if k.startswith("room-")), key=_size_of):
-        d = data_of(key)
-        if d is None:
-            continue
-        run = dig(d, "runs", 0) or {}
-        n = int(run.get("members", _size_of(key)))
-        name = f"room {n:,}"
-        dps = num(run, "delivered_per_s")
-        rows.append(
-            Row(
-                name,
-                "deliveries/s",
-                "/s",
-                dps,
-                None,
-                ref.fanout(n, "deliveries_per_s"),
-                "fan-out",
-            )
-        )
-        if (nats := ref.nats(n, "deliveries_per_s")) is not None:
-            rows.append(Row(name, "deliveries/s", "/s", dps, None, nats, "NATS"))
-        per = num(run, "server_us_per_delivery")
-        target = Target("<=", 3.3) if n == 1_000 else None
-        rows.append(
-            Row(
-                name,
-                "server CPU µs/delivery",
-                "µs",
-                per,
-                target,
-                ref.fanout(n, "server_us_per_delivery"),
-                "fan-out",
-            )
-        )
-        if (nats := ref.nats(n, "server_us_per_delivery")) is not None:
-            rows.append(Row(name, "server CPU µs/delivery", "µs", per, target, nats, "NATS"))
-        rows += [
-            Row(name, "delivery p99 ms", "ms", num(run, "delivery_latency", "p99_ms")),
-            Row(name, "client CPU %", "%", num(run, "clients_pct")),
-            Row(name, "host steal %", "%", num(run, "steal_pct")),
-        ]
-    if (d := data_of("connections")) is not None:
-        r = d.get("results", {})
-        rows += [
+    if key.startswith("room-"):
+        return _room_figures(key, d, ref)
+    if key == "connections":
+        return [
             Row(
                 "connections",
                 "idle auth. WS conns",
@@ -736,23 +744,55 @@ def build_table(results: Mapping[str, StepResult]) -> list[Row]:
                 Target("<=", 24),
             ),
         ]
-    if (d := data_of("auth-storm")) is not None:
-        r = d.get("results", {})
-        rows += [
+    if key == "auth-storm":
+        return [
             Row("auth-storm", "token auths/s", "/s", num(r, "auths_per_s"), Target(">=", 5_000)),
             Row("auth-storm", "server CPU µs/auth", "µs", num(r, "server_us_per_auth")),
             Row("auth-storm", "connect→auth p99 ms", "ms", num(r, "cycle_latency", "p99_ms")),
             Row("auth-storm", "host steal %", "%", num(r, "steal_pct")),
         ]
-    if (d := data_of("mixed")) is not None:
-        r = d.get("results", {})
-        rows += [
-            Row("mixed", "ops/s", "/s", num(r, "ops_per_s")),
+    if key == "mixed":
+        return [
+            Row("mixed", "ops/s (ok replies)", "/s", num(r, "ops_per_s")),
+            Row("mixed", "error replies/s", "/s", num(r, "error_replies_per_s")),
             Row("mixed", "events delivered/s", "/s", num(r, "events_per_s")),
             Row("mixed", "server CPU µs/op", "µs", num(r, "server_us_per_op")),
             Row("mixed", "DM send p99 ms", "ms", num(r, "by_op", "dm", "p99_ms")),
         ]
-    return rows
+    return []
+
+
+def _room_figures(key: str, d: Mapping[str, Any], ref: References) -> list[Row]:
+    run = dig(d, "runs", 0) or {}
+    n = int(run.get("members", _size_of(key)))
+    name = f"room {n:,}"
+    dps = num(run, "delivered_per_s")
+    rows = [
+        Row(name, "deliveries/s", "/s", dps, None, ref.fanout(n, "deliveries_per_s"), "fan-out")
+    ]
+    if (nats := ref.nats(n, "deliveries_per_s")) is not None:
+        rows.append(Row(name, "deliveries/s", "/s", dps, None, nats, "NATS"))
+    per = num(run, "server_us_per_delivery")
+    target = Target("<=", 3.3) if n == 1_000 else None
+    rows.append(
+        Row(
+            name,
+            "server CPU µs/delivery",
+            "µs",
+            per,
+            target,
+            ref.fanout(n, "server_us_per_delivery"),
+            "fan-out",
+        )
+    )
+    if (nats := ref.nats(n, "server_us_per_delivery")) is not None:
+        rows.append(Row(name, "server CPU µs/delivery", "µs", per, target, nats, "NATS"))
+    return [
+        *rows,
+        Row(name, "delivery p99 ms", "ms", num(run, "delivery_latency", "p99_ms")),
+        Row(name, "client CPU %", "%", num(run, "clients_pct")),
+        Row(name, "host steal %", "%", num(run, "steal_pct")),
+    ]
 
 
 def _size_of(key: str) -> int:
@@ -770,9 +810,11 @@ def render_table(rows: Sequence[Row], title: str) -> Table:
     for row in rows:
         cells = [escape(c) for c in row.cells()]
         if row.met is False:
-            cells[4] = f"[red]{cells[4]}[/red]"
+            cells[VERDICT_CELL] = f"[red]{cells[VERDICT_CELL]}[/red]"
         elif row.met:
-            cells[4] = f"[green]{cells[4]}[/green]"
+            cells[VERDICT_CELL] = f"[green]{cells[VERDICT_CELL]}[/green]"
+        if row.status != "ok":
+            cells[STATUS_CELL] = f"[bold red]{cells[STATUS_CELL]}[/bold red]"
         table.add_row(*cells)
     return table
 
@@ -782,7 +824,12 @@ def markdown_table(rows: Sequence[Row]) -> str:
     out = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for row in rows:
         cells = [c.replace("|", "\\|") for c in row.cells()]
-        cells[4] = cells[4].replace("NO", "**no**", 1) if cells[4].startswith("NO") else cells[4]
+        verdict = cells[VERDICT_CELL]
+        cells[VERDICT_CELL] = (
+            verdict.replace("NO", "**no**", 1) if verdict.startswith("NO") else verdict
+        )
+        if row.status != "ok":
+            cells[STATUS_CELL] = f"**{row.status}**"
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -940,4 +987,15 @@ def copy_plots(src: Path, dest: Path) -> list[Path]:
     return [Path(shutil.copy2(p, dest / p.name)) for p in sorted(src.glob("*.png"))]
 
 
-__all__ = ["Row", "Step", "Target", "add_arguments", "build_steps", "build_table", "run"]
+__all__ = [
+    "Row",
+    "Step",
+    "StepResult",
+    "Target",
+    "add_arguments",
+    "build_steps",
+    "build_table",
+    "markdown_table",
+    "run",
+    "step_status",
+]
