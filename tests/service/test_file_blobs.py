@@ -125,6 +125,34 @@ async def test_local_layout_and_atomic_put(tmp_path: Path) -> None:
     assert not (tmp_path / "blobs" / "12").exists()  # empty fan-out directories go too
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc")
+async def test_local_put_is_on_disk_before_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes, the new name and any directory the put created are fsynced before
+    the put returns (the upload is acknowledged after it): a power loss then keeps the
+    blob, given a disk that honours flushes."""
+    fsynced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        fsynced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    root = tmp_path / "data" / "files" / "blobs"
+    store = LocalBlobStore(root)
+    # Creating the store's directories made entries in each parent.
+    assert set(fsynced) >= {tmp_path, tmp_path / "data", tmp_path / "data" / "files"}
+    fsynced.clear()
+    upload = temp_file(tmp_path, b"content")
+    await store.put_file("12/1234", upload)  # "12/" is new: an entry in root too
+    assert fsynced == [upload, root, root / "12"]
+    fsynced.clear()
+    await store.put_file("12/5678", temp_file(tmp_path, b"more"))
+    assert fsynced[1:] == [root / "12"]
+
+
 async def test_local_check_fails_without_its_directory(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     (tmp_path / "blobs").rmdir()

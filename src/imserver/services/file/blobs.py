@@ -65,18 +65,41 @@ class BlobStore(Protocol):
         """Release connections."""
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path: Path) -> None:
+    """Create ``path`` and any missing parents, each one's entry fsynced in its parent:
+    a directory that a power loss could forget would take its files with it."""
+    if path.is_dir():
+        return
+    _make_dirs(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:  # made meanwhile by another put; its maker syncs the entry
+        return
+    _fsync_dir(path.parent)
+
+
 class LocalBlobStore:
     """Blobs as files under ``root``, one per key (``ab/<sha256>`` → ``root/ab/<sha256>``).
 
-    A put is an ``fsync`` of the temporary file followed by an atomic rename into place,
-    so a blob is either absent or complete, even after a crash. The temporary file must
-    be on the same filesystem (the file service keeps its temporary directory beside
-    ``root``).
+    A put fsyncs the temporary file, renames it into place (atomic), then fsyncs the
+    directory that holds the new name and, if the put created that directory, its
+    parent: a blob is either absent or complete, even after a crash, and once the put
+    has returned it survives a power loss too (given a disk that honours flushes). The
+    temporary file must be on the same filesystem (the file service keeps its temporary
+    directory beside ``root``).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        _make_dirs(root)
 
     def path_of(self, key: str) -> Path:
         """The file that holds ``key``."""
@@ -88,18 +111,14 @@ class LocalBlobStore:
 
     @staticmethod
     def _put(target: Path, path: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _make_dirs(target.parent)
         os.replace(path, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(target.parent)
 
     async def read_range(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
         """Stream bytes ``start``..``end`` of the file, each read in a worker thread."""
