@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from disks import SmallDisk, small_disk
 
 
 @pytest.fixture(scope="module")
@@ -26,3 +28,11 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A small tmpfs of the test's own, at ``tmp_path / "disk"`` (see ``tests/disks.py``):
+    ``disk.fill()`` makes it full, ``disk.free()`` gives the space back."""
+    with small_disk(tmp_path / "disk") as mounted:
+        yield mounted

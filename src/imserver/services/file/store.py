@@ -121,9 +121,11 @@ def _record(row: Sequence[Any]) -> FileRecord:
 class SqlFileStore(EngineStore):
     """All of the file service's persistent state, on one async SQLAlchemy engine."""
 
+    name = "file database"
+
     async def usage(self, owner: str) -> int:
         """Bytes the user's records add up to."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             total = await conn.scalar(
                 select(func.coalesce(func.sum(files.c.size), 0)).where(files.c.owner == owner)
             )
@@ -137,7 +139,7 @@ class SqlFileStore(EngineStore):
         two concurrent uploads cannot both squeeze under the quota.
         """
         try:
-            async with self._engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(insert(files).values(**msgspec.structs.asdict(record)))
                 if quota > 0:
                     total = int(
@@ -156,7 +158,7 @@ class SqlFileStore(EngineStore):
 
     async def get(self, file_id: str) -> FileRecord | None:
         """A visible (not doomed) record, or ``None``."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (
                 await conn.execute(
                     select(*_COLUMNS).where(files.c.id == file_id, files.c.state != DOOMED)
@@ -167,7 +169,7 @@ class SqlFileStore(EngineStore):
     async def get_many(self, ids: Sequence[str]) -> list[FileRecord]:
         """The visible records among ``ids`` (any order)."""
         found: list[FileRecord] = []
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
                 result = await conn.execute(
@@ -178,7 +180,7 @@ class SqlFileStore(EngineStore):
 
     async def by_sha256(self, sha256: str) -> FileRecord | None:
         """Any visible record of this content (to reuse its type and thumbnail)."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (
                 await conn.execute(
                     select(*_COLUMNS)
@@ -190,7 +192,7 @@ class SqlFileStore(EngineStore):
 
     async def sha256_in_use(self, sha256: str) -> bool:
         """Whether any record (doomed ones included) still names this content."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (
                 await conn.execute(select(files.c.id).where(files.c.sha256 == sha256).limit(1))
             ).first()
@@ -199,7 +201,7 @@ class SqlFileStore(EngineStore):
     async def candidates(self, cutoff: int, limit: int) -> list[str]:
         """Ids of records created before ``cutoff`` not known to be referenced (``new``,
         or ``doomed`` by a clean-up that did not finish), oldest first."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             result = await conn.execute(
                 select(files.c.id)
                 .where(files.c.state.in_((NEW, DOOMED)), files.c.created < cutoff)
@@ -210,7 +212,7 @@ class SqlFileStore(EngineStore):
 
     async def set_state(self, ids: Sequence[str], state: str, *, was: Sequence[str]) -> None:
         """Move those of the records ``ids`` whose state is one of ``was`` to ``state``."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
                 await conn.execute(
@@ -222,7 +224,7 @@ class SqlFileStore(EngineStore):
     async def delete_doomed(self, ids: Sequence[str]) -> list[str]:
         """Delete the doomed records among ``ids``; returns their content hashes."""
         shas: list[str] = []
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
                 cond = (files.c.id.in_(chunk), files.c.state == DOOMED)
@@ -232,5 +234,5 @@ class SqlFileStore(EngineStore):
 
     async def delete(self, file_id: str) -> None:
         """Delete one record whatever its state (an upload undone)."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(delete(files).where(files.c.id == file_id))

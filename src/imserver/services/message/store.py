@@ -30,8 +30,8 @@ async engine's connection runs the same functions through ``run_sync``
 (:class:`AsyncRunner`).
 
 The store translates database exceptions into :mod:`imserver.utils.errors` at its
-boundary: connection/locking/I-O failures become ``Unavailable``, anything else
-``Internal``.
+boundary (:func:`translate`): storage failures become ``Unavailable``
+(:mod:`imserver.storage.failures`), anything else ``Internal``.
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imserver.protocol.models import Message
 from imserver.storage import sql
-from imserver.utils.errors import IMError, Internal, Unavailable
+from imserver.storage.failures import is_database_failure, unavailable
+from imserver.utils.errors import IMError, Internal
 
 logger = logging.getLogger(__name__)
 
@@ -355,11 +355,12 @@ _REACTIONS = KeyLookup(
 
 
 def translate(exc: BaseException) -> IMError:
-    """The client-facing error for a database failure."""
-    if isinstance(exc, (OperationalError, PoolTimeout, OSError)) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    ):
-        return Unavailable("message store unavailable")
+    """The client-facing error for a database error: ``unavailable`` for a storage
+    failure (:mod:`imserver.storage.failures`), ``internal`` (logged with its
+    traceback) for anything else, which is a bug."""
+    if isinstance(exc, OSError) or is_database_failure(exc):
+        return unavailable(exc, "message database")
+    logger.error("message store error", exc_info=exc)
     return Internal("message store error")
 
 
@@ -1146,8 +1147,12 @@ class SqlMessageStore:
     async def _checkpoint(self) -> None:
         try:
             await self._reads.call(_checkpoint)
-        except Exception:
-            logger.warning("WAL checkpoint failed", exc_info=True)
+        except Exception as exc:
+            # Tried again after a later commit; a full disk is no bug to trace.
+            if isinstance(exc, OSError) or is_database_failure(exc):
+                logger.warning("WAL checkpoint failed: %s", exc)
+            else:
+                logger.warning("WAL checkpoint failed", exc_info=True)
 
     @classmethod
     def open(cls, url: str, engine: AsyncEngine, *, read_threads: int = 2) -> SqlMessageStore:

@@ -152,12 +152,14 @@ def _room(row: Sequence[Any]) -> RoomRecord:
 class SqlRoomStore(EngineStore):
     """All of the room service's persistent state, on one async SQLAlchemy engine."""
 
+    name = "room database"
+
     # --- rooms ------------------------------------------------------------------------
 
     async def create_room(self, room: RoomRecord, joined: Sequence[str], now: int) -> None:
         """Insert a room with its owner (join order 1) and ``joined`` (2, 3, ...)."""
         everyone = [room.owner, *joined]
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 insert(rooms).values(
                     id=room.id,
@@ -188,7 +190,7 @@ class SqlRoomStore(EngineStore):
 
     async def load(self, room: str) -> tuple[RoomRecord, list[MemberRecord]] | None:
         """A room and its members in join order, or ``None`` if it never existed."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (await conn.execute(select(*_ROOM_COLUMNS).where(rooms.c.id == room))).first()
             if row is None:
                 return None
@@ -220,7 +222,7 @@ class SqlRoomStore(EngineStore):
             values["public"] = public
         if not values:
             return
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(update(rooms).where(rooms.c.id == room).values(**values))
 
     # --- membership -------------------------------------------------------------------
@@ -231,7 +233,7 @@ class SqlRoomStore(EngineStore):
         ``None`` (and nothing written) when the room is empty or already has
         ``max_size`` members.
         """
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             decided = await conn.execute(
                 update(rooms)
                 .where(
@@ -263,7 +265,7 @@ class SqlRoomStore(EngineStore):
         """Remove ``user``; ``new_owner`` (a member) becomes the owner in the same
         transaction. Returns the members left; removing the last one empties the room
         and drops its invitations. Removing a non-member changes nothing."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             gone = await conn.execute(
                 delete(members).where(members.c.room_id == room, members.c.user_id == user)
             )
@@ -286,7 +288,7 @@ class SqlRoomStore(EngineStore):
 
     async def set_role(self, room: str, user: str, role: RoomRole) -> None:
         """Change a member's role."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await self._set_role(conn, room, user, role)
 
     @staticmethod
@@ -299,7 +301,7 @@ class SqlRoomStore(EngineStore):
 
     async def members_page(self, room: str, after: int, limit: int) -> list[MemberRecord]:
         """Up to ``limit`` members with join order > ``after``, in join order."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             result = await conn.execute(
                 select(members.c.user_id, members.c.role, members.c.join_order)
                 .where(members.c.room_id == room, members.c.join_order > after)
@@ -310,7 +312,7 @@ class SqlRoomStore(EngineStore):
 
     async def rooms_of(self, user: str) -> list[str]:
         """The rooms ``user`` is a member of, in the order they joined them."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             result = await conn.execute(
                 select(members.c.room_id)
                 .where(members.c.user_id == user)
@@ -323,7 +325,7 @@ class SqlRoomStore(EngineStore):
     async def invite(self, room: str, user: str, inviter: str, now: int) -> bool:
         """Record an invitation; False (nothing written) if one is already pending."""
         try:
-            async with self._engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(
                     insert(invitations).values(
                         room_id=room, user_id=user, inviter=inviter, created=now
@@ -337,7 +339,7 @@ class SqlRoomStore(EngineStore):
 
     async def is_invited(self, room: str, user: str) -> bool:
         """Whether ``user`` has a pending invitation to ``room``."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             found = await conn.scalar(
                 select(invitations.c.user_id).where(
                     invitations.c.room_id == room, invitations.c.user_id == user
@@ -347,7 +349,7 @@ class SqlRoomStore(EngineStore):
 
     async def invitations_of(self, user: str) -> list[str]:
         """Rooms with a pending invitation for ``user``, oldest invitation first."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             result = await conn.execute(
                 select(invitations.c.room_id)
                 .where(invitations.c.user_id == user)
@@ -377,5 +379,5 @@ class SqlRoomStore(EngineStore):
         stmt = (
             select(*_ROOM_COLUMNS).where(*cond).order_by(rooms.c.created, rooms.c.id).limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             return [_room(row) for row in await conn.execute(stmt)]

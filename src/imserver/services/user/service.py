@@ -468,7 +468,10 @@ class LocalUserService:
                 self._seen_pending.setdefault(user, when)
             if not isinstance(exc, Exception):
                 raise  # cancelled: close() writes them
-            logger.exception("storing last_seen of %d users failed", len(pending))
+            if isinstance(exc, Unavailable):  # the store logged the cause
+                logger.warning("storing last_seen of %d users postponed", len(pending))
+            else:
+                logger.exception("storing last_seen of %d users failed", len(pending))
 
     async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
         """Presence of each known user among ``users``, in the order asked.

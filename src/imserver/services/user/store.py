@@ -173,6 +173,8 @@ def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[st
 class SqlUserStore(EngineStore):
     """All of the user service's persistent state, on one async SQLAlchemy engine."""
 
+    name = "user database"
+
     # --- accounts ---------------------------------------------------------------------
 
     async def create_user(self, user: User, password_hash: str) -> None:
@@ -181,7 +183,7 @@ class SqlUserStore(EngineStore):
         Raises :class:`Conflict` if the username is taken.
         """
         try:
-            async with self._engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(
                     insert(users).values(
                         id=user.id,
@@ -200,13 +202,13 @@ class SqlUserStore(EngineStore):
 
     async def user_by_id(self, user: UserId) -> User | None:
         """One user, or ``None``."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (await conn.execute(select(*_USER_COLUMNS).where(users.c.id == user))).first()
         return None if row is None else _user(row)
 
     async def user_by_name(self, username: str) -> User | None:
         """One user by username, or ``None``."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (
                 await conn.execute(select(*_USER_COLUMNS).where(users.c.username == username))
             ).first()
@@ -217,7 +219,7 @@ class SqlUserStore(EngineStore):
         found: list[User] = []
         if not ids:
             return found
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             for chunk in _chunks(ids):
                 result = await conn.execute(select(*_USER_COLUMNS).where(users.c.id.in_(chunk)))
                 found.extend(_user(row) for row in result)
@@ -225,7 +227,7 @@ class SqlUserStore(EngineStore):
 
     async def credentials(self, username: str) -> Credentials | None:
         """The account and password hash for a login attempt, or ``None``."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (
                 await conn.execute(
                     select(*_USER_COLUMNS, users.c.password_hash).where(
@@ -239,7 +241,7 @@ class SqlUserStore(EngineStore):
 
     async def password_hash(self, user: UserId) -> str | None:
         """The stored password hash of a user, or ``None`` if there is no such user."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             value = await conn.scalar(select(users.c.password_hash).where(users.c.id == user))
         return None if value is None else str(value)
 
@@ -249,7 +251,7 @@ class SqlUserStore(EngineStore):
         Only if the stored hash is still ``old_hash``: a password change that landed
         in the meantime must not be overwritten by a hash of the old password.
         """
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(
                 update(users)
                 .where(users.c.id == user, users.c.password_hash == old_hash)
@@ -259,7 +261,7 @@ class SqlUserStore(EngineStore):
 
     async def set_display_name(self, user: UserId, display_name: str) -> User:
         """Change a display name; :class:`NotFound` if there is no such user."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(
                 update(users).where(users.c.id == user).values(display_name=display_name)
             )
@@ -275,7 +277,7 @@ class SqlUserStore(EngineStore):
 
         Returns the revoked login ids and the hashes of the token rows deleted.
         """
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(
                 update(users).where(users.c.id == user).values(password_hash=password_hash)
             )
@@ -305,7 +307,7 @@ class SqlUserStore(EngineStore):
         new_tokens: Sequence[NewToken],
     ) -> None:
         """Open a login session with its first tokens."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 insert(logins).values(
                     id=login, user_id=user, device=device, created=now, revoked=None
@@ -324,7 +326,7 @@ class SqlUserStore(EngineStore):
                 logins.c.revoked.is_(None),
             )
         )
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (await conn.execute(query)).first()
         if row is None:
             return None
@@ -337,7 +339,7 @@ class SqlUserStore(EngineStore):
         marked ``used``, until the next rotation. Presenting a spent token again is
         taken as theft (someone holds a copy) and revokes the whole login session.
         """
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             # The conditional UPDATE is the single point that decides who wins a race
             # between two refreshes with the same token.
             spent = await conn.execute(
@@ -384,12 +386,12 @@ class SqlUserStore(EngineStore):
 
     async def revoke_login(self, login: LoginId, now: int) -> list[str]:
         """Revoke one login session; returns the hashes of the token rows deleted."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             return await self._revoke(conn, [login], now)
 
     async def purge_expired_tokens(self, now: int) -> int:
         """Delete token rows past their expiry; returns how many went."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(delete(tokens).where(tokens.c.expires <= now))
         return int(result.rowcount)
 
@@ -425,19 +427,19 @@ class SqlUserStore(EngineStore):
 
     async def blocked_by(self, user: UserId) -> set[UserId]:
         """Everyone ``user`` has blocked."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             result = await conn.execute(select(blocks.c.target_id).where(blocks.c.user_id == user))
             return {UserId(row[0]) for row in result}
 
     async def add_block(self, user: UserId, target: UserId, now: int) -> None:
         """Record a block; already present is fine (no dialect-specific upsert needed)."""
         try:
-            async with self._engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(
                     insert(blocks).values(user_id=user, target_id=target, created=now)
                 )
         except IntegrityError as exc:
-            async with self._engine.connect() as conn:
+            async with self._connect() as conn:
                 exists = await conn.scalar(
                     select(func.count())
                     .select_from(blocks)
@@ -449,7 +451,7 @@ class SqlUserStore(EngineStore):
 
     async def remove_block(self, user: UserId, target: UserId) -> None:
         """Drop a block if present."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 delete(blocks).where(blocks.c.user_id == user, blocks.c.target_id == target)
             )
@@ -461,7 +463,7 @@ class SqlUserStore(EngineStore):
         seen: dict[UserId, int | None] = {}
         if not ids:
             return seen
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             for chunk in _chunks(ids):
                 result = await conn.execute(
                     select(presence.c.user_id, presence.c.last_seen).where(
@@ -476,7 +478,7 @@ class SqlUserStore(EngineStore):
         if not items:
             return
         p = presence.c
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(
                 update(presence)
                 .where(p.user_id == bindparam("k_user"))
@@ -494,7 +496,7 @@ class SqlUserStore(EngineStore):
 
     async def set_last_seen(self, user: UserId, when: int) -> None:
         """Store ``last_seen``; creates the record if the account predates it."""
-        async with self._engine.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(
                 update(presence).where(presence.c.user_id == user).values(last_seen=when)
             )
@@ -503,10 +505,10 @@ class SqlUserStore(EngineStore):
         # Update-then-insert instead of a dialect-specific upsert; a racing insert of
         # the same row lands in IntegrityError and the update is simply retried.
         try:
-            async with self._engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(insert(presence).values(user_id=user, last_seen=when))
         except IntegrityError:
-            async with self._engine.begin() as conn:
+            async with self._begin() as conn:
                 await conn.execute(
                     update(presence).where(presence.c.user_id == user).values(last_seen=when)
                 )
