@@ -200,3 +200,44 @@ async def test_s3_unreachable_is_unavailable() -> None:
     with pytest.raises(Unavailable):
         await store.check()
     await store.close()
+
+
+async def test_local_failures_are_unavailable_and_a_missing_blob_is_not(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    # The file system refuses: a directory where the blob's file should be, a file
+    # where its fan-out directory should be.
+    (tmp_path / "blobs" / "ab" / "abcd").mkdir(parents=True)
+    with pytest.raises(Unavailable):
+        await read_all(store, "ab/abcd", 0, 10)
+    (tmp_path / "blobs" / "cd").write_bytes(b"not a directory")
+    path = temp_file(tmp_path, b"data")
+    with pytest.raises(Unavailable):
+        await store.put_file("cd/cdef", path)
+    assert path.read_bytes() == b"data"  # not consumed: the caller still owns it
+    with pytest.raises(FileNotFoundError):
+        await read_all(store, "ef/missing", 0, 10)
+
+
+async def test_s3_bucket_gone_is_unavailable(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    store = await open_s3(s3_endpoint)
+    try:
+        await store.put_file("9f/9f00", temp_file(tmp_path, b"in s3"))
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        client.delete_object(Bucket=store.bucket, Key="imserver/9f/9f00")
+        client.delete_bucket(Bucket=store.bucket)
+        with pytest.raises(Unavailable):
+            await store.put_file("9f/9f01", temp_file(tmp_path, b"nowhere to go"))
+        with pytest.raises(Unavailable):
+            await read_all(store, "9f/9f00", 0, 4)
+        with pytest.raises(Unavailable):
+            await store.check()
+    finally:
+        await store.close()

@@ -5,6 +5,9 @@ the same write succeeds and nothing stored before is lost.
 The user, room and message services run on real SQLite files on a small tmpfs of
 their own (``tests/disks.py``), behind a real gateway: each op is a JSON frame into a
 :class:`~imserver.core.session.Session` and each answer the reply frame it writes.
+The file service is driven through its API (the HTTP route is in
+``tests/e2e/test_full_disk_server.py``), with its database and its files on the full
+disk in turn, so that each of the upload's writes meets the full disk first once.
 
 Every commit appends at least one WAL frame (a 4 KiB page and its header: always at
 least one more 4 KiB block of the tmpfs), and the user, room and file databases never
@@ -16,31 +19,53 @@ see its test.
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
+import io
 import itertools
 import logging
+import os
+import secrets
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 from disks import SmallDisk
+from PIL import Image
 
 from imserver.core.metrics import Metrics
 from imserver.core.session import Session
 from imserver.protocol.codec import Codec
+from imserver.services.file.blobs import BlobStore, LocalBlobStore, S3BlobStore
+from imserver.services.file.service import (
+    MIGRATIONS as FILE_MIGRATIONS,
+)
+from imserver.services.file.service import (
+    WRITE_BUFFER,
+    LocalFileService,
+    blob_key,
+)
+from imserver.services.file.store import SqlFileStore
 from imserver.services.gateway.service import Gateway
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.service import LocalUserService, open_user_service
 from imserver.storage.bus import MemoryLiveBus
-from imserver.storage.sql import sqlite_url
+from imserver.storage.sql import make_engine, sqlite_url, upgrade
 from imserver.utils.config import Config
+from imserver.utils.errors import IMError, Unavailable
+from imserver.utils.ids import UserId
 
 Frame = dict[str, Any]
 PASSWORD = "correct-horse"
 FULL = "database or disk is full"
 """What SQLite says (SQLITE_FULL), and what the storage boundary's log line names."""
+NOSPC = os.strerror(errno.ENOSPC)
+"""What the file system says (``No space left on device``)."""
 
 
 class MemoryLink:
@@ -328,3 +353,171 @@ async def test_last_seen_on_a_full_disk_is_postponed_quietly(
     await world.users.close()  # writes the pending last_seen: refused
     no_tracebacks(caplog)
     assert any("last_seen" in r.getMessage() for r in caplog.records), caplog.records
+
+
+# --- the file service -----------------------------------------------------------------
+
+
+def noisy_png(total: int) -> bytes:
+    """A PNG of random pixels, padded after its end to exactly ``total`` bytes (image
+    decoders stop at IEND; the sniffed type stays ``image/png``)."""
+    out = io.BytesIO()
+    Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(out, "PNG")
+    data = out.getvalue()
+    assert len(data) <= total
+    return data + b"\0" * (total - len(data))
+
+
+class Files:
+    """A file service whose database and files live where the test says, bound to the
+    real message service for membership."""
+
+    def __init__(self, svc: LocalFileService, db: Path, blobs_dir: Path | None) -> None:
+        self.svc = svc
+        self.db = db
+        self.blobs_dir = blobs_dir
+
+    async def put(self, user: UserId, conv: str, data: bytes) -> Any:
+        up = await self.svc.begin_upload(user, conv, "f.bin", len(data))
+        try:
+            await up.write(data)
+            return await up.finish()
+        except BaseException:
+            await up.abort()
+            raise
+
+    async def read(self, user: UserId, file_id: str) -> bytes:
+        blob = await self.svc.open_file(user, file_id)
+        return b"".join([c async for c in self.svc.read(blob.key, 0, blob.size - 1)])
+
+    def rows(self) -> int:
+        with sqlite3.connect(self.db) as conn:
+            return int(conn.execute("SELECT count(*) FROM files").fetchone()[0])
+
+    def tmp_files(self) -> list[Path]:
+        return list(self.svc.tmp_dir.iterdir())
+
+
+async def refused(aw: Any) -> Unavailable:
+    with pytest.raises(IMError) as info:
+        await aw
+    assert type(info.value) is Unavailable, repr(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("full", "backend"), [("files", "local"), ("database", "local"), ("database", "s3")]
+)
+async def test_uploads_on_a_full_disk(
+    world: World,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    full: str,
+    backend: str,
+) -> None:
+    """``full``: which of the upload's homes is on the full disk (the other has room)."""
+    caplog.set_level(logging.WARNING)
+    _, a = await world.user("alice")
+    _, b = await world.user("bob")
+    alice, bob = UserId(a["user"]["id"]), UserId(b["user"]["id"])
+    conv = "d:" + ":".join(sorted((alice, bob)))
+    on_disk, elsewhere = world.disk.path / "files", tmp_path / "files"
+    files_home = on_disk if full == "files" else elsewhere
+    db_home = on_disk if full == "database" else elsewhere
+    db_home.mkdir(exist_ok=True)
+    url = sqlite_url(db_home, "file")
+    await upgrade(url, FILE_MIGRATIONS)
+    blobs: BlobStore
+    if backend == "local":
+        blobs = LocalBlobStore(files_home / "blobs")
+    else:
+        blobs = await S3BlobStore.open(
+            bucket=f"full-{secrets.token_hex(6)}",
+            endpoint=request.getfixturevalue("s3_endpoint"),
+            access_key="testing",
+            secret_key="testing",
+        )
+    svc = LocalFileService(SqlFileStore(make_engine(url)), blobs, tmp_dir=files_home / "tmp")
+    svc.bind(messages=world.messages, start_cleanup=False)
+    files = Files(svc, db_home / "file.db", files_home / "blobs" if backend == "local" else None)
+    try:
+        first_bytes = os.urandom(300_000)
+        first = await files.put(alice, conv, first_bytes)
+        blobs_before = sorted(files.blobs_dir.rglob("*")) if files.blobs_dir else []
+        plain = os.urandom(300_000)
+        image = noisy_png(WRITE_BUFFER)  # written to the temporary file before finish()
+
+        world.disk.fill()
+        # The bytes (files full) or the record (database full) cannot be stored.
+        await refused(files.put(alice, conv, plain))
+        # An image whose bytes are already in its temporary file: the thumbnail (files
+        # full) or the record (database full) cannot be stored.
+        world.disk.free()
+        up = await svc.begin_upload(alice, conv, "cat.png", len(image))
+        await up.write(image)
+        world.disk.fill()
+        await refused(up.finish())
+        # Nothing is left behind: no temporary file, no blob, no record.
+        assert files.tmp_files() == []
+        assert files.rows() == 1
+        for data in (plain, image):
+            assert not await blobs.exists(blob_key(hashlib.sha256(data).hexdigest()))
+        if files.blobs_dir:
+            assert sorted(files.blobs_dir.rglob("*")) == blobs_before
+        # Reads still work.
+        assert await files.read(bob, first.id) == first_bytes
+        no_internal_and_logged_once(world, caplog, NOSPC if full == "files" else FULL)
+
+        world.disk.free()
+        again = await files.put(alice, conv, plain)
+        assert await files.read(bob, again.id) == plain
+        img = await files.put(alice, conv, image)
+        assert (img.mime, img.thumb_url is not None) == ("image/png", True)
+        assert files.rows() == 3
+        assert await files.read(bob, first.id) == first_bytes
+    finally:
+        await svc.close()
+
+
+async def test_file_cleanup_on_a_full_disk_waits_for_space(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    _, a = await world.user("alice")
+    _, b = await world.user("bob")
+    alice = UserId(a["user"]["id"])
+    conv = "d:" + ":".join(sorted((alice, b["user"]["id"])))
+    url = sqlite_url(world.disk.path, "file")
+    await upgrade(url, FILE_MIGRATIONS)
+    home = world.disk.path / "files"
+    svc = LocalFileService(
+        SqlFileStore(make_engine(url)),
+        LocalBlobStore(home / "blobs"),
+        tmp_dir=home / "tmp",
+        orphan_grace=0,
+        cleanup_interval=0.02,
+    )
+    svc.bind(messages=world.messages, start_cleanup=False)
+    files = Files(svc, world.disk.path / "file.db", home / "blobs")
+    try:
+        orphan = await files.put(alice, conv, b"no message names this")
+        world.disk.fill()
+        svc.bind(messages=world.messages)  # starts the clean-up task
+        for _ in range(250):
+            if any("clean-up postponed" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the clean-up never ran on the full disk")
+        no_tracebacks(caplog)
+        assert files.rows() == 1
+        world.disk.free()
+        for _ in range(250):
+            if files.rows() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert files.rows() == 0, "the clean-up did not resume once the space was back"
+        assert not await svc.blobs.exists(blob_key(orphan.sha256))
+    finally:
+        await svc.close()

@@ -13,6 +13,10 @@ in-place update, which is what makes content addressing safe.
 
 boto3 is synchronous: every S3 call runs in a worker thread, and the client (which
 is thread-safe) is shared by all of them.
+
+A store that cannot serve (a full or failing disk, an unreachable endpoint, a bucket
+gone) raises ``unavailable`` (:mod:`imserver.storage.failures`); only a missing blob
+is ``FileNotFoundError``, which callers answer ``not_found``.
 """
 
 from __future__ import annotations
@@ -25,10 +29,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from imserver.storage.failures import unavailable
 from imserver.utils.errors import Unavailable
 
 CHUNK = 1024 * 1024
 """Bytes per read when streaming a blob out."""
+
+LOCAL = "file storage"
+"""How log lines and ``unavailable`` messages name the local blob directory."""
+OBJECT_STORE = "object store"
 
 KEY_RE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
 """Keys are lower-case ``a/b.c`` paths of plain segments: no ``..``, no leading ``/``."""
@@ -50,7 +59,8 @@ class BlobStore(Protocol):
 
     def read_range(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes ``start``..``end`` (inclusive) of the blob, in chunks of at most
-        :data:`CHUNK`. ``FileNotFoundError`` if there is no such blob."""
+        :data:`CHUNK`. ``FileNotFoundError`` if there is no such blob, ``unavailable``
+        if it cannot be read."""
 
     async def exists(self, key: str) -> bool:
         """Whether a blob is stored under ``key``."""
@@ -107,7 +117,11 @@ class LocalBlobStore:
 
     async def put_file(self, key: str, path: Path) -> None:
         """Move ``path`` into place under ``key`` (fsynced, atomic)."""
-        await asyncio.to_thread(self._put, self.path_of(key), path)
+        target = self.path_of(key)
+        try:
+            await asyncio.to_thread(self._put, target, path)
+        except OSError as exc:
+            raise unavailable(exc, LOCAL) from exc
 
     @staticmethod
     def _put(target: Path, path: Path) -> None:
@@ -122,22 +136,32 @@ class LocalBlobStore:
 
     async def read_range(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
         """Stream bytes ``start``..``end`` of the file, each read in a worker thread."""
-        fh = await asyncio.to_thread(open, self.path_of(key), "rb")
+        path = self.path_of(key)
         try:
-            await asyncio.to_thread(fh.seek, start)
-            left = end - start + 1
-            while left > 0:
-                chunk = await asyncio.to_thread(fh.read, min(CHUNK, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-                yield chunk
-        finally:
-            fh.close()
+            fh = await asyncio.to_thread(open, path, "rb")
+            try:
+                await asyncio.to_thread(fh.seek, start)
+                left = end - start + 1
+                while left > 0:
+                    chunk = await asyncio.to_thread(fh.read, min(CHUNK, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                    yield chunk
+            finally:
+                fh.close()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise unavailable(exc, LOCAL) from exc
 
     async def exists(self, key: str) -> bool:
         """Whether the file exists."""
-        return await asyncio.to_thread(self.path_of(key).is_file)
+        path = self.path_of(key)
+        try:
+            return await asyncio.to_thread(path.is_file)
+        except OSError as exc:
+            raise unavailable(exc, LOCAL) from exc
 
     async def delete(self, key: str) -> None:
         """Unlink the file (and drop its directory when it became empty)."""
@@ -148,7 +172,10 @@ class LocalBlobStore:
             with contextlib.suppress(OSError):  # not empty, or already gone
                 path.parent.rmdir()
 
-        await asyncio.to_thread(unlink)
+        try:
+            await asyncio.to_thread(unlink)
+        except OSError as exc:
+            raise unavailable(exc, LOCAL) from exc
 
     async def check(self) -> None:
         """The root directory must exist and be writable."""
@@ -224,18 +251,24 @@ class S3BlobStore:
         return self.prefix + check_key(key)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a blocking boto3 call in a thread; connection failures become
-        ``unavailable`` (other client errors propagate)."""
+        """Run a blocking boto3 call in a thread. A missing object raises
+        ``FileNotFoundError``; every other failure (endpoint unreachable, bucket gone,
+        access refused, an upload that failed, the local file unreadable) raises
+        ``unavailable``."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except ClientError as exc:
-            if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "NotFound"):
+            code = _code(exc)
+            if code != "NoSuchBucket" and (
+                _status(exc) == 404 or code in ("NoSuchKey", "NotFound")
+            ):
                 raise FileNotFoundError(str(exc)) from exc
-            raise Unavailable(f"object store error: {_code(exc)}") from exc
-        except BotoCoreError as exc:
-            raise Unavailable(f"object store unreachable: {exc}") from exc
+            raise unavailable(exc, OBJECT_STORE) from exc
+        except (BotoCoreError, Boto3Error, OSError) as exc:
+            raise unavailable(exc, OBJECT_STORE) from exc
 
     async def put_file(self, key: str, path: Path) -> None:
         """Upload the file (multipart when large) and delete it."""

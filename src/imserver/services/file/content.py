@@ -195,7 +195,8 @@ def make_thumbnail(src: Path, mime: str, out: Path) -> str | None:
     transparency give a PNG, others a JPEG. Returns ``None`` (no thumbnail) for content
     Pillow cannot decode, and raises :class:`ImageTooLarge` for an image with more
     pixels than :func:`max_image_pixels` — checked from the header, before anything is
-    decoded. Blocking: run it in a worker thread.
+    decoded. An ``OSError`` of the file system (``errno`` set: a full disk) is raised,
+    not taken for undecodable content. Blocking: run it in a worker thread.
     """
     fmt = THUMBNAIL_FORMATS.get(mime)
     if fmt is None:
@@ -220,6 +221,8 @@ def make_thumbnail(src: Path, mime: str, out: Path) -> str | None:
     except Image.DecompressionBombError as exc:
         # Pillow refuses at open (over twice its limit) with the size in the message only.
         raise BadRequest(f"image too large to process: {exc}", field="body") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         out.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the file system failed (a full disk), not the image
         return None

@@ -16,6 +16,11 @@ How an upload goes (:meth:`LocalFileService.begin_upload`, then :class:`_Upload`
    identical content is already stored, and the record is inserted (the quota is
    checked again inside that transaction).
 
+A storage failure at any step (a full disk under the temporary file, the thumbnail or
+the blob; the database refusing the record) answers ``unavailable`` and leaves
+nothing behind: the temporary file is deleted, and so are the blobs this upload
+stored when no record names their content.
+
 Blob lifetime: a blob (and its thumbnail ``<key>.thumb``) is deleted only when no
 record names its hash. The per-hash lock orders an upload of content X against the
 clean-up of the last record of X, so neither deletes a blob the other relies on. The
@@ -54,6 +59,7 @@ from imserver.services.file.content import (
 )
 from imserver.services.file.store import DOOMED, KEPT, NEW, FileRecord, SqlFileStore
 from imserver.services.message.api import FileRef
+from imserver.storage.failures import unavailable
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.config import FilesConfig
@@ -71,6 +77,8 @@ WRITE_BUFFER = 1024 * 1024
 CLEANUP_BATCH = 500
 THUMB_BYTES_MAX = 4 * 1024 * 1024
 """More than a 320 px thumbnail can take; bounds what serving one reads into memory."""
+TMP = "upload storage"
+"""How log lines and ``unavailable`` messages name the temporary upload directory."""
 
 
 class MemberDirectory(Protocol):
@@ -175,7 +183,11 @@ class _Upload:
         self._buffer.clear()
         self._buffered = 0
         if data and self._fd is not None:
-            await asyncio.to_thread(self._write_and_hash, self._fd, data)
+            try:
+                await asyncio.to_thread(self._write_and_hash, self._fd, data)
+            except OSError as exc:
+                await self.abort()
+                raise unavailable(exc, TMP) from exc
 
     def _write_and_hash(self, fd: int, data: bytes) -> None:
         with self._io:
@@ -192,9 +204,12 @@ class _Upload:
         try:
             await self._flush()
             with self._io:
-                if self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
+                fd, self._fd = self._fd, None
+                if fd is not None:
+                    try:
+                        os.close(fd)  # may report a failed deferred write (NFS, quotas)
+                    except OSError as exc:
+                        raise unavailable(exc, TMP) from exc
             self._done = True
             return await self._service._commit_upload(self, self._hash.hexdigest())
         finally:
@@ -297,9 +312,12 @@ class LocalFileService:
                     f"{limit} bytes left of {self.quota} per user"
                 )
             raise TooLarge(f"file of {declared_size} bytes exceeds the limit of {limit} bytes")
-        fd, raw_path = await asyncio.to_thread(
-            tempfile.mkstemp, prefix="upload-", suffix=".part", dir=self.tmp_dir
-        )
+        try:
+            fd, raw_path = await asyncio.to_thread(
+                tempfile.mkstemp, prefix="upload-", suffix=".part", dir=self.tmp_dir
+            )
+        except OSError as exc:
+            raise unavailable(exc, TMP) from exc
         return _Upload(
             self,
             user=user,
@@ -312,30 +330,40 @@ class LocalFileService:
         )
 
     async def _commit_upload(self, up: _Upload, sha256: str) -> FileInfo:
-        """Put the finished upload's blob (unless already stored) and insert its record."""
+        """Put the finished upload's blob (unless already stored) and insert its record.
+
+        If either fails, the blobs this upload stored go again (unless a record names
+        their content) before the error is raised."""
         mime = sniff_mime(up.head)
         key = blob_key(sha256)
         async with self._lock(sha256):
             existing = await self._store.by_sha256(sha256)
-            if existing is not None and await self.blobs.exists(key):
-                # Identical content: same type, same thumbnail, no second copy.
-                mime, thumb_mime = existing.mime, existing.thumb_mime
-            else:
-                thumb_mime = await self._thumbnail(up.path, mime, sha256)
-                await self.blobs.put_file(key, up.path)
-            record = FileRecord(
-                id=new_file_id(),
-                conv=up.conv,
-                owner=up.user,
-                name=up.name,
-                size=up.size,
-                mime=mime,
-                sha256=sha256,
-                thumb_mime=thumb_mime,
-                created=self._clock(),
-                state=NEW,
-            )
-            used = await self._store.insert(record, self.quota)
+            stored = False
+            try:
+                if existing is not None and await self.blobs.exists(key):
+                    # Identical content: same type, same thumbnail, no second copy.
+                    mime, thumb_mime = existing.mime, existing.thumb_mime
+                else:
+                    stored = True
+                    thumb_mime = await self._thumbnail(up.path, mime, sha256)
+                    await self.blobs.put_file(key, up.path)
+                record = FileRecord(
+                    id=new_file_id(),
+                    conv=up.conv,
+                    owner=up.user,
+                    name=up.name,
+                    size=up.size,
+                    mime=mime,
+                    sha256=sha256,
+                    thumb_mime=thumb_mime,
+                    created=self._clock(),
+                    state=NEW,
+                )
+                used = await self._store.insert(record, self.quota)
+            except Exception:
+                if stored:
+                    await self._undo_blobs(sha256)
+                raise
             if used is not None:
                 await self._drop_blobs_if_unused(sha256)
                 raise QuotaExceeded(
@@ -354,7 +382,10 @@ class LocalFileService:
         out = src.with_name(src.name + ".thumb")
         try:
             async with self._thumb_slots:
-                thumb_mime = await asyncio.to_thread(make_thumbnail, src, mime, out)
+                try:
+                    thumb_mime = await asyncio.to_thread(make_thumbnail, src, mime, out)
+                except OSError as exc:
+                    raise unavailable(exc, TMP) from exc
             if thumb_mime is not None:
                 await self.blobs.put_file(thumb_key(sha256), out)
             return thumb_mime
@@ -449,11 +480,21 @@ class LocalFileService:
             await self.blobs.delete(blob_key(sha256))
             await self.blobs.delete(thumb_key(sha256))
 
+    async def _undo_blobs(self, sha256: str) -> None:
+        """:meth:`_drop_blobs_if_unused` for an upload that failed: the client gets the
+        upload's own error, so a failure here is only logged (the blobs stay, unnamed)."""
+        try:
+            await self._drop_blobs_if_unused(sha256)
+        except Exception as exc:
+            logger.warning("blobs of a failed upload of %s left in place: %r", sha256, exc)
+
     async def _cleanup_loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             try:
                 await self.cleanup()
+            except Unavailable:  # the store logged the cause; the next run retries
+                logger.warning("file clean-up postponed: storage unavailable")
             except Exception:
                 logger.exception("file clean-up failed")
 
