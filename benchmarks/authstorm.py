@@ -33,6 +33,10 @@ the suite reads:
 - ``auths_per_s`` — completed token auths per second over the interval;
 - ``latency_ms`` — ``{"p50", "p99", "p99.9"}`` of the connect → auth-reply cycle (ms);
 - ``auth_latency_ms`` — the same of the auth alone;
+- ``burst_latency_ms`` — ``{"p50", "p99", "p99.9", "max"}`` of the connect → auth-reply
+  cycle of every client's *first* cycle, when all ``--clients`` connect at once (before
+  the measured interval): what a reconnect storm after a restart meets at the listen
+  backlog;
 - ``server_us_per_auth`` — server CPU µs per completed auth;
 - ``server_pct`` / ``clients_pct`` — CPU in % of one core over the interval;
 - ``steal_pct`` — CPU the host took from this virtual machine, in % of all cores;
@@ -177,6 +181,7 @@ class _Worker:
         self.auth_ns = array("q")
         self.connect_ns = array("q")
         self.close_ns = array("q")
+        self.first_ns = array("q")
         self.held: list[Receiver] = []
         self.held_events = 0
 
@@ -221,6 +226,7 @@ class _Worker:
                     "auth_ns": self.auth_ns,
                     "connect_ns": self.connect_ns,
                     "close_ns": self.close_ns,
+                    "first_ns": self.first_ns,
                     "held": len(self.held),
                     "held_lost": held_lost,
                     "held_events": self.held_events,
@@ -248,6 +254,7 @@ class _Worker:
         spec = self.spec
         n_tokens = len(self.greetings)
         n_addrs = len(spec.addrs)
+        first = True
         while self.running:
             if self.interval:
                 due = self.next_due
@@ -269,6 +276,9 @@ class _Worker:
                 local_addr=(addr, 0),
                 wait_s=spec.cycle_timeout,
             )
+            if first and res.error is None:
+                self.first_ns.append(res.reply_ns - res.start_ns)
+            first = False
             self._record(res)
 
     def _record(self, res: CycleResult) -> None:
@@ -406,6 +416,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     auth = harness.latency_summary(x for r in results for x in r["auth_ns"])
     connect = harness.latency_summary(x for r in results for x in r["connect_ns"])
     close = harness.latency_summary(x for r in results for x in r["close_ns"])
+    burst = harness.latency_summary(x for r in results for x in r["first_ns"])
     worker_pids = [r["pid"] for r in results]
     server_cpu_s = b.procs[server.pid] - a.procs[server.pid]
     server_pct = harness.cpu_percent(a, b, [server.pid])
@@ -440,6 +451,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "auth_latency": auth,
         "connect_latency": connect,
         "close_latency": close,
+        "burst_latency_ms": {**pcts(burst), "max": burst.get("max_ms")},
+        "burst_latency": burst,
         "server_us_per_auth": 1e6 * server_cpu_s / ok_w if ok_w else None,
         "server_pct": server_pct,
         "server_sys_pct": harness.system_percent(a, b, server.pid),
@@ -564,6 +577,10 @@ def run(args: argparse.Namespace) -> int:
     if args.rate > 0:
         r.add("target rate (cycles/s)", f"{args.rate:,.0f}")
     r.add("connect → auth reply p50 / p99 / p99.9 (ms)", trio(res["cycle_latency"]))
+    r.add(
+        f"first cycles, {args.clients:,} connects at once: p50 / p99 / max (ms)",
+        " / ".join(ms(res["burst_latency"], k) for k in ("p50_ms", "p99_ms", "max_ms")),
+    )
     r.add("auth alone p50 / p99 / p99.9 (ms)", trio(res["auth_latency"]))
     r.add(
         "connect + upgrade p50 / p99 (ms)",

@@ -6,29 +6,26 @@ the pool, an upload being written. When connections take the last descriptors, t
 sessions already open fail (``unable to open database file``). So the process keeps
 ``limits.reserved_fds`` descriptors out of reach of new connections:
 
-* Before each ``accept``, :class:`DescriptorBudget` answers whether there is room. It
-  knows the descriptors open at its last count and the connections accepted since,
-  and counts again (``/proc/self/fd``) only when those accepts could have used half of
-  what was left under the high-water mark, so the common case costs an addition.
-* Past the mark, every listener stops calling ``accept``: new connections wait in the
-  kernel's accept queue (``listen_backlog`` long) instead of being refused, and are
-  taken, in order, once the count has fallen below the low-water mark. A pause and a
-  resume are each logged once and counted in the metrics.
-* ``EMFILE``/``ENFILE`` from ``accept`` itself (descriptors taken by something else)
-  pause the same way.
+* As each connection is accepted, :class:`DescriptorBudget` answers whether there is
+  room for the next. It knows the descriptors open at its last count and the
+  connections accepted since, and counts again (``/proc/self/fd``) only when those
+  accepts could have used half of what was left under the high-water mark, so the
+  common case costs an addition.
+* At the mark, every listener stops accepting: new connections wait in the kernel's
+  accept queue (``listen_backlog`` long) instead of being refused, and are taken, in
+  order, once the count has fallen below the low-water mark. A pause and a resume are
+  each logged once and counted in the metrics.
 
 ``limits.max_connections_per_ip`` caps the connections one client address may hold
 (0: no cap); a connection past it is closed as soon as it is accepted.
 
-A listener accepts from a reader callback on its socket, taking every connection
-already queued (up to a batch) in one call, as asyncio's own server does; pausing
-removes the callback, so not one more connection is taken.
+The event loop's own server does the accepting (:class:`Listener`); the budget is
+asked once per accepted connection, as its protocol is made.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import resource
@@ -40,11 +37,8 @@ from imserver.core.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-ACCEPT_BATCH = 256
-"""Most connections taken from the accept queue in one turn of the event loop."""
 RECHECK_S = 0.1
 """Seconds between counts of the open descriptors while accepting is paused."""
-_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _FD_DIRS = ("/proc/self/fd", "/dev/fd")
 
 
@@ -125,11 +119,6 @@ class DescriptorBudget:
         """Note one accepted connection."""
         self._since += 1
 
-    def exhausted(self, exc: OSError) -> None:
-        """``accept`` itself failed for want of descriptors: pause."""
-        self._recount()
-        self._pause(f"accept failed: {exc.strerror}")
-
     def close(self) -> None:
         """Stop watching for room."""
         if self._watcher is not None:
@@ -172,10 +161,9 @@ class DescriptorBudget:
 class AddressLimit:
     """At most ``cap`` open connections per client address (0: no cap).
 
-    Closed connections are noticed lazily: a connection's socket reports ``fileno()
-    == -1`` once its transport has closed it, and an address's list is pruned when it
-    reaches the cap (and every address's, now and then, so that addresses that left
-    leave nothing behind).
+    Closed connections are noticed lazily, by their transports' ``is_closing()``: an
+    address's list is pruned when it reaches the cap (and every address's, now and
+    then, so that addresses that left leave nothing behind).
     """
 
     PRUNE_EVERY = 4096
@@ -183,10 +171,10 @@ class AddressLimit:
     def __init__(self, cap: int, metrics: Metrics) -> None:
         self.cap = cap
         self.metrics = metrics
-        self._open: dict[str, list[socket.socket]] = {}
+        self._open: dict[str, list[asyncio.BaseTransport]] = {}
         self._admitted = 0
 
-    def admit(self, address: str, conn: socket.socket) -> bool:
+    def admit(self, address: str, conn: asyncio.BaseTransport) -> bool:
         """Whether ``conn`` from ``address`` may stay open; remembers it if so."""
         if self.cap <= 0:
             return True
@@ -195,7 +183,7 @@ class AddressLimit:
             self._prune_all()
         conns = self._open.setdefault(address, [])
         if len(conns) >= self.cap:
-            conns[:] = [c for c in conns if c.fileno() != -1]
+            conns[:] = [c for c in conns if not c.is_closing()]
             if len(conns) >= self.cap:
                 self.metrics.refused_per_address.inc()
                 return False
@@ -204,7 +192,7 @@ class AddressLimit:
 
     def _prune_all(self) -> None:
         for address in list(self._open):
-            alive = [c for c in self._open[address] if c.fileno() != -1]
+            alive = [c for c in self._open[address] if not c.is_closing()]
             if alive:
                 self._open[address] = alive
             else:
@@ -228,15 +216,24 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
 class Listener:
-    """One listening socket, accepting when the socket is readable and the budget has
-    room (module docstring)."""
+    """One listening socket (module docstring).
 
-    def __init__(self, sock: socket.socket, factory: ProtocolFactory, admission: Admission) -> None:
+    The socket is ours; the event loop's own server accepts on a duplicate of its
+    descriptor, so accepting runs at the loop's native speed. Pausing closes that
+    server, which closes only the duplicate: the socket keeps listening and the kernel
+    keeps queueing connections, which a new server on a fresh duplicate takes when
+    accepting resumes.
+    """
+
+    def __init__(
+        self, sock: socket.socket, backlog: int, factory: ProtocolFactory, admission: Admission
+    ) -> None:
         self.sock = sock
+        self.backlog = backlog
         self.factory = factory
         self.admission = admission
-        self._loop = asyncio.get_running_loop()
-        self._reading = False
+        self._server: asyncio.AbstractServer | None = None
+        self._starting: asyncio.Task[None] | None = None
         self._closed = False
 
     @classmethod
@@ -256,10 +253,10 @@ class Listener:
         except OSError:
             sock.close()
             raise
-        listener = cls(sock, factory, admission)
+        listener = cls(sock, backlog, factory, admission)
         admission.budget.listeners.add(listener)
         if not admission.budget.paused:
-            listener.resume_accepting()
+            await listener._serve()
         return listener
 
     @property
@@ -270,16 +267,18 @@ class Listener:
 
     def pause_accepting(self) -> None:
         """Stop taking connections: they wait in the kernel's queue."""
-        if self._reading:
-            self._loop.remove_reader(self.sock.fileno())
-            self._reading = False
+        if self._starting is not None:
+            self._starting.cancel()
+            self._starting = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     def resume_accepting(self) -> None:
         """Take connections again (those queued first)."""
-        if not self._reading and not self._closed:
-            self._loop.add_reader(self.sock.fileno(), self._accept)
-            self._reading = True
-            self._loop.call_soon(self._accept)  # some may have queued while paused
+        if self._server is None and self._starting is None and not self._closed:
+            self._starting = asyncio.get_running_loop().create_task(self._serve())
+            self._starting.add_done_callback(_connected)
 
     def close(self) -> None:
         """Stop accepting and close the listening socket (open connections stay)."""
@@ -293,37 +292,59 @@ class Listener:
     async def wait_closed(self) -> None:
         """Nothing is left to wait for once :meth:`close` has returned."""
 
-    def _accept(self) -> None:
-        """Take every queued connection the budget has room for, up to a batch."""
+    async def _serve(self) -> None:
+        duplicate = self.sock.dup()
+        try:
+            # The backlog is given again: the server calls listen() on the duplicate,
+            # which sets it for the one socket both descriptors name.
+            self._server = await asyncio.get_running_loop().create_server(
+                self._accepted, sock=duplicate, backlog=self.backlog
+            )
+        except BaseException:
+            duplicate.close()
+            raise
+        finally:
+            self._starting = None
+
+    def _accepted(self) -> asyncio.BaseProtocol:
+        """The protocol of a connection the loop has just accepted."""
         budget = self.admission.budget
-        for _ in range(ACCEPT_BATCH):
-            if self._closed or not self._reading or not budget.has_room():
-                return
-            try:
-                conn, address = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_DESCRIPTORS:
-                    budget.exhausted(exc)
-                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    logger.error("accept on port %d failed", self.port, exc_info=exc)
-                return
-            self._take(conn, address)
+        if budget.paused:  # accepted in the same batch as the one that paused
+            return _Refused()
+        budget.accepted()
+        budget.has_room()  # pauses every listener when this was the last one with room
+        protocol = self.factory()
+        if self.admission.addresses.cap <= 0:
+            return protocol
+        return _AddressCheck(self.admission.addresses, protocol)
 
-    def _take(self, conn: socket.socket, address: object) -> None:
-        self.admission.budget.accepted()
-        host = address[0] if isinstance(address, tuple) else str(address)
-        if not self.admission.addresses.admit(host, conn):
-            conn.close()
+
+class _Refused(asyncio.Protocol):
+    """A connection accepted past the budget: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+class _AddressCheck(asyncio.Protocol):
+    """Admits a connection by its peer's address, then hands it to its protocol."""
+
+    __slots__ = ("limit", "protocol")
+
+    def __init__(self, limit: AddressLimit, protocol: asyncio.BaseProtocol) -> None:
+        self.limit = limit
+        self.protocol = protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
+        if not self.limit.admit(host, transport):
+            transport.abort()  # type: ignore[attr-defined]
             return
-        conn.setblocking(False)
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = self._loop.create_task(self._loop.connect_accepted_socket(self.factory, conn))
-        task.add_done_callback(_connected)
+        transport.set_protocol(self.protocol)
+        self.protocol.connection_made(transport)
 
 
-def _connected(task: asyncio.Task[object]) -> None:
+def _connected(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.error("setting up an accepted connection failed", exc_info=task.exception())
+        logger.error("resuming a listener failed", exc_info=task.exception())
