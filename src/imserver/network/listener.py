@@ -153,7 +153,7 @@ class DescriptorBudget:
             self._read_limit()
         self._paused = False
         self.metrics.accept_paused = 0
-        logger.warning("accepting resumed: %d of %d descriptors open", self._counted, self.limit)
+        logger.info("accepting resumed: %d of %d descriptors open", self._counted, self.limit)
         for listener in self.listeners:
             listener.resume_accepting()
 
