@@ -1112,12 +1112,32 @@ class Client:
         match: Callable[[Frame], bool] | None = None,
         timeout: float = 0.2,  # noqa: ASYNC109 - the timeout is the result (None)
     ) -> Frame | None:
-        """Like :meth:`next_event`, but None when nothing matches within ``timeout``
-        (or the connection is gone): ``assert await c.poll_event("typing") is None``."""
+        """Like :meth:`next_event`, but None when nothing matches within ``timeout``.
+
+        A connection that has ended raises :class:`ConnectionClosed` as in
+        :meth:`next_event`: a dead socket is not "no event". For a "nothing arrives"
+        check, :meth:`events_before_ping` needs no timeout.
+        """
         try:
             return await self.next_event(op, match=match, timeout=timeout)
-        except (TimeoutError, ConnectionClosed):
+        except TimeoutError:
             return None
+
+    async def events_before_ping(
+        self, op: EventFilter = None, *, match: Callable[[Frame], bool] | None = None
+    ) -> list[Frame]:
+        """Send ``ping``, wait for its reply, then remove and return every queued event
+        that matches.
+
+        The server writes a connection's events and replies in the order it produces
+        them, so when the reply arrives, every event produced before the server read
+        the ping has arrived too. After an action whose reply (or HTTP response) came
+        back, ``assert await c.events_before_ping("typing") == []`` proves the action
+        sent this connection nothing, without waiting for a timeout. Raises
+        :class:`ConnectionClosed` if the connection has ended.
+        """
+        await self.request("ping")
+        return self.events_nowait(op, match=match)
 
     def events_nowait(
         self, op: EventFilter = None, *, match: Callable[[Frame], bool] | None = None

@@ -305,6 +305,43 @@ async def test_loss_wakes_a_waiting_next_event() -> None:
         await waiter
 
 
+async def test_poll_event_raises_on_a_lost_connection() -> None:
+    """A dead connection is not "no event": a negative check on it must fail."""
+    c, tr = await make()
+    tr.feed({"op": "typing"})
+    waiter = asyncio.create_task(c.poll_event("msg", timeout=5))
+    await settle()
+    tr.lose(None, ConnectionResetError("reset"))
+    with pytest.raises(ConnectionClosed, match="reset"):
+        await waiter
+    with pytest.raises(ConnectionClosed):
+        await c.poll_event("msg", timeout=0)
+    # An event queued before the loss is still returned.
+    assert await c.poll_event("typing", timeout=0) == {"op": "typing"}
+
+
+async def test_events_before_ping_returns_what_came_before_the_reply() -> None:
+    c, tr = await make()
+    tr.feed({"op": "typing", "n": 1})
+    task = asyncio.create_task(c.events_before_ping("typing"))
+    await settle()
+    ping = tr.last()
+    assert ping["op"] == "ping" and not task.done()
+    tr.feed({"op": "msg", "n": 2})
+    tr.feed({"op": "typing", "n": 3})
+    tr.feed(ok(ping["rid"]))
+    assert await task == [{"op": "typing", "n": 1}, {"op": "typing", "n": 3}]
+    assert c.events_nowait() == [{"op": "msg", "n": 2}]
+    # Nothing queued: an empty list, not a wait.
+    task = asyncio.create_task(c.events_before_ping())
+    await settle()
+    tr.feed(ok(tr.last()["rid"]))
+    assert await task == []
+    tr.lose(1000)
+    with pytest.raises(ConnectionClosed):
+        await c.events_before_ping()
+
+
 async def test_events_iterator_ends_with_the_connection() -> None:
     c, tr = await make()
     tr.feed({"op": "msg", "seq": 1})
