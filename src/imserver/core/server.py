@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from imserver.core.metrics import Metrics
-from imserver.network.http import HttpApi, build_app
+from imserver.network.http import HttpApi, RequestLog, build_app
 from imserver.network.listener import Admission, Listener, system_backlog
 from imserver.network.tcp import serve_tcp
 from imserver.network.ws import WsEntry, serve_http
@@ -115,7 +115,9 @@ class Server:
         self.rooms.bind(online=gateway.hub)
         gateway.start()
         app, self._api = build_app(gateway, self.files)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, logger=RequestLog()
+        )
         await self._runner.setup()
         assert self._runner.server is not None
         lim = cfg.limits

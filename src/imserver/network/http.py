@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from imserver.core.openapi import openapi_document
 from imserver.core.ratelimit import TokenBucket
@@ -371,6 +372,27 @@ class HttpApi:
             body=self.gateway.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+
+class RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger of aiohttp's request handler (``AppRunner(logger=...)``).
+
+    A request the client malformed (a bad method, a header line too long,
+    ``Transfer-Encoding`` with ``Content-Length``) makes aiohttp's parser raise
+    :class:`HttpProcessingError`; aiohttp answers it ``400`` and logs an ``ERROR``
+    with a traceback, so any client could fill the log with tracebacks at will. Such
+    records become ``DEBUG`` (aiohttp does the same for a bad method on a fresh
+    connection); a failure of the server's own keeps its ``ERROR``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.debug(msg, *args, exc_info=exc_info, **kw)
+        else:
+            self.error(msg, *args, exc_info=exc_info, **kw)
 
 
 def build_app(
