@@ -20,6 +20,13 @@ Fixtures:
 When a test fails, the tail of each of its servers' stdout/stderr is added to the
 report. ``IMSERVER_E2E_SERVE_ARGS`` adds arguments to every ``imserver serve`` (for
 running the suite against other deployments' settings).
+
+Server logs are checked after every test: a traceback or an ``ERROR``/``CRITICAL``
+record that any server (the session's shared one included) wrote while the test ran
+fails the test at teardown, with the entries in the message (see ``serverlog.py``).
+A test that provokes such an entry on purpose says so with
+``@pytest.mark.server_errors(pattern, ...)``: entries matching one of the regular
+expressions are allowed.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import serverlog
 
 from imserver.client import Client, CodecName, TransportName
 from imserver.utils.config import merge_settings
@@ -58,6 +66,8 @@ LOG_TAIL = 8000
 
 _live: set[subprocess.Popen[bytes]] = set()
 """Every server process still running, killed at interpreter exit whatever happens."""
+_servers: list[ServerProcess] = []
+"""Every server whose logs are still to be checked (see :func:`_server_logs_are_clean`)."""
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -73,6 +83,14 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def _kill_leftovers() -> None:
     for proc in list(_live):
         _kill_group(proc)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "server_errors(*patterns): the test makes the server log tracebacks or ERROR "
+        "records matching these regular expressions; the log check allows them",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -147,6 +165,11 @@ class ServerProcess:
     http_port: int = 0
     tcp_port: int = 0
     starts: int = 0
+    log_read: dict[Path, int] = field(default_factory=dict)
+    """How far :meth:`log_problems` has read each log file."""
+
+    def __post_init__(self) -> None:
+        _servers.append(self)
 
     @property
     def data_dir(self) -> Path:
@@ -328,6 +351,29 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def mark_logs(self, text: str) -> None:
+        """Write a marker line into both logs (the server appends to them too)."""
+        for path in (self.stdout_path, self.stderr_path):
+            if path.exists():
+                with open(path, "ab") as fh:
+                    fh.write(f"{serverlog.MARKER}{text}\n".encode())
+
+    def log_problems(self) -> list[tuple[Path, serverlog.Problem]]:
+        """The problems logged since the previous call (complete lines only)."""
+        found = []
+        for path in (self.stdout_path, self.stderr_path):
+            start = self.log_read.get(path, 0)
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(start)
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1  # a line still being written waits for next time
+            self.log_read[path] = start + end
+            found += [(path, p) for p in serverlog.problems(data[:end].decode(errors="replace"))]
+        return found
+
     def logs(self) -> str:
         """The tails of stdout and stderr."""
         return (
@@ -377,9 +423,53 @@ def server(server_factory: ServerFactory) -> ServerProcess:
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     factory = ServerFactory(tmp_path_factory.mktemp("shared"))
     try:
-        yield factory()
+        yield (server := factory())
     finally:
         factory.teardown()
+    # What it logged while shutting down belongs to no test.
+    found = server.log_problems()
+    if server in _servers:
+        _servers.remove(server)
+    if found:
+        pytest.fail(_log_report("the shared server's shutdown", server, found), pytrace=False)
+
+
+def _log_report(
+    what: str, server: ServerProcess, found: list[tuple[Path, serverlog.Problem]]
+) -> str:
+    parts = [f"{server!r} logged {len(found)} problem(s) during {what}:"]
+    for path, problem in found:
+        parts.append(f"--- {path}\n{problem.shown()}")
+    return "\n".join(parts)
+
+
+@pytest.fixture(autouse=True)
+def _server_logs_are_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test when a server logged a problem while it ran (module docstring).
+
+    Autouse, so it is set up before the test's server fixtures and torn down after
+    them: what a server logs while it stops is checked too. A shared server's log is
+    read from where the previous test's check stopped, so each entry is charged to
+    the test during which it was written.
+    """
+    for server in _servers:
+        if server.running:
+            server.mark_logs(f"test {request.node.nodeid}")
+    yield
+    allowed = [p for mark in request.node.iter_markers("server_errors") for p in mark.args]
+    reports = []
+    for server in list(_servers):
+        found = [
+            (path, problem)
+            for path, problem in server.log_problems()
+            if serverlog.unexpected([problem], allowed)
+        ]
+        if found:
+            reports.append(_log_report(request.node.nodeid, server, found))
+        if not server.running:
+            _servers.remove(server)  # stopped (or never started) and read to the end
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
