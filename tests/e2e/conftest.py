@@ -24,6 +24,8 @@ running the suite against other deployments' settings).
 Server logs are checked after every test: a traceback or an ``ERROR``/``CRITICAL``
 record that any server (the session's shared one included) wrote while the test ran
 fails the test at teardown, with the entries in the message (see ``serverlog.py``).
+A server that outlives its tests is stopped with :meth:`ServerProcess.close`, which
+checks what it logged while stopping.
 A test that provokes such an entry on purpose says so with
 ``@pytest.mark.server_errors(pattern, ...)``: entries matching one of the regular
 expressions are allowed.
@@ -341,6 +343,19 @@ class ServerProcess:
             proc.wait(STOP_TIMEOUT)
         _kill_group(proc)
 
+    def close(self) -> None:
+        """:meth:`teardown`, then fail if the server logged a problem while it stopped.
+
+        For servers that outlive a test (module and session fixtures): the check after
+        each test covers their life, this their shutdown, which belongs to no test.
+        """
+        self.teardown()
+        found = self.log_problems()
+        if self in _servers:
+            _servers.remove(self)
+        if found:
+            pytest.fail(_log_report("its shutdown", self, found), pytrace=False)
+
     @staticmethod
     def _tail(path: Path, size: int = LOG_TAIL) -> str:
         try:
@@ -422,16 +437,12 @@ def server(server_factory: ServerFactory) -> ServerProcess:
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     factory = ServerFactory(tmp_path_factory.mktemp("shared"))
+    server = factory(start=False)
     try:
-        yield (server := factory())
+        server.start()
+        yield server
     finally:
-        factory.teardown()
-    # What it logged while shutting down belongs to no test.
-    found = server.log_problems()
-    if server in _servers:
-        _servers.remove(server)
-    if found:
-        pytest.fail(_log_report("the shared server's shutdown", server, found), pytrace=False)
+        server.close()
 
 
 def _log_report(
