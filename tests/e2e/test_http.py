@@ -3,7 +3,6 @@ the OpenAPI description, health, readiness and metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 import pytest
+from metrics import metric, metric_reaches, scrape
 
 from imserver.client import Client, ClientError, HttpClient
 from imserver.protocol.ops import ALL_OPS, op_name
@@ -150,6 +150,26 @@ async def test_every_op_has_a_route(http: HttpClient) -> None:
         status, body = await http.call(name)
         assert error_body(status, body, 400) == ("bad_request", "op"), name
     assert await http.request("ping") == {}
+
+
+async def test_an_op_in_the_body_must_be_the_op_of_the_url(http: HttpClient) -> None:
+    """The URL names the op; a body ``op`` that names another is refused, and neither
+    op runs."""
+    _, token = await http_user(http, "bodyop")
+    status, body = await http.call("logout", token=token, op="ping")
+    assert error_body(status, body, 400) == ("bad_request", "op")
+    assert body["error"]["message"] == "unknown op 'ping'"
+    status, body = await http.call("ping", op="logout")
+    assert error_body(status, body, 400) == ("bad_request", "op")
+    assert body["error"]["message"] == "unknown op 'logout'"
+    status, body = await http.call("ping", op=5)
+    assert error_body(status, body, 400) == ("bad_request", "op")
+    # The logout did not run: the token still works. The same op in the body is fine.
+    assert await http.request("convs", token=token) == {"convs": []}
+    assert await http.request("ping", op="ping") == {}
+    assert await http.request("logout", token=token, op="logout") == {}
+    status, body = await http.call("convs", token=token)
+    assert error_body(status, body, 401) == ("unauthorized", None)
 
 
 async def test_openapi_describes_every_op(http: HttpClient) -> None:
@@ -371,25 +391,47 @@ async def test_http_body_over_max_frame_is_too_large(
 
 
 async def test_http_rate_limit(server_factory: ServerFactory, clients: Clients) -> None:
-    server = server_factory({"limits": {"rate_per_s": 1, "rate_burst": 5}})
+    """One bucket per client address. Tokens come back at 0.01 per second, so none does
+    while the test runs and the counts are exact (the refill: tests/unit/test_ratelimit.py)."""
+    server = server_factory({"limits": {"rate_per_s": 0.01, "rate_burst": 5}})
     sender = await clients.user(server, "hrl")
     watcher = await clients.user(server, "hrlw", transport="tcp", codec="json")
     conv = Client.direct_conv(sender.user_id, watcher.user_id)
+    oversized = b'{"pad": "' + b"x" * MAX_FRAME + b'"}'
+
+    async def refused_before_the_bucket(http: HttpClient) -> None:
+        # An unknown op and a body over max_frame are refused before the rate limit.
+        status, body = await http.call("no.such.op")
+        assert error_body(status, body, 400) == ("bad_request", "op")
+        status, _, raw = await http.post("/api/v1/send", oversized)
+        assert error_body(status, msgspec.json.decode(raw), 413) == ("too_large", None)
+
     async with HttpClient(server.http_url, token=sender.token) as http:
         fields = {"conv": conv, "type": "text", "body": "x"}
-        results = [await http.call("send", {**fields, "cid": f"hr-{i}"}) for i in range(7)]
-        assert [status for status, _ in results] == [200] * 5 + [429] * 2, results
-        assert [body["seq"] for _, body in results[:5]] == [1, 2, 3, 4, 5]
-        for status, body in results[5:]:
+        await refused_before_the_bucket(http)
+        # A body that does not decode has passed the size check: it takes token 1.
+        status, _, raw = await http.post("/api/v1/send", b"{not json")
+        assert error_body(status, msgspec.json.decode(raw), 400) == ("bad_request", None)
+        results = [await http.call("send", {**fields, "cid": f"hr-{i}"}) for i in range(6)]
+        assert [status for status, _ in results] == [200] * 4 + [429] * 2, results
+        assert [body["seq"] for _, body in results[:4]] == [1, 2, 3, 4]
+        waits = []
+        for status, body in results[4:]:
             assert error_body(status, body, 429) == ("rate_limited", None)
-            assert 0 < body["error"]["retry_after"] <= 1
-        # The refused sends were not stored.
+            wait = body["error"]["retry_after"]
+            assert 0 < wait <= 100 and wait == round(wait, 3), body
+            waits.append(wait)
+        assert waits == sorted(waits, reverse=True)
+        # With the bucket empty, those two are still refused for what they are.
+        await refused_before_the_bucket(http)
+        status, _, raw = await http.post("/api/v1/send", b"{not json")
+        assert error_body(status, msgspec.json.decode(raw), 429) == ("rate_limited", None)
+        # The refused sends were not stored, and their cids were not used up: sent again
+        # over the sender's WebSocket (a bucket of its own), one is new.
         page = await watcher.history(conv)
-        assert [m["cid"] for m in page["messages"]] == [f"hr-{i}" for i in range(5)]
-        await asyncio.sleep(results[-1][1]["error"]["retry_after"])
-        ack = await http.request("send", {**fields, "cid": "hr-5"})
-        assert (ack["seq"], ack["dup"]) == (6, False)
-    # WebSocket and TCP connections have buckets of their own.
+        assert [m["cid"] for m in page["messages"]] == [f"hr-{i}" for i in range(4)]
+        ack = await sender.send_message(conv, "x", cid="hr-4")
+        assert (ack["seq"], ack["dup"]) == (5, False)
     assert await watcher.ping() == {}
 
 
@@ -403,74 +445,45 @@ async def test_health_and_readiness(http: HttpClient) -> None:
     assert status == 200 and msgspec.json.decode(body) == {"status": "ready"}
 
 
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+async def test_metrics(server: ServerProcess, clients: Clients) -> None:
+    """On a server of its own: every connection and op it counts is this test's."""
+    async with HttpClient(server.http_url) as http:
+        before = await scrape(http)
+        assert metric(before, "imserver_connections", transport="tcp") == 0
+        a = await clients.user(server, "metrics", transport="tcp", codec="msgpack")
+        b = await clients.user(server, "metricsb", transport="tcp", codec="json")
+        conv = Client.direct_conv(a.user_id, b.user_id)
+        for i in range(3):
+            await a.send_message(conv, f"m{i}")
+        for _ in range(2):
+            with pytest.raises(ClientError) as info:
+                await a.request("user.get", user="u-no-such-user")
+            assert info.value.code == "not_found"
+        after = await scrape(http)
 
+        assert metric(after, "imserver_connections", transport="tcp") == 2
+        delta = {
+            (op, result): metric(after, "imserver_ops_total", op=op, result=result)
+            - metric(before, "imserver_ops_total", op=op, result=result)
+            for op, result in (("send", "ok"), ("user.get", "not_found"), ("login", "ok"))
+        }
+        assert delta == {("send", "ok"): 3, ("user.get", "not_found"): 2, ("login", "ok"): 2}
+        # The ack latency histogram: cumulative buckets up to +Inf, counting every acked send.
+        buckets = sorted(
+            (float(dict(labels)["le"]), value)
+            for (name, labels), value in after.items()
+            if name == "imserver_ack_latency_seconds_bucket"
+        )
+        assert len(buckets) >= 5 and buckets[-1][0] == float("inf")
+        counts = [value for _, value in buckets]
+        assert counts == sorted(counts)
+        count = metric(after, "imserver_ack_latency_seconds_count")
+        assert counts[-1] == count
+        assert count - metric(before, "imserver_ack_latency_seconds_count") == 3
+        # Nobody was too slow to read (test_delivery.py has the sessions that are).
+        assert metric(after, "imserver_slow_consumers_total") == 0
 
-async def scrape(http: HttpClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    status, headers, raw = await http.get("/metrics")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for line in raw.decode().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = SAMPLE.match(line)
-        assert m, line
-        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        samples[(m.group(1), labels)] = float(m.group(3))
-    return samples
-
-
-def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def settled_connections(http: HttpClient, transport: str) -> float:
-    """The open-connection gauge once it stopped moving (earlier tests' clients may
-    still be closing on the server side)."""
-    last = metric(await scrape(http), "imserver_connections", transport=transport)
-    for _ in range(50):
-        await asyncio.sleep(0.05)
-        now = metric(await scrape(http), "imserver_connections", transport=transport)
-        if now == last:
-            return now
-        last = now
-    return last
-
-
-async def test_metrics(shared_server: ServerProcess, clients: Clients, http: HttpClient) -> None:
-    tcp_before = await settled_connections(http, "tcp")
-    before = await scrape(http)
-    a = await clients.user(shared_server, "metrics", transport="tcp", codec="msgpack")
-    b = await clients.user(shared_server, "metricsb", transport="tcp", codec="json")
-    conv = Client.direct_conv(a.user_id, b.user_id)
-    for i in range(3):
-        await a.send_message(conv, f"m{i}")
-    for _ in range(2):
-        with pytest.raises(ClientError) as info:
-            await a.request("user.get", user="u-no-such-user")
-        assert info.value.code == "not_found"
-    after = await scrape(http)
-
-    assert metric(after, "imserver_connections", transport="tcp") == tcp_before + 2
-    delta = {
-        (op, result): metric(after, "imserver_ops_total", op=op, result=result)
-        - metric(before, "imserver_ops_total", op=op, result=result)
-        for op, result in (("send", "ok"), ("user.get", "not_found"), ("login", "ok"))
-    }
-    assert delta == {("send", "ok"): 3, ("user.get", "not_found"): 2, ("login", "ok"): 2}
-    # The ack latency histogram: cumulative buckets up to +Inf, counting every acked send.
-    buckets = sorted(
-        (float(dict(labels)["le"]), value)
-        for (name, labels), value in after.items()
-        if name == "imserver_ack_latency_seconds_bucket"
-    )
-    assert len(buckets) >= 5 and buckets[-1][0] == float("inf")
-    counts = [value for _, value in buckets]
-    assert counts == sorted(counts)
-    count = metric(after, "imserver_ack_latency_seconds_count")
-    assert counts[-1] == count
-    assert count - metric(before, "imserver_ack_latency_seconds_count") == 3
-
-    await a.close()
-    await b.close()
-    assert await settled_connections(http, "tcp") == tcp_before
+        await a.close()
+        await b.close()
+        # The server counts a connection out when it has seen its end, after the client.
+        await metric_reaches(http, "imserver_connections", lambda n: n == 0, transport="tcp")
