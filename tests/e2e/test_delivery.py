@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 import pytest
+from metrics import metric, scrape
 
 from imserver.client import Client, ClientError, HttpClient
 
@@ -50,7 +51,7 @@ def fast_server(
     try:
         yield server
     finally:
-        server.teardown()
+        server.close()
 
 
 SEND_QUEUE = 65536
@@ -66,7 +67,7 @@ def small_queue_server(
     try:
         yield server
     finally:
-        server.teardown()
+        server.close()
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -135,7 +136,7 @@ async def test_pipelined_sends(fast_server: ServerProcess, clients: Clients, wir
     assert [e["seq"] for e in events] == list(range(1, PIPELINED + 1))
     assert [e["cid"] for e in events] == cids
     assert [e["ts"] for e in events] == ts
-    assert await b.poll_event("msg") is None
+    assert await b.events_before_ping("msg") == []
 
     history = await read_all_history(b, conv, limit=200)
     assert [(m["seq"], m["cid"], m["body"]) for m in history] == [
@@ -222,7 +223,7 @@ async def test_offline_recovery(
     history = await read_all_history(b, conv, after=0, limit=10)
     assert [m["seq"] for m in history] == list(range(1, OFFLINE + 1))
     assert [m["cid"] for m in history] == [s["cid"] for s in sent]
-    assert await b.poll_event("msg") is None  # nothing sent while offline is pushed later
+    assert await b.events_before_ping("msg") == []  # nothing sent while offline is pushed
 
 
 async def test_gap_recovery_after_a_disconnect(
@@ -452,6 +453,12 @@ class SlowWs:
         await self.session.close()
 
 
+async def slow_consumers_cut(server: ServerProcess) -> float:
+    """``imserver_slow_consumers_total``: sessions closed with ``slow_consumer``."""
+    async with HttpClient(server.http_url) as http:
+        return metric(await scrape(http), "imserver_slow_consumers_total")
+
+
 @contextlib.asynccontextmanager
 async def slow_consumer(server: ServerProcess, transport: str) -> AsyncIterator[Any]:
     conn: SlowTcp | SlowWs
@@ -480,6 +487,7 @@ async def test_slow_consumer_is_cut_and_recovers(
     small_queue_server: ServerProcess, clients: Clients, register_user: Any, transport: str
 ) -> None:
     server = small_queue_server
+    cut_before = await slow_consumers_cut(server)
     a = await clients.user(server, "a", transport="ws", codec="json")
     b_account: Account = await register_user(server, "b")
     conv = Client.direct_conv(a.user_id, b_account.id)
@@ -527,6 +535,8 @@ async def test_slow_consumer_is_cut_and_recovers(
     if closed:  # readable only if it arrived before the server's final abort
         assert closed == [{"op": "closed", "reason": "slow_consumer"}]
         assert frames[-1] == closed[0]
+    # Counted before the close, so by the time the client saw the end.
+    assert await slow_consumers_cut(server) == cut_before + 1
 
     # Reconnected, B recovers everything through convs + history.
     b = await clients.connect(server, "tcp", "msgpack", login_as=b_account)
@@ -552,6 +562,7 @@ async def test_large_history_page_reaches_a_reading_client(
     with history" is exactly what a slow consumer is told to do.
     """
     server = small_queue_server
+    cut_before = await slow_consumers_cut(server)
     a = await clients.user(server, "a")
     b_account: Account = await register_user(server, "b")
     conv = Client.direct_conv(a.user_id, b_account.id)
@@ -567,6 +578,7 @@ async def test_large_history_page_reaches_a_reading_client(
     assert page["has_more"] is False
     assert await b.ping() == {}
     assert not b.closed
+    assert await slow_consumers_cut(server) == cut_before
 
 
 # --- HTTP send reaches live sessions --------------------------------------------------
