@@ -641,6 +641,48 @@ async def test_last_seen_is_written_in_batches(
     assert [p.last_seen for p in got] == [T0 + 8_000, T0 + 7_000]
 
 
+async def test_close_lets_a_last_seen_write_in_progress_finish(
+    open_service: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() during a batch write waits for it instead of cancelling it: cut off in
+    its transaction, the write left the database locked for the one close() starts
+    ("database is locked", and the values lost)."""
+    monkeypatch.setattr(user_service, "LAST_SEEN_FLUSH_S", 0)
+    svc = await open_service()
+    uid = UserId((await svc.register("seen", PASSWORD, None)).id)
+    store = svc._store
+    write = store.set_last_seen_many
+    writing, release = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def held_write(items: dict[UserId, int]) -> None:
+        calls.append(f"write {len(items)}")
+        writing.set()
+        try:
+            await release.wait()
+            await write(items)
+        except asyncio.CancelledError:
+            calls.append("cancelled")
+            raise
+        calls.append("done")
+
+    monkeypatch.setattr(store, "set_last_seen_many", held_write)
+    await svc.set_online(uid)
+    clock.advance(5)
+    await svc.set_offline(uid)
+    await writing.wait()
+    closing = asyncio.create_task(svc.close())
+    for _ in range(5):  # close() gets as far as it can without the write
+        await asyncio.sleep(0)
+    release.set()
+    await closing
+    assert calls == ["write 1", "done", "write 0", "done"]
+    after = await open_service()
+    assert await after.get_presence([uid]) == [
+        PresenceInfo(user=uid, status="offline", last_seen=T0 + 5_000)
+    ]
+
+
 async def test_open_user_service_restart_on_the_real_clock(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path, "user")
     svc = await open_user_service(url, access_ttl=60, refresh_ttl=120)

@@ -164,6 +164,7 @@ class LocalUserService:
         self._online: set[UserId] = set()
         self._seen_pending: dict[UserId, int] = {}
         self._seen_flusher: asyncio.Task[None] | None = None
+        self._seen_now = asyncio.Event()  # set by close(): flush without waiting
         self._last_seen: _Bounded[UserId, int | None] = _Bounded(LAST_SEEN_CACHE_SIZE)
         self._last_purge = clock()
 
@@ -454,7 +455,12 @@ class LocalUserService:
         return PresenceInfo(user=user, status="offline", last_seen=now)
 
     async def _flush_seen_later(self) -> None:
-        await asyncio.sleep(LAST_SEEN_FLUSH_S)
+        # close() cuts the wait short instead of cancelling the task: cancelled in the
+        # middle of its transaction, the write leaves the database locked for the one
+        # close() starts next.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LAST_SEEN_FLUSH_S):
+                await self._seen_now.wait()
         await self._flush_seen()
 
     async def _flush_seen(self) -> None:
@@ -503,10 +509,9 @@ class LocalUserService:
 
     async def close(self) -> None:
         """Write pending ``last_seen`` values and dispose the database engine."""
-        if self._seen_flusher is not None and not self._seen_flusher.done():
-            self._seen_flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._seen_flusher
+        self._seen_now.set()
+        if self._seen_flusher is not None:
+            await self._seen_flusher  # a batch write in progress finishes
         await self._flush_seen()
         await self._store.close()
 
