@@ -24,11 +24,11 @@ running the suite against other deployments' settings).
 Server logs are checked after every test: a traceback or an ``ERROR``/``CRITICAL``
 record that any server (the session's shared one included) wrote while the test ran
 fails the test at teardown, with the entries in the message (see ``serverlog.py``).
-A server that outlives its tests is stopped with :meth:`ServerProcess.close`, which
-checks what it logged while stopping.
 A test that provokes such an entry on purpose says so with
 ``@pytest.mark.server_errors(pattern, ...)``: entries matching one of the regular
-expressions are allowed.
+expressions are allowed. A server that outlives its tests (module and session
+fixtures) is stopped with :meth:`ServerProcess.close`, which checks what it logged
+while stopping.
 """
 
 from __future__ import annotations
