@@ -70,6 +70,7 @@ class Metrics(Collector):
         self.accept_paused = 0
         self.accept_pauses = Count()
         self.refused_per_address = Count()
+        self.refused_at_limit = Count()
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -129,6 +130,11 @@ class Metrics(Collector):
             "imserver_accept_pauses",
             "Times the listeners stopped accepting near the descriptor limit",
             value=self.accept_pauses.value,
+        )
+        yield CounterMetricFamily(
+            "imserver_connections_refused_at_limit",
+            "Connections closed on accept: taken in the same turn that reached the descriptor mark",
+            value=self.refused_at_limit.value,
         )
         yield CounterMetricFamily(
             "imserver_connections_refused_per_address",

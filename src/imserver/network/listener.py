@@ -14,7 +14,9 @@ sessions already open fail (``unable to open database file``). So the process ke
 * At the mark, every listener stops accepting: new connections wait in the kernel's
   accept queue (``listen_backlog`` long) instead of being refused, and are taken, in
   order, once the count has fallen below the low-water mark. A pause and a resume are
-  each logged once and counted in the metrics.
+  each logged once and counted in the metrics. The loop's server stops at the end of
+  the turn in which the mark was reached; connections it accepted in that turn after
+  the one that reached it are closed at once (counted as refused at the limit).
 
 ``limits.max_connections_per_ip`` caps the connections one client address may hold
 (0: no cap); a connection past it is closed as soon as it is accepted.
@@ -133,8 +135,12 @@ class DescriptorBudget:
         if self._paused:
             return
         self._paused = True
+        # Not at once: this runs while the loop's server is making a connection's
+        # protocol, and closing that server under it breaks the accept in progress.
+        # Until the call, what the server still accepts is refused (Listener._accepted).
+        loop = asyncio.get_running_loop()
         for listener in self.listeners:
-            listener.pause_accepting()
+            loop.call_soon(listener.pause_accepting)
         self.metrics.accept_paused = 1
         self.metrics.accept_pauses.inc()
         logger.warning(
@@ -309,7 +315,8 @@ class Listener:
     def _accepted(self) -> asyncio.BaseProtocol:
         """The protocol of a connection the loop has just accepted."""
         budget = self.admission.budget
-        if budget.paused:  # accepted in the same batch as the one that paused
+        if budget.paused:  # accepted in the same turn of the loop as the one that paused
+            budget.metrics.refused_at_limit.inc()
             return _Refused()
         budget.accepted()
         budget.has_room()  # pauses every listener when this was the last one with room
