@@ -25,9 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from imserver.protocol import ops
+from imserver.protocol.convs import direct_conv
 from imserver.protocol.models import User
 from imserver.services.caller import Caller
-from imserver.services.message.service import direct_conv, open_message_service
+from imserver.services.message.service import open_message_service
 from imserver.storage.bus import Delivery, MemoryLiveBus
 from imserver.storage.sql import sqlite_url
 from imserver.utils.ids import LoginId, SessionId, UserId

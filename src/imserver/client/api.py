@@ -30,6 +30,7 @@ from imserver.client.transport import (
     tcp_address,
     ws_url,
 )
+from imserver.protocol.convs import direct_conv as _direct_conv
 
 __all__ = ["PROTOCOL_VERSION", "Client"]
 
@@ -321,8 +322,7 @@ class Client(Connection):
     @staticmethod
     def direct_conv(a: str, b: str) -> str:
         """The id of the direct conversation of users ``a`` and ``b``: ``d:<min>:<max>``."""
-        lo, hi = (a, b) if a < b else (b, a)
-        return f"d:{lo}:{hi}"
+        return _direct_conv(a, b)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from imserver.utils.ids import ConvId, RoomId
+
 PresenceStatus = Literal["online", "offline"]
 ConvKind = Literal["direct", "room", "system"]
 ReceiptKind = Literal["read", "recv"]
@@ -66,8 +68,8 @@ RoomRole = Literal["owner", "admin", "member"]
 class Room(msgspec.Struct, kw_only=True):
     """A room (group conversation) as clients see it; ``members`` is the member count."""
 
-    id: str
-    conv: str
+    id: RoomId
+    conv: ConvId
     name: str
     topic: str | None
     public: bool

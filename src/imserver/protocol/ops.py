@@ -26,9 +26,10 @@ from imserver.protocol.models import (
     ServerInfo,
     User,
 )
+from imserver.utils.ids import ConvId, RoomId
 
 Rid = Annotated[str, Meta(max_length=64)]
-ConvStr = Annotated[str, Meta(min_length=3, max_length=200)]
+ConvStr = Annotated[ConvId, Meta(min_length=3, max_length=200)]
 Cid = Annotated[str, Meta(min_length=1, max_length=64)]
 # Seqs are stored as signed 64-bit integers: a larger one must be a bad_request here, not
 # an overflow (answered `internal`) in the storage layer.
@@ -157,7 +158,7 @@ class Typing(Op, tag="typing", frozen=True):
 
 # --- §5 rooms -------------------------------------------------------------------------
 
-RoomIdStr = Annotated[str, Meta(min_length=1, max_length=64)]
+RoomIdStr = Annotated[RoomId, Meta(min_length=1, max_length=64)]
 RoomName = Annotated[str, Meta(min_length=1, max_length=100)]
 RoomTopic = Annotated[str, Meta(max_length=500)]
 Cursor = Annotated[str, Meta(min_length=1, max_length=128)]

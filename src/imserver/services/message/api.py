@@ -21,7 +21,7 @@ import msgspec
 from imserver.protocol import ops
 from imserver.protocol.models import ConvSummary, ReceiptKind, User
 from imserver.services.caller import Caller
-from imserver.utils.ids import UserId
+from imserver.utils.ids import ConvId, RoomId, UserId
 
 
 class UserDirectory(Protocol):
@@ -57,19 +57,19 @@ class RoomDirectory(Protocol):
     changes), never with a query per call.
     """
 
-    async def room_members(self, room: str) -> Members:
+    async def room_members(self, room: RoomId) -> Members:
         """Current members of a room; ``not_found`` for an unknown room."""
 
-    async def room_role(self, room: str, user: UserId) -> str | None:
+    async def room_role(self, room: RoomId, user: UserId) -> str | None:
         """``owner``/``admin``/``member``, or None when not a member."""
 
-    async def room_title(self, room: str) -> str:
+    async def room_title(self, room: RoomId) -> str:
         """The room's name."""
 
-    async def rooms_of(self, user: UserId) -> Sequence[str]:
+    async def rooms_of(self, user: UserId) -> Sequence[RoomId]:
         """Rooms the user belongs to (for ``convs`` and ``search``)."""
 
-    async def invitations_of(self, user: UserId) -> Sequence[str]:
+    async def invitations_of(self, user: UserId) -> Sequence[RoomId]:
         """Rooms the user is invited to and has not joined (listed in ``convs``)."""
 
 
@@ -113,10 +113,10 @@ class MessageService(Protocol):
     async def convs(self, caller: Caller) -> list[ConvSummary]:
         """The caller's conversations, latest activity first."""
 
-    async def mark(self, caller: Caller, conv: str, seq: int, kind: ReceiptKind) -> None:
+    async def mark(self, caller: Caller, conv: ConvId, seq: int, kind: ReceiptKind) -> None:
         """Move the caller's read or recv watermark forward and publish a ``receipt``."""
 
-    async def typing(self, caller: Caller, conv: str) -> None:
+    async def typing(self, caller: Caller, conv: ConvId) -> None:
         """Publish a ``typing`` event to the other members' live sessions."""
 
     async def search(self, caller: Caller, req: ops.Search) -> ops.SearchData:
@@ -129,7 +129,7 @@ class MessageService(Protocol):
 
     async def post_room_system(
         self,
-        room: str,
+        room: RoomId,
         body: str,
         meta: dict[str, Any] | None = None,
         *,

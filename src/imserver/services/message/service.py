@@ -43,6 +43,8 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 from imserver.protocol import ops
 from imserver.protocol.codec import encode_json
+from imserver.protocol.convs import ConvRef, parse_conv, room_conv, system_conv
+from imserver.protocol.cursors import decode_search_cursor, encode_search_cursor
 from imserver.protocol.events import Event, Msg, Receipt, TypingEvent
 from imserver.protocol.models import ConvKind, ConvSummary, Message, ReceiptKind
 from imserver.services.caller import Caller
@@ -76,7 +78,7 @@ from imserver.utils.errors import (
     TooLarge,
     Unavailable,
 )
-from imserver.utils.ids import UserId, random_id
+from imserver.utils.ids import ConvId, RoomId, UserId, random_id
 
 logger = logging.getLogger(__name__)
 
@@ -121,69 +123,6 @@ class LRU(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._data)
-
-
-# --- conversation ids ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConvRef:
-    """A parsed conversation id. ``a``/``b``: the two users of a direct
-    conversation; ``a`` alone: the room of ``r:`` or the user of ``s:``."""
-
-    id: str
-    kind: ConvKind
-    a: str
-    b: str = ""
-
-
-def parse_conv(conv: str) -> ConvRef:
-    """Parse and validate the syntax of a conversation id (``bad_request`` otherwise)."""
-    prefix, sep, rest = conv.partition(":")
-    if sep and rest:
-        if prefix == "d":
-            a, sep2, b = rest.partition(":")
-            if not sep2 or not a or not b or ":" in b:
-                raise BadRequest(f"malformed direct conversation id {conv!r}", field="conv")
-            if a == b:
-                raise BadRequest("a direct conversation needs two different users", field="conv")
-            if not a < b:
-                raise BadRequest(
-                    f"direct conversation ids name the users in order: d:{b}:{a}", field="conv"
-                )
-            return ConvRef(conv, "direct", a, b)
-        if prefix == "r" and ":" not in rest:
-            return ConvRef(conv, "room", rest)
-        if prefix == "s" and ":" not in rest:
-            return ConvRef(conv, "system", rest)
-    raise BadRequest(f"malformed conversation id {conv!r}", field="conv")
-
-
-def direct_conv(a: str, b: str) -> str:
-    """The id of the direct conversation of two users."""
-    return f"d:{a}:{b}" if a < b else f"d:{b}:{a}"
-
-
-# --- cursors ------------------------------------------------------------------------
-
-_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _encode_cursor(n: int) -> str:
-    digits = []
-    while n:
-        n, r = divmod(n, 36)
-        digits.append(_B36[r])
-    return "".join(reversed(digits)) or "0"
-
-
-def _decode_cursor(cursor: str) -> int:
-    if not cursor or len(cursor) > 13 or any(ch not in _B36 for ch in cursor):
-        raise BadRequest("malformed search cursor", field="before")
-    value = int(cursor, 36)
-    if value <= 0:
-        raise BadRequest("malformed search cursor", field="before")
-    return value
 
 
 def _check_query(query: str) -> None:
@@ -335,7 +274,7 @@ class LocalMessageService:
         self,
         kind: WriteKind,
         caller: Caller,
-        conv_id: str,
+        conv_id: ConvId,
         body: str | None,
         check: Callable[[], None] | None = None,
         **fields: Any,
@@ -415,7 +354,7 @@ class LocalMessageService:
         self, user: UserId, body: str, meta: dict[str, Any] | None = None
     ) -> ops.SendData:
         """Store a notice in ``s:<user>`` (the user's read-only system conversation)."""
-        conv = parse_conv(f"s:{user}")
+        conv = parse_conv(system_conv(user))
         fut: asyncio.Future[ops.SendData] = self._new_future()
         self._enqueue(
             _Write(
@@ -433,7 +372,7 @@ class LocalMessageService:
 
     async def post_room_system(
         self,
-        room: str,
+        room: RoomId,
         body: str,
         meta: dict[str, Any] | None = None,
         *,
@@ -453,7 +392,7 @@ class LocalMessageService:
         starts answering the new list (the room service installs this same object
         once the post has resolved).
         """
-        conv = parse_conv(f"r:{room}")
+        conv = parse_conv(room_conv(room))
         fut: asyncio.Future[ops.SendData] = self._new_future()
         self._enqueue(
             _Write(
@@ -471,7 +410,7 @@ class LocalMessageService:
         )
         return await fut
 
-    async def mark(self, caller: Caller, conv: str, seq: int, kind: ReceiptKind) -> None:
+    async def mark(self, caller: Caller, conv: ConvId, seq: int, kind: ReceiptKind) -> None:
         """Move the caller's read or recv watermark forward and publish a ``receipt``.
 
         ``seq`` is clamped to the conversation's last seq; a lower one is a no-op.
@@ -569,7 +508,7 @@ class LocalMessageService:
                 elif conv.kind == "room" and item.kind == "recall":
                     rkey = (conv.a, item.user)
                     if rkey not in roles:
-                        roles[rkey] = await self._room_role(conv.a, item.user)
+                        roles[rkey] = await self._room_role(RoomId(conv.a), item.user)
             except IMError as exc:
                 pre[i] = exc
 
@@ -939,7 +878,7 @@ class LocalMessageService:
             logger.warning("directory call failed: %r", exc)
             raise Unavailable("a backend service is unavailable") from exc
 
-    async def _room_role(self, room: str, user: str) -> str | None:
+    async def _room_role(self, room: RoomId, user: str) -> str | None:
         if self._rooms is None:
             raise NotFound(f"no room {room}", field="conv")
         return await self._ask(self._rooms.room_role(room, UserId(user)))
@@ -959,7 +898,7 @@ class LocalMessageService:
             return Members((conv.a,), frozenset((conv.a,)))
         if self._rooms is None:
             raise NotFound(f"no room {conv.a}", field="conv")
-        current = await self._ask(self._rooms.room_members(conv.a))
+        current = await self._ask(self._rooms.room_members(RoomId(conv.a)))
         pinned = self._pinned.get(conv.a)
         if pinned is None:
             return current
@@ -967,7 +906,7 @@ class LocalMessageService:
             del self._pinned[conv.a]
         return pinned
 
-    async def _member_access(self, caller: Caller, conv: str) -> tuple[ConvRef, Members]:
+    async def _member_access(self, caller: Caller, conv: ConvId) -> tuple[ConvRef, Members]:
         """Parse ``conv``, resolve its members and require the caller to be one."""
         ref = self._parse(conv)
         members = await self._members(ref)
@@ -996,8 +935,8 @@ class LocalMessageService:
         """The caller's conversations, latest activity first."""
         user = caller.user
         peers = await self._store.direct_convs(user)
-        system = f"s:{user}"
-        rooms: list[str] = []
+        system = system_conv(user)
+        rooms: list[RoomId] = []
         if self._rooms is not None:
             rooms.extend(await self._ask(self._rooms.rooms_of(user)))
             joined = set(rooms)
@@ -1007,7 +946,7 @@ class LocalMessageService:
         kinds: dict[str, ConvKind] = {conv: "direct" for conv in peers.values()}
         kinds[system] = "system"
         for room in rooms:
-            kinds[f"r:{room}"] = "room"
+            kinds[room_conv(room)] = "room"
         states = await self._store.conv_states(user, list(kinds))
         if states[system].last_seq == 0:
             del states[system]
@@ -1020,9 +959,9 @@ class LocalMessageService:
         for room in rooms:
             assert self._rooms is not None
             try:
-                titles[f"r:{room}"] = await self._ask(self._rooms.room_title(room))
+                titles[room_conv(room)] = await self._ask(self._rooms.room_title(room))
             except NotFound:
-                titles[f"r:{room}"] = room
+                titles[room_conv(room)] = room
         out: list[tuple[tuple[int, int], ConvSummary]] = []
         for conv, st in states.items():
             summary = ConvSummary(
@@ -1042,7 +981,7 @@ class LocalMessageService:
         out.sort(key=lambda e: e[0], reverse=True)
         return [s for _, s in out]
 
-    async def typing(self, caller: Caller, conv: str) -> None:
+    async def typing(self, caller: Caller, conv: ConvId) -> None:
         """Publish a ``typing`` event to the other members' live sessions."""
         if parse_conv(conv).kind == "system":
             raise Forbidden("system conversation is read-only")
@@ -1062,18 +1001,20 @@ class LocalMessageService:
         is searched as plain text (docs/protocol.md §4.10).
         """
         _check_query(req.query)
-        before = _decode_cursor(req.before) if req.before is not None else None
+        before = decode_search_cursor(req.before) if req.before is not None else None
         if req.conv is not None:
             ref, _ = await self._member_access(caller, req.conv)
-            convs = [ref.id]
+            convs: list[str] = [ref.id]
         else:
             convs = list((await self._store.direct_convs(caller.user)).values())
-            convs.append(f"s:{caller.user}")
+            convs.append(system_conv(caller.user))
             if self._rooms is not None:
-                convs.extend(f"r:{r}" for r in await self._ask(self._rooms.rooms_of(caller.user)))
+                convs.extend(
+                    room_conv(r) for r in await self._ask(self._rooms.rooms_of(caller.user))
+                )
         found = await self._store.search(req.query, convs, before, req.limit + 1)
         page = found[: req.limit]
-        nxt = _encode_cursor(page[-1].id) if len(found) > req.limit else None
+        nxt = encode_search_cursor(page[-1].id) if len(found) > req.limit else None
         return ops.SearchData(messages=[s.message for s in page], next=nxt)
 
     async def check_member(self, user: UserId, conv: str) -> None:

@@ -58,8 +58,6 @@ op answers the error (``unavailable``) without its system message.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +66,13 @@ from typing import Any, Final
 import msgspec
 
 from imserver.protocol import ops
+from imserver.protocol.convs import room_conv
+from imserver.protocol.cursors import (
+    decode_directory_cursor,
+    decode_member_cursor,
+    encode_directory_cursor,
+    encode_member_cursor,
+)
 from imserver.protocol.models import Room, RoomMember, RoomRole
 from imserver.services.caller import Caller
 from imserver.services.message.api import Members, MessageService
@@ -76,7 +81,7 @@ from imserver.services.room.store import MemberRecord, RoomRecord, SqlRoomStore
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.errors import BadRequest, Conflict, Forbidden, IMError, NotFound, Unavailable
-from imserver.utils.ids import UserId, new_room_id
+from imserver.utils.ids import RoomId, UserId, new_room_id
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +112,7 @@ class _Room:
 def _room_info(record: RoomRecord, count: int | None = None) -> Room:
     return Room(
         id=record.id,
-        conv=f"r:{record.id}",
+        conv=room_conv(record.id),
         name=record.name,
         topic=record.topic,
         public=record.public,
@@ -115,41 +120,6 @@ def _room_info(record: RoomRecord, count: int | None = None) -> Room:
         members=record.member_count if count is None else count,
         created=record.created,
     )
-
-
-# --- cursors ------------------------------------------------------------------------
-
-_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _encode_order(n: int) -> str:
-    digits = []
-    while n:
-        n, r = divmod(n, 36)
-        digits.append(_B36[r])
-    return "".join(reversed(digits)) or "0"
-
-
-def _decode_order(cursor: str) -> int:
-    if len(cursor) > 13 or any(ch not in _B36 for ch in cursor):
-        raise BadRequest("malformed cursor", field="after")
-    return int(cursor, 36)
-
-
-def _encode_directory(created: int, room: str) -> str:
-    raw = f"{created}.{room}".encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def _decode_directory(cursor: str) -> tuple[int, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-        created, _, room = raw.partition(".")
-        if not room:
-            raise ValueError(cursor)
-        return int(created), room
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadRequest("malformed cursor", field="after") from None
 
 
 class LocalRoomService:
@@ -261,7 +231,7 @@ class LocalRoomService:
 
     async def _post(
         self,
-        room: str,
+        room: RoomId,
         body: str,
         meta: dict[str, Any],
         notify: Sequence[str] = (),
@@ -335,7 +305,7 @@ class LocalRoomService:
             await asyncio.gather(*posts)
             return st.info
 
-    async def get(self, caller: Caller, room: str) -> Room:
+    async def get(self, caller: Caller, room: RoomId) -> Room:
         """The room: to members and invitees, and to anyone if it is public."""
         st = await self._live(room)
         if (
@@ -383,7 +353,7 @@ class LocalRoomService:
             )
             return st.info
 
-    async def join(self, caller: Caller, room: str) -> Room:
+    async def join(self, caller: Caller, room: RoomId) -> Room:
         """Join a public room, or a private one the caller is invited to (the
         invitation is consumed). Already a member: the room, nothing stored."""
         st = await self._live(room)
@@ -413,7 +383,7 @@ class LocalRoomService:
                 self._replace(st, roles, members)
             return st.info
 
-    async def leave(self, caller: Caller, room: str) -> None:
+    async def leave(self, caller: Caller, room: RoomId) -> None:
         """Leave a room (``forbidden`` for non-members).
 
         An owner's leaving hands the ownership to the longest-standing admin, else to
@@ -457,7 +427,7 @@ class LocalRoomService:
             finally:
                 self._replace(st, roles, members, **({"owner": heir} if heir is not None else {}))
 
-    async def invite(self, caller: Caller, room: str, user: UserId) -> None:
+    async def invite(self, caller: Caller, room: RoomId, user: UserId) -> None:
         """Invite ``user`` (owner and admins). ``conflict`` if already a member; an
         invitation already pending is not renewed (no error, nothing stored)."""
         st = await self._live(room)
@@ -478,7 +448,7 @@ class LocalRoomService:
                 notify=(user,),
             )
 
-    async def kick(self, caller: Caller, room: str, user: UserId) -> None:
+    async def kick(self, caller: Caller, room: RoomId, user: UserId) -> None:
         """Remove a member of lower role (owner and admins); the kicked user gets the
         ``kicked`` message and nothing of the room after it."""
         st = await self._live(room)
@@ -507,7 +477,7 @@ class LocalRoomService:
             finally:
                 self._replace(st, roles, members)
 
-    async def set_role(self, caller: Caller, room: str, user: UserId, role: str) -> None:
+    async def set_role(self, caller: Caller, room: RoomId, user: UserId, role: str) -> None:
         """Make a member an ``admin`` or a ``member`` again: the owner only, never on the
         owner. Setting the role a member already has stores nothing."""
         if role not in ("admin", "member"):
@@ -547,7 +517,7 @@ class LocalRoomService:
         st = await self._live(req.room)
         if not st.info.public and caller.user not in st.roles:
             raise Forbidden(f"not a member of {req.room}")
-        after = _decode_order(req.after) if req.after is not None else 0
+        after = decode_member_cursor(req.after) if req.after is not None else 0
         page: Sequence[MemberRecord] = await self._store.members_page(
             req.room, after, req.limit + 1
         )
@@ -557,12 +527,12 @@ class LocalRoomService:
             members=[
                 RoomMember(user=m.user, role=m.role, online=self._is_online(m.user)) for m in page
             ],
-            next=_encode_order(page[-1].join_order) if more else None,
+            next=encode_member_cursor(page[-1].join_order) if more else None,
         )
 
     # --- the message service's RoomDirectory ------------------------------------------
 
-    async def room_members(self, room: str) -> Members:
+    async def room_members(self, room: RoomId) -> Members:
         """Current members, from memory (``not_found``, field ``conv``, for unknown
         rooms; an empty room has no members)."""
         st = self._rooms.get(room)
@@ -572,23 +542,23 @@ class LocalRoomService:
                 raise NotFound(f"no room {room}", field="conv")
         return st.members
 
-    async def room_role(self, room: str, user: UserId) -> str | None:
+    async def room_role(self, room: RoomId, user: UserId) -> str | None:
         """``owner``/``admin``/``member``, or None (not a member, or no such room)."""
         st = self._rooms.get(room) or await self._state(room)
         return None if st is None else st.roles.get(user)
 
-    async def room_title(self, room: str) -> str:
+    async def room_title(self, room: RoomId) -> str:
         """The room's name (``not_found`` for unknown rooms)."""
         st = self._rooms.get(room) or await self._state(room)
         if st is None:
             raise NotFound(f"no room {room}", field="conv")
         return st.info.name
 
-    async def rooms_of(self, user: UserId) -> Sequence[str]:
+    async def rooms_of(self, user: UserId) -> Sequence[RoomId]:
         """Rooms the user is a member of (from the database)."""
         return await self._store.rooms_of(user)
 
-    async def invitations_of(self, user: UserId) -> Sequence[str]:
+    async def invitations_of(self, user: UserId) -> Sequence[RoomId]:
         """Rooms the user is invited to and has not joined (from the database)."""
         return await self._store.invitations_of(user)
 
@@ -607,11 +577,11 @@ class LocalRoomService:
     async def list(self, caller: Caller, req: ops.RoomList) -> ops.RoomListData:
         """The public directory: non-empty public rooms, oldest first, whose name
         contains ``query`` (case-insensitive, ``%`` and ``_`` literal)."""
-        after = _decode_directory(req.after) if req.after is not None else None
+        after = decode_directory_cursor(req.after) if req.after is not None else None
         found = await self._store.list_public(req.query, after, req.limit + 1)
         more = len(found) > req.limit
         found = found[: req.limit]
-        nxt = _encode_directory(found[-1].created, found[-1].id) if more else None
+        nxt = encode_directory_cursor(found[-1].created, found[-1].id) if more else None
         return ops.RoomListData(rooms=[_room_info(r) for r in found], next=nxt)
 
 

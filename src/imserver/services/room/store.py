@@ -51,6 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imserver.protocol.models import RoomRole
 from imserver.storage.sql import EngineStore
+from imserver.utils.ids import RoomId
 
 metadata = MetaData()
 
@@ -108,7 +109,7 @@ invitations = Table(
 class RoomRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One ``rooms`` row."""
 
-    id: str
+    id: RoomId
     name: str
     topic: str | None
     public: bool
@@ -310,7 +311,7 @@ class SqlRoomStore(EngineStore):
             )
             return [MemberRecord(user=r[0], role=r[1], join_order=r[2]) for r in result]
 
-    async def rooms_of(self, user: str) -> list[str]:
+    async def rooms_of(self, user: str) -> list[RoomId]:
         """The rooms ``user`` is a member of, in the order they joined them."""
         async with self._connect() as conn:
             result = await conn.execute(
@@ -347,7 +348,7 @@ class SqlRoomStore(EngineStore):
             )
         return found is not None
 
-    async def invitations_of(self, user: str) -> list[str]:
+    async def invitations_of(self, user: str) -> list[RoomId]:
         """Rooms with a pending invitation for ``user``, oldest invitation first."""
         async with self._connect() as conn:
             result = await conn.execute(
