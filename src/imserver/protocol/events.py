@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from imserver.protocol.models import Message, PresenceStatus, ReceiptKind
+from imserver.utils.ids import ConvId
 
 
 class Event(msgspec.Struct, tag_field="op", kw_only=True):
@@ -34,7 +35,7 @@ class Reply(Event, tag="reply", omit_defaults=True, kw_only=True):
 class Msg(Event, tag="msg", omit_defaults=True, kw_only=True):
     """A stored message pushed to the members' live sessions."""
 
-    conv: str
+    conv: ConvId
     seq: int
     from_: str = msgspec.field(name="from")
     ts: int
@@ -63,14 +64,14 @@ class Msg(Event, tag="msg", omit_defaults=True, kw_only=True):
 
 
 class Receipt(Event, tag="receipt", kw_only=True):
-    conv: str
+    conv: ConvId
     user: str
     seq: int
     kind: ReceiptKind
 
 
 class TypingEvent(Event, tag="typing", kw_only=True):
-    conv: str
+    conv: ConvId
     user: str
 
 

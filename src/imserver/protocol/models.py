@@ -33,7 +33,7 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     messages of type ``edit``/``recall``/``reaction``; they are omitted while unset.
     """
 
-    conv: str
+    conv: ConvId
     seq: int
     from_: str = msgspec.field(name="from")
     ts: int
@@ -51,7 +51,7 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
 class ConvSummary(msgspec.Struct, kw_only=True):
     """One entry of the ``convs`` reply."""
 
-    conv: str
+    conv: ConvId
     kind: ConvKind
     title: str
     last_seq: int

@@ -277,7 +277,7 @@ class TokenData(msgspec.Struct, kw_only=True):
 
 
 class SendData(msgspec.Struct, kw_only=True):
-    conv: str
+    conv: ConvId
     seq: int
     ts: int
     cid: str

@@ -965,7 +965,7 @@ class LocalMessageService:
         out: list[tuple[tuple[int, int], ConvSummary]] = []
         for conv, st in states.items():
             summary = ConvSummary(
-                conv=conv,
+                conv=ConvId(conv),
                 kind=kinds[conv],
                 title="System" if kinds[conv] == "system" else titles.get(conv, conv),
                 last_seq=st.last_seq,
