@@ -2,7 +2,9 @@
 
 - :class:`ServerProcess` -- a real ``imserver serve`` on free ports in a temporary
   directory: started with a TOML config, awaited on ``GET /readyz``, stopped with
-  SIGTERM (its exit code is checked by the caller), directory removed afterwards.
+  SIGTERM (its exit code is checked by the caller), directory removed afterwards. The
+  process itself is :class:`imserver.testing.process.ServerProcess`, which the
+  end-to-end tests run too.
 - :func:`provision_users` -- registers and logs in accounts over HTTP, concurrently.
 - :class:`WorkerPool` -- load-generator processes (``spawn``), each running its own
   asyncio loop (uvloop when installed, see :func:`run_async`), talking to the parent
@@ -34,15 +36,12 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 import traceback
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,68 +58,26 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from imserver.client import HttpClient
+from imserver.testing import process
+from imserver.testing.process import HOST as HOST
+from imserver.testing.process import ServerError as ServerError
+from imserver.testing.process import free_ports as free_ports
+from imserver.utils.config import merge_settings as merge_config
 
 T = TypeVar("T")
 
-HOST: Final = "127.0.0.1"
 PASSWORD: Final = "bench-password-123"
 """The password of every benchmark account."""
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 30.0
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-LOG_TAIL: Final = 4000
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 """Where tables and messages go (stdout)."""
 
 
 # --- configuration ----------------------------------------------------------------------
-
-
-def toml_dumps(data: Mapping[str, Any]) -> str:
-    """A small TOML writer for server configuration: scalars, lists, nested tables."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # JSON string escapes are valid TOML basic strings
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {v!r} as TOML")
-
-    def table(prefix: str, d: Mapping[str, Any], out: list[str]) -> None:
-        subtables: list[tuple[str, Mapping[str, Any]]] = []
-        if prefix:
-            out.append(f"\n[{prefix}]")
-        for k, v in d.items():
-            if v is None:
-                continue
-            if isinstance(v, Mapping):
-                subtables.append((k, v))
-            else:
-                out.append(f"{json.dumps(k)} = {value(v)}")
-        for k, v in subtables:
-            table(f"{prefix}.{json.dumps(k)}" if prefix else json.dumps(k), v, out)
-
-    lines: list[str] = []
-    table("", data, lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def merge_config(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` merged in, recursively for nested tables."""
-    out = dict(base)
-    for k, v in over.items():
-        old = out.get(k)
-        if isinstance(v, Mapping) and isinstance(old, Mapping):
-            out[k] = merge_config(old, v)
-        else:
-            out[k] = v
-    return out
 
 
 def parse_settings(items: Iterable[str]) -> dict[str, Any]:
@@ -152,26 +109,8 @@ def parse_settings(items: Iterable[str]) -> dict[str, Any]:
 # --- the server process -----------------------------------------------------------------
 
 
-def free_ports(n: int, host: str = HOST) -> list[int]:
-    """``n`` distinct TCP ports free right now on ``host`` (bound together, released)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class ServerError(RuntimeError):
-    """The server did not start, or did not stop cleanly."""
-
-
-class ServerProcess:
-    """One ``imserver serve`` process in a temporary directory of its own.
+class ServerProcess(process.ServerProcess):
+    """:class:`imserver.testing.process.ServerProcess` in a temporary directory of its own.
 
     Use it as a context manager: it starts on enter (and waits for ``/readyz``); on
     exit a still-running server is stopped (killed if it ignores SIGTERM) and the
@@ -186,157 +125,14 @@ class ServerProcess:
         keep_dir: bool = False,
     ) -> None:
         """``config`` is written to the server's TOML file; ``keep_dir`` keeps the data."""
-        self.config = dict(config)
-        self.host = host
-        self.keep_dir = keep_dir
-        self.root = Path(tempfile.mkdtemp(prefix="imserver-bench-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.http_port = 0
-        self.tcp_port = 0
-        self.command: list[str] = []
-
-    @property
-    def data_dir(self) -> Path:
-        """The server's ``--data-dir``."""
-        return self.root / "data"
-
-    @property
-    def config_path(self) -> Path:
-        """The server's ``--config`` file."""
-        return self.root / "imserver.toml"
-
-    @property
-    def http_url(self) -> str:
-        """``http://host:port`` of the HTTP API."""
-        return f"http://{self.host}:{self.http_port}"
-
-    @property
-    def ws_url(self) -> str:
-        """The WebSocket endpoint."""
-        return f"ws://{self.host}:{self.http_port}/ws"
-
-    @property
-    def tcp_addr(self) -> tuple[str, int]:
-        """``(host, port)`` of the TCP listener."""
-        return (self.host, self.tcp_port)
-
-    @property
-    def pid(self) -> int:
-        """The server's process id."""
-        if self.proc is None:
-            raise ServerError("server not started")
-        return self.proc.pid
-
-    def start(self, timeout: float = READY_TIMEOUT) -> None:
-        """Start the process and wait until ``GET /readyz`` answers 200."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(toml_dumps(self.config))
-        last = ""
-        for _ in range(3):  # another process may take a port between picking and binding
-            self.http_port, self.tcp_port = free_ports(2, self.host)
-            self._spawn()
-            failure = self._wait_ready(timeout)
-            if failure is None:
-                return
-            last = failure
-            if "in use" not in self._tail("server.stderr.log").lower():
-                break
-        raise ServerError(f"imserver did not become ready: {last}\n{self.logs()}")
-
-    def _spawn(self) -> None:
-        self.command = [
-            sys.executable,
-            "-m",
-            "imserver",
-            "serve",
-            "--config",
-            str(self.config_path),
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            self.host,
-            "--http-port",
-            str(self.http_port),
-            "--tcp-port",
-            str(self.tcp_port),
-        ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with (
-            open(self.root / "server.stdout.log", "ab") as out,
-            open(self.root / "server.stderr.log", "ab") as err,
-        ):
-            self.proc = subprocess.Popen(
-                self.command,
-                stdout=out,
-                stderr=err,
-                env=env,
-                cwd=self.root,
-                start_new_session=True,  # Ctrl-C in the terminal goes to us, not to it
-            )
-
-    def _wait_ready(self, timeout: float) -> str | None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        url = self.http_url + "/readyz"
-        last = "no answer"
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                return f"the process exited with code {code}"
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return None
-                    last = f"/readyz answered {resp.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"/readyz answered {exc.code}"
-            except (OSError, urllib.error.URLError) as exc:
-                last = str(exc)
-            time.sleep(0.05)
-        self.kill()
-        return f"not ready after {timeout} s ({last})"
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, wait for the exit and return its code; kill and raise on a hang."""
-        proc = self.proc
-        if proc is None:
-            raise ServerError("server not started")
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise ServerError(
-                    f"imserver ignored SIGTERM for {timeout} s\n{self.logs()}"
-                ) from None
-        return proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL the server's process group at once."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-
-    def _tail(self, name: str, size: int = LOG_TAIL) -> str:
-        try:
-            with open(self.root / name, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - size))
-                return fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def logs(self) -> str:
-        """The tails of the server's stdout and stderr."""
-        return (
-            f"--- server stdout (tail) ---\n{self._tail('server.stdout.log')}\n"
-            f"--- server stderr (tail) ---\n{self._tail('server.stderr.log')}"
+        super().__init__(
+            Path(tempfile.mkdtemp(prefix="imserver-bench-")),
+            config,
+            host=host,
+            ready_timeout=READY_TIMEOUT,
+            stop_timeout=STOP_TIMEOUT,
         )
+        self.keep_dir = keep_dir
 
     def cleanup(self) -> None:
         """Kill the server if it still runs and remove its directory (unless kept)."""
@@ -358,10 +154,7 @@ class ServerProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ServerError):
-                self.stop(timeout=10)
+        self.teardown(timeout=10)
         self.cleanup()
 
 

@@ -1,6 +1,10 @@
 """End-to-end harness: a real ``imserver serve`` process on free ports, driven by the
 project's own client over real sockets.
 
+The process itself is :class:`imserver.testing.process.ServerProcess` (shared with
+the benchmarks); this module adds pytest to it: fixtures, a failure to start or stop
+as a test failure, the log check and the logs in failure reports.
+
 Fixtures:
 
 - ``server_factory(config=None, *, start=True) -> ServerProcess``: a fresh server with
@@ -34,22 +38,13 @@ while stopping.
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import itertools
-import json
 import os
 import secrets
 import shlex
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,34 +52,13 @@ import pytest
 import serverlog
 
 from imserver.client import Client, CodecName, TransportName
-from imserver.utils.config import merge_settings
+from imserver.testing import process
 
-HOST = "127.0.0.1"
 PASSWORD = "correct-horse-battery"
 """The password of every account the helpers create unless told otherwise."""
-READY_TIMEOUT = 20.0
-STOP_TIMEOUT = 15.0
-LOG_TAIL = 8000
 
-_live: set[subprocess.Popen[bytes]] = set()
-"""Every server process still running, killed at interpreter exit whatever happens."""
 _servers: list[ServerProcess] = []
 """Every server whose logs are still to be checked (see :func:`_server_logs_are_clean`)."""
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-    _live.discard(proc)
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_live):
-        _kill_group(proc)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -105,243 +79,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --- the server process ---------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free right now on HOST (bound together, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+class ServerProcess(process.ServerProcess):
+    """:class:`imserver.testing.process.ServerProcess` under pytest: a server that
+    does not start or stop fails the test, and what it logs is checked after every
+    test (module docstring)."""
 
-
-def toml_dumps(data: Mapping[str, Any]) -> str:
-    """A small TOML writer for configuration: scalars, lists and nested tables."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # JSON string escapes are valid TOML basic strings
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {v!r} as TOML")
-
-    def table(prefix: str, d: Mapping[str, Any], out: list[str]) -> None:
-        subtables = []
-        if prefix:
-            out.append(f"\n[{prefix}]")
-        for k, v in d.items():
-            if v is None:
-                continue
-            if isinstance(v, Mapping):
-                subtables.append((k, v))
-            else:
-                out.append(f"{json.dumps(k)} = {value(v)}")
-        for k, v in subtables:
-            table(f"{prefix}.{json.dumps(k)}" if prefix else json.dumps(k), v, out)
-
-    lines: list[str] = []
-    table("", data, lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-@dataclass(repr=False)
-class ServerProcess:
-    """One ``imserver serve`` process and its directory (config, data, logs).
-
-    ``stop()`` then ``start()`` restarts it on the same data directory; the ports may
-    change, so read the addresses again after a restart.
-    """
-
-    root: Path
-    config: dict[str, Any] = field(default_factory=dict)
-    host: str = HOST
-    proc: subprocess.Popen[bytes] | None = None
-    http_port: int = 0
-    tcp_port: int = 0
-    starts: int = 0
-    log_read: dict[Path, int] = field(default_factory=dict)
-    """How far :meth:`log_problems` has read each log file."""
-
-    def __post_init__(self) -> None:
+    def __init__(self, root: Path, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(
+            root,
+            config,
+            serve_args=shlex.split(os.environ.get("IMSERVER_E2E_SERVE_ARGS", "")),
+        )
+        self.log_read: dict[Path, int] = {}
+        """How far :meth:`log_problems` has read each log file."""
         _servers.append(self)
 
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "imserver.toml"
-
-    @property
-    def stdout_path(self) -> Path:
-        return self.root / "server.stdout.log"
-
-    @property
-    def stderr_path(self) -> Path:
-        return self.root / "server.stderr.log"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.http_port}/ws"
-
-    @property
-    def tcp_addr(self) -> tuple[str, int]:
-        return (self.host, self.tcp_port)
-
-    def __repr__(self) -> str:
-        state = f"pid {self.proc.pid}" if self.running and self.proc else "stopped"
-        return f"<ServerProcess {self.root.name} {self.http_url} tcp:{self.tcp_port} {state}>"
-
-    def target(self, transport: TransportName) -> str | tuple[str, int]:
-        """What :meth:`Client.connect` takes for ``transport``."""
-        return self.ws_url if transport == "ws" else self.tcp_addr
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(
-        self, config: Mapping[str, Any] | None = None, *, timeout: float = READY_TIMEOUT
+        self, config: Mapping[str, Any] | None = None, *, timeout: float | None = None
     ) -> None:
-        """Start the process (merging ``config`` into the overrides) and wait for /readyz."""
-        if self.running:
-            raise RuntimeError("server already running")
-        if config:
-            self.config = merge_settings(self.config, config)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(toml_dumps(self.config))
-        for attempt in range(3):
-            self.http_port, self.tcp_port = free_ports(2)
-            self._spawn()
-            failure = self._wait_ready(timeout)
-            if failure is None:
-                return
-            # Another process may have taken a port between picking and binding it.
-            if attempt < 2 and "in use" in self._tail(self.stderr_path).lower():
-                continue
-            pytest.fail(f"imserver did not become ready: {failure}\n{self.logs()}", pytrace=False)
+        """Start and wait for /readyz; a server that does not get there fails the test."""
+        try:
+            super().start(config, timeout=timeout)
+        except process.ServerError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
-    def _spawn(self) -> None:
-        self.starts += 1
-        cmd = [
-            sys.executable,
-            "-m",
-            "imserver",
-            "serve",
-            "--config",
-            str(self.config_path),
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            self.host,
-            "--http-port",
-            str(self.http_port),
-            "--tcp-port",
-            str(self.tcp_port),
-            *shlex.split(os.environ.get("IMSERVER_E2E_SERVE_ARGS", "")),
-        ]
-        marker = f"\n===== start #{self.starts}: {shlex.join(cmd)}\n".encode()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
-            out.write(marker)
-            err.write(marker)
-            out.flush()
-            err.flush()
-            # Its own process group, so teardown can kill anything it spawned.
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=err, env=env, cwd=self.root, start_new_session=True
-            )
-        _live.add(self.proc)
-
-    def _wait_ready(self, timeout: float) -> str | None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        url = self.http_url + "/readyz"
-        last = "no answer"
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                _live.discard(self.proc)
-                return f"the process exited with code {code}"
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return None
-                    last = f"/readyz answered {resp.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"/readyz answered {exc.code}"
-            except (OSError, urllib.error.URLError) as exc:
-                last = str(exc)
-            time.sleep(0.05)
-        _kill_group(self.proc)
-        return f"not ready after {timeout} s ({last})"
-
-    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = STOP_TIMEOUT) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float | None = None) -> int | None:
         """Send ``sig`` and wait for the exit; returns the exit code (None if not started).
 
         A process still alive after ``timeout`` is killed and the test fails.
         """
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                pytest.fail(
-                    f"imserver ignored signal {sig} for {timeout} s\n{self.logs()}", pytrace=False
-                )
-        _live.discard(proc)
-        return proc.returncode
-
-    def kill(self) -> int | None:
-        """SIGKILL the process group at once (a crash); returns the exit code."""
-        if self.proc is None:
-            return None
-        _kill_group(self.proc)
-        return self.proc.returncode
-
-    async def astart(self, config: Mapping[str, Any] | None = None) -> None:
-        """:meth:`start` without blocking the event loop."""
-        await asyncio.to_thread(self.start, config)
-
-    async def astop(
-        self,
-        sig: int = signal.SIGTERM,
-        *,
-        timeout: float = STOP_TIMEOUT,  # noqa: ASYNC109 - passed on to stop()
-    ) -> int | None:
-        """:meth:`stop` without blocking the event loop (clients keep reading meanwhile)."""
-        return await asyncio.to_thread(self.stop, sig, timeout=timeout)
-
-    def teardown(self) -> None:
-        """Stop gracefully if possible, kill otherwise; never fails."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            if proc is not None:
-                _live.discard(proc)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_TIMEOUT)
-        _kill_group(proc)
+        try:
+            return super().stop(sig, timeout=timeout)
+        except process.ServerError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     def close(self) -> None:
         """:meth:`teardown`, then fail if the server logged a problem while it stopped.
@@ -355,23 +125,6 @@ class ServerProcess:
             _servers.remove(self)
         if found:
             pytest.fail(_log_report("its shutdown", self, found), pytrace=False)
-
-    @staticmethod
-    def _tail(path: Path, size: int = LOG_TAIL) -> str:
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - size))
-                return fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def mark_logs(self, text: str) -> None:
-        """Write a marker line into both logs (the server appends to them too)."""
-        for path in (self.stdout_path, self.stderr_path):
-            if path.exists():
-                with open(path, "ab") as fh:
-                    fh.write(f"{serverlog.MARKER}{text}\n".encode())
 
     def log_problems(self) -> list[tuple[Path, serverlog.Problem]]:
         """The problems logged since the previous call (complete lines only)."""
@@ -388,13 +141,6 @@ class ServerProcess:
             self.log_read[path] = start + end
             found += [(path, p) for p in serverlog.problems(data[:end].decode(errors="replace"))]
         return found
-
-    def logs(self) -> str:
-        """The tails of stdout and stderr."""
-        return (
-            f"--- {self.stdout_path} (tail) ---\n{self._tail(self.stdout_path)}\n"
-            f"--- {self.stderr_path} (tail) ---\n{self._tail(self.stderr_path)}"
-        )
 
 
 class ServerFactory:

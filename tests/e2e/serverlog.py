@@ -20,13 +20,13 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from imserver.testing.process import MARKER
+
 RECORD = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) (?P<logger>\S+?): ", re.M
 )
 """A record line of ``logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s:
 %(message)s")`` (``imserver.cli``)."""
-MARKER = "===== "
-"""Lines the harness writes into the logs (process starts, test boundaries)."""
 BAD_LEVELS = frozenset({"ERROR", "CRITICAL"})
 SIGNS = ("Traceback (most recent call last):", "Exception ignored in", "Fatal Python error")
 """Text that marks a problem in an entry of any level."""
