@@ -16,20 +16,15 @@ from imserver.protocol import ops
 from imserver.protocol.models import User
 from imserver.services.caller import Caller
 from imserver.services.message.api import FileRef, Members
+from imserver.services.message.search import Fts5Search, LikeSearch
 from imserver.services.message.service import (
     MIGRATIONS,
     LocalMessageService,
     open_message_service,
 )
-from imserver.services.message.store import (
-    AsyncRunner,
-    Fts5Search,
-    LikeSearch,
-    SqlMessageStore,
-    ThreadRunner,
-    sqlite_engine,
-)
+from imserver.services.message.store import SqlMessageStore
 from imserver.storage.bus import MemoryLiveBus
+from imserver.storage.runners import AsyncRunner, ThreadRunner, sqlite_engine
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.errors import NotFound
 from imserver.utils.ids import LoginId, SessionId, UserId

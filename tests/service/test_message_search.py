@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from message_helpers import BACKENDS, Directory, Files, Rooms, caller, open_backend, send
 
 from imserver.protocol import ops
+from imserver.services.message.search import fts5_query, like_words
 from imserver.services.message.service import LocalMessageService
-from imserver.services.message.store import fts5_query, like_words
 from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import sqlite_url
 from imserver.utils.errors import BadRequest, IMError

@@ -21,8 +21,8 @@ from imserver.protocol.events import Msg, Receipt, TypingEvent
 from imserver.protocol.models import Message, User
 from imserver.services.file.service import MemberDirectory
 from imserver.services.message.api import MessageService
+from imserver.services.message.search import fts5_query
 from imserver.services.message.service import LocalMessageService, open_message_service
-from imserver.services.message.store import fts5_query
 from imserver.storage.bus import Delivery, MemoryLiveBus
 from imserver.storage.sql import sqlite_url
 from imserver.utils.errors import (

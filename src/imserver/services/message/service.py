@@ -55,17 +55,10 @@ from imserver.services.message.api import (
     RoomDirectory,
     UserDirectory,
 )
-from imserver.services.message.store import (
-    IdemKey,
-    KeyConflict,
-    Loaded,
-    MessageKey,
-    SqlMessageStore,
-    Target,
-    WriteBatch,
-    WriteTx,
-    message_row,
-)
+from imserver.services.message.ports import MessageStore, WriteTransaction
+from imserver.services.message.schema import IdemKey, MessageKey, message_row
+from imserver.services.message.store import SqlMessageStore
+from imserver.services.message.writes import KeyConflict, Loaded, Target, WriteBatch
 from imserver.storage import sql
 from imserver.storage.bus import Delivery, LiveBus
 from imserver.utils.clock import now_ms
@@ -191,7 +184,7 @@ class LocalMessageService:
 
     def __init__(
         self,
-        store: SqlMessageStore,
+        store: MessageStore,
         *,
         bus: LiveBus,
         users: UserDirectory,
@@ -659,7 +652,7 @@ class LocalMessageService:
                 item.future.set_exception(type(exc)(exc.message))
 
     async def _load_state(
-        self, tx: WriteTx, batch: list[_Write], results: list[Any], *, check_all: bool
+        self, tx: WriteTransaction, batch: list[_Write], results: list[Any], *, check_all: bool
     ) -> _BatchState:
         """Read what the batch needs in one step: last seqs of conversations not in
         memory, targets, markers and, with ``check_all``, the stored idempotency keys

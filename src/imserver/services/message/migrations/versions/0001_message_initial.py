@@ -4,7 +4,7 @@ Revision ID: message_0001
 Revises:
 Create Date: 2026-11-27
 
-The tables are spelled out here rather than taken from ``store.metadata`` so that
+The tables are spelled out here rather than taken from ``schema.metadata`` so that
 this revision stays what it was when later revisions change the store. On SQLite
 the full-text index is an external-content FTS5 table over the ``text`` messages'
 bodies. New rows enter it in bulk, from the store, right after each batch's insert

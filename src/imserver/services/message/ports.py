@@ -1,0 +1,78 @@
+"""What the message service needs of its storage: :class:`MessageStore`.
+
+The service owns this interface; :class:`~imserver.services.message.store.SqlMessageStore`
+implements it. Writes go through one transaction per batch (:meth:`MessageStore.begin`),
+used only by the service's single writer; reads see exactly what has been committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from imserver.protocol.models import Message
+from imserver.services.message.reads import ConvState
+from imserver.services.message.schema import IdemKey, MessageKey, StoredMessage
+from imserver.services.message.writes import Loaded, WriteBatch
+
+
+class WriteTransaction(Protocol):
+    """One batch's transaction: :meth:`load` (optional), then :meth:`commit`."""
+
+    async def load(
+        self,
+        idem_keys: Sequence[IdemKey],
+        convs: Sequence[str],
+        target_keys: Sequence[MessageKey],
+        marker_keys: Sequence[tuple[str, str]],
+    ) -> Loaded:
+        """Open the transaction and read the stored idempotency keys, the last seqs of
+        ``convs``, the targets and the markers the batch needs, in one step."""
+        ...
+
+    async def commit(self, batch: WriteBatch) -> None:
+        """Write ``batch`` and commit; raises
+        :class:`~imserver.services.message.writes.KeyConflict` when a unique key exists."""
+        ...
+
+
+class MessageStore(Protocol):
+    """The message service's storage: one writer's transactions and the read queries."""
+
+    def begin(self) -> AbstractAsyncContextManager[WriteTransaction]:
+        """One write transaction, rolled back unless committed."""
+        ...
+
+    async def history(
+        self, conv: str, *, after: int | None, before: int | None, limit: int
+    ) -> tuple[list[Message], bool]:
+        """A page of ``conv`` ascending by seq, and whether more lie beyond it."""
+        ...
+
+    async def conv_states(self, user: str, convs: Sequence[str]) -> dict[str, ConvState]:
+        """Last seq, ``user``'s markers, unread and mention counts and the last message
+        of each of ``convs``."""
+        ...
+
+    async def direct_convs(self, user: str) -> dict[str, str]:
+        """peer -> conv of every direct conversation of ``user`` that has messages."""
+        ...
+
+    async def search(
+        self, query: str, convs: Sequence[str], before: int | None, limit: int
+    ) -> list[StoredMessage]:
+        """Matching messages of ``convs`` with id < ``before``, newest first."""
+        ...
+
+    async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
+        """Those of ``file_ids`` named by a stored message."""
+        ...
+
+    async def check(self) -> None:
+        """Raise if the database cannot be reached."""
+        ...
+
+    async def close(self) -> None:
+        """Release every connection."""
+        ...

@@ -1,0 +1,286 @@
+"""The read queries of the message store: history pages, conversation states,
+referenced files, direct conversations and search results.
+
+Each is a synchronous function of a connection, run by the store on a reader
+(:mod:`imserver.storage.runners`) in one hand-off, one snapshot per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    cast,
+    func,
+    or_,
+    select,
+    union_all,
+)
+
+from imserver.protocol.models import Message
+from imserver.services.message.schema import (
+    MSG_COLS,
+    UNREAD_TYPES,
+    StoredMessage,
+    direct_peers,
+    markers,
+    message_files,
+    message_mentions,
+    messages,
+    reactions,
+    to_message,
+)
+from imserver.services.message.search import MessageSearch
+from imserver.storage.statements import CHUNK, DriverStatement, KeyLookup, chunks
+
+
+class LastSeqLookup:
+    """The last seq of many conversations in one statement.
+
+    ``max(seq) ... GROUP BY conv`` reads every row of those conversations; a union
+    of one ``(SELECT max(seq) WHERE conv = ?)`` per conversation is one index probe
+    each. Sized and compiled like :class:`KeyLookup`.
+    """
+
+    SIZES = (1, 8, 64)
+
+    def __init__(self) -> None:
+        self._stmts: dict[int, DriverStatement] = {}
+
+    def _stmt(self, size: int) -> DriverStatement:
+        stmt = self._stmts.get(size)
+        if stmt is None:
+            c = messages.c
+            parts = [
+                select(
+                    cast(bindparam(f"c{i}", type_=String(200)), String(200)).label("conv"),
+                    select(func.max(c.seq))
+                    .where(c.conv == bindparam(f"c{i}", type_=String(200)))
+                    .scalar_subquery()
+                    .label("last"),
+                )
+                for i in range(size)
+            ]
+            stmt = DriverStatement(parts[0] if size == 1 else union_all(*parts))
+            self._stmts[size] = stmt
+        return stmt
+
+    def fetch(self, conn: Connection, convs: Sequence[str]) -> dict[str, int]:
+        """conv -> last seq (0 when it has no message)."""
+        found = dict.fromkeys(convs, 0)
+        for chunk in chunks(convs, self.SIZES[-1]):
+            size = next(n for n in self.SIZES if n >= len(chunk))
+            padded = list(chunk) + [chunk[-1]] * (size - len(chunk))
+            params = {f"c{i}": conv for i, conv in enumerate(padded)}
+            for conv, last in self._stmt(size).execute(conn, params):
+                found[conv] = int(last or 0)
+        return found
+
+
+_LAST_SEQS = LastSeqLookup()
+
+_MESSAGES = KeyLookup(MSG_COLS, [messages.c.conv, messages.c.seq])
+
+_REACTIONS = KeyLookup(
+    [reactions.c.conv, reactions.c.seq, reactions.c.emoji, reactions.c.user_id, reactions.c.rseq],
+    [reactions.c.conv, reactions.c.seq],
+)
+
+
+class ConvState(NamedTuple):
+    """A user's view of one conversation, as ``convs`` reports it."""
+
+    last_seq: int
+    read_seq: int
+    recv_seq: int
+    unread: int
+    mentions: int
+    last: StoredMessage | None
+
+
+def last_seqs(conn: Connection, convs: Sequence[str]) -> dict[str, int]:
+    """conv -> last stored seq (0 when it has no message)."""
+    return _LAST_SEQS.fetch(conn, convs)
+
+
+def _reaction_map(rows: Iterable[Any]) -> dict[tuple[str, int], dict[str, list[str]]]:
+    out: dict[tuple[str, int], dict[str, list[str]]] = {}
+    for r in rows:
+        out.setdefault((r.conv, r.seq), {}).setdefault(r.emoji, []).append(r.user_id)
+    return out
+
+
+def _add_reactions(conn: Connection, msgs: list[Message]) -> None:
+    if not msgs:
+        return
+    rows = _REACTIONS.fetch(conn, [(m.conv, m.seq) for m in msgs])
+    if rows:
+        rows.sort(key=lambda r: (r.rseq, r.user_id))
+        found = _reaction_map(rows)
+        for m in msgs:
+            m.reactions = found.get((m.conv, m.seq))
+
+
+def _history_statements() -> dict[str, DriverStatement]:
+    """The statements of a history page, built and compiled once (a page is on the
+    read path of every reconnect: building a Core statement per call costs more than
+    running it)."""
+    c = messages.c
+    rc = reactions.c
+    base = select(*MSG_COLS).where(c.conv == bindparam("conv"))
+    lim = bindparam("lim", type_=Integer)
+    # SQLite renders LIMIT with an OFFSET; a bind parameter of our own keeps the
+    # compiled statement's parameters all named here.
+    off = bindparam("off", type_=Integer)
+    return {
+        "after": DriverStatement(
+            base.where(c.seq > bindparam("seq", type_=BigInteger))
+            .order_by(c.seq.asc())
+            .limit(lim)
+            .offset(off)
+        ),
+        "before": DriverStatement(
+            base.where(c.seq < bindparam("seq", type_=BigInteger))
+            .order_by(c.seq.desc())
+            .limit(lim)
+            .offset(off)
+        ),
+        "latest": DriverStatement(base.order_by(c.seq.desc()).limit(lim).offset(off)),
+        "reactions": DriverStatement(
+            select(rc.conv, rc.seq, rc.emoji, rc.user_id)
+            .where(
+                rc.conv == bindparam("conv"),
+                rc.seq.between(
+                    bindparam("lo", type_=BigInteger), bindparam("hi", type_=BigInteger)
+                ),
+            )
+            .order_by(rc.rseq, rc.user_id)
+        ),
+    }
+
+
+_HISTORY = _history_statements()
+
+
+def history(
+    conn: Connection, conv: str, after: int | None, before: int | None, limit: int
+) -> tuple[list[Message], bool]:
+    if after is not None:
+        rows = _HISTORY["after"].execute(
+            conn, {"conv": conv, "seq": after, "lim": limit + 1, "off": 0}
+        )
+    elif before is not None:
+        rows = _HISTORY["before"].execute(
+            conn, {"conv": conv, "seq": before, "lim": limit + 1, "off": 0}
+        )
+    else:
+        rows = _HISTORY["latest"].execute(conn, {"conv": conv, "lim": limit + 1, "off": 0})
+    page = [to_message(r) for r in rows]
+    has_more = len(page) > limit
+    del page[limit:]
+    if after is None:
+        page.reverse()
+    if page:
+        found = _reaction_map(
+            _HISTORY["reactions"].execute(
+                conn, {"conv": conv, "lo": page[0].seq, "hi": page[-1].seq}
+            )
+        )
+        if found:
+            for m in page:
+                m.reactions = found.get((m.conv, m.seq))
+    return page, has_more
+
+
+def conv_states(conn: Connection, user: str, convs: Sequence[str]) -> dict[str, ConvState]:
+    c = messages.c
+    mm = message_mentions.c
+    k = markers.c
+    last = last_seqs(conn, convs)
+    marks: dict[str, tuple[int, int]] = {}
+    for chunk in chunks(list(convs)):
+        stmt = select(k.conv, k.read_seq, k.recv_seq).where(k.user_id == user, k.conv.in_(chunk))
+        for r in conn.execute(stmt):
+            marks[r.conv] = (r.read_seq, r.recv_seq)
+    read = {cv: min(marks.get(cv, (0, 0))[0], last[cv]) for cv in convs}
+    # Unread counts only where something lies past the read marker: one grouped
+    # query per chunk, each conversation a range of the (conv, seq) index.
+    behind = [(cv, read[cv]) for cv in convs if read[cv] < last[cv]]
+    unread: dict[str, int] = {}
+    mentioned: dict[str, int] = {}
+    for part in chunks(behind, CHUNK // 2):
+        ranges = or_(*(and_(c.conv == cv, c.seq > seq) for cv, seq in part))
+        ustmt = (
+            select(c.conv, func.count())
+            .where(ranges, c.sender != user, c.type.in_(UNREAD_TYPES), c.recalled.is_(False))
+            .group_by(c.conv)
+        )
+        unread.update({cv: int(n) for cv, n in conn.execute(ustmt)})
+        mranges = or_(*(and_(mm.conv == cv, mm.seq > seq) for cv, seq in part))
+        mstmt = (
+            select(mm.conv, func.count())
+            .select_from(message_mentions.join(messages, and_(c.conv == mm.conv, c.seq == mm.seq)))
+            .where(mm.user_id == user, mranges, c.sender != user, c.recalled.is_(False))
+            .group_by(mm.conv)
+        )
+        mentioned.update({cv: int(n) for cv, n in conn.execute(mstmt)})
+    lasts = {
+        (r.conv, r.seq): StoredMessage(r.id, to_message(r))
+        for r in _MESSAGES.fetch(conn, [(cv, last[cv]) for cv in convs if last[cv]])
+    }
+    _add_reactions(conn, [s.message for s in lasts.values()])
+    return {
+        cv: ConvState(
+            last_seq=last[cv],
+            read_seq=read[cv],
+            recv_seq=min(marks.get(cv, (0, 0))[1], last[cv]),
+            unread=unread.get(cv, 0),
+            mentions=mentioned.get(cv, 0),
+            last=lasts.get((cv, last[cv])),
+        )
+        for cv in convs
+    }
+
+
+def referenced_files(conn: Connection, file_ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    f = message_files.c
+    for chunk in chunks(file_ids):
+        found.update(
+            conn.execute(select(f.file_id).where(f.file_id.in_(chunk)).distinct()).scalars()
+        )
+    return found
+
+
+def direct_convs(conn: Connection, user: str) -> dict[str, str]:
+    d = direct_peers.c
+    return {
+        r.peer_id: r.conv for r in conn.execute(select(d.peer_id, d.conv).where(d.user_id == user))
+    }
+
+
+def search(
+    conn: Connection,
+    search: MessageSearch,
+    query: str,
+    convs: Sequence[str],
+    before: int | None,
+    limit: int,
+) -> list[StoredMessage]:
+    ids = search.search(conn, query, convs, before, limit)
+    if not ids:
+        return []
+    by_id: dict[int, Message] = {}
+    for chunk in chunks(ids):
+        for r in conn.execute(select(*MSG_COLS).where(messages.c.id.in_(list(chunk)))):
+            by_id[r.id] = to_message(r)
+    found = [StoredMessage(i, by_id[i]) for i in ids if i in by_id]
+    _add_reactions(conn, [s.message for s in found])
+    return found
