@@ -10,14 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    bindparam,
-    func,
-    select,
-    text,
-)
+from sqlalchemy import ColumnElement, Connection, bindparam, func, select, text
 
 from imserver.services.message.schema import messages
 

@@ -1,0 +1,617 @@
+"""The message service's group-commit writer: one queue, one task, one transaction per batch.
+
+Invariants of the write path (``send``, ``edit``, ``recall``, ``react``, markers and
+system notices all go through it):
+
+1. **One writer.** Every write is queued; a single writer task takes everything
+   queued (up to ``batch_max`` items) and stores the batch in ONE transaction. No
+   other code writes the message tables, so the writer's in-memory state (the last
+   seq of each conversation, recent idempotency keys) is the database's state.
+2. **Ack after commit.** A write's future resolves only after its transaction has
+   committed; if the commit fails, every pending write of the batch fails with
+   ``unavailable``/``internal`` and nothing of the batch is remembered.
+3. **Gap-free seqs.** Seqs are allocated inside the batch from a working copy of the
+   per-conversation counters; the copy replaces the counters only after commit, so
+   a refused item or a failed commit consumes no seq.
+4. **Idempotency is permanent.** (conv, sender, cid) is unique in the database; a
+   repeat (also within one batch) stores nothing and answers the original seq/ts
+   with ``dup: true``. Recent keys are answered from memory; a key memory does not
+   hold is taken to be new, and the unique index has the last word: when the
+   commit meets a stored key, the batch is abandoned and applied again with every
+   key looked up. The common case, a new message, reads nothing before it writes.
+5. **Publish order.** After commit, deliveries are published in batch order, which
+   is ascending seq within each conversation, from this one task: every session
+   sees a conversation's ``msg`` events in seq order. Duplicates publish nothing.
+6. **Room membership changes at a seq.** A room ``system`` message posted with
+   ``members`` switches the room's member list at its position in the batch: writes
+   before it are checked against, and fanned out to, the old members; it and
+   everything after, the new ones. The list stays pinned (in
+   :class:`~imserver.services.message.membership.Membership`) until the room
+   directory answers the same object, so later batches, ``typing`` and reads agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from imserver.protocol import ops
+from imserver.protocol.convs import ConvRef
+from imserver.protocol.events import Event, Msg, Receipt
+from imserver.protocol.models import Message, ReceiptKind
+from imserver.services.message.api import FileDirectory, FileRef, Members, UserDirectory
+from imserver.services.message.lru import LRU
+from imserver.services.message.membership import USER_CACHE, Membership, ask
+from imserver.services.message.ports import MessageStore, WriteTransaction
+from imserver.services.message.schema import IdemKey, MessageKey, message_row
+from imserver.services.message.writes import KeyConflict, Loaded, Target, WriteBatch
+from imserver.storage.bus import Delivery, LiveBus
+from imserver.utils.clock import now_ms
+from imserver.utils.errors import BadRequest, Forbidden, IMError, Internal, NotFound, Unavailable
+from imserver.utils.ids import RoomId, UserId
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPES: Final = frozenset({"text", "image", "file", "custom"})
+"""Types a client sends; the only valid targets of edit, recall and react."""
+FILE_TYPES: Final = frozenset({"image", "file"})
+"""Types whose ``meta.file`` names an uploaded file of the same conversation."""
+
+_KEY_CACHE = 100_000
+_SEQ_CACHE = 100_000
+
+# --- queued writes ------------------------------------------------------------------
+
+WriteKind = Literal["send", "edit", "recall", "react", "system", "mark"]
+
+
+@dataclass(slots=True, eq=False)
+class Write:
+    """One queued write; ``future`` resolves after the batch's commit."""
+
+    kind: WriteKind
+    conv: ConvRef
+    user: str
+    future: asyncio.Future[Any]
+    session: str | None = None
+    cid: str = ""
+    type: str = ""
+    body: str = ""
+    meta: dict[str, Any] | None = None
+    reply_to: int | None = None
+    mentions: list[str] | None = None
+    target: int = 0
+    emoji: str = ""
+    remove: bool = False
+    seq: int = 0
+    receipt: ReceiptKind = "read"
+    notify: tuple[str, ...] = ()
+    members: Members | None = None
+
+
+_Out = tuple[int, Event, Members, Message | None]
+"""An event a batch publishes after commit: (item index, event, recipients, stored
+message), in batch order."""
+
+
+@dataclass(slots=True)
+class _BatchState:
+    """The writer's working state during one batch (discarded if the commit fails)."""
+
+    last: dict[str, int]
+    targets: dict[MessageKey, Target]
+    markers: dict[tuple[str, str], tuple[int, int, bool]]
+    known: dict[IdemKey, tuple[int, int]]
+    ts: int
+    write: WriteBatch = field(default_factory=WriteBatch)
+    new_keys: dict[IdemKey, tuple[int, int]] = field(default_factory=dict)
+
+
+def publish(bus: LiveBus, delivery: Delivery) -> None:
+    """Publish on the live bus; a subscriber's fault must not undo a committed write."""
+    try:
+        bus.publish(delivery)
+    except Exception:
+        logger.exception("live bus subscriber failed")
+
+
+class MessageWriter:
+    """The single writer: takes everything queued (up to ``batch_max`` items), checks
+    it against the other services, stores it in ONE transaction and, after commit,
+    answers every write and publishes its deliveries. Start it with :meth:`start`."""
+
+    def __init__(
+        self,
+        store: MessageStore,
+        *,
+        bus: LiveBus,
+        users: UserDirectory,
+        membership: Membership,
+        files: FileDirectory | None = None,
+        batch_max: int = 512,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._users = users
+        self._membership = membership
+        self._files = files
+        self._batch_max = batch_max
+        self._queue: deque[Write] = deque()
+        self._wake = asyncio.Event()
+        self.closed = False
+        """Set by :meth:`close`: new writes are refused with ``unavailable``."""
+        self._seqs: LRU[str, int] = LRU(_SEQ_CACHE)
+        self._keys: LRU[IdemKey, tuple[int, int]] = LRU(_KEY_CACHE)
+        self.peers: LRU[str, tuple[UserId, ...]] = LRU(USER_CACHE)
+        """user -> direct-conversation peers (presence recipients), kept in step by the
+        writer when a direct conversation stores its first message."""
+        self.peer_changes = 0
+        """Commits that added direct peers: a load that raced one is not cached."""
+        self._task: asyncio.Task[None] | None = None
+        self._enqueued = 0
+        self._processed = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def start(self) -> None:
+        """Start the writer task (on the running loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._write_loop(), name="message-writer"
+            )
+
+    def enqueue(self, item: Write) -> None:
+        """Queue ``item``; its future resolves after its batch's commit."""
+        if self.closed:
+            item.future.set_exception(Unavailable("message service is closed"))
+            return
+        self._queue.append(item)
+        self._enqueued += 1
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Refuse new writes, then commit and answer everything queued and stop."""
+        self.closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            # One more loop iteration before taking the batch: the frames that have
+            # already arrived on other connections join it, so a moderately loaded
+            # server commits fewer, larger batches (each commit has a fixed cost).
+            await asyncio.sleep(0)
+            self._wake.clear()
+            while self._queue:
+                n = min(len(self._queue), self._batch_max)
+                batch = [self._queue.popleft() for _ in range(n)]
+                try:
+                    await self._run_batch(batch)
+                except Exception:  # a bug: never leave a caller waiting forever
+                    logger.exception("message writer failed on a batch of %d", len(batch))
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(Internal("message writer failed"))
+                self._processed += n
+                if self._flush_waiters:
+                    self._wake_flushers()
+            if self.closed and not self._queue:
+                return
+
+    def _wake_flushers(self) -> None:
+        waiting = []
+        for target, fut in self._flush_waiters:
+            if target <= self._processed:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                waiting.append((target, fut))
+        self._flush_waiters = waiting
+
+    async def flush(self) -> None:
+        """Wait until every write queued before this call is committed (or refused)
+        and published. Writes queued meanwhile do not delay it."""
+        target = self._enqueued
+        if self._processed >= target:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, fut))
+        await fut
+
+    async def _run_batch(self, batch: list[Write]) -> None:
+        n = len(batch)
+        results: list[Any] = [None] * n  # IMError | SendData | True (mark done)
+        pre: list[IMError | None] = [None] * n
+        members: dict[str, Members | IMError] = {}
+        roles: dict[tuple[str, str], str | None] = {}
+        blocked: dict[tuple[str, str], bool] = {}
+
+        # Stage A: checks against the other services, before the transaction opens.
+        for i, item in enumerate(batch):
+            conv = item.conv
+            got = members.get(conv.id)
+            if got is None:
+                try:
+                    got = await self._membership.members(conv)
+                except IMError as exc:
+                    got = exc
+                members[conv.id] = got
+            if isinstance(got, IMError):
+                results[i] = got
+                continue
+            if item.kind == "system":
+                continue
+            # Room membership can change within the batch (a system message carrying
+            # the new members): rooms are checked in seq order, when applied.
+            if conv.kind != "room" and item.user not in got.set:
+                pre[i] = Forbidden(f"not a member of {conv.id}")
+                continue
+            try:
+                if conv.kind == "direct" and item.kind in ("send", "edit", "react"):
+                    recipient = conv.b if item.user == conv.a else conv.a
+                    pair = (recipient, item.user)
+                    if pair not in blocked:
+                        blocked[pair] = await ask(
+                            self._users.is_blocked(UserId(recipient), UserId(item.user))
+                        )
+                    if blocked[pair]:
+                        pre[i] = Forbidden("blocked")
+                elif conv.kind == "room" and item.kind == "recall":
+                    rkey = (conv.a, item.user)
+                    if rkey not in roles:
+                        roles[rkey] = await self._membership.room_role(RoomId(conv.a), item.user)
+            except IMError as exc:
+                pre[i] = exc
+
+        await self._check_files(batch, results, pre)
+
+        if all(r is not None for r in results):
+            self._resolve(batch, results)
+            return
+        decided = results.copy()
+        try:
+            try:
+                done = await self._transact(batch, results, members, pre, roles, check_all=False)
+            except KeyConflict:
+                # A resend of a message stored before the key cache knew it: apply the
+                # batch again, this time looking every key up.
+                results[:] = decided
+                done = await self._transact(batch, results, members, pre, roles, check_all=True)
+        except KeyConflict:
+            logger.exception("message batch conflicts with stored keys")
+            self._fail_pending(batch, results, Internal("message store error"))
+            return
+        except IMError as exc:
+            self._fail_pending(batch, results, exc)
+            return
+        except Exception:
+            logger.exception("message batch failed")
+            self._fail_pending(batch, results, Internal("message store error"))
+            return
+        state, outbox, pinned = done
+        # Committed: the working state becomes the truth.
+        self._membership.pinned.update(pinned)
+        if state.write.peers:
+            self.peer_changes += 1
+        for row in state.write.peers:
+            known = self.peers.get(row["user_id"])
+            if known is not None and row["peer_id"] not in known:
+                self.peers.put(row["user_id"], (*known, UserId(row["peer_id"])))
+        for conv_id, last in state.last.items():
+            self._seqs.put(conv_id, last)
+        for key, value in state.new_keys.items():
+            self._keys.put(key, value)
+        for key, value in state.known.items():
+            self._keys.put(key, value)
+        for i, event, m, stored in outbox:
+            item = batch[i]
+            users: Sequence[str] = m.users
+            if item.notify:
+                users = m.users + tuple(u for u in item.notify if u not in m.set)
+            publish(self._bus, Delivery(users=users, event=event, exclude_session=item.session))
+            if stored is not None:
+                results[i] = ops.SendData(
+                    conv=stored.conv, seq=stored.seq, ts=stored.ts, cid=stored.cid, dup=False
+                )
+        self._resolve(batch, results)
+
+    async def _transact(
+        self,
+        batch: list[Write],
+        results: list[Any],
+        members: dict[str, Members | IMError],
+        pre: list[IMError | None],
+        roles: dict[tuple[str, str], str | None],
+        *,
+        check_all: bool,
+    ) -> tuple[_BatchState, list[_Out], dict[str, Members]]:
+        """Apply the batch in one transaction and commit it; decided answers go to
+        ``results``. Returns the committed state, the events to publish and the room
+        memberships the batch set.
+
+        ``check_all``: look up every idempotency key the cache does not hold. Without
+        it such keys are taken to be new, and a stored one makes the commit raise
+        :class:`KeyConflict` (see :meth:`_run_batch`).
+        """
+        outbox: list[_Out] = []
+        pinned: dict[str, Members] = {}  # room -> members set by this batch
+        members = dict(members)  # a membership change within the batch replaces an entry
+        pre = list(pre)
+        async with self._store.begin() as tx:
+            state = await self._load_state(tx, batch, results, check_all=check_all)
+            for i, item in enumerate(batch):
+                if results[i] is not None:
+                    continue
+                m = members[item.conv.id]
+                assert not isinstance(m, IMError)
+                if (
+                    item.kind != "system"
+                    and pre[i] is None
+                    and item.conv.kind == "room"
+                    and item.user not in m.set
+                ):
+                    pre[i] = Forbidden(f"not a member of {item.conv.id}")
+                if item.kind == "mark":
+                    if pre[i] is not None:
+                        results[i] = pre[i]
+                        continue
+                    receipt = self._apply_mark(state, item)
+                    results[i] = True
+                    if receipt is not None:
+                        outbox.append((i, receipt, m, None))
+                    continue
+                key = (item.conv.id, item.user, item.cid)
+                dup = state.known.get(key) or state.new_keys.get(key)
+                if dup is not None:
+                    results[i] = ops.SendData(
+                        conv=item.conv.id, seq=dup[0], ts=dup[1], cid=item.cid, dup=True
+                    )
+                    continue
+                err = pre[i]
+                if err is None:
+                    try:
+                        msg = self._apply(state, item, m, roles)
+                    except IMError as exc:
+                        err = exc
+                    else:
+                        state.new_keys[key] = (msg.seq, msg.ts)
+                        if item.members is not None:
+                            # A membership change takes effect at its own seq.
+                            m = members[item.conv.id] = pinned[item.conv.a] = item.members
+                        outbox.append((i, Msg.of(msg), m, msg))
+                        continue
+                results[i] = err
+            await tx.commit(state.write)
+        return state, outbox, pinned
+
+    @staticmethod
+    def _resolve(batch: list[Write], results: list[Any]) -> None:
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():  # the caller gave up waiting
+                continue
+            if isinstance(result, IMError):
+                item.future.set_exception(result)
+            elif result is True:
+                item.future.set_result(None)
+            else:
+                item.future.set_result(result)
+
+    def _fail_pending(self, batch: list[Write], results: list[Any], exc: IMError) -> None:
+        """Answer a batch whose transaction failed: decided refusals and duplicates
+        keep their answer, every write that was to be stored gets ``exc``."""
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, IMError):
+                item.future.set_exception(result)
+            elif isinstance(result, ops.SendData) and result.dup:
+                item.future.set_result(result)
+            else:
+                item.future.set_exception(type(exc)(exc.message))
+
+    async def _load_state(
+        self, tx: WriteTransaction, batch: list[Write], results: list[Any], *, check_all: bool
+    ) -> _BatchState:
+        """Read what the batch needs in one step: last seqs of conversations not in
+        memory, targets, markers and, with ``check_all``, the stored idempotency keys
+        not known from memory. Nothing is read when memory holds it all."""
+        idem_keys: dict[IdemKey, None] = {}
+        known: dict[IdemKey, tuple[int, int]] = {}
+        last: dict[str, int] = {}
+        unknown_convs: list[str] = []
+        target_keys: dict[MessageKey, None] = {}
+        marker_keys: dict[tuple[str, str], None] = {}
+        for i, item in enumerate(batch):
+            if results[i] is not None:
+                continue
+            conv_id = item.conv.id
+            if conv_id not in last:
+                cached = self._seqs.get(conv_id)
+                if cached is None:
+                    last[conv_id] = 0
+                    unknown_convs.append(conv_id)
+                else:
+                    last[conv_id] = cached
+            if item.kind == "mark":
+                marker_keys[(conv_id, item.user)] = None
+                continue
+            key = (conv_id, item.user, item.cid)
+            hit = self._keys.get(key)
+            if hit is not None:
+                known[key] = hit
+            elif check_all:
+                idem_keys[key] = None
+            if item.kind in ("edit", "recall", "react"):
+                target_keys[(conv_id, item.target)] = None
+        if idem_keys or unknown_convs or target_keys or marker_keys:
+            loaded = await tx.load(
+                list(idem_keys), unknown_convs, list(target_keys), list(marker_keys)
+            )
+        else:
+            loaded = Loaded(existing={}, last={}, targets={}, markers={})
+        known.update(loaded.existing)
+        last.update(loaded.last)
+        return _BatchState(
+            last=last,
+            targets=loaded.targets,
+            markers={k: (v[0], v[1], True) for k, v in loaded.markers.items()},
+            known=known,
+            ts=now_ms(),
+        )
+
+    def _apply(
+        self,
+        state: _BatchState,
+        item: Write,
+        members: Members,
+        roles: dict[tuple[str, str], str | None],
+    ) -> Message:
+        """Check one write against the batch's state and add it to the batch."""
+        conv = item.conv
+        last = state.last[conv.id]
+        kind = item.kind
+        meta = item.meta
+        body = item.body
+        msg_type = item.type
+        reply_to: int | None = None
+        mentions: list[str] | None = None
+        target: int | None = None
+        if kind == "send":
+            if item.reply_to is not None:
+                if item.reply_to > last:
+                    raise BadRequest(f"no message {item.reply_to} in {conv.id}", field="reply_to")
+                reply_to = item.reply_to
+            if item.mentions is not None:
+                for user in item.mentions:
+                    if user not in members.set:
+                        raise BadRequest(f"{user} is not a member of {conv.id}", field="mentions")
+                mentions = item.mentions
+        elif kind != "system":
+            target = item.target
+            tkey = (conv.id, target)
+            t = state.targets.get(tkey)
+            if t is None:
+                raise NotFound(f"no message {target} in {conv.id}", field="target")
+            if t.type not in CONTENT_TYPES:
+                raise BadRequest(f"a {t.type} message cannot be a target", field="target")
+            if kind == "edit" and t.sender != item.user:
+                raise Forbidden("only the sender may edit a message")
+            if kind == "recall" and t.sender != item.user:
+                role = roles.get((conv.a, item.user)) if conv.kind == "room" else None
+                if role not in ("owner", "admin"):
+                    raise Forbidden("only the sender or a room admin may recall a message")
+            if t.recalled:
+                raise BadRequest(f"message {target} was recalled", field="target")
+            if kind == "edit":
+                msg_type = "edit"
+                meta = {"target": target}
+                state.write.edits[tkey] = body
+            elif kind == "recall":
+                msg_type = "recall"
+                body = ""
+                meta = {"target": target}
+                state.write.recalls.append(tkey)
+                state.write.edits.pop(tkey, None)
+                state.targets[tkey] = t._replace(recalled=True)
+            else:
+                msg_type = "reaction"
+                body = ""
+                meta = {"target": target, "emoji": item.emoji, "remove": item.remove}
+        seq = last + 1
+        state.last[conv.id] = seq
+        msg = Message(
+            conv=conv.id,
+            seq=seq,
+            from_=item.user,
+            ts=state.ts,
+            type=msg_type,
+            body=body,
+            cid=item.cid,
+            meta=meta,
+            reply_to=reply_to,
+            mentions=mentions,
+        )
+        write = state.write
+        write.messages.append(message_row(msg, target))
+        if kind == "react":
+            assert target is not None
+            rkey = (conv.id, target, item.emoji, item.user)
+            write.reactions[rkey] = None if item.remove else seq
+        if msg_type in CONTENT_TYPES:
+            state.targets[(conv.id, seq)] = Target(item.user, msg_type, False)
+        if msg_type in FILE_TYPES:
+            assert meta is not None
+            write.files.append({"file_id": meta["file"], "conv": conv.id, "seq": seq})
+        if mentions:
+            write.mentions.extend(
+                {"conv": conv.id, "user_id": user, "seq": seq} for user in mentions
+            )
+        if seq == 1 and conv.kind == "direct":
+            write.peers.append({"user_id": conv.a, "peer_id": conv.b, "conv": conv.id})
+            write.peers.append({"user_id": conv.b, "peer_id": conv.a, "conv": conv.id})
+        return msg
+
+    async def _check_files(
+        self, batch: list[Write], results: list[Any], pre: list[IMError | None]
+    ) -> None:
+        """Resolve the files of the batch's ``image``/``file`` sends (one lookup for the
+        batch): each must be a file of the message's own conversation. The stored and
+        delivered ``meta`` then carries the file's name, size, mime and thumb URL."""
+        wanted: dict[str, None] = {}
+        for i, item in enumerate(batch):
+            if results[i] is None and pre[i] is None and item.type in FILE_TYPES:
+                assert item.meta is not None  # send() checked meta.file
+                wanted[item.meta["file"]] = None
+        if not wanted:
+            return
+        refs: dict[str, FileRef] = {}
+        try:
+            if self._files is None:
+                raise BadRequest("this server stores no files", field="meta")
+            refs = await ask(self._files.file_refs(list(wanted)))
+        except IMError as exc:
+            for i, item in enumerate(batch):
+                if results[i] is None and pre[i] is None and item.type in FILE_TYPES:
+                    pre[i] = exc
+            return
+        for i, item in enumerate(batch):
+            if results[i] is not None or pre[i] is not None or item.type not in FILE_TYPES:
+                continue
+            assert item.meta is not None
+            ref = refs.get(item.meta["file"])
+            if ref is None or ref.conv != item.conv.id:
+                # The same answer for an unknown id and another conversation's file:
+                # a send must not reveal which ids exist elsewhere.
+                pre[i] = BadRequest(f"no file {item.meta['file']} in {item.conv.id}", field="meta")
+                continue
+            item.meta = {
+                **item.meta,
+                "name": ref.name,
+                "size": ref.size,
+                "mime": ref.mime,
+                "thumb_url": ref.thumb_url,
+            }
+
+    def _apply_mark(self, state: _BatchState, item: Write) -> Receipt | None:
+        """Move a watermark forward within the batch; the receipt to publish, if it moved."""
+        conv_id = item.conv.id
+        seq = min(item.seq, state.last[conv_id])
+        key = (conv_id, item.user)
+        read, recv, exists = state.markers.get(key, (0, 0, False))
+        if item.receipt == "read":
+            if seq <= read:
+                return None
+            read = seq
+            recv = max(recv, seq)
+        else:
+            if seq <= recv:
+                return None
+            recv = seq
+        state.markers[key] = (read, recv, exists)
+        state.write.markers[key] = (read, recv, exists)
+        return Receipt(conv=conv_id, user=item.user, seq=seq, kind=item.receipt)
