@@ -533,7 +533,8 @@ def _drive(
                     path = harness.RESULTS_DIR / f"{SCENARIO}-{stamp}-server.speedscope.json"
                     profiler = harness.PySpy(server.pid, args.duration, path)
                     profiler.start()
-            elif snap_b is None and t >= end:
+            # Not elif: one slow turn of this loop can pass both marks.
+            if snap_a is not None and snap_b is None and t >= end:
                 snap_b = harness.take_snapshot(pids, threads_of=server.pid)
             phase = "start" if t < start else "warmup" if t < measure_at else "measure"
             if t >= end:

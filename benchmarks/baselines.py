@@ -321,7 +321,8 @@ def _drive(
             t = time.monotonic_ns()
             if snap_a is None and t >= measure:
                 snap_a = harness.take_snapshot(pids)
-            elif snap_b is None and t >= end:
+            # Not elif: one slow turn of this loop can pass both marks.
+            if snap_a is not None and snap_b is None and t >= end:
                 snap_b = harness.take_snapshot(pids)
             phase = "warmup" if t < measure else "measure" if t < end else "drain"
             status.update(phase, (t - now) / 1e9, f"{label}: {sum(delivered.values()):,}")

@@ -571,7 +571,8 @@ def _drive(
                     out = harness.RESULTS_DIR / f"{SCENARIO}-{stamp}-{size}-server.speedscope.json"
                     profiler = harness.PySpy(server.pid, args.duration, out)
                     profiler.start()
-            elif snap_b is None and t >= end:
+            # Not elif: one slow turn of this loop can pass both marks.
+            if snap_a is not None and snap_b is None and t >= end:
                 snap_b = harness.take_snapshot(pids, threads_of=server.pid)
             phase = "warmup" if t < measure else "measure" if t < end else "drain"
             status.update(
