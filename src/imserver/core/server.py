@@ -167,8 +167,6 @@ class Server:
             self._http.close()
         if self._ws is not None:
             await self._ws.wait_closed(self.config.shutdown_grace)
-        if self._tcp is not None:
-            await self._tcp.wait_closed()
         if self._admission is not None:
             self._admission.close()
         if self._runner is not None:

@@ -284,7 +284,7 @@ class Listener:
         """Take connections again (those queued first)."""
         if self._server is None and self._starting is None and not self._closed:
             self._starting = asyncio.get_running_loop().create_task(self._serve())
-            self._starting.add_done_callback(_connected)
+            self._starting.add_done_callback(_log_resume_failure)
 
     def close(self) -> None:
         """Stop accepting and close the listening socket (open connections stay)."""
@@ -294,9 +294,6 @@ class Listener:
         self._closed = True
         self.admission.budget.listeners.discard(self)
         self.sock.close()
-
-    async def wait_closed(self) -> None:
-        """Nothing is left to wait for once :meth:`close` has returned."""
 
     async def _serve(self) -> None:
         duplicate = self.sock.dup()
@@ -352,6 +349,6 @@ class _AddressCheck(asyncio.Protocol):
         self.protocol.connection_made(transport)
 
 
-def _connected(task: asyncio.Task[None]) -> None:
+def _log_resume_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("resuming a listener failed", exc_info=task.exception())
