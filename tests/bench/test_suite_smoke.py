@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.ab import FIGURES
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 180.0
 MARKER_ENV = "BENCH_SMOKE_MARKER"
@@ -113,6 +115,12 @@ def test_suite_smoke(tmp_path: Path) -> None:
             assert (out / f"{key}.json").exists()
     assert summary["table"], "the results table is empty"
     assert (out / "table.md").exists()
+
+    # benchmarks.ab compares these figures between two commits: each must be found.
+    for key, scenario in (("dm", "dm"), ("room-20", "room")):
+        doc = json.loads((out / f"{key}.json").read_text())
+        for label, get, _ in FIGURES[scenario]:
+            assert get(doc) is not None, f"benchmarks.ab finds no {label!r} in {key}.json"
 
     for png in ("latency.png", "throughput-dm.png", "throughput-room-20-members.png"):
         path = out / png
