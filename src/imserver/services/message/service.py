@@ -26,8 +26,16 @@ from imserver.services.message.api import FileDirectory, Members, RoomDirectory,
 from imserver.services.message.lru import LRU
 from imserver.services.message.membership import Membership, ask
 from imserver.services.message.ports import MessageStore
+from imserver.services.message.queued import (
+    EditWrite,
+    MarkWrite,
+    ReactWrite,
+    RecallWrite,
+    SendWrite,
+    SystemWrite,
+)
 from imserver.services.message.store import SqlMessageStore
-from imserver.services.message.writer import MessageWriter, Write, WriteKind, publish
+from imserver.services.message.writer import MessageWriter, publish
 from imserver.storage import sql
 from imserver.storage.bus import Delivery, LiveBus
 from imserver.utils.errors import BadRequest, Forbidden, IMError, NotFound, TooLarge, Unavailable
@@ -93,12 +101,8 @@ class LocalMessageService:
 
     # --- writes (queued for the group-commit writer) ----------------------------------
 
-    def _new_future(self) -> asyncio.Future[Any]:
+    def _new_future(self) -> asyncio.Future[ops.SendData]:
         return asyncio.get_running_loop().create_future()
-
-    def _failed(self, fut: asyncio.Future[Any], exc: IMError) -> asyncio.Future[Any]:
-        fut.set_exception(exc)
-        return fut
 
     def _parse(self, conv: str) -> ConvRef:
         ref = self._refs.get(conv)
@@ -117,19 +121,16 @@ class LocalMessageService:
         if len(body) > self._max_body:
             raise TooLarge(f"body longer than {self._max_body} characters", field="body")
 
-    def _submit(
+    def _accept(
         self,
-        kind: WriteKind,
-        caller: Caller,
+        fut: asyncio.Future[ops.SendData],
         conv_id: ConvId,
         body: str | None,
         check: Callable[[], None] | None = None,
-        **fields: Any,
-    ) -> asyncio.Future[Any]:
-        """Queue one client write after the checks that need no other service: the
-        conversation must be writable, ``body`` (when the op has one) within bounds,
-        and ``check`` (an op's own rule) must pass."""
-        fut = self._new_future()
+    ) -> ConvRef | None:
+        """The checks of a client write that need no other service: the conversation
+        must be writable, ``body`` (when the op has one) within bounds, and ``check``
+        (an op's own rule) must pass. On a refusal ``fut`` fails and None is returned."""
         try:
             conv = self._writable(conv_id)
             if body is not None:
@@ -137,11 +138,9 @@ class LocalMessageService:
             if check is not None:
                 check()
         except IMError as exc:
-            return self._failed(fut, exc)
-        self._writer.enqueue(
-            Write(kind, conv, caller.user, fut, caller.session, body=body or "", **fields)
-        )
-        return fut
+            fut.set_exception(exc)
+            return None
+        return conv
 
     def _send_check(self, req: ops.Send) -> Callable[[], None] | None:
         """``meta`` within ``max_meta`` bytes; image and file messages must name their
@@ -162,55 +161,91 @@ class LocalMessageService:
 
     def send(self, caller: Caller, req: ops.Send) -> asyncio.Future[ops.SendData]:
         """Store a message; resolves after commit. Idempotent on (conv, sender, cid)."""
-        mentions = list(dict.fromkeys(req.mentions)) if req.mentions is not None else None
-        return self._submit(
-            "send",
-            caller,
-            req.conv,
-            req.body,
-            self._send_check(req),
-            cid=req.cid,
-            type=req.type,
-            meta=req.meta,
-            reply_to=req.reply_to,
-            mentions=mentions,
-        )
+        fut = self._new_future()
+        conv = self._accept(fut, req.conv, req.body, self._send_check(req))
+        if conv is not None:
+            mentions = list(dict.fromkeys(req.mentions)) if req.mentions is not None else None
+            self._writer.enqueue(
+                SendWrite(
+                    conv=conv,
+                    user=caller.user,
+                    future=fut,
+                    session=caller.session,
+                    cid=req.cid,
+                    type=req.type,
+                    body=req.body,
+                    meta=req.meta,
+                    reply_to=req.reply_to,
+                    mentions=mentions,
+                )
+            )
+        return fut
 
     def edit(self, caller: Caller, req: ops.Edit) -> asyncio.Future[ops.SendData]:
         """Store an ``edit`` of the caller's own message ``target``."""
-        return self._submit("edit", caller, req.conv, req.body, cid=req.cid, target=req.target)
+        fut = self._new_future()
+        conv = self._accept(fut, req.conv, req.body)
+        if conv is not None:
+            self._writer.enqueue(
+                EditWrite(
+                    conv=conv,
+                    user=caller.user,
+                    future=fut,
+                    session=caller.session,
+                    cid=req.cid,
+                    target=req.target,
+                    body=req.body,
+                )
+            )
+        return fut
 
     def recall(self, caller: Caller, req: ops.Recall) -> asyncio.Future[ops.SendData]:
         """Store a ``recall`` of ``target`` (its sender, or a room owner/admin)."""
-        return self._submit("recall", caller, req.conv, None, cid=req.cid, target=req.target)
+        fut = self._new_future()
+        conv = self._accept(fut, req.conv, None)
+        if conv is not None:
+            self._writer.enqueue(
+                RecallWrite(
+                    conv=conv,
+                    user=caller.user,
+                    future=fut,
+                    session=caller.session,
+                    cid=req.cid,
+                    target=req.target,
+                )
+            )
+        return fut
 
     def react(self, caller: Caller, req: ops.React) -> asyncio.Future[ops.SendData]:
         """Store a ``reaction`` (add or remove one emoji of the caller on ``target``)."""
-        return self._submit(
-            "react",
-            caller,
-            req.conv,
-            None,
-            cid=req.cid,
-            target=req.target,
-            emoji=req.emoji,
-            remove=req.remove,
-        )
+        fut = self._new_future()
+        conv = self._accept(fut, req.conv, None)
+        if conv is not None:
+            self._writer.enqueue(
+                ReactWrite(
+                    conv=conv,
+                    user=caller.user,
+                    future=fut,
+                    session=caller.session,
+                    cid=req.cid,
+                    target=req.target,
+                    emoji=req.emoji,
+                    remove=req.remove,
+                )
+            )
+        return fut
 
     async def post_system(
         self, user: UserId, body: str, meta: dict[str, Any] | None = None
     ) -> ops.SendData:
         """Store a notice in ``s:<user>`` (the user's read-only system conversation)."""
-        conv = parse_conv(system_conv(user))
-        fut: asyncio.Future[ops.SendData] = self._new_future()
+        fut = self._new_future()
         self._writer.enqueue(
-            Write(
-                "system",
-                conv,
-                SYSTEM_SENDER,
-                fut,
+            SystemWrite(
+                conv=parse_conv(system_conv(user)),
+                user=SYSTEM_SENDER,
+                future=fut,
                 cid=random_id("sys-"),
-                type="system",
                 body=body,
                 meta=meta,
             )
@@ -239,16 +274,13 @@ class LocalMessageService:
         starts answering the new list (the room service installs this same object
         once the post has resolved).
         """
-        conv = parse_conv(room_conv(room))
-        fut: asyncio.Future[ops.SendData] = self._new_future()
+        fut = self._new_future()
         self._writer.enqueue(
-            Write(
-                "system",
-                conv,
-                SYSTEM_SENDER,
-                fut,
+            SystemWrite(
+                conv=parse_conv(room_conv(room)),
+                user=SYSTEM_SENDER,
+                future=fut,
                 cid=cid or random_id("sys-"),
-                type="system",
                 body=body,
                 meta=meta,
                 notify=tuple(notify),
@@ -264,9 +296,16 @@ class LocalMessageService:
         ``read`` also raises ``recv`` to at least the same seq.
         """
         ref = self._parse(conv)
-        fut: asyncio.Future[None] = self._new_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._writer.enqueue(
-            Write("mark", ref, caller.user, fut, caller.session, seq=seq, receipt=kind)
+            MarkWrite(
+                conv=ref,
+                user=caller.user,
+                future=fut,
+                session=caller.session,
+                seq=seq,
+                receipt=kind,
+            )
         )
         await fut
 

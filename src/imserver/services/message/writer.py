@@ -36,79 +36,39 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal
 
 from imserver.protocol import ops
-from imserver.protocol.convs import ConvRef
-from imserver.protocol.events import Event, Msg, Receipt
-from imserver.protocol.models import Message, ReceiptKind
+from imserver.protocol.events import Event, Msg
 from imserver.services.message.api import FileDirectory, FileRef, Members, UserDirectory
+from imserver.services.message.batch import FILE_TYPES, BatchState, apply, apply_mark
 from imserver.services.message.lru import LRU
 from imserver.services.message.membership import USER_CACHE, Membership, ask
 from imserver.services.message.ports import MessageStore, WriteTransaction
-from imserver.services.message.schema import IdemKey, MessageKey, message_row
-from imserver.services.message.writes import KeyConflict, Loaded, Target, WriteBatch
+from imserver.services.message.queued import (
+    EditWrite,
+    MarkDone,
+    MarkWrite,
+    ReactWrite,
+    RecallWrite,
+    SendWrite,
+    SystemWrite,
+    Write,
+)
+from imserver.services.message.schema import IdemKey, MessageKey
+from imserver.services.message.writes import KeyConflict, Loaded
 from imserver.storage.bus import Delivery, LiveBus
 from imserver.utils.clock import now_ms
-from imserver.utils.errors import BadRequest, Forbidden, IMError, Internal, NotFound, Unavailable
+from imserver.utils.errors import BadRequest, Forbidden, IMError, Internal, Unavailable
 from imserver.utils.ids import RoomId, UserId
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPES: Final = frozenset({"text", "image", "file", "custom"})
-"""Types a client sends; the only valid targets of edit, recall and react."""
-FILE_TYPES: Final = frozenset({"image", "file"})
-"""Types whose ``meta.file`` names an uploaded file of the same conversation."""
-
 _KEY_CACHE = 100_000
 _SEQ_CACHE = 100_000
 
-# --- queued writes ------------------------------------------------------------------
-
-WriteKind = Literal["send", "edit", "recall", "react", "system", "mark"]
-
-
-@dataclass(slots=True, eq=False)
-class Write:
-    """One queued write; ``future`` resolves after the batch's commit."""
-
-    kind: WriteKind
-    conv: ConvRef
-    user: str
-    future: asyncio.Future[Any]
-    session: str | None = None
-    cid: str = ""
-    type: str = ""
-    body: str = ""
-    meta: dict[str, Any] | None = None
-    reply_to: int | None = None
-    mentions: list[str] | None = None
-    target: int = 0
-    emoji: str = ""
-    remove: bool = False
-    seq: int = 0
-    receipt: ReceiptKind = "read"
-    notify: tuple[str, ...] = ()
-    members: Members | None = None
-
-
-_Out = tuple[int, Event, Members, Message | None]
-"""An event a batch publishes after commit: (item index, event, recipients, stored
-message), in batch order."""
-
-
-@dataclass(slots=True)
-class _BatchState:
-    """The writer's working state during one batch (discarded if the commit fails)."""
-
-    last: dict[str, int]
-    targets: dict[MessageKey, Target]
-    markers: dict[tuple[str, str], tuple[int, int, bool]]
-    known: dict[IdemKey, tuple[int, int]]
-    ts: int
-    write: WriteBatch = field(default_factory=WriteBatch)
-    new_keys: dict[IdemKey, tuple[int, int]] = field(default_factory=dict)
+_Out = tuple[Write, Event, Members]
+"""An event a batch publishes after commit: (its write, event, recipients), in batch
+order."""
 
 
 def publish(bus: LiveBus, delivery: Delivery) -> None:
@@ -224,9 +184,9 @@ class MessageWriter:
         await fut
 
     async def _run_batch(self, batch: list[Write]) -> None:
-        n = len(batch)
-        results: list[Any] = [None] * n  # IMError | SendData | True (mark done)
-        pre: list[IMError | None] = [None] * n
+        # Refusals decided before the transaction, kept if it is applied again.
+        refused: list[IMError | None] = [None] * len(batch)
+        pre: list[IMError | None] = [None] * len(batch)
         members: dict[str, Members | IMError] = {}
         roles: dict[tuple[str, str], str | None] = {}
         blocked: dict[tuple[str, str], bool] = {}
@@ -242,9 +202,9 @@ class MessageWriter:
                     got = exc
                 members[conv.id] = got
             if isinstance(got, IMError):
-                results[i] = got
+                item.answer = refused[i] = got
                 continue
-            if item.kind == "system":
+            if isinstance(item, SystemWrite):
                 continue
             # Room membership can change within the batch (a system message carrying
             # the new members): rooms are checked in seq order, when applied.
@@ -252,7 +212,7 @@ class MessageWriter:
                 pre[i] = Forbidden(f"not a member of {conv.id}")
                 continue
             try:
-                if conv.kind == "direct" and item.kind in ("send", "edit", "react"):
+                if conv.kind == "direct" and isinstance(item, SendWrite | EditWrite | ReactWrite):
                     recipient = conv.b if item.user == conv.a else conv.a
                     pair = (recipient, item.user)
                     if pair not in blocked:
@@ -261,37 +221,38 @@ class MessageWriter:
                         )
                     if blocked[pair]:
                         pre[i] = Forbidden("blocked")
-                elif conv.kind == "room" and item.kind == "recall":
+                elif conv.kind == "room" and isinstance(item, RecallWrite):
                     rkey = (conv.a, item.user)
                     if rkey not in roles:
                         roles[rkey] = await self._membership.room_role(RoomId(conv.a), item.user)
             except IMError as exc:
                 pre[i] = exc
 
-        await self._check_files(batch, results, pre)
+        await self._check_files(batch, pre)
 
-        if all(r is not None for r in results):
-            self._resolve(batch, results)
+        if all(item.answer is not None for item in batch):
+            for item in batch:
+                item.settle()
             return
-        decided = results.copy()
         try:
             try:
-                done = await self._transact(batch, results, members, pre, roles, check_all=False)
+                done = await self._transact(batch, members, pre, roles, check_all=False)
             except KeyConflict:
                 # A resend of a message stored before the key cache knew it: apply the
                 # batch again, this time looking every key up.
-                results[:] = decided
-                done = await self._transact(batch, results, members, pre, roles, check_all=True)
+                for item, answer in zip(batch, refused, strict=True):
+                    item.answer = answer
+                done = await self._transact(batch, members, pre, roles, check_all=True)
         except KeyConflict:
             logger.exception("message batch conflicts with stored keys")
-            self._fail_pending(batch, results, Internal("message store error"))
+            self._fail_pending(batch, Internal("message store error"))
             return
         except IMError as exc:
-            self._fail_pending(batch, results, exc)
+            self._fail_pending(batch, exc)
             return
         except Exception:
             logger.exception("message batch failed")
-            self._fail_pending(batch, results, Internal("message store error"))
+            self._fail_pending(batch, Internal("message store error"))
             return
         state, outbox, pinned = done
         # Committed: the working state becomes the truth.
@@ -308,30 +269,25 @@ class MessageWriter:
             self._keys.put(key, value)
         for key, value in state.known.items():
             self._keys.put(key, value)
-        for i, event, m, stored in outbox:
-            item = batch[i]
+        for item, event, m in outbox:
             users: Sequence[str] = m.users
-            if item.notify:
+            if isinstance(item, SystemWrite) and item.notify:
                 users = m.users + tuple(u for u in item.notify if u not in m.set)
             publish(self._bus, Delivery(users=users, event=event, exclude_session=item.session))
-            if stored is not None:
-                results[i] = ops.SendData(
-                    conv=stored.conv, seq=stored.seq, ts=stored.ts, cid=stored.cid, dup=False
-                )
-        self._resolve(batch, results)
+        for item in batch:
+            item.settle()
 
     async def _transact(
         self,
         batch: list[Write],
-        results: list[Any],
         members: dict[str, Members | IMError],
         pre: list[IMError | None],
         roles: dict[tuple[str, str], str | None],
         *,
         check_all: bool,
-    ) -> tuple[_BatchState, list[_Out], dict[str, Members]]:
-        """Apply the batch in one transaction and commit it; decided answers go to
-        ``results``. Returns the committed state, the events to publish and the room
+    ) -> tuple[BatchState, list[_Out], dict[str, Members]]:
+        """Apply the batch in one transaction and commit it, deciding every write's
+        answer. Returns the committed state, the events to publish and the room
         memberships the batch set.
 
         ``check_all``: look up every idempotency key the cache does not hold. Without
@@ -343,80 +299,67 @@ class MessageWriter:
         members = dict(members)  # a membership change within the batch replaces an entry
         pre = list(pre)
         async with self._store.begin() as tx:
-            state = await self._load_state(tx, batch, results, check_all=check_all)
+            state = await self._load_state(tx, batch, check_all=check_all)
             for i, item in enumerate(batch):
-                if results[i] is not None:
+                if item.answer is not None:
                     continue
                 m = members[item.conv.id]
                 assert not isinstance(m, IMError)
                 if (
-                    item.kind != "system"
+                    not isinstance(item, SystemWrite)
                     and pre[i] is None
                     and item.conv.kind == "room"
                     and item.user not in m.set
                 ):
                     pre[i] = Forbidden(f"not a member of {item.conv.id}")
-                if item.kind == "mark":
+                if isinstance(item, MarkWrite):
                     if pre[i] is not None:
-                        results[i] = pre[i]
+                        item.answer = pre[i]
                         continue
-                    receipt = self._apply_mark(state, item)
-                    results[i] = True
-                    if receipt is not None:
-                        outbox.append((i, receipt, m, None))
+                    receipt = apply_mark(state, item)
+                    if receipt is None:
+                        item.answer = MarkDone.UNCHANGED
+                    else:
+                        item.answer = MarkDone.MOVED
+                        outbox.append((item, receipt, m))
                     continue
                 key = (item.conv.id, item.user, item.cid)
                 dup = state.known.get(key) or state.new_keys.get(key)
                 if dup is not None:
-                    results[i] = ops.SendData(
+                    item.answer = ops.SendData(
                         conv=item.conv.id, seq=dup[0], ts=dup[1], cid=item.cid, dup=True
                     )
                     continue
                 err = pre[i]
                 if err is None:
                     try:
-                        msg = self._apply(state, item, m, roles)
+                        msg = apply(state, item, m, roles)
                     except IMError as exc:
                         err = exc
                     else:
                         state.new_keys[key] = (msg.seq, msg.ts)
-                        if item.members is not None:
+                        if isinstance(item, SystemWrite) and item.members is not None:
                             # A membership change takes effect at its own seq.
                             m = members[item.conv.id] = pinned[item.conv.a] = item.members
-                        outbox.append((i, Msg.of(msg), m, msg))
+                        item.answer = ops.SendData(
+                            conv=msg.conv, seq=msg.seq, ts=msg.ts, cid=msg.cid, dup=False
+                        )
+                        outbox.append((item, Msg.of(msg), m))
                         continue
-                results[i] = err
+                item.answer = err
             await tx.commit(state.write)
         return state, outbox, pinned
 
     @staticmethod
-    def _resolve(batch: list[Write], results: list[Any]) -> None:
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done():  # the caller gave up waiting
-                continue
-            if isinstance(result, IMError):
-                item.future.set_exception(result)
-            elif result is True:
-                item.future.set_result(None)
-            else:
-                item.future.set_result(result)
-
-    def _fail_pending(self, batch: list[Write], results: list[Any], exc: IMError) -> None:
+    def _fail_pending(batch: list[Write], exc: IMError) -> None:
         """Answer a batch whose transaction failed: decided refusals and duplicates
         keep their answer, every write that was to be stored gets ``exc``."""
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(result, IMError):
-                item.future.set_exception(result)
-            elif isinstance(result, ops.SendData) and result.dup:
-                item.future.set_result(result)
-            else:
-                item.future.set_exception(type(exc)(exc.message))
+        for item in batch:
+            item.fail(exc)
 
     async def _load_state(
-        self, tx: WriteTransaction, batch: list[Write], results: list[Any], *, check_all: bool
-    ) -> _BatchState:
+        self, tx: WriteTransaction, batch: list[Write], *, check_all: bool
+    ) -> BatchState:
         """Read what the batch needs in one step: last seqs of conversations not in
         memory, targets, markers and, with ``check_all``, the stored idempotency keys
         not known from memory. Nothing is read when memory holds it all."""
@@ -426,8 +369,8 @@ class MessageWriter:
         unknown_convs: list[str] = []
         target_keys: dict[MessageKey, None] = {}
         marker_keys: dict[tuple[str, str], None] = {}
-        for i, item in enumerate(batch):
-            if results[i] is not None:
+        for item in batch:
+            if item.answer is not None:
                 continue
             conv_id = item.conv.id
             if conv_id not in last:
@@ -437,7 +380,7 @@ class MessageWriter:
                     unknown_convs.append(conv_id)
                 else:
                     last[conv_id] = cached
-            if item.kind == "mark":
+            if isinstance(item, MarkWrite):
                 marker_keys[(conv_id, item.user)] = None
                 continue
             key = (conv_id, item.user, item.cid)
@@ -446,7 +389,7 @@ class MessageWriter:
                 known[key] = hit
             elif check_all:
                 idem_keys[key] = None
-            if item.kind in ("edit", "recall", "react"):
+            if isinstance(item, EditWrite | RecallWrite | ReactWrite):
                 target_keys[(conv_id, item.target)] = None
         if idem_keys or unknown_convs or target_keys or marker_keys:
             loaded = await tx.load(
@@ -456,7 +399,7 @@ class MessageWriter:
             loaded = Loaded(existing={}, last={}, targets={}, markers={})
         known.update(loaded.existing)
         last.update(loaded.last)
-        return _BatchState(
+        return BatchState(
             last=last,
             targets=loaded.targets,
             markers={k: (v[0], v[1], True) for k, v in loaded.markers.items()},
@@ -464,154 +407,42 @@ class MessageWriter:
             ts=now_ms(),
         )
 
-    def _apply(
-        self,
-        state: _BatchState,
-        item: Write,
-        members: Members,
-        roles: dict[tuple[str, str], str | None],
-    ) -> Message:
-        """Check one write against the batch's state and add it to the batch."""
-        conv = item.conv
-        last = state.last[conv.id]
-        kind = item.kind
-        meta = item.meta
-        body = item.body
-        msg_type = item.type
-        reply_to: int | None = None
-        mentions: list[str] | None = None
-        target: int | None = None
-        if kind == "send":
-            if item.reply_to is not None:
-                if item.reply_to > last:
-                    raise BadRequest(f"no message {item.reply_to} in {conv.id}", field="reply_to")
-                reply_to = item.reply_to
-            if item.mentions is not None:
-                for user in item.mentions:
-                    if user not in members.set:
-                        raise BadRequest(f"{user} is not a member of {conv.id}", field="mentions")
-                mentions = item.mentions
-        elif kind != "system":
-            target = item.target
-            tkey = (conv.id, target)
-            t = state.targets.get(tkey)
-            if t is None:
-                raise NotFound(f"no message {target} in {conv.id}", field="target")
-            if t.type not in CONTENT_TYPES:
-                raise BadRequest(f"a {t.type} message cannot be a target", field="target")
-            if kind == "edit" and t.sender != item.user:
-                raise Forbidden("only the sender may edit a message")
-            if kind == "recall" and t.sender != item.user:
-                role = roles.get((conv.a, item.user)) if conv.kind == "room" else None
-                if role not in ("owner", "admin"):
-                    raise Forbidden("only the sender or a room admin may recall a message")
-            if t.recalled:
-                raise BadRequest(f"message {target} was recalled", field="target")
-            if kind == "edit":
-                msg_type = "edit"
-                meta = {"target": target}
-                state.write.edits[tkey] = body
-            elif kind == "recall":
-                msg_type = "recall"
-                body = ""
-                meta = {"target": target}
-                state.write.recalls.append(tkey)
-                state.write.edits.pop(tkey, None)
-                state.targets[tkey] = t._replace(recalled=True)
-            else:
-                msg_type = "reaction"
-                body = ""
-                meta = {"target": target, "emoji": item.emoji, "remove": item.remove}
-        seq = last + 1
-        state.last[conv.id] = seq
-        msg = Message(
-            conv=conv.id,
-            seq=seq,
-            from_=item.user,
-            ts=state.ts,
-            type=msg_type,
-            body=body,
-            cid=item.cid,
-            meta=meta,
-            reply_to=reply_to,
-            mentions=mentions,
-        )
-        write = state.write
-        write.messages.append(message_row(msg, target))
-        if kind == "react":
-            assert target is not None
-            rkey = (conv.id, target, item.emoji, item.user)
-            write.reactions[rkey] = None if item.remove else seq
-        if msg_type in CONTENT_TYPES:
-            state.targets[(conv.id, seq)] = Target(item.user, msg_type, False)
-        if msg_type in FILE_TYPES:
-            assert meta is not None
-            write.files.append({"file_id": meta["file"], "conv": conv.id, "seq": seq})
-        if mentions:
-            write.mentions.extend(
-                {"conv": conv.id, "user_id": user, "seq": seq} for user in mentions
-            )
-        if seq == 1 and conv.kind == "direct":
-            write.peers.append({"user_id": conv.a, "peer_id": conv.b, "conv": conv.id})
-            write.peers.append({"user_id": conv.b, "peer_id": conv.a, "conv": conv.id})
-        return msg
-
-    async def _check_files(
-        self, batch: list[Write], results: list[Any], pre: list[IMError | None]
-    ) -> None:
+    async def _check_files(self, batch: list[Write], pre: list[IMError | None]) -> None:
         """Resolve the files of the batch's ``image``/``file`` sends (one lookup for the
         batch): each must be a file of the message's own conversation. The stored and
         delivered ``meta`` then carries the file's name, size, mime and thumb URL."""
-        wanted: dict[str, None] = {}
+        sends: list[tuple[int, SendWrite, str]] = []
         for i, item in enumerate(batch):
-            if results[i] is None and pre[i] is None and item.type in FILE_TYPES:
+            if (
+                isinstance(item, SendWrite)
+                and item.type in FILE_TYPES
+                and item.answer is None
+                and pre[i] is None
+            ):
                 assert item.meta is not None  # send() checked meta.file
-                wanted[item.meta["file"]] = None
-        if not wanted:
+                sends.append((i, item, item.meta["file"]))
+        if not sends:
             return
         refs: dict[str, FileRef] = {}
         try:
             if self._files is None:
                 raise BadRequest("this server stores no files", field="meta")
-            refs = await ask(self._files.file_refs(list(wanted)))
+            refs = await ask(self._files.file_refs(list(dict.fromkeys(f for _, _, f in sends))))
         except IMError as exc:
-            for i, item in enumerate(batch):
-                if results[i] is None and pre[i] is None and item.type in FILE_TYPES:
-                    pre[i] = exc
+            for i, _, _ in sends:
+                pre[i] = exc
             return
-        for i, item in enumerate(batch):
-            if results[i] is not None or pre[i] is not None or item.type not in FILE_TYPES:
-                continue
-            assert item.meta is not None
-            ref = refs.get(item.meta["file"])
+        for i, item, file_id in sends:
+            ref = refs.get(file_id)
             if ref is None or ref.conv != item.conv.id:
                 # The same answer for an unknown id and another conversation's file:
                 # a send must not reveal which ids exist elsewhere.
-                pre[i] = BadRequest(f"no file {item.meta['file']} in {item.conv.id}", field="meta")
+                pre[i] = BadRequest(f"no file {file_id} in {item.conv.id}", field="meta")
                 continue
             item.meta = {
-                **item.meta,
+                **(item.meta or {}),
                 "name": ref.name,
                 "size": ref.size,
                 "mime": ref.mime,
                 "thumb_url": ref.thumb_url,
             }
-
-    def _apply_mark(self, state: _BatchState, item: Write) -> Receipt | None:
-        """Move a watermark forward within the batch; the receipt to publish, if it moved."""
-        conv_id = item.conv.id
-        seq = min(item.seq, state.last[conv_id])
-        key = (conv_id, item.user)
-        read, recv, exists = state.markers.get(key, (0, 0, False))
-        if item.receipt == "read":
-            if seq <= read:
-                return None
-            read = seq
-            recv = max(recv, seq)
-        else:
-            if seq <= recv:
-                return None
-            recv = seq
-        state.markers[key] = (read, recv, exists)
-        state.write.markers[key] = (read, recv, exists)
-        return Receipt(conv=conv_id, user=item.user, seq=seq, kind=item.receipt)

@@ -8,7 +8,7 @@ targets and markers a batch needs) and ends it with :func:`write`, which applies
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import msgspec
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
@@ -65,6 +65,30 @@ class Loaded(NamedTuple):
     """(conv, user) -> (read_seq, recv_seq) of existing marker rows."""
 
 
+class MentionRow(TypedDict):
+    """A ``message_mentions`` row."""
+
+    conv: str
+    user_id: str
+    seq: int
+
+
+class FileRow(TypedDict):
+    """A ``message_files`` row: a message naming an uploaded file."""
+
+    file_id: str
+    conv: str
+    seq: int
+
+
+class PeerRow(TypedDict):
+    """A ``direct_peers`` row (one per user of a direct conversation)."""
+
+    user_id: str
+    peer_id: str
+    conv: str
+
+
 class WriteBatch(msgspec.Struct, kw_only=True):
     """Everything one group commit writes, in one transaction.
 
@@ -75,10 +99,9 @@ class WriteBatch(msgspec.Struct, kw_only=True):
 
     messages: list[tuple[Any, ...]] = msgspec.field(default_factory=list)
     """Rows in :data:`MESSAGE_COLUMNS` order."""
-    mentions: list[dict[str, Any]] = msgspec.field(default_factory=list)
-    files: list[dict[str, Any]] = msgspec.field(default_factory=list)
-    """``message_files`` rows."""
-    peers: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    mentions: list[MentionRow] = msgspec.field(default_factory=list)
+    files: list[FileRow] = msgspec.field(default_factory=list)
+    peers: list[PeerRow] = msgspec.field(default_factory=list)
     edits: dict[MessageKey, str] = msgspec.field(default_factory=dict)
     recalls: list[MessageKey] = msgspec.field(default_factory=list)
     reactions: dict[tuple[str, int, str, str], int | None] = msgspec.field(default_factory=dict)
