@@ -119,7 +119,10 @@ async def open_service(
             )
         kwargs.setdefault("clock", clock)
         service = LocalFileService(
-            SqlFileStore(make_engine(url)), blobs, tmp_dir=tmp_path / "files" / "tmp", **kwargs
+            SqlFileStore.on_engine(make_engine(url)),
+            blobs,
+            tmp_dir=tmp_path / "files" / "tmp",
+            **kwargs,
         )
         service.bind(messages=convs, start_cleanup=False)
         opened.append(service)
@@ -474,7 +477,7 @@ async def test_cleanup_task_runs_on_its_interval(tmp_path: Path, convs: Conversa
     url = sqlite_url(tmp_path, "file")
     await upgrade(url, MIGRATIONS)
     svc = LocalFileService(
-        SqlFileStore(make_engine(url)),
+        SqlFileStore.on_engine(make_engine(url)),
         LocalBlobStore(tmp_path / "blobs"),
         tmp_dir=tmp_path / "tmp",
         orphan_grace=0.05,

@@ -438,7 +438,9 @@ async def test_uploads_on_a_full_disk(
             access_key="testing",
             secret_key="testing",
         )
-    svc = LocalFileService(SqlFileStore(make_engine(url)), blobs, tmp_dir=files_home / "tmp")
+    svc = LocalFileService(
+        SqlFileStore.on_engine(make_engine(url)), blobs, tmp_dir=files_home / "tmp"
+    )
     svc.bind(messages=world.messages, start_cleanup=False)
     files = Files(svc, db_home / "file.db", files_home / "blobs" if backend == "local" else None)
     try:
@@ -492,7 +494,7 @@ async def test_file_cleanup_on_a_full_disk_waits_for_space(
     await upgrade(url, FILE_MIGRATIONS)
     home = world.disk.path / "files"
     svc = LocalFileService(
-        SqlFileStore(make_engine(url)),
+        SqlFileStore.on_engine(make_engine(url)),
         LocalBlobStore(home / "blobs"),
         tmp_dir=home / "tmp",
         orphan_grace=0,

@@ -1,5 +1,5 @@
-"""The storage boundary (``imserver.storage.failures``, ``EngineStore._connect`` /
-``_begin``) on real SQLite files failing in each way a server meets: full, read-only,
+"""The storage boundary (``imserver.storage.failures``, ``SqlStore._read`` /
+``_write``) on real SQLite files failing in each way a server meets: full, read-only,
 impossible to open, locked past ``busy_timeout``. Each becomes ``unavailable``, logged
 once as a warning without traceback; a constraint violation and a bad statement keep
 their types (the first is used on purpose by stores, the second is a bug).
@@ -16,34 +16,52 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, Text, event, func, insert, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from imserver.services.message.store import translate
 from imserver.storage.failures import is_database_failure
-from imserver.storage.sql import EngineStore, make_engine
+from imserver.storage.runners import SqlStore
+from imserver.storage.sql import make_engine
 from imserver.utils.errors import Internal, Unavailable
 
 metadata = MetaData()
 notes = Table("notes", metadata, Column("id", Integer, primary_key=True), Column("body", Text))
 
 
-class Notes(EngineStore):
+class Notes(SqlStore):
     """The smallest store: what every service store does, on one table."""
 
     name = "notes database"
 
     async def add(self, note: int, body: str = "x") -> None:
-        async with self._begin() as conn:
-            await conn.execute(insert(notes).values(id=note, body=body))
+        def run(conn: Connection) -> None:
+            conn.execute(insert(notes).values(id=note, body=body))
+
+        await self._write(run)
 
     async def count(self) -> int:
-        async with self._connect() as conn:
-            return int(await conn.scalar(select(func.count()).select_from(notes)) or 0)
+        def run(conn: Connection) -> int:
+            return int(conn.scalar(select(func.count()).select_from(notes)) or 0)
+
+        return await self._read(run)
 
     async def bad_statement(self) -> None:
-        async with self._connect() as conn:
-            await conn.exec_driver_sql("SELECT * FROM no_such_table")
+        def run(conn: Connection) -> None:
+            conn.exec_driver_sql("SELECT * FROM no_such_table")
+
+        await self._read(run)
 
 
 Pragma = Callable[[Any, Any], None]
@@ -76,7 +94,7 @@ async def opened() -> AsyncIterator[Callable[..., Notes]]:
         engine = make_engine(url)
         for listener in on_connect:  # after make_engine's own pragmas
             event.listen(engine.sync_engine, "connect", listener)
-        stores.append(Notes(engine))
+        stores.append(Notes.on_engine(engine))
         return stores[-1]
 
     yield open_notes

@@ -26,6 +26,7 @@ from imserver.services.user.service import (
     open_user_service,
 )
 from imserver.services.user.store import AccessGrant, SqlUserStore, metadata
+from imserver.storage.runners import AsyncRunner
 from imserver.storage.sql import make_engine, sqlite_url, sync_url, upgrade, upgrade_sync
 from imserver.utils.errors import BadRequest, Conflict, NotFound, Unauthorized
 from imserver.utils.ids import LoginId, UserId
@@ -80,7 +81,7 @@ async def open_service(url: str, clock: FakeClock) -> AsyncIterator[Opener]:
     async def opener(**kwargs: Any) -> LocalUserService:
         await upgrade(url, MIGRATIONS)
         kwargs.setdefault("clock", clock)
-        service = LocalUserService(SqlUserStore(make_engine(url)), **kwargs)
+        service = LocalUserService(SqlUserStore.on_engine(make_engine(url)), **kwargs)
         opened.append(service)
         return service
 
@@ -274,7 +275,7 @@ async def test_zero_access_ttl_is_born_expired(open_service: Opener) -> None:
 async def test_outdated_hash_is_upgraded_on_login(open_service: Opener, url: str) -> None:
     weak = await open_service(hasher=CountingHasher(memory_cost=8192))
     alice = await weak.register("alice", PASSWORD, None)
-    store = SqlUserStore(make_engine(url))
+    store = SqlUserStore.on_engine(make_engine(url))
     try:
         before = await store.password_hash(UserId(alice.id))
         assert before is not None and "m=8192" in before
@@ -290,7 +291,7 @@ async def test_outdated_hash_is_upgraded_on_login(open_service: Opener, url: str
 
 async def test_rehash_never_overwrites_a_newer_password(svc: LocalUserService, url: str) -> None:
     alice = UserId((await svc.register("alice", PASSWORD, None)).id)
-    store = SqlUserStore(make_engine(url))
+    store = SqlUserStore.on_engine(make_engine(url))
     try:
         current = await store.password_hash(alice)
         assert current is not None
@@ -306,7 +307,7 @@ class SlowGrantStore(SqlUserStore):
     """Holds every access-token read open until the test lets it finish."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(make_engine(url))
+        super().__init__(AsyncRunner(make_engine(url)))
         self.read_done = asyncio.Event()
         self.release = asyncio.Event()
 

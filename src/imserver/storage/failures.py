@@ -12,8 +12,8 @@ a bad statement (SQLite's generic ``SQLITE_ERROR``: no such table, syntax), whic
 a bug and is answered ``internal`` with its traceback in the log.
 
 The translation happens once, where the foreign exception leaves the storage code
-(:meth:`imserver.storage.sql.EngineStore._begin`, the message store's runners, the
-blob stores), and logs one warning line naming the store and the cause; no
+(:class:`imserver.storage.runners.SqlStore`, the base of every service's SQL store,
+and the blob stores), and logs one warning line naming the store and the cause; no
 traceback, since the cause is outside the program.
 """
 

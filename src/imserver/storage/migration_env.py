@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, event, pool
 
-from imserver.storage.sql import _set_sqlite_pragmas
+from imserver.storage.sql import set_sqlite_pragmas
 
 
 def run() -> None:
@@ -14,7 +14,7 @@ def run() -> None:
     assert url is not None
     engine = create_engine(url, poolclass=pool.NullPool)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _set_sqlite_pragmas)
+        event.listen(engine, "connect", set_sqlite_pragmas)
     with engine.connect() as connection:
         context.configure(
             connection=connection,

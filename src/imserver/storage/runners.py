@@ -11,6 +11,11 @@ runs the same functions through ``run_sync`` (:class:`AsyncRunner`).
 
 :func:`sqlite_engine` opens the synchronous SQLite engines these runners drive, with
 the durability pragmas of :mod:`imserver.storage.sql` and explicit transactions.
+
+:class:`SqlStore` is the base of every service's SQL store: its operations run
+through runners (:meth:`SqlStore._read`, and :meth:`SqlStore._write` in one
+transaction), and a storage failure leaving them becomes ``unavailable``
+(:mod:`imserver.storage.failures`) there, once; every other error keeps its type.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imserver.storage import sql
+from imserver.storage.failures import is_database_failure, unavailable
 
 T = TypeVar("T")
+S = TypeVar("S", bound="SqlStore")
 
 
 class Runner(Protocol):
@@ -171,8 +179,76 @@ def sqlite_engine(url: str, *, writer: bool) -> Engine:
     """
     engine = create_engine(sql.sync_url(url), connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _no_implicit_begin)
-    event.listen(engine, "connect", sql._set_sqlite_pragmas)
+    event.listen(engine, "connect", sql.set_sqlite_pragmas)
     if writer:
         event.listen(engine, "connect", _no_autocheckpoint)
     event.listen(engine, "begin", _begin_immediate if writer else _begin_deferred)
     return engine
+
+
+def in_transaction(conn: Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(conn, *args)`` in a transaction: committed when it returns, rolled back
+    when it raises."""
+    with conn.begin():
+        return fn(conn, *args)
+
+
+class SqlStore:
+    """Base of a service's SQL store: each operation is a synchronous function of a
+    :class:`~sqlalchemy.engine.Connection`, run by a :class:`Runner` in one hand-off.
+
+    ``reads`` runs :meth:`_read`; ``writes`` (``reads`` when not given) runs
+    :meth:`_write`. ``name`` is how log lines and ``unavailable`` messages call the
+    database (``"user database"``).
+    """
+
+    name = "database"
+
+    def __init__(self, reads: Runner, writes: Runner | None = None) -> None:
+        self._reads = reads
+        self._writes = reads if writes is None else writes
+
+    @classmethod
+    def on_engine(cls: type[S], engine: AsyncEngine) -> S:
+        """A store on one async engine (any dialect): a pooled connection per operation."""
+        return cls(AsyncRunner(engine))
+
+    def _failure(self, exc: SQLAlchemyError | OSError) -> Exception:
+        """What ``exc``, raised by the database, becomes at this store's boundary:
+        ``unavailable`` for a storage failure, ``exc`` itself for anything else (a
+        constraint a store uses on purpose, a bug)."""
+        if isinstance(exc, OSError) or is_database_failure(exc):
+            return unavailable(exc, self.name)
+        return exc
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` on a reader connection."""
+        try:
+            return await self._reads.call(fn, *args)
+        except (SQLAlchemyError, OSError) as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` in one transaction, committed when ``fn`` returns (rolled
+        back when it raises); a storage failure, the commit's included, raises
+        ``unavailable``."""
+        try:
+            return await self._writes.call(in_transaction, fn, *args)
+        except (SQLAlchemyError, OSError) as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    async def check(self) -> None:
+        """Run a trivial query: raises ``unavailable`` if the database cannot be reached."""
+        await self._read(select_one)
+
+    async def close(self) -> None:
+        """Release every connection."""
+        if self._writes is not self._reads:
+            await self._writes.close()
+        await self._reads.close()

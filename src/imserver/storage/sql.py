@@ -10,74 +10,20 @@ been fsynced, which is what lets the message service acknowledge a send only aft
 commit. Everything else is portable SQLAlchemy Core, so PostgreSQL and MySQL slot in
 by URL.
 
-A store reaches its database only through :meth:`EngineStore._connect` and
-:meth:`EngineStore._begin`, which turn a storage failure into ``unavailable``
-(:mod:`imserver.storage.failures`) and let every other error through unchanged.
+How a store's operations reach these engines, and how their failures are
+translated, is :mod:`imserver.storage.runners`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-
-from imserver.storage.failures import is_database_failure, unavailable
-
-
-class EngineStore:
-    """Base of a service store that runs on one async SQLAlchemy engine.
-
-    ``name`` is how log lines and ``unavailable`` messages call the database
-    (``"user database"``).
-    """
-
-    name = "database"
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-
-    @contextmanager
-    def _failures(self) -> Iterator[None]:
-        try:
-            yield
-        except SQLAlchemyError as exc:
-            if not is_database_failure(exc):
-                raise
-            raise unavailable(exc, self.name) from exc
-
-    @asynccontextmanager
-    async def _connect(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads; a storage failure raises ``unavailable``."""
-        with self._failures():
-            async with self._engine.connect() as conn:
-                yield conn
-
-    @asynccontextmanager
-    async def _begin(self) -> AsyncIterator[AsyncConnection]:
-        """A connection in a transaction, committed at the end of the block (rolled
-        back if it raises); a storage failure, the commit's included, raises
-        ``unavailable``."""
-        with self._failures():
-            async with self._engine.begin() as conn:
-                yield conn
-
-    async def check(self) -> None:
-        """Run a trivial query: raises ``unavailable`` if the database cannot be reached."""
-        async with self._connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-
-    async def close(self) -> None:
-        """Dispose the engine's connection pool."""
-        await self._engine.dispose()
-
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -98,7 +44,8 @@ def sync_url(url: str) -> str:
     return url.replace("sqlite+aiosqlite://", "sqlite://", 1)
 
 
-def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """A ``connect`` listener: :data:`SQLITE_PRAGMAS` on a new SQLite connection."""
     cursor = dbapi_connection.cursor()
     for pragma in SQLITE_PRAGMAS:
         cursor.execute(pragma)
@@ -109,7 +56,7 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """Create an async engine; SQLite connections get the durability pragmas."""
     engine = create_async_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
-        event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", set_sqlite_pragmas)
     return engine
 
 

@@ -556,7 +556,7 @@ async def open_file_service(url: str, *, data_dir: Path, config: FilesConfig) ->
     await asyncio.to_thread(clear_tmp)
     blobs = await open_blob_store(config, data_dir)
     return LocalFileService(
-        SqlFileStore(make_engine(url)),
+        SqlFileStore.on_engine(make_engine(url)),
         blobs,
         tmp_dir=tmp_dir,
         max_size=config.max_size,

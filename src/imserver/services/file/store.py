@@ -25,6 +25,7 @@ import msgspec
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Index,
     MetaData,
     PrimaryKeyConstraint,
@@ -37,7 +38,8 @@ from sqlalchemy import (
     update,
 )
 
-from imserver.storage.sql import EngineStore
+from imserver.storage.runners import SqlStore
+from imserver.storage.statements import chunks
 
 metadata = MetaData()
 
@@ -65,8 +67,6 @@ files = Table(
     Index("ix_files_owner", "owner"),
     Index("ix_files_state_created", "state", "created"),
 )
-
-_IN_CHUNK = 500
 
 
 class _OverQuota(Exception):
@@ -118,18 +118,14 @@ def _record(row: Sequence[Any]) -> FileRecord:
     )
 
 
-class SqlFileStore(EngineStore):
-    """All of the file service's persistent state, on one async SQLAlchemy engine."""
+class SqlFileStore(SqlStore):
+    """All of the file service's persistent state in one SQL database."""
 
     name = "file database"
 
     async def usage(self, owner: str) -> int:
         """Bytes the user's records add up to."""
-        async with self._connect() as conn:
-            total = await conn.scalar(
-                select(func.coalesce(func.sum(files.c.size), 0)).where(files.c.owner == owner)
-            )
-        return int(total or 0)
+        return await self._read(_usage, owner)
 
     async def insert(self, record: FileRecord, quota: int) -> int | None:
         """Insert a record unless it takes its owner past ``quota`` bytes (0: no quota).
@@ -138,71 +134,57 @@ class SqlFileStore(EngineStore):
         is stored). The insert comes first, so the sum is read under the write lock and
         two concurrent uploads cannot both squeeze under the quota.
         """
+
+        def run(conn: Connection) -> None:
+            conn.execute(insert(files).values(**msgspec.structs.asdict(record)))
+            if quota > 0:
+                total = _usage(conn, record.owner)
+                if total > quota:
+                    raise _OverQuota(total - record.size)  # rolls the insert back
+
         try:
-            async with self._begin() as conn:
-                await conn.execute(insert(files).values(**msgspec.structs.asdict(record)))
-                if quota > 0:
-                    total = int(
-                        await conn.scalar(
-                            select(func.coalesce(func.sum(files.c.size), 0)).where(
-                                files.c.owner == record.owner
-                            )
-                        )
-                        or 0
-                    )
-                    if total > quota:
-                        raise _OverQuota(total - record.size)  # rolls the insert back
+            await self._write(run)
         except _OverQuota as over:
             return over.usage
         return None
 
     async def get(self, file_id: str) -> FileRecord | None:
         """A visible (not doomed) record, or ``None``."""
-        async with self._connect() as conn:
-            row = (
-                await conn.execute(
-                    select(*_COLUMNS).where(files.c.id == file_id, files.c.state != DOOMED)
-                )
-            ).first()
-        return None if row is None else _record(row)
+        return await self._read(_one, files.c.id == file_id)
 
     async def get_many(self, ids: Sequence[str]) -> list[FileRecord]:
         """The visible records among ``ids`` (any order)."""
-        found: list[FileRecord] = []
-        async with self._connect() as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                result = await conn.execute(
+
+        def run(conn: Connection) -> list[FileRecord]:
+            found: list[FileRecord] = []
+            for chunk in chunks(ids):
+                result = conn.execute(
                     select(*_COLUMNS).where(files.c.id.in_(chunk), files.c.state != DOOMED)
                 )
                 found.extend(_record(row) for row in result)
-        return found
+            return found
+
+        return await self._read(run)
 
     async def by_sha256(self, sha256: str) -> FileRecord | None:
         """Any visible record of this content (to reuse its type and thumbnail)."""
-        async with self._connect() as conn:
-            row = (
-                await conn.execute(
-                    select(*_COLUMNS)
-                    .where(files.c.sha256 == sha256, files.c.state != DOOMED)
-                    .limit(1)
-                )
-            ).first()
-        return None if row is None else _record(row)
+        return await self._read(_one, files.c.sha256 == sha256)
 
     async def sha256_in_use(self, sha256: str) -> bool:
         """Whether any record (doomed ones included) still names this content."""
-        async with self._connect() as conn:
-            row = (
-                await conn.execute(select(files.c.id).where(files.c.sha256 == sha256).limit(1))
-            ).first()
-        return row is not None
+
+        def run(conn: Connection) -> bool:
+            found = conn.execute(select(files.c.id).where(files.c.sha256 == sha256).limit(1))
+            return found.first() is not None
+
+        return await self._read(run)
 
     async def candidates(self, cutoff: int, limit: int) -> list[str]:
         """Ids of records created before ``cutoff`` not known to be referenced (``new``,
         or ``doomed`` by a clean-up that did not finish), oldest first."""
-        async with self._connect() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> list[str]:
+            result = conn.execute(
                 select(files.c.id)
                 .where(files.c.state.in_((NEW, DOOMED)), files.c.created < cutoff)
                 .order_by(files.c.created, files.c.id)
@@ -210,29 +192,51 @@ class SqlFileStore(EngineStore):
             )
             return [row[0] for row in result]
 
+        return await self._read(run)
+
     async def set_state(self, ids: Sequence[str], state: str, *, was: Sequence[str]) -> None:
         """Move those of the records ``ids`` whose state is one of ``was`` to ``state``."""
-        async with self._begin() as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                await conn.execute(
+
+        def run(conn: Connection) -> None:
+            for chunk in chunks(ids):
+                conn.execute(
                     update(files)
                     .where(files.c.id.in_(chunk), files.c.state.in_(was))
                     .values(state=state)
                 )
 
+        await self._write(run)
+
     async def delete_doomed(self, ids: Sequence[str]) -> list[str]:
         """Delete the doomed records among ``ids``; returns their content hashes."""
-        shas: list[str] = []
-        async with self._begin() as conn:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
+
+        def run(conn: Connection) -> list[str]:
+            shas: list[str] = []
+            for chunk in chunks(ids):
                 cond = (files.c.id.in_(chunk), files.c.state == DOOMED)
-                shas.extend(r[0] for r in await conn.execute(select(files.c.sha256).where(*cond)))
-                await conn.execute(delete(files).where(*cond))
-        return shas
+                shas.extend(r[0] for r in conn.execute(select(files.c.sha256).where(*cond)))
+                conn.execute(delete(files).where(*cond))
+            return shas
+
+        return await self._write(run)
 
     async def delete(self, file_id: str) -> None:
         """Delete one record whatever its state (an upload undone)."""
-        async with self._begin() as conn:
-            await conn.execute(delete(files).where(files.c.id == file_id))
+
+        def run(conn: Connection) -> None:
+            conn.execute(delete(files).where(files.c.id == file_id))
+
+        await self._write(run)
+
+
+def _usage(conn: Connection, owner: str) -> int:
+    total = conn.scalar(
+        select(func.coalesce(func.sum(files.c.size), 0)).where(files.c.owner == owner)
+    )
+    return int(total or 0)
+
+
+def _one(conn: Connection, where: Any) -> FileRecord | None:
+    """Any visible record matching ``where``."""
+    row = conn.execute(select(*_COLUMNS).where(where, files.c.state != DOOMED).limit(1)).first()
+    return None if row is None else _record(row)

@@ -18,7 +18,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,16 +33,14 @@ from imserver.storage.runners import (
     AsyncRunner,
     InlineRunner,
     Runner,
+    SqlStore,
     ThreadRunner,
     checkpoint,
-    select_one,
     sqlite_engine,
 )
 from imserver.utils.errors import IMError, Internal
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def translate(exc: BaseException) -> IMError:
@@ -109,12 +106,14 @@ class WriteTx:
 # --- the store ----------------------------------------------------------------------
 
 
-class SqlMessageStore:
+class SqlMessageStore(SqlStore):
     """Messages, reactions, mentions, direct peers and markers in one SQL database.
 
     Reads run through ``reads``; writes through :meth:`begin` on ``writes``, used by
     the service's single writer. Build one with :meth:`open`.
     """
+
+    name = "message database"
 
     CHECKPOINT_EVERY = 1.0
     """Seconds between background WAL checkpoints while writes go on (SQLite)."""
@@ -127,8 +126,7 @@ class SqlMessageStore:
         search: MessageSearch,
         background_checkpoints: bool = False,
     ) -> None:
-        self._reads = reads
-        self._writes = writes
+        super().__init__(reads, writes)
         self._search = search
         self._background_checkpoints = background_checkpoints
         self._checkpoint_task: asyncio.Task[None] | None = None
@@ -179,11 +177,9 @@ class SqlMessageStore:
             search=search,
         )
 
-    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return await self._reads.call(fn, *args)
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc) from exc
+    def _failure(self, exc: SQLAlchemyError | OSError) -> Exception:
+        """A storage failure is ``unavailable``; anything else ``internal`` (:func:`translate`)."""
+        return translate(exc)
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[WriteTx]:
@@ -195,18 +191,13 @@ class SqlMessageStore:
             if not tx.done:
                 await tx.rollback()
 
-    async def check(self) -> None:
-        """Run a trivial query on a reader: raises if the database cannot be reached."""
-        await self._reads.call(select_one)
-
     async def close(self) -> None:
         """Close every connection (after a last checkpoint, if any was pending)."""
         if self._checkpoint_task is not None:
             await self._checkpoint_task
         if self._background_checkpoints:
             await self._checkpoint()
-        await self._writes.close()
-        await self._reads.close()
+        await super().close()
 
     async def last_seqs(self, convs: Sequence[str]) -> dict[str, int]:
         """The last stored seq of each conversation (0 when it has none)."""

@@ -615,7 +615,7 @@ async def open_room_service(
     """
     await upgrade(url, MIGRATIONS)
     return LocalRoomService(
-        SqlRoomStore(make_engine(url)),
+        SqlRoomStore.on_engine(make_engine(url)),
         users=users,
         messages=messages,
         online=online,

@@ -32,6 +32,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     ForeignKeyConstraint,
     Index,
     Integer,
@@ -47,10 +48,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imserver.protocol.models import RoomRole
-from imserver.storage.sql import EngineStore
+from imserver.storage.runners import SqlStore
 from imserver.utils.ids import RoomId
 
 metadata = MetaData()
@@ -150,8 +150,8 @@ def _room(row: Sequence[Any]) -> RoomRecord:
     )
 
 
-class SqlRoomStore(EngineStore):
-    """All of the room service's persistent state, on one async SQLAlchemy engine."""
+class SqlRoomStore(SqlStore):
+    """All of the room service's persistent state in one SQL database."""
 
     name = "room database"
 
@@ -160,8 +160,9 @@ class SqlRoomStore(EngineStore):
     async def create_room(self, room: RoomRecord, joined: Sequence[str], now: int) -> None:
         """Insert a room with its owner (join order 1) and ``joined`` (2, 3, ...)."""
         everyone = [room.owner, *joined]
-        async with self._begin() as conn:
-            await conn.execute(
+
+        def run(conn: Connection) -> None:
+            conn.execute(
                 insert(rooms).values(
                     id=room.id,
                     name=room.name,
@@ -175,7 +176,7 @@ class SqlRoomStore(EngineStore):
                     emptied=None,
                 )
             )
-            await conn.execute(
+            conn.execute(
                 insert(members),
                 [
                     {
@@ -189,19 +190,24 @@ class SqlRoomStore(EngineStore):
                 ],
             )
 
+        await self._write(run)
+
     async def load(self, room: str) -> tuple[RoomRecord, list[MemberRecord]] | None:
         """A room and its members in join order, or ``None`` if it never existed."""
-        async with self._connect() as conn:
-            row = (await conn.execute(select(*_ROOM_COLUMNS).where(rooms.c.id == room))).first()
+
+        def run(conn: Connection) -> tuple[RoomRecord, list[MemberRecord]] | None:
+            row = conn.execute(select(*_ROOM_COLUMNS).where(rooms.c.id == room)).first()
             if row is None:
                 return None
-            result = await conn.execute(
+            result = conn.execute(
                 select(members.c.user_id, members.c.role, members.c.join_order)
                 .where(members.c.room_id == room)
                 .order_by(members.c.join_order)
             )
             found = [MemberRecord(user=r[0], role=r[1], join_order=r[2]) for r in result]
-        return _room(row), found
+            return _room(row), found
+
+        return await self._read(run)
 
     async def update_room(
         self,
@@ -223,8 +229,11 @@ class SqlRoomStore(EngineStore):
             values["public"] = public
         if not values:
             return
-        async with self._begin() as conn:
-            await conn.execute(update(rooms).where(rooms.c.id == room).values(**values))
+
+        def run(conn: Connection) -> None:
+            conn.execute(update(rooms).where(rooms.c.id == room).values(**values))
+
+        await self._write(run)
 
     # --- membership -------------------------------------------------------------------
 
@@ -234,8 +243,9 @@ class SqlRoomStore(EngineStore):
         ``None`` (and nothing written) when the room is empty or already has
         ``max_size`` members.
         """
-        async with self._begin() as conn:
-            decided = await conn.execute(
+
+        def run(conn: Connection) -> int | None:
+            decided = conn.execute(
                 update(rooms)
                 .where(
                     rooms.c.id == room,
@@ -249,61 +259,54 @@ class SqlRoomStore(EngineStore):
             )
             if decided.rowcount == 0:
                 return None
-            order = int(await conn.scalar(select(rooms.c.last_join).where(rooms.c.id == room)) or 0)
-            await conn.execute(
+            order = int(conn.scalar(select(rooms.c.last_join).where(rooms.c.id == room)) or 0)
+            conn.execute(
                 insert(members).values(
                     room_id=room, user_id=user, role="member", joined=now, join_order=order
                 )
             )
-            await conn.execute(
+            conn.execute(
                 delete(invitations).where(
                     invitations.c.room_id == room, invitations.c.user_id == user
                 )
             )
-        return order
+            return order
+
+        return await self._write(run)
 
     async def remove_member(self, room: str, user: str, now: int, new_owner: str | None) -> int:
         """Remove ``user``; ``new_owner`` (a member) becomes the owner in the same
         transaction. Returns the members left; removing the last one empties the room
         and drops its invitations. Removing a non-member changes nothing."""
-        async with self._begin() as conn:
-            gone = await conn.execute(
+
+        def run(conn: Connection) -> int:
+            gone = conn.execute(
                 delete(members).where(members.c.room_id == room, members.c.user_id == user)
             )
             if gone.rowcount == 0:
-                return int(
-                    await conn.scalar(select(rooms.c.member_count).where(rooms.c.id == room)) or 0
-                )
+                return int(conn.scalar(select(rooms.c.member_count).where(rooms.c.id == room)) or 0)
             values: dict[str, Any] = {"member_count": rooms.c.member_count - 1}
             if new_owner is not None:
                 values["owner"] = new_owner
-                await self._set_role(conn, room, new_owner, "owner")
-            await conn.execute(update(rooms).where(rooms.c.id == room).values(**values))
-            left = int(
-                await conn.scalar(select(rooms.c.member_count).where(rooms.c.id == room)) or 0
-            )
+                _set_role(conn, room, new_owner, "owner")
+            conn.execute(update(rooms).where(rooms.c.id == room).values(**values))
+            left = int(conn.scalar(select(rooms.c.member_count).where(rooms.c.id == room)) or 0)
             if left == 0:
-                await conn.execute(update(rooms).where(rooms.c.id == room).values(emptied=now))
-                await conn.execute(delete(invitations).where(invitations.c.room_id == room))
-        return left
+                conn.execute(update(rooms).where(rooms.c.id == room).values(emptied=now))
+                conn.execute(delete(invitations).where(invitations.c.room_id == room))
+            return left
+
+        return await self._write(run)
 
     async def set_role(self, room: str, user: str, role: RoomRole) -> None:
         """Change a member's role."""
-        async with self._begin() as conn:
-            await self._set_role(conn, room, user, role)
-
-    @staticmethod
-    async def _set_role(conn: AsyncConnection, room: str, user: str, role: RoomRole) -> None:
-        await conn.execute(
-            update(members)
-            .where(members.c.room_id == room, members.c.user_id == user)
-            .values(role=role)
-        )
+        await self._write(_set_role, room, user, role)
 
     async def members_page(self, room: str, after: int, limit: int) -> list[MemberRecord]:
         """Up to ``limit`` members with join order > ``after``, in join order."""
-        async with self._connect() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> list[MemberRecord]:
+            result = conn.execute(
                 select(members.c.user_id, members.c.role, members.c.join_order)
                 .where(members.c.room_id == room, members.c.join_order > after)
                 .order_by(members.c.join_order)
@@ -311,27 +314,33 @@ class SqlRoomStore(EngineStore):
             )
             return [MemberRecord(user=r[0], role=r[1], join_order=r[2]) for r in result]
 
+        return await self._read(run)
+
     async def rooms_of(self, user: str) -> list[RoomId]:
         """The rooms ``user`` is a member of, in the order they joined them."""
-        async with self._connect() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> list[RoomId]:
+            result = conn.execute(
                 select(members.c.room_id)
                 .where(members.c.user_id == user)
                 .order_by(members.c.joined, members.c.room_id)
             )
             return [r[0] for r in result]
 
+        return await self._read(run)
+
     # --- invitations ------------------------------------------------------------------
 
     async def invite(self, room: str, user: str, inviter: str, now: int) -> bool:
         """Record an invitation; False (nothing written) if one is already pending."""
+
+        def run(conn: Connection) -> None:
+            conn.execute(
+                insert(invitations).values(room_id=room, user_id=user, inviter=inviter, created=now)
+            )
+
         try:
-            async with self._begin() as conn:
-                await conn.execute(
-                    insert(invitations).values(
-                        room_id=room, user_id=user, inviter=inviter, created=now
-                    )
-                )
+            await self._write(run)
         except IntegrityError:
             # The primary key: an invitation is already pending (the room exists, the
             # service checked it under the room's lock).
@@ -340,23 +349,29 @@ class SqlRoomStore(EngineStore):
 
     async def is_invited(self, room: str, user: str) -> bool:
         """Whether ``user`` has a pending invitation to ``room``."""
-        async with self._connect() as conn:
-            found = await conn.scalar(
+
+        def run(conn: Connection) -> bool:
+            found = conn.scalar(
                 select(invitations.c.user_id).where(
                     invitations.c.room_id == room, invitations.c.user_id == user
                 )
             )
-        return found is not None
+            return found is not None
+
+        return await self._read(run)
 
     async def invitations_of(self, user: str) -> list[RoomId]:
         """Rooms with a pending invitation for ``user``, oldest invitation first."""
-        async with self._connect() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> list[RoomId]:
+            result = conn.execute(
                 select(invitations.c.room_id)
                 .where(invitations.c.user_id == user)
                 .order_by(invitations.c.created, invitations.c.room_id)
             )
             return [r[0] for r in result]
+
+        return await self._read(run)
 
     # --- the directory ----------------------------------------------------------------
 
@@ -380,5 +395,16 @@ class SqlRoomStore(EngineStore):
         stmt = (
             select(*_ROOM_COLUMNS).where(*cond).order_by(rooms.c.created, rooms.c.id).limit(limit)
         )
-        async with self._connect() as conn:
-            return [_room(row) for row in await conn.execute(stmt)]
+
+        def run(conn: Connection) -> list[RoomRecord]:
+            return [_room(row) for row in conn.execute(stmt)]
+
+        return await self._read(run)
+
+
+def _set_role(conn: Connection, room: str, user: str, role: RoomRole) -> None:
+    conn.execute(
+        update(members)
+        .where(members.c.room_id == room, members.c.user_id == user)
+        .values(role=role)
+    )

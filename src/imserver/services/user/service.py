@@ -585,7 +585,7 @@ async def open_user_service(
     # doubled latency would otherwise reveal that the username does not exist.
     dummy = await asyncio.to_thread(hasher.hash, secrets.token_urlsafe(32))
     return LocalUserService(
-        SqlUserStore(make_engine(url)),
+        SqlUserStore.on_engine(make_engine(url)),
         access_ttl=access_ttl,
         refresh_ttl=refresh_ttl,
         hasher=hasher,

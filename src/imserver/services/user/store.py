@@ -19,13 +19,14 @@ Invariants the service relies on:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     ForeignKeyConstraint,
     Index,
     MetaData,
@@ -42,10 +43,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imserver.protocol.models import User
-from imserver.storage.sql import EngineStore
+from imserver.storage.runners import SqlStore
+from imserver.storage.statements import chunks
 from imserver.utils.errors import Conflict, NotFound
 from imserver.utils.ids import LoginId, UserId
 
@@ -116,9 +117,6 @@ presence = Table(
 ACCESS = "access"
 REFRESH = "refresh"
 
-_IN_CHUNK = 500
-"""Ids per ``IN (...)`` list: well under every backend's bound-parameter limit."""
-
 
 class Credentials(msgspec.Struct, frozen=True, kw_only=True):
     """A user together with the stored password hash (never leaves the service)."""
@@ -165,13 +163,8 @@ def _user(row: Sequence[Any]) -> User:
 _USER_COLUMNS = (users.c.id, users.c.username, users.c.display_name, users.c.created)
 
 
-def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-class SqlUserStore(EngineStore):
-    """All of the user service's persistent state, on one async SQLAlchemy engine."""
+class SqlUserStore(SqlStore):
+    """All of the user service's persistent state in one SQL database."""
 
     name = "user database"
 
@@ -182,18 +175,21 @@ class SqlUserStore(EngineStore):
 
         Raises :class:`Conflict` if the username is taken.
         """
-        try:
-            async with self._begin() as conn:
-                await conn.execute(
-                    insert(users).values(
-                        id=user.id,
-                        username=user.username,
-                        display_name=user.display_name,
-                        password_hash=password_hash,
-                        created=user.created,
-                    )
+
+        def run(conn: Connection) -> None:
+            conn.execute(
+                insert(users).values(
+                    id=user.id,
+                    username=user.username,
+                    display_name=user.display_name,
+                    password_hash=password_hash,
+                    created=user.created,
                 )
-                await conn.execute(insert(presence).values(user_id=user.id, last_seen=None))
+            )
+            conn.execute(insert(presence).values(user_id=user.id, last_seen=None))
+
+        try:
+            await self._write(run)
         except IntegrityError as exc:
             # The only constraint a fresh random id can realistically hit is the username.
             if await self.user_by_name(user.username) is not None:
@@ -202,48 +198,47 @@ class SqlUserStore(EngineStore):
 
     async def user_by_id(self, user: UserId) -> User | None:
         """One user, or ``None``."""
-        async with self._connect() as conn:
-            row = (await conn.execute(select(*_USER_COLUMNS).where(users.c.id == user))).first()
-        return None if row is None else _user(row)
+        return await self._read(_one_user, users.c.id == user)
 
     async def user_by_name(self, username: str) -> User | None:
         """One user by username, or ``None``."""
-        async with self._connect() as conn:
-            row = (
-                await conn.execute(select(*_USER_COLUMNS).where(users.c.username == username))
-            ).first()
-        return None if row is None else _user(row)
+        return await self._read(_one_user, users.c.username == username)
 
     async def users_by_id(self, ids: Sequence[UserId]) -> list[User]:
         """The users that exist among ``ids`` (any order)."""
-        found: list[User] = []
         if not ids:
-            return found
-        async with self._connect() as conn:
-            for chunk in _chunks(ids):
-                result = await conn.execute(select(*_USER_COLUMNS).where(users.c.id.in_(chunk)))
+            return []
+
+        def run(conn: Connection) -> list[User]:
+            found: list[User] = []
+            for chunk in chunks(ids):
+                result = conn.execute(select(*_USER_COLUMNS).where(users.c.id.in_(chunk)))
                 found.extend(_user(row) for row in result)
-        return found
+            return found
+
+        return await self._read(run)
 
     async def credentials(self, username: str) -> Credentials | None:
         """The account and password hash for a login attempt, or ``None``."""
-        async with self._connect() as conn:
-            row = (
-                await conn.execute(
-                    select(*_USER_COLUMNS, users.c.password_hash).where(
-                        users.c.username == username
-                    )
-                )
+
+        def run(conn: Connection) -> Credentials | None:
+            row = conn.execute(
+                select(*_USER_COLUMNS, users.c.password_hash).where(users.c.username == username)
             ).first()
-        if row is None:
-            return None
-        return Credentials(user=_user(row), password_hash=row[4])
+            if row is None:
+                return None
+            return Credentials(user=_user(row), password_hash=row[4])
+
+        return await self._read(run)
 
     async def password_hash(self, user: UserId) -> str | None:
         """The stored password hash of a user, or ``None`` if there is no such user."""
-        async with self._connect() as conn:
-            value = await conn.scalar(select(users.c.password_hash).where(users.c.id == user))
-        return None if value is None else str(value)
+
+        def run(conn: Connection) -> str | None:
+            value = conn.scalar(select(users.c.password_hash).where(users.c.id == user))
+            return None if value is None else str(value)
+
+        return await self._read(run)
 
     async def upgrade_password_hash(self, user: UserId, old_hash: str, new_hash: str) -> bool:
         """Swap in a re-hash of the same password (argon2 parameter upgrade).
@@ -251,24 +246,29 @@ class SqlUserStore(EngineStore):
         Only if the stored hash is still ``old_hash``: a password change that landed
         in the meantime must not be overwritten by a hash of the old password.
         """
-        async with self._begin() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> bool:
+            result = conn.execute(
                 update(users)
                 .where(users.c.id == user, users.c.password_hash == old_hash)
                 .values(password_hash=new_hash)
             )
-        return bool(result.rowcount)
+            return bool(result.rowcount)
+
+        return await self._write(run)
 
     async def set_display_name(self, user: UserId, display_name: str) -> User:
         """Change a display name; :class:`NotFound` if there is no such user."""
-        async with self._begin() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> User:
+            result = conn.execute(
                 update(users).where(users.c.id == user).values(display_name=display_name)
             )
             if result.rowcount == 0:
                 raise NotFound(f"no user {user}", field="user")
-            row = (await conn.execute(select(*_USER_COLUMNS).where(users.c.id == user))).one()
-        return _user(row)
+            return _user(conn.execute(select(*_USER_COLUMNS).where(users.c.id == user)).one())
+
+        return await self._write(run)
 
     async def change_password(
         self, user: UserId, keep: LoginId, password_hash: str, now: int
@@ -277,15 +277,16 @@ class SqlUserStore(EngineStore):
 
         Returns the revoked login ids and the hashes of the token rows deleted.
         """
-        async with self._begin() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> tuple[list[LoginId], list[str]]:
+            result = conn.execute(
                 update(users).where(users.c.id == user).values(password_hash=password_hash)
             )
             if result.rowcount == 0:
                 raise NotFound(f"no user {user}", field="user")
             others = [
                 LoginId(row[0])
-                for row in await conn.execute(
+                for row in conn.execute(
                     select(logins.c.id).where(
                         logins.c.user_id == user,
                         logins.c.revoked.is_(None),
@@ -293,8 +294,9 @@ class SqlUserStore(EngineStore):
                     )
                 )
             ]
-            dropped = await self._revoke(conn, others, now)
-        return others, dropped
+            return others, _revoke(conn, others, now)
+
+        return await self._write(run)
 
     # --- login sessions and tokens ----------------------------------------------------
 
@@ -307,13 +309,16 @@ class SqlUserStore(EngineStore):
         new_tokens: Sequence[NewToken],
     ) -> None:
         """Open a login session with its first tokens."""
-        async with self._begin() as conn:
-            await conn.execute(
+
+        def run(conn: Connection) -> None:
+            conn.execute(
                 insert(logins).values(
                     id=login, user_id=user, device=device, created=now, revoked=None
                 )
             )
-            await self._insert_tokens(conn, login, new_tokens)
+            _insert_tokens(conn, login, new_tokens)
+
+        await self._write(run)
 
     async def access_grant(self, token_hash: str) -> AccessGrant | None:
         """Resolve an access-token hash of a live login session (expiry not checked)."""
@@ -326,11 +331,14 @@ class SqlUserStore(EngineStore):
                 logins.c.revoked.is_(None),
             )
         )
-        async with self._connect() as conn:
-            row = (await conn.execute(query)).first()
-        if row is None:
-            return None
-        return AccessGrant(user=UserId(row[0]), login=LoginId(row[1]), expires=row[2])
+
+        def run(conn: Connection) -> AccessGrant | None:
+            row = conn.execute(query).first()
+            if row is None:
+                return None
+            return AccessGrant(user=UserId(row[0]), login=LoginId(row[1]), expires=row[2])
+
+        return await self._read(run)
 
     async def rotate(self, refresh_hash: str, now: int, new_tokens: Sequence[NewToken]) -> Rotation:
         """Spend a refresh token and store ``new_tokens`` for the same login session.
@@ -339,10 +347,11 @@ class SqlUserStore(EngineStore):
         marked ``used``, until the next rotation. Presenting a spent token again is
         taken as theft (someone holds a copy) and revokes the whole login session.
         """
-        async with self._begin() as conn:
+
+        def run(conn: Connection) -> Rotation:
             # The conditional UPDATE is the single point that decides who wins a race
             # between two refreshes with the same token.
-            spent = await conn.execute(
+            spent = conn.execute(
                 update(tokens)
                 .where(
                     tokens.c.hash == refresh_hash,
@@ -352,12 +361,10 @@ class SqlUserStore(EngineStore):
                 )
                 .values(used=now)
             )
-            row = (
-                await conn.execute(
-                    select(tokens.c.login_id, tokens.c.used, logins.c.user_id, logins.c.revoked)
-                    .select_from(tokens.join(logins, logins.c.id == tokens.c.login_id))
-                    .where(tokens.c.hash == refresh_hash, tokens.c.kind == REFRESH)
-                )
+            row = conn.execute(
+                select(tokens.c.login_id, tokens.c.used, logins.c.user_id, logins.c.revoked)
+                .select_from(tokens.join(logins, logins.c.id == tokens.c.login_id))
+                .where(tokens.c.hash == refresh_hash, tokens.c.kind == REFRESH)
             ).first()
             if row is None:
                 return Rotation(status="invalid")
@@ -366,149 +373,172 @@ class SqlUserStore(EngineStore):
                 return Rotation(status="invalid")
             if spent.rowcount == 0:
                 if used is not None:
-                    dropped = await self._revoke(conn, [login], now)
+                    dropped = _revoke(conn, [login], now)
                     return Rotation(status="reused", user=user, login=login, dropped=dropped)
                 return Rotation(status="invalid")  # expired
             stale = [
                 r[0]
-                for r in await conn.execute(
+                for r in conn.execute(
                     select(tokens.c.hash).where(
                         tokens.c.login_id == login, tokens.c.hash != refresh_hash
                     )
                 )
             ]
             if stale:
-                await conn.execute(
+                conn.execute(
                     delete(tokens).where(tokens.c.login_id == login, tokens.c.hash != refresh_hash)
                 )
-            await self._insert_tokens(conn, login, new_tokens)
-        return Rotation(status="ok", user=user, login=login, dropped=stale)
+            _insert_tokens(conn, login, new_tokens)
+            return Rotation(status="ok", user=user, login=login, dropped=stale)
+
+        return await self._write(run)
 
     async def revoke_login(self, login: LoginId, now: int) -> list[str]:
         """Revoke one login session; returns the hashes of the token rows deleted."""
-        async with self._begin() as conn:
-            return await self._revoke(conn, [login], now)
+        return await self._write(_revoke, [login], now)
 
     async def purge_expired_tokens(self, now: int) -> int:
         """Delete token rows past their expiry; returns how many went."""
-        async with self._begin() as conn:
-            result = await conn.execute(delete(tokens).where(tokens.c.expires <= now))
-        return int(result.rowcount)
 
-    async def _insert_tokens(
-        self, conn: AsyncConnection, login: LoginId, new_tokens: Sequence[NewToken]
-    ) -> None:
-        await conn.execute(
-            insert(tokens),
-            [
-                {"hash": t.hash, "login_id": login, "kind": t.kind, "expires": t.expires}
-                for t in new_tokens
-            ],
-        )
+        def run(conn: Connection) -> int:
+            return int(conn.execute(delete(tokens).where(tokens.c.expires <= now)).rowcount)
 
-    async def _revoke(self, conn: AsyncConnection, ids: Sequence[LoginId], now: int) -> list[str]:
-        dropped: list[str] = []
-        for chunk in _chunks(ids):
-            dropped.extend(
-                r[0]
-                for r in await conn.execute(
-                    select(tokens.c.hash).where(tokens.c.login_id.in_(chunk))
-                )
-            )
-            await conn.execute(delete(tokens).where(tokens.c.login_id.in_(chunk)))
-            await conn.execute(
-                update(logins)
-                .where(logins.c.id.in_(chunk), logins.c.revoked.is_(None))
-                .values(revoked=now)
-            )
-        return dropped
+        return await self._write(run)
 
     # --- blocks -----------------------------------------------------------------------
 
     async def blocked_by(self, user: UserId) -> set[UserId]:
         """Everyone ``user`` has blocked."""
-        async with self._connect() as conn:
-            result = await conn.execute(select(blocks.c.target_id).where(blocks.c.user_id == user))
+
+        def run(conn: Connection) -> set[UserId]:
+            result = conn.execute(select(blocks.c.target_id).where(blocks.c.user_id == user))
             return {UserId(row[0]) for row in result}
+
+        return await self._read(run)
 
     async def add_block(self, user: UserId, target: UserId, now: int) -> None:
         """Record a block; already present is fine (no dialect-specific upsert needed)."""
-        try:
-            async with self._begin() as conn:
-                await conn.execute(
-                    insert(blocks).values(user_id=user, target_id=target, created=now)
-                )
-        except IntegrityError as exc:
-            async with self._connect() as conn:
-                exists = await conn.scalar(
+
+        def run(conn: Connection) -> None:
+            conn.execute(insert(blocks).values(user_id=user, target_id=target, created=now))
+
+        def exists(conn: Connection) -> bool:
+            return bool(
+                conn.scalar(
                     select(func.count())
                     .select_from(blocks)
                     .where(and_(blocks.c.user_id == user, blocks.c.target_id == target))
                 )
-            if not exists:
+            )
+
+        try:
+            await self._write(run)
+        except IntegrityError as exc:
+            if not await self._read(exists):
                 # Not the primary key, so a foreign key: one of the users is missing.
                 raise NotFound("no such user", field="user") from exc
 
     async def remove_block(self, user: UserId, target: UserId) -> None:
         """Drop a block if present."""
-        async with self._begin() as conn:
-            await conn.execute(
+
+        def run(conn: Connection) -> None:
+            conn.execute(
                 delete(blocks).where(blocks.c.user_id == user, blocks.c.target_id == target)
             )
+
+        await self._write(run)
 
     # --- presence ---------------------------------------------------------------------
 
     async def last_seen(self, ids: Sequence[UserId]) -> dict[UserId, int | None]:
         """Stored ``last_seen`` of each user among ``ids`` that has a presence record."""
-        seen: dict[UserId, int | None] = {}
         if not ids:
-            return seen
-        async with self._connect() as conn:
-            for chunk in _chunks(ids):
-                result = await conn.execute(
+            return {}
+
+        def run(conn: Connection) -> dict[UserId, int | None]:
+            seen: dict[UserId, int | None] = {}
+            for chunk in chunks(ids):
+                result = conn.execute(
                     select(presence.c.user_id, presence.c.last_seen).where(
                         presence.c.user_id.in_(chunk)
                     )
                 )
                 seen.update((UserId(row[0]), row[1]) for row in result)
-        return seen
+            return seen
+
+        return await self._read(run)
 
     async def set_last_seen_many(self, items: Mapping[UserId, int]) -> None:
         """Store many ``last_seen`` values in one transaction (one commit)."""
         if not items:
             return
         p = presence.c
-        async with self._begin() as conn:
-            result = await conn.execute(
+
+        def run(conn: Connection) -> set[UserId]:
+            result = conn.execute(
                 update(presence)
                 .where(p.user_id == bindparam("k_user"))
                 .values(last_seen=bindparam("k_seen")),
                 [{"k_user": u, "k_seen": t} for u, t in items.items()],
             )
             if result.rowcount == len(items):
-                return
-            found = set(
-                (await conn.execute(select(p.user_id).where(p.user_id.in_(list(items))))).scalars()
-            )
+                return set(items)
+            return set(conn.execute(select(p.user_id).where(p.user_id.in_(list(items)))).scalars())
+
+        found = await self._write(run)
         for user, when in items.items():
             if user not in found:
                 await self.set_last_seen(user, when)
 
     async def set_last_seen(self, user: UserId, when: int) -> None:
         """Store ``last_seen``; creates the record if the account predates it."""
-        async with self._begin() as conn:
-            result = await conn.execute(
-                update(presence).where(presence.c.user_id == user).values(last_seen=when)
+
+        def run(conn: Connection) -> int:
+            return int(
+                conn.execute(
+                    update(presence).where(presence.c.user_id == user).values(last_seen=when)
+                ).rowcount
             )
-            if result.rowcount:
-                return
+
+        def create(conn: Connection) -> None:
+            conn.execute(insert(presence).values(user_id=user, last_seen=when))
+
+        if await self._write(run):
+            return
         # Update-then-insert instead of a dialect-specific upsert; a racing insert of
         # the same row lands in IntegrityError and the update is simply retried.
         try:
-            async with self._begin() as conn:
-                await conn.execute(insert(presence).values(user_id=user, last_seen=when))
+            await self._write(create)
         except IntegrityError:
-            async with self._begin() as conn:
-                await conn.execute(
-                    update(presence).where(presence.c.user_id == user).values(last_seen=when)
-                )
+            await self._write(run)
+
+
+def _one_user(conn: Connection, where: Any) -> User | None:
+    row = conn.execute(select(*_USER_COLUMNS).where(where)).first()
+    return None if row is None else _user(row)
+
+
+def _insert_tokens(conn: Connection, login: LoginId, new_tokens: Sequence[NewToken]) -> None:
+    conn.execute(
+        insert(tokens),
+        [
+            {"hash": t.hash, "login_id": login, "kind": t.kind, "expires": t.expires}
+            for t in new_tokens
+        ],
+    )
+
+
+def _revoke(conn: Connection, ids: Sequence[LoginId], now: int) -> list[str]:
+    """Revoke the login sessions ``ids``; the hashes of the token rows deleted."""
+    dropped: list[str] = []
+    for chunk in chunks(ids):
+        dropped.extend(
+            r[0] for r in conn.execute(select(tokens.c.hash).where(tokens.c.login_id.in_(chunk)))
+        )
+        conn.execute(delete(tokens).where(tokens.c.login_id.in_(chunk)))
+        conn.execute(
+            update(logins)
+            .where(logins.c.id.in_(chunk), logins.c.revoked.is_(None))
+            .values(revoked=now)
+        )
+    return dropped
