@@ -44,7 +44,7 @@ from imserver.utils.errors import (
     Unauthorized,
     Unavailable,
 )
-from imserver.utils.ids import UserId
+from imserver.utils.ids import ConvId, UserId
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class HttpApi:
             if not conv:
                 raise BadRequest("the conv query parameter is required", field="conv")
             upload = await files.begin_upload(
-                user, conv, request.query.get("name", ""), request.content_length
+                user, ConvId(conv), request.query.get("name", ""), request.content_length
             )
             try:
                 async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):

@@ -30,7 +30,7 @@ import msgspec
 
 from imserver.services.message.api import FileRef
 from imserver.utils.errors import BadRequest, TooLarge
-from imserver.utils.ids import UserId
+from imserver.utils.ids import ConvId, UserId
 
 
 class FileInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,7 +45,7 @@ class FileInfo(msgspec.Struct, frozen=True, kw_only=True):
     size: int
     mime: str
     sha256: str
-    conv: str
+    conv: ConvId
     url: str
     thumb_url: str | None
 
@@ -112,7 +112,7 @@ class FileService(Protocol):
     """File records, blobs and thumbnails, with conversation membership as the ACL."""
 
     async def begin_upload(
-        self, user: UserId, conv: str, name: str, declared_size: int | None
+        self, user: UserId, conv: ConvId, name: str, declared_size: int | None
     ) -> Upload:
         """Check membership, quota and the declared size, and open an upload.
 

@@ -64,7 +64,7 @@ from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.config import FilesConfig
 from imserver.utils.errors import IMError, NotFound, TooLarge, Unavailable
-from imserver.utils.ids import FileId, UserId, random_id
+from imserver.utils.ids import ConvId, FileId, UserId, random_id
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ TMP = "upload storage"
 class MemberDirectory(Protocol):
     """What the file service needs from the message service."""
 
-    async def check_member(self, user: UserId, conv: str) -> None:
+    async def check_member(self, user: UserId, conv: ConvId) -> None:
         """Raise unless ``user`` may read ``conv`` now."""
 
     async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
@@ -132,7 +132,7 @@ class _Upload:
         service: LocalFileService,
         *,
         user: UserId,
-        conv: str,
+        conv: ConvId,
         name: str,
         limit: int,
         quota_limited: bool,
@@ -291,7 +291,7 @@ class LocalFileService:
     # --- uploads ----------------------------------------------------------------------
 
     async def begin_upload(
-        self, user: UserId, conv: str, name: str, declared_size: int | None
+        self, user: UserId, conv: ConvId, name: str, declared_size: int | None
     ) -> Upload:
         """Check membership, the declared size and the quota, then open a temporary file.
 

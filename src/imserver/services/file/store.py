@@ -40,6 +40,7 @@ from sqlalchemy import (
 
 from imserver.storage.runners import SqlStore
 from imserver.storage.statements import chunks
+from imserver.utils.ids import ConvId
 
 metadata = MetaData()
 
@@ -78,7 +79,7 @@ class FileRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One stored upload."""
 
     id: str
-    conv: str
+    conv: ConvId
     owner: str
     name: str
     size: int

@@ -77,7 +77,7 @@ class FileRef(msgspec.Struct, frozen=True, kw_only=True):
     """What a ``file``/``image`` message needs to know about the file it names."""
 
     id: str
-    conv: str
+    conv: ConvId
     """The conversation the file was uploaded to; only messages there may name it."""
     name: str
     size: int
@@ -144,7 +144,7 @@ class MessageService(Protocol):
         before it reach the old members, it and everything after reach the new ones;
         the room directory then answers this same object."""
 
-    async def check_member(self, user: UserId, conv: str) -> None:
+    async def check_member(self, user: UserId, conv: ConvId) -> None:
         """Raise unless ``user`` may read ``conv`` now: ``bad_request`` for a malformed
         id, ``not_found`` for an unknown user or room, ``forbidden`` for a non-member."""
 

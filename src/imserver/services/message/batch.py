@@ -24,9 +24,10 @@ from imserver.services.message.queued import (
     SendWrite,
     SystemWrite,
 )
-from imserver.services.message.schema import IdemKey, MessageKey, message_row
+from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey, message_row
 from imserver.services.message.writes import Target, WriteBatch
 from imserver.utils.errors import BadRequest, Forbidden, NotFound
+from imserver.utils.ids import ConvId
 
 CONTENT_TYPES: Final = frozenset({"text", "image", "file", "custom"})
 """Types a client sends; the only valid targets of edit, recall and react."""
@@ -38,9 +39,9 @@ FILE_TYPES: Final = frozenset({"image", "file"})
 class BatchState:
     """The writer's working state during one batch (discarded if the commit fails)."""
 
-    last: dict[str, int]
+    last: dict[ConvId, int]
     targets: dict[MessageKey, Target]
-    markers: dict[tuple[str, str], tuple[int, int, bool]]
+    markers: dict[MarkerKey, tuple[int, int, bool]]
     known: dict[IdemKey, tuple[int, int]]
     ts: int
     write: WriteBatch = field(default_factory=WriteBatch)

@@ -13,8 +13,9 @@ from typing import Protocol
 
 from imserver.protocol.models import Message
 from imserver.services.message.reads import ConvState
-from imserver.services.message.schema import IdemKey, MessageKey, StoredMessage
+from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey, StoredMessage
 from imserver.services.message.writes import Loaded, WriteBatch
+from imserver.utils.ids import ConvId, UserId
 
 
 class WriteTransaction(Protocol):
@@ -23,9 +24,9 @@ class WriteTransaction(Protocol):
     async def load(
         self,
         idem_keys: Sequence[IdemKey],
-        convs: Sequence[str],
+        convs: Sequence[ConvId],
         target_keys: Sequence[MessageKey],
-        marker_keys: Sequence[tuple[str, str]],
+        marker_keys: Sequence[MarkerKey],
     ) -> Loaded:
         """Open the transaction and read the stored idempotency keys, the last seqs of
         ``convs``, the targets and the markers the batch needs, in one step."""
@@ -45,22 +46,22 @@ class MessageStore(Protocol):
         ...
 
     async def history(
-        self, conv: str, *, after: int | None, before: int | None, limit: int
+        self, conv: ConvId, *, after: int | None, before: int | None, limit: int
     ) -> tuple[list[Message], bool]:
         """A page of ``conv`` ascending by seq, and whether more lie beyond it."""
         ...
 
-    async def conv_states(self, user: str, convs: Sequence[str]) -> dict[str, ConvState]:
+    async def conv_states(self, user: str, convs: Sequence[ConvId]) -> dict[ConvId, ConvState]:
         """Last seq, ``user``'s markers, unread and mention counts and the last message
         of each of ``convs``."""
         ...
 
-    async def direct_convs(self, user: str) -> dict[str, str]:
+    async def direct_convs(self, user: str) -> dict[UserId, ConvId]:
         """peer -> conv of every direct conversation of ``user`` that has messages."""
         ...
 
     async def search(
-        self, query: str, convs: Sequence[str], before: int | None, limit: int
+        self, query: str, convs: Sequence[ConvId], before: int | None, limit: int
     ) -> list[StoredMessage]:
         """Matching messages of ``convs`` with id < ``before``, newest first."""
         ...

@@ -39,6 +39,7 @@ from imserver.services.message.schema import (
 )
 from imserver.services.message.search import MessageSearch
 from imserver.storage.statements import CHUNK, DriverStatement, KeyLookup, chunks
+from imserver.utils.ids import ConvId, UserId
 
 
 class LastSeqLookup:
@@ -72,7 +73,7 @@ class LastSeqLookup:
             self._stmts[size] = stmt
         return stmt
 
-    def fetch(self, conn: Connection, convs: Sequence[str]) -> dict[str, int]:
+    def fetch(self, conn: Connection, convs: Sequence[ConvId]) -> dict[ConvId, int]:
         """conv -> last seq (0 when it has no message)."""
         found = dict.fromkeys(convs, 0)
         for chunk in chunks(convs, self.SIZES[-1]):
@@ -105,7 +106,7 @@ class ConvState(NamedTuple):
     last: StoredMessage | None
 
 
-def last_seqs(conn: Connection, convs: Sequence[str]) -> dict[str, int]:
+def last_seqs(conn: Connection, convs: Sequence[ConvId]) -> dict[ConvId, int]:
     """conv -> last stored seq (0 when it has no message)."""
     return _LAST_SEQS.fetch(conn, convs)
 
@@ -170,7 +171,7 @@ _HISTORY = _history_statements()
 
 
 def history(
-    conn: Connection, conv: str, after: int | None, before: int | None, limit: int
+    conn: Connection, conv: ConvId, after: int | None, before: int | None, limit: int
 ) -> tuple[list[Message], bool]:
     if after is not None:
         rows = _HISTORY["after"].execute(
@@ -199,12 +200,12 @@ def history(
     return page, has_more
 
 
-def conv_states(conn: Connection, user: str, convs: Sequence[str]) -> dict[str, ConvState]:
+def conv_states(conn: Connection, user: str, convs: Sequence[ConvId]) -> dict[ConvId, ConvState]:
     c = messages.c
     mm = message_mentions.c
     k = markers.c
     last = last_seqs(conn, convs)
-    marks: dict[str, tuple[int, int]] = {}
+    marks: dict[ConvId, tuple[int, int]] = {}
     for chunk in chunks(list(convs)):
         stmt = select(k.conv, k.read_seq, k.recv_seq).where(k.user_id == user, k.conv.in_(chunk))
         for r in conn.execute(stmt):
@@ -213,8 +214,8 @@ def conv_states(conn: Connection, user: str, convs: Sequence[str]) -> dict[str, 
     # Unread counts only where something lies past the read marker: one grouped
     # query per chunk, each conversation a range of the (conv, seq) index.
     behind = [(cv, read[cv]) for cv in convs if read[cv] < last[cv]]
-    unread: dict[str, int] = {}
-    mentioned: dict[str, int] = {}
+    unread: dict[ConvId, int] = {}
+    mentioned: dict[ConvId, int] = {}
     for part in chunks(behind, CHUNK // 2):
         ranges = or_(*(and_(c.conv == cv, c.seq > seq) for cv, seq in part))
         ustmt = (
@@ -259,7 +260,7 @@ def referenced_files(conn: Connection, file_ids: Sequence[str]) -> set[str]:
     return found
 
 
-def direct_convs(conn: Connection, user: str) -> dict[str, str]:
+def direct_convs(conn: Connection, user: str) -> dict[UserId, ConvId]:
     d = direct_peers.c
     return {
         r.peer_id: r.conv for r in conn.execute(select(d.peer_id, d.conv).where(d.user_id == user))
@@ -270,7 +271,7 @@ def search(
     conn: Connection,
     search: MessageSearch,
     query: str,
-    convs: Sequence[str],
+    convs: Sequence[ConvId],
     before: int | None,
     limit: int,
 ) -> list[StoredMessage]:

@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 
 from imserver.protocol.models import Message
+from imserver.utils.ids import ConvId
 
 # --- schema -------------------------------------------------------------------------
 
@@ -144,11 +145,14 @@ _meta_decoder = msgspec.json.Decoder(dict[str, Any])
 _list_decoder = msgspec.json.Decoder(list[str])
 
 
-MessageKey = tuple[str, int]
+MessageKey = tuple[ConvId, int]
 """(conv, seq) of a message."""
 
-IdemKey = tuple[str, str, str]
+IdemKey = tuple[ConvId, str, str]
 """(conv, sender, cid): the idempotency key of a write."""
+
+MarkerKey = tuple[ConvId, str]
+"""(conv, user) of a read/recv watermark."""
 
 
 # --- rows <-> models ----------------------------------------------------------------

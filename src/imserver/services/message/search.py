@@ -13,6 +13,7 @@ from typing import Protocol
 from sqlalchemy import ColumnElement, Connection, bindparam, func, select, text
 
 from imserver.services.message.schema import messages
+from imserver.utils.ids import ConvId
 
 
 class MessageSearch(Protocol):
@@ -27,7 +28,7 @@ class MessageSearch(Protocol):
         """Index the messages just inserted: every row with id > ``after_id``."""
 
     def search(
-        self, conn: Connection, query: str, convs: Sequence[str], before: int | None, limit: int
+        self, conn: Connection, query: str, convs: Sequence[ConvId], before: int | None, limit: int
     ) -> list[int]:
         """Ids of matching messages in ``convs`` with id < ``before``, newest first."""
 
@@ -80,7 +81,7 @@ class Fts5Search:
         conn.execute(self._index, {"after": after_id})
 
     def search(
-        self, conn: Connection, query: str, convs: Sequence[str], before: int | None, limit: int
+        self, conn: Connection, query: str, convs: Sequence[ConvId], before: int | None, limit: int
     ) -> list[int]:
         match = fts5_query(query)
         if not match or not convs:
@@ -101,7 +102,7 @@ class LikeSearch:
         return None
 
     def search(
-        self, conn: Connection, query: str, convs: Sequence[str], before: int | None, limit: int
+        self, conn: Connection, query: str, convs: Sequence[ConvId], before: int | None, limit: int
     ) -> list[int]:
         tokens = like_words(query)
         if not tokens or not convs:

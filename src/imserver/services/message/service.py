@@ -351,18 +351,18 @@ class LocalMessageService:
             rooms.extend(await ask(self._rooms.rooms_of(user)))
             joined = set(rooms)
             rooms.extend(r for r in await ask(self._rooms.invitations_of(user)) if r not in joined)
-        kinds: dict[str, ConvKind] = {conv: "direct" for conv in peers.values()}
+        kinds: dict[ConvId, ConvKind] = {conv: "direct" for conv in peers.values()}
         kinds[system] = "system"
         for room in rooms:
             kinds[room_conv(room)] = "room"
         states = await self._store.conv_states(user, list(kinds))
         if states[system].last_seq == 0:
             del states[system]
-        titles: dict[str, str] = {}
+        titles: dict[ConvId, str] = {}
         if peers:
-            found = await ask(self._users.get_users([UserId(p) for p in peers]))
+            found = await ask(self._users.get_users(list(peers)))
             for peer, conv in peers.items():
-                u = found.get(UserId(peer))
+                u = found.get(peer)
                 titles[conv] = u.display_name if u is not None else peer
         for room in rooms:
             assert self._rooms is not None
@@ -373,7 +373,7 @@ class LocalMessageService:
         out: list[tuple[tuple[int, int], ConvSummary]] = []
         for conv, st in states.items():
             summary = ConvSummary(
-                conv=ConvId(conv),
+                conv=conv,
                 kind=kinds[conv],
                 title="System" if kinds[conv] == "system" else titles.get(conv, conv),
                 last_seq=st.last_seq,
@@ -413,7 +413,7 @@ class LocalMessageService:
         before = decode_search_cursor(req.before) if req.before is not None else None
         if req.conv is not None:
             ref, _ = await self._member_access(caller, req.conv)
-            convs: list[str] = [ref.id]
+            convs: list[ConvId] = [ref.id]
         else:
             convs = list((await self._store.direct_convs(caller.user)).values())
             convs.append(system_conv(caller.user))
@@ -424,7 +424,7 @@ class LocalMessageService:
         nxt = encode_search_cursor(page[-1].id) if len(found) > req.limit else None
         return ops.SearchData(messages=[s.message for s in page], next=nxt)
 
-    async def check_member(self, user: UserId, conv: str) -> None:
+    async def check_member(self, user: UserId, conv: ConvId) -> None:
         """Raise unless ``user`` is a member of ``conv`` now (``bad_request`` for a
         malformed id, ``not_found`` for unknown users or rooms, ``forbidden``)."""
         ref = self._parse(conv)
@@ -441,7 +441,7 @@ class LocalMessageService:
         peers = self._writer.peers.get(user)
         if peers is None:
             changes = self._writer.peer_changes
-            peers = tuple(UserId(p) for p in await self._store.direct_convs(user))
+            peers = tuple(await self._store.direct_convs(user))
             if changes == self._writer.peer_changes:
                 self._writer.peers.put(user, peers)
         return list(peers)

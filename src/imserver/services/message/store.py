@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from imserver.protocol.models import Message
 from imserver.services.message import reads, writes
 from imserver.services.message.reads import ConvState
-from imserver.services.message.schema import IdemKey, MessageKey, StoredMessage
+from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey, StoredMessage
 from imserver.services.message.search import MessageSearch, search_for_dialect
 from imserver.services.message.writes import KeyConflict, Loaded, WriteBatch
 from imserver.storage.failures import is_database_failure, unavailable
@@ -39,6 +39,7 @@ from imserver.storage.runners import (
     sqlite_engine,
 )
 from imserver.utils.errors import IMError, Internal
+from imserver.utils.ids import ConvId, UserId
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ class WriteTx:
     async def load(
         self,
         idem_keys: Sequence[IdemKey],
-        convs: Sequence[str],
+        convs: Sequence[ConvId],
         target_keys: Sequence[MessageKey],
-        marker_keys: Sequence[tuple[str, str]],
+        marker_keys: Sequence[MarkerKey],
     ) -> Loaded:
         """Open the transaction and read, in one step, the stored idempotency keys,
         the last seqs of ``convs``, the targets and the markers the batch needs."""
@@ -199,14 +200,14 @@ class SqlMessageStore(SqlStore):
             await self._checkpoint()
         await super().close()
 
-    async def last_seqs(self, convs: Sequence[str]) -> dict[str, int]:
+    async def last_seqs(self, convs: Sequence[ConvId]) -> dict[ConvId, int]:
         """The last stored seq of each conversation (0 when it has none)."""
         if not convs:
             return {}
         return await self._read(reads.last_seqs, list(convs))
 
     async def history(
-        self, conv: str, *, after: int | None, before: int | None, limit: int
+        self, conv: ConvId, *, after: int | None, before: int | None, limit: int
     ) -> tuple[list[Message], bool]:
         """A page of ``conv`` ascending by seq, and whether more lie beyond it.
 
@@ -215,7 +216,7 @@ class SqlMessageStore(SqlStore):
         """
         return await self._read(reads.history, conv, after, before, limit)
 
-    async def conv_states(self, user: str, convs: Sequence[str]) -> dict[str, ConvState]:
+    async def conv_states(self, user: str, convs: Sequence[ConvId]) -> dict[ConvId, ConvState]:
         """Last seq, ``user``'s markers, unread and mention counts and the last message
         of each of ``convs``.
 
@@ -232,12 +233,12 @@ class SqlMessageStore(SqlStore):
             return set()
         return await self._read(reads.referenced_files, list(file_ids))
 
-    async def direct_convs(self, user: str) -> dict[str, str]:
+    async def direct_convs(self, user: str) -> dict[UserId, ConvId]:
         """peer -> conv of every direct conversation of ``user`` that has messages."""
         return await self._read(reads.direct_convs, user)
 
     async def search(
-        self, query: str, convs: Sequence[str], before: int | None, limit: int
+        self, query: str, convs: Sequence[ConvId], before: int | None, limit: int
     ) -> list[StoredMessage]:
         """Matching messages of ``convs`` with id < ``before``, newest first."""
         if not convs:

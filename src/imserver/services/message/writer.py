@@ -54,12 +54,12 @@ from imserver.services.message.queued import (
     SystemWrite,
     Write,
 )
-from imserver.services.message.schema import IdemKey, MessageKey
+from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey
 from imserver.services.message.writes import KeyConflict, Loaded
 from imserver.storage.bus import Delivery, LiveBus
 from imserver.utils.clock import now_ms
 from imserver.utils.errors import BadRequest, Forbidden, IMError, Internal, Unavailable
-from imserver.utils.ids import RoomId, UserId
+from imserver.utils.ids import ConvId, RoomId, UserId
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class MessageWriter:
         self._wake = asyncio.Event()
         self.closed = False
         """Set by :meth:`close`: new writes are refused with ``unavailable``."""
-        self._seqs: LRU[str, int] = LRU(_SEQ_CACHE)
+        self._seqs: LRU[ConvId, int] = LRU(_SEQ_CACHE)
         self._keys: LRU[IdemKey, tuple[int, int]] = LRU(_KEY_CACHE)
         self.peers: LRU[str, tuple[UserId, ...]] = LRU(USER_CACHE)
         """user -> direct-conversation peers (presence recipients), kept in step by the
@@ -187,7 +187,7 @@ class MessageWriter:
         # Refusals decided before the transaction, kept if it is applied again.
         refused: list[IMError | None] = [None] * len(batch)
         pre: list[IMError | None] = [None] * len(batch)
-        members: dict[str, Members | IMError] = {}
+        members: dict[ConvId, Members | IMError] = {}
         roles: dict[tuple[str, str], str | None] = {}
         blocked: dict[tuple[str, str], bool] = {}
 
@@ -280,7 +280,7 @@ class MessageWriter:
     async def _transact(
         self,
         batch: list[Write],
-        members: dict[str, Members | IMError],
+        members: dict[ConvId, Members | IMError],
         pre: list[IMError | None],
         roles: dict[tuple[str, str], str | None],
         *,
@@ -365,10 +365,10 @@ class MessageWriter:
         not known from memory. Nothing is read when memory holds it all."""
         idem_keys: dict[IdemKey, None] = {}
         known: dict[IdemKey, tuple[int, int]] = {}
-        last: dict[str, int] = {}
-        unknown_convs: list[str] = []
+        last: dict[ConvId, int] = {}
+        unknown_convs: list[ConvId] = []
         target_keys: dict[MessageKey, None] = {}
-        marker_keys: dict[tuple[str, str], None] = {}
+        marker_keys: dict[MarkerKey, None] = {}
         for item in batch:
             if item.answer is not None:
                 continue

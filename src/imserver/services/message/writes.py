@@ -17,6 +17,7 @@ from imserver.services.message.reads import last_seqs
 from imserver.services.message.schema import (
     MESSAGE_COLUMNS,
     IdemKey,
+    MarkerKey,
     MessageKey,
     direct_peers,
     markers,
@@ -27,6 +28,7 @@ from imserver.services.message.schema import (
 )
 from imserver.services.message.search import MessageSearch
 from imserver.storage.statements import DriverStatement, KeyLookup
+from imserver.utils.ids import ConvId
 
 _BY_IDEM_KEY = KeyLookup(
     [messages.c.conv, messages.c.sender, messages.c.cid, messages.c.seq, messages.c.ts],
@@ -58,17 +60,17 @@ class Loaded(NamedTuple):
 
     existing: dict[IdemKey, tuple[int, int]]
     """Idempotency keys already stored -> (seq, ts)."""
-    last: dict[str, int]
+    last: dict[ConvId, int]
     """Last stored seq per conversation (0 when it has none)."""
     targets: dict[MessageKey, Target]
-    markers: dict[tuple[str, str], tuple[int, int]]
+    markers: dict[MarkerKey, tuple[int, int]]
     """(conv, user) -> (read_seq, recv_seq) of existing marker rows."""
 
 
 class MentionRow(TypedDict):
     """A ``message_mentions`` row."""
 
-    conv: str
+    conv: ConvId
     user_id: str
     seq: int
 
@@ -77,7 +79,7 @@ class FileRow(TypedDict):
     """A ``message_files`` row: a message naming an uploaded file."""
 
     file_id: str
-    conv: str
+    conv: ConvId
     seq: int
 
 
@@ -86,7 +88,7 @@ class PeerRow(TypedDict):
 
     user_id: str
     peer_id: str
-    conv: str
+    conv: ConvId
 
 
 class WriteBatch(msgspec.Struct, kw_only=True):
@@ -104,18 +106,18 @@ class WriteBatch(msgspec.Struct, kw_only=True):
     peers: list[PeerRow] = msgspec.field(default_factory=list)
     edits: dict[MessageKey, str] = msgspec.field(default_factory=dict)
     recalls: list[MessageKey] = msgspec.field(default_factory=list)
-    reactions: dict[tuple[str, int, str, str], int | None] = msgspec.field(default_factory=dict)
+    reactions: dict[tuple[ConvId, int, str, str], int | None] = msgspec.field(default_factory=dict)
     """(conv, seq, emoji, user) -> the reaction's seq when present now, None when removed."""
-    markers: dict[tuple[str, str], tuple[int, int, bool]] = msgspec.field(default_factory=dict)
+    markers: dict[MarkerKey, tuple[int, int, bool]] = msgspec.field(default_factory=dict)
     """(conv, user) -> (read_seq, recv_seq, row already exists)."""
 
 
 def load(
     conn: Connection,
     idem_keys: Sequence[IdemKey],
-    convs: Sequence[str],
+    convs: Sequence[ConvId],
     target_keys: Sequence[MessageKey],
-    marker_keys: Sequence[tuple[str, str]],
+    marker_keys: Sequence[MarkerKey],
 ) -> Loaded:
     """Open the transaction and read what a batch needs in one step (see :class:`Loaded`)."""
     if not conn.in_transaction():
