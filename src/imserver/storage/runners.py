@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,7 +33,6 @@ from imserver.storage import sql
 from imserver.storage.failures import is_database_failure, unavailable
 
 T = TypeVar("T")
-S = TypeVar("S", bound="SqlStore")
 
 
 class Runner(Protocol):
@@ -209,7 +208,7 @@ class SqlStore:
         self._writes = reads if writes is None else writes
 
     @classmethod
-    def on_engine(cls: type[S], engine: AsyncEngine) -> S:
+    def on_engine(cls, engine: AsyncEngine) -> Self:
         """A store on one async engine (any dialect): a pooled connection per operation."""
         return cls(AsyncRunner(engine))
 

@@ -114,10 +114,6 @@ class SystemWrite(MessageWrite):
     members: Members | None = None
 
 
-TargetWrite = EditWrite | RecallWrite | ReactWrite
-"""The writes whose subject is an earlier message of the conversation."""
-
-
 class MarkDone(enum.Enum):
     """A mark's result inside the writer: whether the watermark moved."""
 

@@ -212,7 +212,7 @@ class MessageWriter:
                 pre[i] = Forbidden(f"not a member of {conv.id}")
                 continue
             try:
-                if conv.kind == "direct" and isinstance(item, SendWrite | EditWrite | ReactWrite):
+                if conv.kind == "direct" and isinstance(item, (SendWrite, EditWrite, ReactWrite)):
                     recipient = conv.b if item.user == conv.a else conv.a
                     pair = (recipient, item.user)
                     if pair not in blocked:
@@ -389,7 +389,7 @@ class MessageWriter:
                 known[key] = hit
             elif check_all:
                 idem_keys[key] = None
-            if isinstance(item, EditWrite | RecallWrite | ReactWrite):
+            if isinstance(item, (EditWrite, RecallWrite, ReactWrite)):
                 target_keys[(conv_id, item.target)] = None
         if idem_keys or unknown_convs or target_keys or marker_keys:
             loaded = await tx.load(
