@@ -6,7 +6,7 @@ problem in it: a task that died with a traceback in the background leaves the
 clients none the wiser, so a test that only looks at replies would pass.
 
 A log is cut into *entries*: each starts at a record line of the server's format
-(``2025-01-31 12:00:00,123 ERROR imserver.core.session: op send failed``) or at a
+(``2025-01-31 12:00:00,123 ERROR imserver.services.gateway.session: op send failed``) or at a
 harness marker line (``===== ...``, a line of its own); the lines after a record (a traceback, a
 multi-line message) belong to it. Text before the first record is an entry of its own. An
 entry is a problem when its record is ``ERROR`` or ``CRITICAL``, or when it holds a

@@ -16,7 +16,7 @@ CAPTURED = """\
 ===== start #1: python -m imserver serve --config imserver.toml
 2026-12-05 04:31:32,965 INFO imserver.core.server: imserver listening: http/ws 127.0.0.1:1
 2026-12-05 04:31:33,100 WARNING imserver.network.tcp: a warning is no problem
-2026-12-05 04:31:33,237 ERROR imserver.core.session: op send failed
+2026-12-05 04:31:33,237 ERROR imserver.services.gateway.session: op send failed
 Traceback (most recent call last):
   File "/src/imserver/core/session.py", line 133, in dispatch
     result = await result
@@ -40,7 +40,7 @@ def test_the_scanner_finds_tracebacks_and_error_records() -> None:
     assert [(p.level, p.text.splitlines()[0], p.text.splitlines()[-1]) for p in found] == [
         (
             "ERROR",
-            "2026-12-05 04:31:33,237 ERROR imserver.core.session: op send failed",
+            "2026-12-05 04:31:33,237 ERROR imserver.services.gateway.session: op send failed",
             "ValueError: out of range",
         ),
         (
@@ -60,7 +60,9 @@ def test_the_scanner_finds_tracebacks_and_error_records() -> None:
         ),
     ]
     # An INFO record with a traceback is still a problem; without one it is not.
-    relabelled = CAPTURED.replace("ERROR imserver.core.session", "INFO imserver.core.session")
+    relabelled = CAPTURED.replace(
+        "ERROR imserver.services.gateway.session", "INFO imserver.services.gateway.session"
+    )
     assert [p.level for p in serverlog.problems(relabelled)] == [
         "INFO",
         "WARNING",

@@ -13,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from imserver.network.http import parse_range
 from imserver.services.file.api import RangeNotSatisfiable
 from imserver.services.file.content import (
     NAME_MAX,
@@ -24,6 +23,7 @@ from imserver.services.file.content import (
     sanitise_name,
     sniff_mime,
 )
+from imserver.services.gateway.http_api import parse_range
 from imserver.utils.errors import BadRequest
 
 

@@ -4,7 +4,7 @@ the same write succeeds and nothing stored before is lost.
 
 The user, room and message services run on real SQLite files on a small tmpfs of
 their own (``tests/disks.py``), behind a real gateway: each op is a JSON frame into a
-:class:`~imserver.core.session.Session` and each answer the reply frame it writes.
+:class:`~imserver.services.gateway.session.Session` and each answer the reply frame it writes.
 The file service is driven through its API (the HTTP route is in
 ``tests/e2e/test_full_disk_server.py``), with its database and its files on the full
 disk in turn, so that each of the upload's writes meets the full disk first once.
@@ -37,8 +37,6 @@ import pytest
 from disks import SmallDisk
 from PIL import Image
 
-from imserver.core.metrics import Metrics
-from imserver.core.session import Session
 from imserver.protocol.codec import Codec
 from imserver.services.file.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from imserver.services.file.service import (
@@ -51,6 +49,7 @@ from imserver.services.file.service import (
 )
 from imserver.services.file.store import SqlFileStore
 from imserver.services.gateway.service import Gateway
+from imserver.services.gateway.session import Session
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.service import LocalUserService, open_user_service
@@ -59,6 +58,7 @@ from imserver.storage.sql import make_engine, sqlite_url, upgrade
 from imserver.utils.config import Config
 from imserver.utils.errors import IMError, Unavailable
 from imserver.utils.ids import UserId
+from imserver.utils.metrics import Metrics
 
 Frame = dict[str, Any]
 PASSWORD = "correct-horse"

@@ -17,19 +17,19 @@ from typing import Any
 import msgspec
 import pytest
 
-from imserver.core.metrics import Metrics
-from imserver.core.session import Session
 from imserver.protocol import ops
 from imserver.protocol.codec import Codec
 from imserver.protocol.events import Msg
 from imserver.protocol.framing import FrameDecoder, encode_frame
 from imserver.services.gateway.service import Gateway
+from imserver.services.gateway.session import Session
 from imserver.services.message.service import open_message_service
 from imserver.services.room.service import open_room_service
 from imserver.services.user.service import open_user_service
 from imserver.storage.bus import Delivery, MemoryLiveBus
 from imserver.storage.sql import sqlite_url
 from imserver.utils.config import Config
+from imserver.utils.metrics import Metrics
 
 
 class MemoryLink:

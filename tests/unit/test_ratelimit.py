@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imserver.core.ratelimit import TokenBucket
+from imserver.services.gateway.ratelimit import TokenBucket
 
 
 def test_burst_then_refusal_with_retry_after() -> None:

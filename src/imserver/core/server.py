@@ -16,12 +16,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from imserver.core.metrics import Metrics
-from imserver.network.http import HttpApi, RequestLog, build_app
 from imserver.network.listener import Admission, Listener, system_backlog
 from imserver.network.tcp import serve_tcp
 from imserver.network.ws import WsEntry, serve_http
 from imserver.services.file.service import LocalFileService, open_file_service
+from imserver.services.gateway.http_api import HttpApi, RequestLog, build_app
 from imserver.services.gateway.service import Gateway
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.services.room.service import LocalRoomService, open_room_service
@@ -29,6 +28,7 @@ from imserver.services.user.service import LocalUserService, open_user_service
 from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import sqlite_url, upgrade
 from imserver.utils.config import Config
+from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from imserver.core.metrics import Metrics
+from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import logging
 
-from imserver.core.session import Session
 from imserver.network.listener import Admission, Listener
 from imserver.protocol.codec import Codec, detect_codec
 from imserver.protocol.framing import FrameDecoder, FrameTooLarge, encode_frame
 from imserver.services.gateway.service import Gateway
+from imserver.services.gateway.session import Session
 
 logger = logging.getLogger(__name__)
 

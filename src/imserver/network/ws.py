@@ -4,10 +4,10 @@ Every connection to the HTTP port starts at :class:`Front`, which reads the firs
 request head. A valid WebSocket upgrade of ``/ws`` that the gateway accepts (origin
 allowed, not draining) is answered here and the connection becomes a
 :class:`WsConnection`: the frames are parsed by :class:`~imserver.protocol.wsframe.WsParser`
-and go to the same :class:`~imserver.core.session.Session` as TCP's. Anything else —
+and go to the same :class:`~imserver.services.gateway.session.Session` as TCP's. Anything else —
 every HTTP API request, and upgrades to be refused — is handed, with the bytes already
 read, to aiohttp's request handler, which serves the routes of
-:mod:`imserver.network.http` (including the refusals of ``/ws``). An upgrade that
+:mod:`imserver.services.gateway.http_api` (including the refusals of ``/ws``). An upgrade that
 comes after HTTP requests on a keep-alive connection therefore reaches aiohttp; its
 ``/ws`` route gives that connection to a :class:`WsConnection` as well
 (:func:`upgrade_within_aiohttp`).
@@ -46,7 +46,6 @@ from typing import cast
 
 from aiohttp import web
 
-from imserver.core.session import Session
 from imserver.network.listener import Admission, Listener
 from imserver.protocol.codec import Codec
 from imserver.protocol.wsframe import (
@@ -67,6 +66,7 @@ from imserver.protocol.wsframe import (
     ws_pong,
 )
 from imserver.services.gateway.service import Gateway
+from imserver.services.gateway.session import Session
 from imserver.utils.errors import TooLarge
 
 logger = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from imserver.utils.errors import (
 from imserver.utils.ids import UserId
 
 if TYPE_CHECKING:
-    from imserver.core.router import Handler
-    from imserver.core.session import Session
     from imserver.services.caller import Caller
+    from imserver.services.gateway.router import Handler
     from imserver.services.gateway.service import Gateway
+    from imserver.services.gateway.session import Session
 
 EMPTY = ops.Empty()
 PROTOCOL_VERSIONS = (1,)

@@ -1,7 +1,7 @@
 """The gateway: live connections, their authentication, presence and heartbeats.
 
 The gateway is the only service that speaks the wire protocol. It owns the set of
-live sessions and the :class:`~imserver.core.hub.Hub`, subscribes the hub to the
+live sessions and the :class:`~imserver.services.gateway.hub.Hub`, subscribes the hub to the
 live bus, and turns the user service's view of login sessions into connection
 state: a revoked login closes its connections, the first connection of a user makes
 them ``online`` and the last one ``offline``.
@@ -15,14 +15,13 @@ import logging
 import time
 
 from imserver import __version__
-from imserver.core.hub import Hub
-from imserver.core.metrics import Metrics
-from imserver.core.ratelimit import TokenBucket
-from imserver.core.router import Router
-from imserver.core.session import Flusher, Session
 from imserver.protocol.events import PresenceEvent
 from imserver.protocol.models import Limits, PresenceInfo, RateLimits, ServerInfo
 from imserver.services.caller import Caller
+from imserver.services.gateway.hub import Hub
+from imserver.services.gateway.ratelimit import TokenBucket
+from imserver.services.gateway.router import Router
+from imserver.services.gateway.session import Flusher, Session
 from imserver.services.message.api import MessageService
 from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, UserService
@@ -30,6 +29,7 @@ from imserver.storage.bus import Delivery, LiveBus
 from imserver.utils.config import Config
 from imserver.utils.errors import Conflict, Forbidden, IMError, Unavailable
 from imserver.utils.ids import LoginId, UserId
+from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from imserver.core.metrics import Metrics
-from imserver.core.session import Session
 from imserver.protocol.codec import Codec, EncodedEvent
+from imserver.services.gateway.session import Session
 from imserver.storage.bus import Delivery
 from imserver.utils.ids import LoginId, UserId
+from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

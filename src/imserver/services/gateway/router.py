@@ -14,7 +14,7 @@ from imserver.protocol import ops
 from imserver.utils.errors import BadRequest, Unauthorized
 
 if TYPE_CHECKING:
-    from imserver.core.session import Session
+    from imserver.services.gateway.session import Session
 
 Handler = Callable[["Session", Any], "Awaitable[Any] | Any"]
 

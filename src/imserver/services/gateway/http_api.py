@@ -23,17 +23,17 @@ import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from imserver.core.openapi import openapi_document
-from imserver.core.ratelimit import TokenBucket
-from imserver.core.router import PUBLIC_OPS
-from imserver.core.session import Session
 from imserver.network.ws import upgrade_within_aiohttp
 from imserver.protocol.codec import Codec, decode_op_as, encode_json
 from imserver.protocol.wsframe import RequestHead, header_dict, upgrade_key
 from imserver.services.caller import Caller
 from imserver.services.file.api import FileService, RangeNotSatisfiable, UploadData
 from imserver.services.file.content import content_disposition
+from imserver.services.gateway.openapi import openapi_document
+from imserver.services.gateway.ratelimit import TokenBucket
+from imserver.services.gateway.router import PUBLIC_OPS
 from imserver.services.gateway.service import Gateway
+from imserver.services.gateway.session import Session
 from imserver.utils.errors import (
     BadRequest,
     IMError,

@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 
-from imserver.core.router import PUBLIC_OPS
 from imserver.protocol import ops
 from imserver.protocol.models import ServerInfo
 from imserver.services.file.api import UploadData
+from imserver.services.gateway.router import PUBLIC_OPS
 from imserver.utils.errors import ERRORS_BY_CODE
 
 REF = "#/components/schemas/{name}"
