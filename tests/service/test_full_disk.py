@@ -3,8 +3,9 @@ traceback, leaves the connection usable and changes nothing; once the space is b
 the same write succeeds and nothing stored before is lost.
 
 The user, room and message services run on real SQLite files on a small tmpfs of
-their own (``tests/disks.py``), behind a real gateway: each op is a JSON frame into a
-:class:`~imserver.services.gateway.session.Session` and each answer the reply frame it writes.
+their own (``tests/disks.py``), behind a real gateway driven through the in-memory
+session harness (:mod:`imserver.testing.sessions`): each op is a JSON frame into a
+session and each answer the reply frame it writes.
 The file service is driven through its API (the HTTP route is in
 ``tests/e2e/test_full_disk_server.py``), with its database and its files on the full
 disk in turn, so that each of the upload's writes meets the full disk first once.
@@ -22,7 +23,6 @@ import asyncio
 import errno
 import hashlib
 import io
-import itertools
 import logging
 import os
 import secrets
@@ -32,12 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from disks import SmallDisk
 from PIL import Image
 
-from imserver.protocol.codec import Codec
 from imserver.services.file.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from imserver.services.file.service import (
     MIGRATIONS as FILE_MIGRATIONS,
@@ -49,16 +47,13 @@ from imserver.services.file.service import (
 )
 from imserver.services.file.store import SqlFileStore
 from imserver.services.gateway.service import Gateway
-from imserver.services.gateway.session import Session
-from imserver.services.message.service import LocalMessageService, open_message_service
-from imserver.services.room.service import LocalRoomService, open_room_service
-from imserver.services.user.service import LocalUserService, open_user_service
-from imserver.storage.bus import MemoryLiveBus
+from imserver.services.message.service import LocalMessageService
+from imserver.services.room.service import LocalRoomService
+from imserver.services.user.service import LocalUserService
 from imserver.storage.sql import make_engine, sqlite_url, upgrade
-from imserver.utils.config import Config
+from imserver.testing.sessions import GatewayHarness, Peer
 from imserver.utils.errors import IMError, Unavailable
 from imserver.utils.ids import UserId
-from imserver.utils.metrics import Metrics
 
 Frame = dict[str, Any]
 PASSWORD = "correct-horse"
@@ -68,61 +63,8 @@ NOSPC = os.strerror(errno.ENOSPC)
 """What the file system says (``No space left on device``)."""
 
 
-class MemoryLink:
-    """A link that decodes what the session writes (one JSON payload per line)."""
-
-    kind = "tcp"
-
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-        self.closed = False
-        self._arrived = asyncio.Event()
-
-    def frame(self, payload: bytes, codec: Codec) -> bytes:
-        return payload + b"\n"  # JSON from msgspec never holds a raw newline
-
-    def write(self, data: bytes) -> None:
-        self.frames.extend(msgspec.json.decode(line) for line in data.splitlines())
-        self._arrived.set()
-
-    def buffered(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    async def reply(self, rid: str) -> Frame:
-        """The reply to ``rid``, once the session has written it."""
-        while True:
-            for f in self.frames:
-                if f.get("op") == "reply" and f.get("rid") == rid:
-                    return f
-            self._arrived.clear()
-            await asyncio.wait_for(self._arrived.wait(), 30)
-
-
-class Conn:
+class Conn(Peer):
     """One client connection to the in-process gateway."""
-
-    _rids = itertools.count(1)
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.link = MemoryLink()
-        self.session = Session(gateway, self.link)
-
-    async def call(self, op: str, **fields: Any) -> Frame:
-        rid = f"r{next(self._rids)}"
-        payload = msgspec.json.encode({"op": op, "rid": rid, **fields})
-        await self.session.receive(payload, Codec.JSON)
-        return await self.link.reply(rid)
-
-    async def ok(self, op: str, **fields: Any) -> Any:
-        reply = await self.call(op, **fields)
-        assert reply["ok"] is True, (op, reply)
-        return reply["data"]
 
     async def unavailable(self, op: str, **fields: Any) -> None:
         """Require the documented answer to a write the storage cannot take."""
@@ -142,10 +84,23 @@ class Conn:
 @dataclass
 class World:
     disk: SmallDisk
-    gateway: Gateway
-    users: LocalUserService
-    rooms: LocalRoomService
-    messages: LocalMessageService
+    harness: GatewayHarness
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.harness.gateway
+
+    @property
+    def users(self) -> LocalUserService:
+        return self.harness.users
+
+    @property
+    def rooms(self) -> LocalRoomService:
+        return self.harness.rooms
+
+    @property
+    def messages(self) -> LocalMessageService:
+        return self.harness.messages
 
     async def conn(self) -> Conn:
         """A new connection, greeted."""
@@ -162,24 +117,10 @@ class World:
 
 @pytest.fixture
 async def world(disk: SmallDisk) -> AsyncIterator[World]:
-    bus = MemoryLiveBus()
-    data = disk.path
-    users = await open_user_service(
-        sqlite_url(data, "user"), argon2_memory_kib=1024, argon2_time_cost=1
-    )
-    rooms = await open_room_service(sqlite_url(data, "room"), users=users)
-    messages = await open_message_service(
-        sqlite_url(data, "message"), bus=bus, users=users, rooms=rooms
-    )
-    rooms.bind(messages=messages)
-    gw = Gateway(Config(), users=users, messages=messages, rooms=rooms, bus=bus, metrics=Metrics())
-    rooms.bind(online=gw.hub)
-    yield World(disk, gw, users, rooms, messages)
-    if disk.full:
-        disk.free()
-    await messages.close()
-    await rooms.close()
-    await users.close()
+    async with GatewayHarness.open(disk.path) as harness:
+        yield World(disk, harness)
+        if disk.full:
+            disk.free()
 
 
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:

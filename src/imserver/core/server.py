@@ -16,11 +16,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from imserver.network.http import app_runner
 from imserver.network.listener import Admission, Listener, system_backlog
 from imserver.network.tcp import serve_tcp
 from imserver.network.ws import WsEntry, serve_http
 from imserver.services.file.service import LocalFileService, open_file_service
-from imserver.services.gateway.http_api import HttpApi, RequestLog, build_app
+from imserver.services.gateway.http_api import HttpApi, build_app
 from imserver.services.gateway.service import Gateway
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.services.room.service import LocalRoomService, open_room_service
@@ -115,9 +116,7 @@ class Server:
         self.rooms.bind(online=gateway.hub)
         gateway.start()
         app, self._api = build_app(gateway, self.files)
-        self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, logger=RequestLog()
-        )
+        self._runner = app_runner(app)
         await self._runner.setup()
         assert self._runner.server is not None
         lim = cfg.limits

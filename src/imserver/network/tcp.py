@@ -11,11 +11,10 @@ import asyncio
 import contextlib
 import logging
 
+from imserver.network.handler import Connection, ConnectionHandler
 from imserver.network.listener import Admission, Listener
 from imserver.protocol.codec import Codec, detect_codec
 from imserver.protocol.framing import FrameDecoder, FrameTooLarge, encode_frame
-from imserver.services.gateway.service import Gateway
-from imserver.services.gateway.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +59,24 @@ class TcpLink:
 
 
 async def serve_tcp(
-    gateway: Gateway, host: str, port: int, backlog: int, admission: Admission
+    handler: ConnectionHandler, host: str, port: int, backlog: int, admission: Admission
 ) -> Listener:
     """Start the TCP listener."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = Session(gateway, TcpLink(writer.transport))
+        session = handler.open(TcpLink(writer.transport))
         try:
-            gateway.opened(session)
             try:
                 await serve(session, reader)
             finally:
-                await gateway.closed(session)
+                await handler.closed(session)
             if session.closing:
-                await linger(reader, gateway.config.shutdown_grace)
+                await linger(reader, handler.shutdown_grace)
         finally:
             writer.close()
 
-    async def serve(session: Session, reader: asyncio.StreamReader) -> None:
-        decoder = FrameDecoder(gateway.config.limits.max_frame)
+    async def serve(session: Connection, reader: asyncio.StreamReader) -> None:
+        decoder = FrameDecoder(handler.max_frame)
         try:
             while not session.closing:
                 data = await reader.read(READ_SIZE)
@@ -95,7 +93,7 @@ async def serve_tcp(
                     if session.closing:
                         return
                 if too_large is not None:
-                    session.send_error(None, too_large)
+                    session.refuse(too_large)
                     session.close("frame_too_large")
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

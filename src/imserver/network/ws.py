@@ -1,13 +1,14 @@
 """The HTTP port's front door and the WebSocket transport.
 
 Every connection to the HTTP port starts at :class:`Front`, which reads the first
-request head. A valid WebSocket upgrade of ``/ws`` that the gateway accepts (origin
+request head. A valid WebSocket upgrade of ``/ws`` that the handler accepts (origin
 allowed, not draining) is answered here and the connection becomes a
 :class:`WsConnection`: the frames are parsed by :class:`~imserver.protocol.wsframe.WsParser`
-and go to the same :class:`~imserver.services.gateway.session.Session` as TCP's. Anything else —
+and go to a :class:`~imserver.network.handler.Connection` of the
+:class:`~imserver.network.handler.ConnectionHandler`, as TCP's do. Anything else —
 every HTTP API request, and upgrades to be refused — is handed, with the bytes already
-read, to aiohttp's request handler, which serves the routes of
-:mod:`imserver.services.gateway.http_api` (including the refusals of ``/ws``). An upgrade that
+read, to aiohttp's request handler, which serves the HTTP API (including the refusals
+of ``/ws``). An upgrade that
 comes after HTTP requests on a keep-alive connection therefore reaches aiohttp; its
 ``/ws`` route gives that connection to a :class:`WsConnection` as well
 (:func:`upgrade_within_aiohttp`).
@@ -39,13 +40,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import cast
 
 from aiohttp import web
 
+from imserver.network.handler import ConnectionHandler
 from imserver.network.listener import Admission, Listener
 from imserver.protocol.codec import Codec
 from imserver.protocol.wsframe import (
@@ -65,8 +66,6 @@ from imserver.protocol.wsframe import (
     ws_frame,
     ws_pong,
 )
-from imserver.services.gateway.service import Gateway
-from imserver.services.gateway.session import Session
 from imserver.utils.errors import TooLarge
 
 logger = logging.getLogger(__name__)
@@ -133,12 +132,12 @@ class WsConnection(asyncio.Protocol):
     """One upgraded WebSocket: buffers what arrives and runs its frames, in order, on
     one task (:meth:`run`) that calls the session."""
 
-    def __init__(self, gateway: Gateway, transport: asyncio.Transport) -> None:
-        self.gateway = gateway
+    def __init__(self, handler: ConnectionHandler, transport: asyncio.Transport) -> None:
+        self.handler = handler
         self.transport = transport
         self.link = WsLink(self)
-        self.session = Session(gateway, self.link)
-        self.parser = WsParser(gateway.config.limits.max_frame * WS_HARD_CAP_FACTOR)
+        self.session = handler.open(self.link)
+        self.parser = WsParser(handler.max_frame * WS_HARD_CAP_FACTOR)
         self._inbox = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
@@ -195,13 +194,11 @@ class WsConnection(asyncio.Protocol):
 
     async def run(self) -> None:
         """The connection's life: its frames, then the close handshake."""
-        gw = self.gateway
         try:
-            gw.opened(self.session)
             try:
                 end = await self._serve()
             finally:
-                await gw.closed(self.session)
+                await self.handler.closed(self.session)
             if end is _End.FAILED:
                 await self._discard()
             elif end is _End.SERVER_CLOSING and not self._ended:
@@ -215,7 +212,7 @@ class WsConnection(asyncio.Protocol):
         breaks the protocol."""
         session = self.session
         link = self.link
-        max_frame = self.gateway.config.limits.max_frame
+        max_frame = self.handler.max_frame
         try:
             while not session.closing:
                 data = await self._read(interruptible=True)
@@ -239,9 +236,7 @@ class WsConnection(asyncio.Protocol):
                             codec = Codec.MSGPACK
                         size = len(payload)
                         if size > max_frame:
-                            session.last_rx = time.monotonic()
-                            session.send_error(
-                                None,
+                            session.refuse(
                                 TooLarge(f"frame of {size} bytes exceeds max_frame {max_frame}"),
                                 codec,
                             )
@@ -274,7 +269,7 @@ class WsConnection(asyncio.Protocol):
         if not transport.is_closing() and transport.can_write_eof():
             transport.write_eof()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.gateway.config.shutdown_grace):
+            async with asyncio.timeout(self.handler.shutdown_grace):
                 while await self._read(interruptible=False):
                     pass
 
@@ -282,7 +277,7 @@ class WsConnection(asyncio.Protocol):
         """Discard input until the client's close frame (or its end), at most
         ``shutdown_grace`` seconds."""
         with contextlib.suppress(TimeoutError, WsProtocolError):
-            async with asyncio.timeout(self.gateway.config.shutdown_grace):
+            async with asyncio.timeout(self.handler.shutdown_grace):
                 while data := await self._read(interruptible=False):
                     if any(op == OP_CLOSE for op, _ in self.parser.feed(data)):
                         return
@@ -304,7 +299,7 @@ class Front(asyncio.Protocol):
         # A connection that never completes its first request head is dropped after
         # the same time a TCP connection has to send hello.
         self._timer = asyncio.get_running_loop().call_later(
-            self.entry.gateway.config.limits.hello_timeout, transport.close
+            self.entry.handler.hello_timeout, transport.close
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -327,8 +322,10 @@ class Front(asyncio.Protocol):
         request = parse_request_head(bytes(head[: end + 4]))
         if request is not None and request.target.partition("?")[0] == WS_PATH:
             key = upgrade_key(request)
-            gw = self.entry.gateway
-            if key is not None and gw.ws_refusal(request.headers.get("origin")) is None:
+            if (
+                key is not None
+                and self.entry.handler.ws_refusal(request.headers.get("origin")) is None
+            ):
                 self._upgrade(key, bytes(head[end + 4 :]))
                 return
         self._hand_over(self.entry.http())
@@ -346,7 +343,7 @@ class Front(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         transport.write(upgrade_response(key))
-        conn = WsConnection(self.entry.gateway, transport)
+        conn = WsConnection(self.entry.handler, transport)
         transport.set_protocol(conn)
         if rest:
             conn.data_received(rest)
@@ -372,7 +369,7 @@ class _AiohttpFeed:
 
 
 async def upgrade_within_aiohttp(
-    gateway: Gateway, request: web.Request, key: str
+    handler: ConnectionHandler, request: web.Request, key: str
 ) -> web.StreamResponse:
     """Serve a WebSocket whose upgrade reached aiohttp: one sent on a keep-alive
     connection that carried HTTP requests first (:class:`Front` sees only a
@@ -383,18 +380,18 @@ async def upgrade_within_aiohttp(
     await response.prepare(request)
     transport = request.transport
     assert transport is not None
-    conn = WsConnection(gateway, transport)
+    conn = WsConnection(handler, transport)
     request.protocol.set_parser(_AiohttpFeed(conn))  # type: ignore[arg-type]
     await conn.run()
     return response
 
 
 class WsEntry:
-    """What every :class:`Front` shares: the gateway, aiohttp's protocol factory for
-    HTTP, and the running WebSocket connections' tasks."""
+    """What every :class:`Front` shares: the connection handler, aiohttp's protocol
+    factory for HTTP, and the running WebSocket connections' tasks."""
 
-    def __init__(self, gateway: Gateway, http: Callable[[], asyncio.Protocol]) -> None:
-        self.gateway = gateway
+    def __init__(self, handler: ConnectionHandler, http: Callable[[], asyncio.Protocol]) -> None:
+        self.handler = handler
         self.http = http
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -415,7 +412,7 @@ class WsEntry:
 
 
 async def serve_http(
-    gateway: Gateway,
+    handler: ConnectionHandler,
     http: Callable[[], asyncio.Protocol],
     host: str,
     port: int,
@@ -423,6 +420,6 @@ async def serve_http(
     admission: Admission,
 ) -> tuple[Listener, WsEntry]:
     """Listen on the HTTP port: WebSocket upgrades here, everything else to ``http``."""
-    entry = WsEntry(gateway, http)
+    entry = WsEntry(handler, http)
     listener = await Listener.start(host, port, backlog, lambda: Front(entry), admission)
     return listener, entry

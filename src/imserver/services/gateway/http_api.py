@@ -1,4 +1,4 @@
-"""The aiohttp application: the HTTP API, health and metrics.
+"""The HTTP API edge: the aiohttp application of the ops, files, health and metrics.
 
 Routes:
 
@@ -9,37 +9,38 @@ Routes:
 * ``POST /api/v1/files``, ``GET /api/v1/files/<id>``, ``GET /api/v1/files/<id>/thumb``
   — uploads (the raw body streamed to the file service) and downloads (``Range``);
 * ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+
+An op arrives here as one request and runs through the same router as a WebSocket or
+TCP frame, in a :class:`~imserver.services.gateway.session.RequestContext` (no live
+session: ``login`` and ``auth`` bind nothing); its rate limit, bearer check and
+error object are those of the other transports.
 """
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
 
 import msgspec
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from imserver.network.ws import upgrade_within_aiohttp
-from imserver.protocol.codec import Codec, decode_op_as, encode_json
+from imserver.protocol.codec import decode_op_as, encode_json
 from imserver.protocol.wsframe import RequestHead, header_dict, upgrade_key
 from imserver.services.caller import Caller
 from imserver.services.file.api import FileService, RangeNotSatisfiable, UploadData
 from imserver.services.file.content import content_disposition
 from imserver.services.gateway.openapi import openapi_document
 from imserver.services.gateway.ratelimit import TokenBucket
-from imserver.services.gateway.router import PUBLIC_OPS
 from imserver.services.gateway.service import Gateway
-from imserver.services.gateway.session import Session
+from imserver.services.gateway.session import PUBLIC_OPS, RequestContext, error_body
 from imserver.utils.errors import (
     BadRequest,
     IMError,
     Internal,
     NotFound,
-    RateLimited,
     TooLarge,
     Unauthorized,
     Unavailable,
@@ -54,39 +55,15 @@ UPLOAD_CHUNK = 256 * 1024
 """Most bytes taken from an upload's body at a time."""
 
 
-class HttpLink:
-    """The link of a one-request HTTP session: replies are returned, not written."""
+class _ErrorDocument(msgspec.Struct):
+    """The body of an HTTP error response: the protocol's error object."""
 
-    kind = "http"
-
-    def frame(self, payload: bytes, codec: Codec) -> bytes:
-        return payload
-
-    def write(self, data: bytes) -> None:
-        return None
-
-    def buffered(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        return None
-
-    def abort(self) -> None:
-        return None
-
-
-_HTTP_LINK = HttpLink()
+    error: object
 
 
 def _error_response(exc: IMError) -> web.Response:
-    error: dict[str, Any] = {"code": exc.code, "message": exc.message}
-    if isinstance(exc, RateLimited):
-        error["retry_after"] = exc.retry_after
-    if exc.field is not None:
-        error["field"] = exc.field
-    response = web.Response(
-        status=exc.status, body=encode_json({"error": error}), content_type="application/json"
-    )
+    body = encode_json(_ErrorDocument(error_body(exc)))
+    response = web.Response(status=exc.status, body=body, content_type="application/json")
     if isinstance(exc, RangeNotSatisfiable):
         response.headers["Content-Range"] = f"bytes */{exc.size}"
     return response
@@ -159,6 +136,21 @@ class HttpApi:
             self._buckets.move_to_end(key)
         return bucket
 
+    def _rate_limit(self, request: web.Request) -> None:
+        """Take a token of the peer's bucket (HTTP requests are limited per address)."""
+        limited = self._bucket(request.remote or "?").check()
+        if limited is not None:
+            raise limited
+
+    async def _bearer(self, header: str, malformed: str) -> Caller:
+        """The caller an ``Authorization: Bearer <token>`` header stands for."""
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized(malformed)
+        identity = await self.gateway.users.authenticate(token)
+        return Caller(identity.user, identity.login, None)
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         """``GET /ws`` requests that did not come first on their connection (the front
         door of :mod:`imserver.network.ws` upgrades those itself): the refusals, the
@@ -193,24 +185,17 @@ class HttpApi:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise TooLarge(f"body exceeds {max_frame} bytes") from None
-            peer = request.remote or "?"
-            wait = self._bucket(peer).take()
-            if wait:
-                raise RateLimited(round(wait, 3))
-            session = Session(gw, _HTTP_LINK)
-            auth = request.headers.get("Authorization")
+            self._rate_limit(request)
             # The public ops ignore the header (PROTOCOL §7.1): they act for no caller,
             # and refresh/login are what a client whose token just died calls, often
             # with that token still attached.
+            caller = None
+            auth = request.headers.get("Authorization")
             if auth is not None and op_type not in PUBLIC_OPS:
-                scheme, _, token = auth.partition(" ")
-                if scheme.lower() != "bearer" or not token:
-                    raise Unauthorized("Authorization must be 'Bearer <token>'")
-                identity = await gw.users.authenticate(token.strip())
-                session.caller = Caller(identity.user, identity.login, None)
+                caller = await self._bearer(auth, "Authorization must be 'Bearer <token>'")
             op = decode_op_as(body, op_type)
-            result = gw.router.call(session, op)
-            if asyncio.isfuture(result) or asyncio.iscoroutine(result):
+            result = gw.router.call(RequestContext(caller), op)
+            if inspect.isawaitable(result):
                 result = await result
         except IMError as exc:
             gw.metrics.op(name if op_type else "unknown", exc.code)
@@ -233,15 +218,10 @@ class HttpApi:
 
     async def _file_caller(self, request: web.Request) -> UserId:
         """Rate limit by peer, then the bearer token's user (file routes always need one)."""
-        wait = self._bucket(request.remote or "?").take()
-        if wait:
-            raise RateLimited(round(wait, 3))
-        auth = request.headers.get("Authorization")
-        scheme, _, token = (auth or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("file routes need 'Authorization: Bearer <token>'")
-        identity = await self.gateway.users.authenticate(token.strip())
-        return identity.user
+        self._rate_limit(request)
+        auth = request.headers.get("Authorization", "")
+        caller = await self._bearer(auth, "file routes need 'Authorization: Bearer <token>'")
+        return caller.user
 
     def _file_failure(self, route: str, exc: Exception) -> web.Response:
         if isinstance(exc, IMError):
@@ -372,27 +352,6 @@ class HttpApi:
             body=self.gateway.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
-
-
-class RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The logger of aiohttp's request handler (``AppRunner(logger=...)``).
-
-    A request the client malformed (a bad method, a header line too long,
-    ``Transfer-Encoding`` with ``Content-Length``) makes aiohttp's parser raise
-    :class:`HttpProcessingError`; aiohttp answers it ``400`` and logs an ``ERROR``
-    with a traceback, so any client could fill the log with tracebacks at will. Such
-    records become ``DEBUG`` (aiohttp does the same for a bad method on a fresh
-    connection); a failure of the server's own keeps its ``ERROR``.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.getLogger("aiohttp.server"), {})
-
-    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
-        if isinstance(exc_info, HttpProcessingError):
-            self.debug(msg, *args, exc_info=exc_info, **kw)
-        else:
-            self.error(msg, *args, exc_info=exc_info, **kw)
 
 
 def build_app(

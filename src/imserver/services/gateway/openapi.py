@@ -16,7 +16,7 @@ import msgspec
 from imserver.protocol import ops
 from imserver.protocol.models import ServerInfo
 from imserver.services.file.api import UploadData
-from imserver.services.gateway.router import PUBLIC_OPS
+from imserver.services.gateway.session import PUBLIC_OPS
 from imserver.utils.errors import ERRORS_BY_CODE
 
 REF = "#/components/schemas/{name}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from imserver.utils.errors import RateLimited
+
 
 class TokenBucket:
     """A token bucket read against the monotonic clock."""
@@ -33,3 +35,9 @@ class TokenBucket:
             return 0.0
         self._tokens = tokens
         return (1.0 - tokens) / self.per_s if self.per_s > 0 else float("inf")
+
+    def check(self, now: float | None = None) -> RateLimited | None:
+        """Take one token; the ``rate_limited`` answer when there was none (every
+        transport refuses an op over its rate this way)."""
+        wait = self.take(now)
+        return RateLimited(round(wait, 3)) if wait else None

@@ -15,13 +15,14 @@ import logging
 import time
 
 from imserver import __version__
+from imserver.network.handler import Connection, Link
 from imserver.protocol.events import PresenceEvent
 from imserver.protocol.models import Limits, PresenceInfo, RateLimits, ServerInfo
 from imserver.services.caller import Caller
+from imserver.services.gateway.handlers import Handlers
 from imserver.services.gateway.hub import Hub
 from imserver.services.gateway.ratelimit import TokenBucket
-from imserver.services.gateway.router import Router
-from imserver.services.gateway.session import Flusher, Session
+from imserver.services.gateway.session import Edge, OpContext, Session, State
 from imserver.services.message.api import MessageService
 from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, UserService
@@ -47,8 +48,6 @@ class Gateway:
         bus: LiveBus,
         metrics: Metrics,
     ) -> None:
-        from imserver.services.gateway.handlers import build_handlers
-
         self.config = config
         self.users = users
         self.messages = messages
@@ -56,8 +55,6 @@ class Gateway:
         self.bus = bus
         self.metrics = metrics
         self.hub = Hub(metrics)
-        self.flusher = Flusher()
-        self.router = Router(build_handlers(self))
         self.sessions: set[Session] = set()
         self.draining = False
         self.server_info = ServerInfo(name=config.server_name, version=__version__)
@@ -68,6 +65,26 @@ class Gateway:
             max_meta=lim.max_meta,
             rate=RateLimits(per_s=lim.rate_per_s, burst=lim.rate_burst),
         )
+        self.handlers = Handlers(
+            users=users,
+            messages=messages,
+            rooms=rooms,
+            sessions=self,
+            server_info=self.server_info,
+            limits=self.limits,
+            heartbeat=lim.heartbeat,
+        )
+        self.router = self.handlers.router()
+        self.edge = Edge(
+            self.router.call,
+            metrics,
+            bad_frames=lim.bad_frames,
+            send_queue_bytes=lim.send_queue_bytes,
+            rate_per_s=lim.rate_per_s,
+            rate_burst=lim.rate_burst,
+            shutdown_grace=config.shutdown_grace,
+        )
+        self.flusher = self.edge.flusher
         self._sweeper: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
         bus.subscribe(self.hub.deliver)
@@ -80,7 +97,21 @@ class Gateway:
 
     def new_bucket(self) -> TokenBucket:
         """A fresh rate-limit bucket with the configured limits."""
-        return TokenBucket(self.config.limits.rate_per_s, self.config.limits.rate_burst)
+        return self.edge.new_bucket()
+
+    # --- the transports' connection handler ----------------------------------------
+
+    @property
+    def max_frame(self) -> int:
+        return self.config.limits.max_frame
+
+    @property
+    def hello_timeout(self) -> float:
+        return self.config.limits.hello_timeout
+
+    @property
+    def shutdown_grace(self) -> float:
+        return self.config.shutdown_grace
 
     def ws_refusal(self, origin: str | None) -> IMError | None:
         """Why a WebSocket upgrade from ``origin`` is refused, or ``None`` to accept."""
@@ -91,15 +122,19 @@ class Gateway:
             return Unavailable("server is shutting down")
         return None
 
-    def opened(self, session: Session) -> None:
-        """A transport accepted a connection."""
+    def open(self, link: Link) -> Session:
+        """A transport accepted a connection: its session, in state CONNECTED."""
+        session = Session(self.edge, link)
         self.sessions.add(session)
-        self.metrics.connection(session.link.kind, 1)
+        self.metrics.connection(link.kind, 1)
+        return session
 
-    async def closed(self, session: Session) -> None:
+    async def closed(self, conn: Connection) -> None:
         """A transport's connection ended: forget it and update presence."""
-        if session not in self.sessions:
+        if not isinstance(conn, Session) or conn not in self.sessions:
             return
+        session = conn
+        session.ended()
         self.sessions.discard(session)
         self.metrics.connection(session.link.kind, -1)
         if self.draining and not self.sessions:
@@ -112,27 +147,22 @@ class Gateway:
             except Exception:
                 logger.exception("presence update for %s failed", user)
 
-    def schedule_abort(self, session: Session) -> None:
-        """Give a closing session time to flush, then drop it."""
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.config.shutdown_grace, session.link.abort)
-
     # --- authentication ------------------------------------------------------------
 
-    async def authenticate(self, session: Session, identity: Identity) -> None:
-        """Bind a connection to a user after ``login`` or ``auth``."""
+    async def authenticate(self, ctx: OpContext, identity: Identity) -> None:
+        """Bind the live session of ``ctx`` to a user after ``login`` or ``auth``; a
+        context without one (an HTTP request) binds nothing."""
+        session = ctx.session
+        if session is None or session.closing:
+            return
         current = session.caller
         if current is not None:
             if current.user != identity.user:
                 raise Conflict("this connection is authenticated as another user")
             if current.login == identity.login:
                 return
-        if session.link.kind == "http":
-            session.caller = Caller(identity.user, identity.login, None)
-            return
-        if current is not None:
             self.hub.detach(session)
-        session.caller = Caller(identity.user, identity.login, session.id)
+        session.bind(Caller(identity.user, identity.login, session.id))
         # Re-binding an authenticated connection to another login session of the same
         # user keeps the user online throughout: only a first connection is news.
         if self.hub.attach(session) and current is None:
@@ -166,7 +196,7 @@ class Gateway:
                     continue
                 if session.last_rx < now - silence:
                     session.close("heartbeat_timeout")
-                elif not session.greeted and session.opened < now - lim.hello_timeout:
+                elif session.state is State.CONNECTED and session.opened < now - lim.hello_timeout:
                     session.close("hello_timeout")
 
     async def shutdown(self) -> None:

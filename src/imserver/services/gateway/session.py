@@ -1,17 +1,24 @@
 """One client connection's state machine, independent of its transport.
 
-States::
+States (:class:`State`) and what moves a session between them::
 
-    NEW --hello--> GREETED --login/auth--> AUTHENTICATED --close--> CLOSED
-     |  (any other op: hello_required)      (ops needing a user: unauthorized before)
+    CONNECTED --hello--> GREETED --login/auth--> AUTHENTICATED
+        |                   |                          |
+        +-------------------+--------close-------------+--> CLOSING --transport ends--> CLOSED
 
-A :class:`Session` receives decoded payloads from its transport (WebSocket or TCP,
-see ``imserver.network``), enforces the edge policy (hello first, rate limit,
-authentication, the bad-frame threshold) and hands ops to the :class:`Router`.
-Replies and events leave through its :class:`Link`, whose write buffer *is* the
-session's bounded outbound queue: once more than ``send_queue_bytes`` are waiting,
-the client is not keeping up and the session is closed with ``slow_consumer``; the
-client recovers by ``convs`` + ``history`` after reconnecting.
+:data:`ADMITTED` is the one table of which ops each state lets through; an op outside
+it is refused with the state's error (``hello_required`` before hello,
+``unauthorized`` before login or auth). A closing session ignores what still arrives.
+The same table admits the ops of an HTTP request, whose :class:`OpContext` is
+``GREETED`` without a bearer token and ``AUTHENTICATED`` with one.
+
+A :class:`Session` receives decoded payloads from its transport (WebSocket or TCP, see
+:mod:`imserver.network.handler`), enforces the edge policy (hello first, rate limit,
+the bad-frame threshold) and hands ops to the router. Replies and events leave through
+its :class:`~imserver.network.handler.Link`, whose write buffer *is* the session's
+bounded outbound queue: once more than ``send_queue_bytes`` are waiting, the client is
+not keeping up and the session is closed with ``slow_consumer``; the client recovers
+by ``convs`` + ``history`` after reconnecting.
 
 Writes (``send``/``edit``/``recall``/``react``) return a future from the message
 service; the reply is written from its done-callback, so a session can have many
@@ -23,125 +30,272 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Any, Protocol
 
+from imserver.network.handler import Link
 from imserver.protocol import ops
 from imserver.protocol.codec import Codec, decode_op, encode
 from imserver.protocol.events import Closed, ErrorBody, Reply
 from imserver.services.caller import Caller
-from imserver.utils.errors import BadRequest, HelloRequired, IMError, Internal, RateLimited
+from imserver.services.gateway.ratelimit import TokenBucket
+from imserver.utils.errors import BadRequest, HelloRequired, IMError, Internal, Unauthorized
 from imserver.utils.ids import SessionId, new_session_id
-
-if TYPE_CHECKING:
-    from imserver.services.gateway.service import Gateway
+from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 
-class Link(Protocol):
-    """The transport side of a session: framed bytes out, buffer level, close."""
+class State(Enum):
+    """Where a session is in its life."""
 
-    kind: str
-    """``ws``, ``tcp`` or ``http``."""
+    CONNECTED = "connected"
+    """Accepted; only ``hello`` is admitted."""
+    GREETED = "greeted"
+    """``hello`` answered: the codec is fixed; the public ops are admitted."""
+    AUTHENTICATED = "authenticated"
+    """Bound to a user by ``login`` or ``auth``: every op is admitted."""
+    CLOSING = "closing"
+    """``closed`` sent (when greeted), the link closing; input is ignored."""
+    CLOSED = "closed"
+    """The transport ended; the gateway has forgotten the session."""
 
-    def frame(self, payload: bytes, codec: Codec) -> bytes:
-        """Wrap an encoded payload in the transport's framing."""
 
-    def write(self, data: bytes) -> None:
-        """Queue framed bytes for the peer (never blocks)."""
+PUBLIC_OPS: frozenset[type[ops.Op]] = frozenset(
+    {ops.Hello, ops.Register, ops.Login, ops.Auth, ops.Refresh, ops.Ping}
+)
+"""Ops admitted before authentication."""
 
-    def buffered(self) -> int:
-        """Bytes queued and not yet taken by the kernel."""
+ADMITTED: dict[State, frozenset[type[ops.Op]]] = {
+    State.CONNECTED: frozenset({ops.Hello}),
+    State.GREETED: PUBLIC_OPS,
+    State.AUTHENTICATED: frozenset(ops.ALL_OPS),
+    State.CLOSING: frozenset(),
+    State.CLOSED: frozenset(),
+}
+"""The ops each state lets through."""
 
-    def close(self) -> None:
-        """Flush what is queued, then close."""
 
-    def abort(self) -> None:
-        """Close at once, dropping what is queued."""
+def refusal(state: State) -> IMError:
+    """The answer to an op that ``state`` does not admit."""
+    if state is State.CONNECTED:
+        return HelloRequired("the first frame must be hello")
+    if state is State.GREETED:
+        return Unauthorized("not authenticated: send login or auth first")
+    return BadRequest("the connection is closing")
+
+
+def error_body(exc: IMError) -> ErrorBody:
+    """The protocol's error object for ``exc``, on every transport."""
+    return ErrorBody(
+        code=exc.code,
+        message=exc.message,
+        retry_after=getattr(exc, "retry_after", None),
+        field=exc.field,
+    )
+
+
+class OpContext(Protocol):
+    """Who runs an op: what a handler may know of where it came from."""
+
+    @property
+    def state(self) -> State:
+        """Decides which ops are admitted (:data:`ADMITTED`)."""
+
+    @property
+    def caller(self) -> Caller | None:
+        """The authenticated user, or ``None`` (public ops only)."""
+
+    @property
+    def device(self) -> str | None:
+        """The device the client named in ``hello``, if any."""
+
+    @property
+    def session(self) -> Session | None:
+        """The live session the op came on; ``None`` for a one-off request (HTTP),
+        which ``login`` and ``auth`` bind to nothing."""
+
+
+class RequestContext:
+    """The context of an op without a live session: an HTTP request, authenticated by
+    its bearer token or not at all."""
+
+    __slots__ = ("caller",)
+
+    device: str | None = None
+    session: Session | None = None
+
+    def __init__(self, caller: Caller | None = None) -> None:
+        self.caller = caller
+
+    @property
+    def state(self) -> State:
+        return State.GREETED if self.caller is None else State.AUTHENTICATED
+
+
+Dispatch = Callable[[OpContext, ops.Op], "Awaitable[object] | object"]
+"""Runs one admitted op: returns its reply data, an awaitable of it, or a future."""
+
+
+class Edge:
+    """What every session of one gateway shares: the dispatch of ops, the write
+    flusher, the metrics and the limits."""
+
+    __slots__ = (
+        "bad_frames",
+        "call",
+        "flusher",
+        "metrics",
+        "rate_burst",
+        "rate_per_s",
+        "send_queue_bytes",
+        "shutdown_grace",
+    )
+
+    def __init__(
+        self,
+        call: Dispatch,
+        metrics: Metrics,
+        *,
+        bad_frames: int,
+        send_queue_bytes: int,
+        rate_per_s: float,
+        rate_burst: int,
+        shutdown_grace: float,
+    ) -> None:
+        self.call = call
+        self.metrics = metrics
+        self.flusher = Flusher()
+        self.bad_frames = bad_frames
+        self.send_queue_bytes = send_queue_bytes
+        self.rate_per_s = rate_per_s
+        self.rate_burst = rate_burst
+        self.shutdown_grace = shutdown_grace
+
+    def new_bucket(self) -> TokenBucket:
+        """A fresh rate-limit bucket with the configured limits."""
+        return TokenBucket(self.rate_per_s, self.rate_burst)
 
 
 class Session:
-    """A connection: its codec, identity, limits and outbound path."""
+    """A connection: its state, codec, identity, limits and outbound path."""
 
     __slots__ = (
-        "_closing",
         "_out",
         "bad_frames",
         "bucket",
         "caller",
         "codec",
         "device",
-        "gateway",
-        "greeted",
+        "edge",
         "id",
         "last_rx",
         "link",
         "opened",
+        "state",
     )
 
-    def __init__(self, gateway: Gateway, link: Link) -> None:
+    def __init__(self, edge: Edge, link: Link) -> None:
         self.id: SessionId = new_session_id()
-        self.gateway = gateway
+        self.edge = edge
         self.link = link
+        self.state = State.CONNECTED
         self.codec = Codec.JSON
-        self.greeted = link.kind == "http"
         self.caller: Caller | None = None
         self.device: str | None = None
         self.bad_frames = 0
-        self.bucket = gateway.new_bucket()
+        self.bucket = edge.new_bucket()
         self.opened = self.last_rx = time.monotonic()
-        self._closing = False
         self._out: list[bytes] | None = None
+
+    @property
+    def session(self) -> Session:
+        """The session itself, as the :class:`OpContext` of its ops."""
+        return self
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self.state is State.CLOSING or self.state is State.CLOSED
+
+    # --- transitions -----------------------------------------------------------------
+
+    def greet(self, device: str | None) -> None:
+        """``hello`` was answered: CONNECTED → GREETED (a later hello only renames the
+        device)."""
+        if self.state is State.CONNECTED:
+            self.state = State.GREETED
+        if device is not None:
+            self.device = device
+
+    def bind(self, caller: Caller) -> None:
+        """``login`` or ``auth`` succeeded: → AUTHENTICATED as ``caller``."""
+        if self.closing:
+            return
+        self.caller = caller
+        self.state = State.AUTHENTICATED
+
+    def ended(self) -> None:
+        """The transport ended: → CLOSED."""
+        self.state = State.CLOSED
 
     # --- inbound -------------------------------------------------------------------
 
-    async def receive(self, payload: bytes | str, codec: Codec) -> None:
+    async def receive(self, payload: bytes, codec: Codec) -> None:
         """Handle one frame payload that arrived in ``codec``."""
+        state = self.state
+        if state is State.CLOSING or state is State.CLOSED:
+            return
         self.last_rx = time.monotonic()
         try:
             op = decode_op(payload, codec)
         except BadRequest as exc:
             self.bad_frames += 1
             self.send_error(exc.rid, exc, codec)
-            if self.bad_frames >= self.gateway.config.limits.bad_frames:
+            if self.bad_frames >= self.edge.bad_frames:
                 self.close("bad_frames")
             return
         self.bad_frames = 0
-        if not self.greeted:
+        if state is State.CONNECTED:
             if type(op) is not ops.Hello:
-                self.send_error(op.rid, HelloRequired("the first frame must be hello"), codec)
+                self.send_error(op.rid, refusal(state), codec)
                 return
             # The codec of the hello frame is the codec of everything the server sends.
             self.codec = codec
-        wait = self.bucket.take(self.last_rx)
-        if wait:
-            self.gateway.metrics.op(ops.op_name(type(op)), RateLimited.code)
-            self.send_error(op.rid, RateLimited(round(wait, 3)), self.codec)
+        limited = self.bucket.check(self.last_rx)
+        if limited is not None:
+            self.edge.metrics.op(ops.op_name(type(op)), limited.code)
+            self.send_error(op.rid, limited, self.codec)
             return
         await self.dispatch(op)
 
+    def refuse(self, exc: IMError, codec: Codec | None = None) -> None:
+        """Answer a frame the transport refused before decoding it (too large)."""
+        self.last_rx = time.monotonic()
+        self.send_error(None, exc, codec)
+
     async def dispatch(self, op: ops.Op) -> None:
         """Run one validated op and write its reply (now, or when its write commits)."""
-        gateway = self.gateway
+        edge = self.edge
         name = ops.op_name(type(op))
         try:
-            result = gateway.router.call(self, op)
+            result = edge.call(self, op)
             if isinstance(result, asyncio.Future):
                 result.add_done_callback(_WriteReply(self, op.rid, name, time.monotonic()))
                 return
             if isinstance(result, Awaitable):
                 result = await result
         except IMError as exc:
-            gateway.metrics.op(name, exc.code)
+            edge.metrics.op(name, exc.code)
             self.send_error(op.rid, exc, self.codec)
             return
         except Exception:
             logger.exception("op %s failed", name)
-            gateway.metrics.op(name, Internal.code)
+            edge.metrics.op(name, Internal.code)
             self.send_error(op.rid, Internal("internal error"), self.codec)
             return
-        gateway.metrics.op(name, "ok")
+        edge.metrics.op(name, "ok")
         if op.rid is not None:
             self.send_reply(op.rid, result)
 
@@ -155,31 +309,28 @@ class Session:
             payload = encode(Reply(rid=rid, ok=True, data=data), codec)
         except Exception:
             logger.exception("cannot encode the reply to rid %r in %s", rid, codec.name)
-            self.gateway.metrics.encode_failure("reply", codec.name.lower())
+            self.edge.metrics.encode_failure("reply", codec.name.lower())
             self.send_error(rid, Internal(f"the reply could not be encoded in {codec.name}"))
             return
         self.push(self.link.frame(payload, codec))
 
     def send_error(self, rid: str | None, exc: IMError, codec: Codec | None = None) -> None:
-        """Write an error reply (sent even for ops without ``rid``)."""
-        codec = self.codec if codec is None or self.greeted else codec
-        body = ErrorBody(
-            code=exc.code,
-            message=exc.message,
-            retry_after=getattr(exc, "retry_after", None),
-            field=exc.field,
-        )
-        self.push(self.link.frame(encode(Reply(rid=rid, ok=False, error=body), codec), codec))
+        """Write an error reply (sent even for ops without ``rid``); before hello, in
+        the codec of the frame it answers."""
+        codec = self.codec if codec is None or self.state is not State.CONNECTED else codec
+        reply = Reply(rid=rid, ok=False, error=error_body(exc))
+        self.push(self.link.frame(encode(reply, codec), codec))
 
     def push(self, data: bytes) -> None:
         """Queue framed bytes; they are written with the session's other output of this
         loop iteration in one system call (see :class:`Flusher`)."""
-        if self._closing:
+        state = self.state
+        if state is State.CLOSING or state is State.CLOSED:
             return
         out = self._out
         if out is None:
             self._out = [data]
-            self.gateway.flusher.mark(self)
+            self.edge.flusher.mark(self)
         else:
             out.append(data)
 
@@ -193,27 +344,25 @@ class Session:
         # The bound is on the backlog the client has not taken yet: a client that still
         # holds more than send_queue_bytes from earlier writes is not keeping up. One
         # large write (a big history page) to a client that reads is not a backlog.
-        if link.buffered() > self.gateway.config.limits.send_queue_bytes and not self._closing:
-            self.gateway.metrics.slow_consumers.inc()
+        if link.buffered() > self.edge.send_queue_bytes and not self.closing:
+            self.edge.metrics.slow_consumers.inc()
             self.close("slow_consumer")
             return
         link.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self, reason: str) -> None:
-        """Send ``closed {reason}`` and close the connection after it is flushed."""
-        if self._closing:
+        """Send ``closed {reason}`` (once greeted) and close the connection after it is
+        flushed; the link is aborted if it has not closed within ``shutdown_grace``."""
+        if self.closing:
             return
         self.flush()
-        self._closing = True
-        if self.greeted and self.link.kind != "http":
-            self.link.write(self.link.frame(encode(Closed(reason=reason), self.codec), self.codec))
-        self.link.close()
-        self.gateway.schedule_abort(self)
-
-    @property
-    def closing(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closing
+        greeted = self.state is not State.CONNECTED
+        self.state = State.CLOSING
+        link = self.link
+        if greeted:
+            link.write(link.frame(encode(Closed(reason=reason), self.codec), self.codec))
+        link.close()
+        asyncio.get_running_loop().call_later(self.edge.shutdown_grace, link.abort)
 
 
 class Flusher:
@@ -261,7 +410,7 @@ class _WriteReply:
 
     def __call__(self, fut: asyncio.Future[Any]) -> None:
         session = self.session
-        metrics = session.gateway.metrics
+        metrics = session.edge.metrics
         if fut.cancelled():
             metrics.op(self.name, "unavailable")
             return
