@@ -28,6 +28,7 @@ from aiohttp import web
 
 from imserver.network.ws import upgrade_within_aiohttp
 from imserver.protocol.codec import decode_op_as, encode_json
+from imserver.protocol.events import ErrorBody
 from imserver.protocol.wsframe import RequestHead, header_dict, upgrade_key
 from imserver.services.caller import Caller
 from imserver.services.file.api import FileService, RangeNotSatisfiable, UploadData
@@ -58,7 +59,7 @@ UPLOAD_CHUNK = 256 * 1024
 class _ErrorDocument(msgspec.Struct):
     """The body of an HTTP error response: the protocol's error object."""
 
-    error: object
+    error: ErrorBody
 
 
 def _error_response(exc: IMError) -> web.Response:

@@ -4,7 +4,8 @@ States (:class:`State`) and what moves a session between them::
 
     CONNECTED --hello--> GREETED --login/auth--> AUTHENTICATED
         |                   |                          |
-        +-------------------+--------close-------------+--> CLOSING --transport ends--> CLOSED
+        +-------------------+-----close(reason)--------+--> CLOSING
+    any state --the transport ends--> CLOSED
 
 :data:`ADMITTED` is the one table of which ops each state lets through; an op outside
 it is refused with the state's error (``hello_required`` before hello,
@@ -31,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from enum import Enum
+from enum import IntEnum
 from typing import Any, Protocol
 
 from imserver.network.handler import Link
@@ -47,19 +48,24 @@ from imserver.utils.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
-class State(Enum):
-    """Where a session is in its life."""
+class State(IntEnum):
+    """Where a session is in its life. A session only ever moves forward, so "closing
+    or closed" is ``state >= CLOSING``: one comparison on the per-recipient path."""
 
-    CONNECTED = "connected"
+    CONNECTED = 1
     """Accepted; only ``hello`` is admitted."""
-    GREETED = "greeted"
+    GREETED = 2
     """``hello`` answered: the codec is fixed; the public ops are admitted."""
-    AUTHENTICATED = "authenticated"
+    AUTHENTICATED = 3
     """Bound to a user by ``login`` or ``auth``: every op is admitted."""
-    CLOSING = "closing"
-    """``closed`` sent (when greeted), the link closing; input is ignored."""
-    CLOSED = "closed"
+    CLOSING = 4
+    """``closed`` sent (when greeted), the link closing; input is ignored, output
+    dropped."""
+    CLOSED = 5
     """The transport ended; the gateway has forgotten the session."""
+
+
+_CLOSING = State.CLOSING
 
 
 PUBLIC_OPS: frozenset[type[ops.Op]] = frozenset(
@@ -217,7 +223,7 @@ class Session:
     @property
     def closing(self) -> bool:
         """True once :meth:`close` was called."""
-        return self.state is State.CLOSING or self.state is State.CLOSED
+        return self.state >= _CLOSING
 
     # --- transitions -----------------------------------------------------------------
 
@@ -245,7 +251,7 @@ class Session:
     async def receive(self, payload: bytes, codec: Codec) -> None:
         """Handle one frame payload that arrived in ``codec``."""
         state = self.state
-        if state is State.CLOSING or state is State.CLOSED:
+        if state >= _CLOSING:
             return
         self.last_rx = time.monotonic()
         try:
@@ -324,8 +330,7 @@ class Session:
     def push(self, data: bytes) -> None:
         """Queue framed bytes; they are written with the session's other output of this
         loop iteration in one system call (see :class:`Flusher`)."""
-        state = self.state
-        if state is State.CLOSING or state is State.CLOSED:
+        if self.state >= _CLOSING:
             return
         out = self._out
         if out is None:
