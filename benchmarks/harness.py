@@ -723,7 +723,7 @@ def summarize_speedscope(path: Path, top: int = 15) -> dict[str, Any]:
 
 def _short_path(path: str) -> str:
     # ".../site-packages/aiohttp/web_ws.py" -> "aiohttp/web_ws.py",
-    # ".../src/imserver/core/hub.py" -> "imserver/core/hub.py",
+    # ".../src/imserver/services/gateway/hub.py" -> "imserver/services/gateway/hub.py",
     # ".../lib/python3.11/asyncio/events.py" -> "asyncio/events.py".
     for marker in ("/site-packages/", "/src/", "/lib/python3."):
         i = path.rfind(marker)

@@ -18,7 +18,7 @@ CAPTURED = """\
 2026-12-05 04:31:33,100 WARNING imserver.network.tcp: a warning is no problem
 2026-12-05 04:31:33,237 ERROR imserver.services.gateway.session: op send failed
 Traceback (most recent call last):
-  File "/src/imserver/core/session.py", line 133, in dispatch
+  File "/src/imserver/services/gateway/session.py", line 133, in dispatch
     result = await result
 ValueError: out of range
 2026-12-05 04:31:33,300 INFO imserver.core.server: an info record mentioning ERROR
