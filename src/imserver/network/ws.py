@@ -8,10 +8,9 @@ and go to a :class:`~imserver.network.handler.Connection` of the
 :class:`~imserver.network.handler.ConnectionHandler`, as TCP's do. Anything else —
 every HTTP API request, and upgrades to be refused — is handed, with the bytes already
 read, to aiohttp's request handler, which serves the HTTP API (including the refusals
-of ``/ws``). An upgrade that
-comes after HTTP requests on a keep-alive connection therefore reaches aiohttp; its
-``/ws`` route gives that connection to a :class:`WsConnection` as well
-(:func:`upgrade_within_aiohttp`).
+of ``/ws``). An upgrade that comes after HTTP requests on a keep-alive connection
+therefore reaches aiohttp; its ``/ws`` route gives that connection to a
+:class:`WsConnection` as well (:func:`upgrade_within_aiohttp`).
 
 Taking the upgrade out of aiohttp saves most of the cost of accepting a WebSocket
 (request object, response object, two tasks, its reader and writer) and of receiving
@@ -322,10 +321,8 @@ class Front(asyncio.Protocol):
         request = parse_request_head(bytes(head[: end + 4]))
         if request is not None and request.target.partition("?")[0] == WS_PATH:
             key = upgrade_key(request)
-            if (
-                key is not None
-                and self.entry.handler.ws_refusal(request.headers.get("origin")) is None
-            ):
+            handler = self.entry.handler
+            if key is not None and handler.ws_refusal(request.headers.get("origin")) is None:
                 self._upgrade(key, bytes(head[end + 4 :]))
                 return
         self._hand_over(self.entry.http())

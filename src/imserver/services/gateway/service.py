@@ -1,10 +1,12 @@
 """The gateway: live connections, their authentication, presence and heartbeats.
 
 The gateway is the only service that speaks the wire protocol. It owns the set of
-live sessions and the :class:`~imserver.services.gateway.hub.Hub`, subscribes the hub to the
-live bus, and turns the user service's view of login sessions into connection
-state: a revoked login closes its connections, the first connection of a user makes
-them ``online`` and the last one ``offline``.
+live sessions and the :class:`~imserver.services.gateway.hub.Hub`, subscribes the hub
+to the live bus, serves the transports' connections (it is the
+:class:`~imserver.network.handler.ConnectionHandler` of :mod:`imserver.network`), and
+turns the user service's view of login sessions into connection state: a revoked
+login closes its connections, the first connection of a user makes them ``online``
+and the last one ``offline``.
 """
 
 from __future__ import annotations
