@@ -1,5 +1,6 @@
-"""What the file service decides from bytes and names: MIME sniffing, display names,
-``Content-Disposition``, ``Range`` parsing, thumbnails and decompression bombs."""
+"""What the file service decides from bytes and names (MIME sniffing, display names,
+thumbnails, decompression bombs) and what the HTTP edge derives for a download
+(``Content-Disposition``, ``Range`` parsing)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ from imserver.services.file.api import RangeNotSatisfiable
 from imserver.services.file.content import (
     NAME_MAX,
     ImageTooLarge,
-    content_disposition,
     make_thumbnail,
     max_image_pixels,
     sanitise_name,
     sniff_mime,
 )
-from imserver.services.gateway.http_api import parse_range
+from imserver.services.gateway.http_api import content_disposition, parse_range
 from imserver.utils.errors import BadRequest
 
 

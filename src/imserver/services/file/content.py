@@ -9,7 +9,6 @@ to run in a worker thread):
   part, so an HTML page declared ``image/png`` is ``text/html``.
 - :func:`sanitise_name` — a display name: no path components, no control or
   bidirectional-override characters, at most :data:`NAME_MAX` characters.
-- :func:`content_disposition` — ``attachment`` with an RFC 6266 ``filename*``.
 - :func:`make_thumbnail` — a ≤ 320 px JPEG/PNG of a JPEG/PNG/GIF/WebP with Pillow,
   refusing decompression bombs (:class:`ImageTooLarge`).
 """
@@ -17,7 +16,6 @@ to run in a worker thread):
 from __future__ import annotations
 
 import unicodedata
-import urllib.parse
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -166,18 +164,6 @@ def sanitise_name(raw: str | None) -> str:
         else:
             name = name[:NAME_MAX].rstrip()
     return name
-
-
-def content_disposition(name: str, kind: str = "attachment") -> str:
-    """``attachment; filename="<ASCII fallback>"; filename*=UTF-8''<name>`` (RFC 6266).
-
-    The fallback replaces anything outside printable ASCII, and the quote, backslash,
-    percent and semicolon characters, with ``_``, so no header injection is possible
-    even from a name that was never sanitised.
-    """
-    fallback = "".join(ch if " " <= ch < "\x7f" and ch not in '"\\%;' else "_" for ch in name)
-    encoded = urllib.parse.quote(name, safe="")
-    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def max_image_pixels() -> int:

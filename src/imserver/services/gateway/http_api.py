@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import urllib.parse
 from collections import OrderedDict
 
 import msgspec
@@ -32,7 +33,6 @@ from imserver.protocol.events import ErrorBody
 from imserver.protocol.wsframe import RequestHead, header_dict, upgrade_key
 from imserver.services.caller import Caller
 from imserver.services.file.api import FileService, RangeNotSatisfiable, UploadData
-from imserver.services.file.content import content_disposition
 from imserver.services.gateway.openapi import openapi_document
 from imserver.services.gateway.ratelimit import TokenBucket
 from imserver.services.gateway.service import Gateway
@@ -99,6 +99,18 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise RangeNotSatisfiable(size)
     return start, min(int(last), size - 1) if last else size - 1
+
+
+def content_disposition(name: str, kind: str = "attachment") -> str:
+    """``attachment; filename="<ASCII fallback>"; filename*=UTF-8''<name>`` (RFC 6266).
+
+    The fallback replaces anything outside printable ASCII, and the quote, backslash,
+    percent and semicolon characters, with ``_``, so no header injection is possible
+    even from a name that was never sanitised.
+    """
+    fallback = "".join(ch if " " <= ch < "\x7f" and ch not in '"\\%;' else "_" for ch in name)
+    encoded = urllib.parse.quote(name, safe="")
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def _served_type(mime: str) -> str:
