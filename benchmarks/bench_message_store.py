@@ -29,7 +29,7 @@ from imserver.protocol.convs import direct_conv
 from imserver.protocol.models import User
 from imserver.services.caller import Caller
 from imserver.services.message.service import open_message_service
-from imserver.storage.bus import Delivery, MemoryLiveBus
+from imserver.storage.bus import MemoryLiveBus, Publication, user_channel
 from imserver.storage.sql import sqlite_url
 from imserver.utils.ids import LoginId, SessionId, UserId
 
@@ -64,11 +64,12 @@ async def run(messages: int, callers: int, batch_max: int, data_dir: Path, name:
     bus = MemoryLiveBus()
     delivered = 0
 
-    def count(_: Delivery) -> None:
+    def count(_: str, __: Publication) -> None:
         nonlocal delivered
         delivered += 1
 
-    bus.subscribe(count)
+    for user in ids:  # a direct message is published on both users' channels
+        bus.subscribe(user_channel(user), count)
     svc = await open_message_service(
         sqlite_url(data_dir, name), bus=bus, users=Users(ids), batch_max=batch_max
     )
@@ -94,7 +95,7 @@ async def run(messages: int, callers: int, batch_max: int, data_dir: Path, name:
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     await svc.close()
     total = per_caller * callers
-    assert delivered == total + callers, (delivered, total)
+    assert delivered == 2 * (total + callers), (delivered, total)
     return Result(total, elapsed, cpu, latencies)
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from imserver.protocol import ops
+from imserver.protocol.events import Event
 from imserver.protocol.models import User
 from imserver.services.caller import Caller
+from imserver.services.gateway.channels import Channels
 from imserver.services.message.api import FileRef, Members
 from imserver.services.message.search import Fts5Search, LikeSearch
 from imserver.services.message.service import (
@@ -23,11 +26,11 @@ from imserver.services.message.service import (
     open_message_service,
 )
 from imserver.services.message.store import SqlMessageStore
-from imserver.storage.bus import MemoryLiveBus
+from imserver.storage.bus import LiveBus, MemoryLiveBus, Publication
 from imserver.storage.runners import AsyncRunner, ThreadRunner, sqlite_engine
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.errors import NotFound
-from imserver.utils.ids import LoginId, SessionId, UserId
+from imserver.utils.ids import LoginId, RoomId, SessionId, UserId
 
 
 class Directory:
@@ -86,6 +89,43 @@ class Rooms:
 
     async def invitations_of(self, user: UserId) -> Sequence[str]:
         return [room for room, users in self.invited.items() if user in users]
+
+
+@dataclass
+class Delivery:
+    """One event as a gateway fans it out: to the sessions of ``users`` but the
+    excluded ones. An event that reaches them on several channels (a direct message
+    on both users' channels, a room message and its notices) is one delivery."""
+
+    users: list[str]
+    event: Event
+    exclude_session: str | None
+    exclude_user: str | None
+
+
+class Recorder:
+    """A gateway's routing of the live bus (the real :class:`Channels`) for users
+    attached with :meth:`attach`, recording deliveries instead of writing them to
+    sessions."""
+
+    def __init__(self, bus: LiveBus) -> None:
+        self.deliveries: list[Delivery] = []
+        self.resyncs: list[list[str]] = []
+        self.channels = Channels(bus, self._deliver, lambda users: self.resyncs.append([*users]))
+
+    def attach(self, user: str, rooms: Iterable[str] = ()) -> None:
+        """A first session of ``user``, a member of ``rooms``."""
+        self.channels.add_user(user)
+        self.channels.add_rooms(user, [RoomId(r) for r in rooms])
+
+    def _deliver(self, users: Iterable[str], pub: Publication) -> None:
+        last = self.deliveries[-1] if self.deliveries else None
+        if last is not None and last.event is pub.event:
+            last.users.extend(u for u in users if u not in last.users)
+            return
+        self.deliveries.append(
+            Delivery(list(users), pub.event, pub.exclude_session, pub.exclude_user)
+        )
 
 
 class Files:

@@ -20,7 +20,7 @@ from imserver.protocol import ops
 from imserver.protocol.codec import Codec
 from imserver.protocol.events import Msg
 from imserver.services.gateway.session import OpContext
-from imserver.storage.bus import Delivery, MemoryLiveBus
+from imserver.storage.bus import Publication, user_channel
 from imserver.testing.sessions import GatewayHarness, Peer
 
 
@@ -114,8 +114,9 @@ async def test_an_event_one_codec_cannot_encode_skips_only_that_codecs_sessions(
     mp = await logged_in(harness, Codec.MSGPACK, "zed")
     assert js.session.caller is not None
     user = js.session.caller.user
-    gateway.bus.publish(Delivery(users=[user], event=msg(1, {"n": 2**64})))
-    gateway.bus.publish(Delivery(users=[user], event=msg(2, {"n": 1})))
+    for n, meta in enumerate(({"n": 2**64}, {"n": 1}), 1):
+        publication = Publication(event=msg(n, meta), conv="d:a:b", seq=n)
+        await gateway.bus.publish(user_channel(user), publication)
     assert [(f["seq"], f["meta"]) for f in js.frames()] == [(1, {"n": 2**64}), (2, {"n": 1})]
     assert [(f["seq"], f["meta"]) for f in mp.frames()] == [(2, {"n": 1})]
     assert not mp.link.closed and not mp.session.closing
@@ -145,17 +146,3 @@ async def test_a_reply_the_codec_cannot_encode_is_answered_internal_and_the_sess
     ]
     assert not peer.link.closed and not session.closing
     assert gateway.metrics.encode_failures == {("reply", "msgpack"): 1}
-
-
-def test_a_failing_live_bus_subscriber_reaches_neither_the_publisher_nor_the_others() -> None:
-    bus = MemoryLiveBus()
-    seen: list[int] = []
-
-    def broken(delivery: Delivery) -> None:
-        raise RuntimeError("a bug")
-
-    bus.subscribe(broken)
-    bus.subscribe(lambda d: seen.append(d.event.seq))  # type: ignore[attr-defined]
-    bus.publish(Delivery(users=["u"], event=msg(1, {})))
-    bus.publish(Delivery(users=["u"], event=msg(2, {})))
-    assert seen == [1, 2]

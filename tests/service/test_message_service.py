@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 from conformance import signature_mismatches
-from message_helpers import BACKENDS, Directory, Files, Rooms, caller, open_backend, send
+from message_helpers import (
+    BACKENDS,
+    Delivery,
+    Directory,
+    Files,
+    Recorder,
+    Rooms,
+    caller,
+    open_backend,
+    send,
+)
 
 from imserver.protocol import ops
 from imserver.protocol.events import Msg, Receipt, TypingEvent
@@ -23,7 +33,7 @@ from imserver.services.file.service import MemberDirectory
 from imserver.services.message.api import MessageService
 from imserver.services.message.search import fts5_query
 from imserver.services.message.service import LocalMessageService, open_message_service
-from imserver.storage.bus import Delivery, MemoryLiveBus
+from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import sqlite_url
 from imserver.utils.errors import (
     BadRequest,
@@ -77,16 +87,19 @@ class Env:
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
     url = sqlite_url(tmp_path, "message")
     bus = MemoryLiveBus()
-    deliveries: list[Delivery] = []
-    bus.subscribe(deliveries.append)
     users = Directory("ua", "ub", "uc", "ud")
     rooms = Rooms()
     # r1: ua owner, ub admin, uc member; ud is an outsider.
     rooms.add("r1", "Room One", "ua", "uc", admins=["ub"])
+    recorder = Recorder(bus)  # every user online on one gateway
+    for user in users.users:
+        recorder.attach(user, await rooms.rooms_of(user))
+    deliveries = recorder.deliveries
     svc = await open_service(request.param, url, bus, users, rooms)
     e = Env(request.param, tmp_path / "message.db", url, bus, users, rooms, deliveries, svc)
     yield e
     await e.svc.close()
+    assert recorder.resyncs == []  # every conversation's seqs were published without a gap
 
 
 async def fails(aw: Awaitable[Any], cls: type[IMError], field: str | None = None) -> IMError:

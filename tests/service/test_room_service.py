@@ -18,7 +18,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conformance import signature_mismatches
-from message_helpers import Directory, caller, send
+from message_helpers import Delivery, Directory, Recorder, caller, send
 from sqlalchemy import create_engine
 
 from imserver.protocol import ops
@@ -29,7 +29,7 @@ from imserver.services.message.service import LocalMessageService, open_message_
 from imserver.services.room.api import RoomService
 from imserver.services.room.service import MIGRATIONS, LocalRoomService, open_room_service
 from imserver.services.room.store import metadata
-from imserver.storage.bus import Delivery, MemoryLiveBus
+from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import sqlite_url, sync_url, upgrade_sync
 from imserver.utils.errors import BadRequest, Conflict, Forbidden, IMError, NotFound
 from imserver.utils.ids import UserId
@@ -103,14 +103,17 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     for uid, name in NAMES.items():
         users.add(uid, name)
     bus = MemoryLiveBus()
-    deliveries: list[Delivery] = []
-    bus.subscribe(deliveries.append)
+    recorder = Recorder(bus)  # every user online on one gateway
+    for user in NAMES:
+        recorder.attach(user)
+    deliveries = recorder.deliveries
     online = Online()
     rooms, messages = await _open(tmp_path, users, bus, online)
     e = Env(tmp_path, users, bus, online, deliveries, messages, rooms)
     yield e
     await e.messages.close()
     await e.rooms.close()
+    assert recorder.resyncs == []  # every conversation's seqs were published without a gap
 
 
 async def fails(aw: Awaitable[Any], cls: type[IMError], field: str | None = None) -> IMError:

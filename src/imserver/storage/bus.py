@@ -1,21 +1,57 @@
-"""The live bus: how stored messages and ephemeral events reach gateways.
+"""The live bus: how stored messages and ephemeral events reach the gateways.
 
-The message service publishes a :class:`Delivery` after commit; every gateway that
-subscribed hands it to its hub, which encodes the event once per codec and queues
-the same bytes to each live session of the named users. Embedded mode uses
-:class:`MemoryLiveBus` (a direct call); distributed mode puts Redis pub/sub here.
+A broker in the shape of centrifuge's ``Broker``: publishers put a
+:class:`Publication` on a named channel; a gateway subscribes the channels its
+attached sessions need, and its handler (the gateway's hub) gets every publication
+of those channels with the channel's name. Embedded mode uses
+:class:`MemoryLiveBus`; a networked backend (Redis pub/sub) is the next one, and
+``tests/service/test_bus_contract.py`` is the contract both run.
 
-Deliveries published by one caller reach subscribers in publication order, which
-is what keeps each conversation's ``msg`` events in seq order per session. A
-subscriber that fails on one delivery is logged and keeps its subscription; the
-failure reaches neither the publisher (whose write has committed) nor the other
-subscribers.
+Channels:
+
+* ``r:<room>`` (:func:`room_channel`, the room's conversation id): every message of
+  the room, once, whatever its size, and the room's ``typing`` and ``receipt``
+  events. A gateway subscribes it while one of its attached users is a member; the
+  hub maps the conversation to those users' sessions.
+* ``u:<user>`` (:func:`user_channel`, the user's personal channel): the user's
+  direct (``d:a:b``, published on both users' channels) and system (``s:<user>``)
+  conversations, ``typing`` and ``receipt`` events of direct conversations,
+  ``presence`` of a direct peer, and the room notices of users who are not members
+  on either side of a room message: the ``invited`` message to the invitee, and a
+  membership change to each user who joins or leaves with it (so a gateway that is
+  not subscribed to the room learns of the join and subscribes). A gateway
+  subscribes the channel of every user with an attached session. Direct
+  conversations go here rather than on channels of their own: a user has few
+  enough of them to share one channel, and a gateway would otherwise subscribe one
+  channel per direct conversation of each of its users.
+
+Positions: a publication carries the conversation's ``seq`` as its position when it
+is a stored message (``seq``; ``None`` for ephemeral events and for room notices on
+a user channel). Within a channel, the positions of one conversation rise by one
+per publication, so a subscriber that sees ``seq > last + 1`` has missed something
+(a networked backend drops publications when a subscriber falls behind or
+reconnects) and makes its clients sync.
+
+Guarantees of every backend:
+
+* Publications published by one caller (the message writer, one per process)
+  reach a subscriber in publication order, across channels too (Redis pub/sub over
+  one connection keeps it): the hub relies on a room message on ``r:<room>``
+  arriving before the same message's notice on ``u:<user>``.
+* At most once: a publication is never delivered twice; it may be lost (a gap).
+* A subscriber that fails on one publication is logged and keeps its
+  subscriptions; the failure reaches neither the publisher (whose write has
+  committed) nor the other subscribers.
+* :meth:`LiveBus.subscribe` and :meth:`LiveBus.unsubscribe` are idempotent (a set of
+  channels per handler; reference counting over sessions is the hub's) and take
+  effect, for the memory backend, before they return; a networked backend may
+  take a round trip, and what is published meanwhile may be missed (a gap).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -25,45 +61,90 @@ from imserver.protocol.events import Event
 logger = logging.getLogger(__name__)
 
 
-class Delivery(msgspec.Struct, frozen=True):
-    """One event for the live sessions of ``users``.
+class Publication(msgspec.Struct, frozen=True, kw_only=True):
+    """One event on a channel.
 
-    ``exclude_session`` skips one connection (the sender's); ``exclude_user`` skips
-    every session of one user (the typist of a ``typing`` event).
+    ``conv`` and ``seq``: the conversation and its seq (the position) for a stored
+    message; ``seq`` is ``None`` for ephemeral events. ``exclude_session`` skips
+    one connection (the sender's); ``exclude_user`` skips every session of one user
+    (the typist of a ``typing`` event). ``joined`` and ``left``: the users a room
+    membership change adds and removes at this message; a subscriber delivers the
+    message to the members after the joins and before the leaves.
     """
 
-    users: Sequence[str]
     event: Event
+    conv: str | None = None
+    seq: int | None = None
     exclude_session: str | None = None
     exclude_user: str | None = None
+    joined: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
 
 
-DeliveryHandler = Callable[[Delivery], None]
+PublicationHandler = Callable[[str, Publication], None]
+"""Called with the channel and the publication, for every publication of a
+subscribed channel."""
+
+
+def room_channel(conv: str) -> str:
+    """The channel of a room conversation: its conversation id (``r:<room>``)."""
+    return conv
+
+
+def user_channel(user: str) -> str:
+    """The personal channel of ``user`` (``u:<user>``)."""
+    return "u:" + user
 
 
 class LiveBus(Protocol):
-    """Publish/subscribe of deliveries to live sessions (at most once, in order)."""
+    """Publish/subscribe of publications on channels (at most once, in order)."""
 
-    def publish(self, delivery: Delivery) -> None:
-        """Hand ``delivery`` to every subscriber."""
+    async def publish(self, channel: str, publication: Publication) -> None:
+        """Hand ``publication`` to every handler subscribed to ``channel``."""
 
-    def subscribe(self, handler: DeliveryHandler) -> None:
-        """Call ``handler`` for every delivery published from now on."""
+    def subscribe(self, channel: str, handler: PublicationHandler) -> None:
+        """Call ``handler`` for every publication on ``channel`` from now on."""
+
+    def unsubscribe(self, channel: str, handler: PublicationHandler) -> None:
+        """Stop calling ``handler`` for ``channel`` (no-op when not subscribed)."""
 
 
 class MemoryLiveBus:
-    """The in-process bus: publishing calls each subscriber synchronously."""
+    """The in-process bus: publishing calls each subscribed handler synchronously,
+    in the publisher's order; no task per publication."""
 
     def __init__(self) -> None:
-        self._handlers: list[DeliveryHandler] = []
+        self._channels: dict[str, tuple[PublicationHandler, ...]] = {}
+        """channel -> its handlers; replaced, never mutated, so a handler may
+        (un)subscribe while it handles a publication."""
 
-    def publish(self, delivery: Delivery) -> None:
-        for handler in self._handlers:
+    async def publish(self, channel: str, publication: Publication) -> None:
+        handlers = self._channels.get(channel)
+        if handlers is None:
+            return
+        for handler in handlers:
             try:
-                handler(delivery)
+                handler(channel, publication)
             except Exception:
-                name = type(delivery.event).__name__
-                logger.exception("live-bus subscriber %r failed on a %s event", handler, name)
+                name = type(publication.event).__name__
+                logger.exception(
+                    "live-bus subscriber %r failed on a %s event on %s", handler, name, channel
+                )
 
-    def subscribe(self, handler: DeliveryHandler) -> None:
-        self._handlers.append(handler)
+    def subscribe(self, channel: str, handler: PublicationHandler) -> None:
+        handlers = self._channels.get(channel, ())
+        if handler not in handlers:
+            self._channels[channel] = (*handlers, handler)
+
+    def unsubscribe(self, channel: str, handler: PublicationHandler) -> None:
+        handlers = self._channels.get(channel, ())
+        if handler in handlers:
+            rest = tuple(h for h in handlers if h != handler)
+            if rest:
+                self._channels[channel] = rest
+            else:
+                del self._channels[channel]
+
+    def subscribed(self, channel: str) -> int:
+        """How many handlers are subscribed to ``channel`` (for tests and metrics)."""
+        return len(self._channels.get(channel, ()))

@@ -1,14 +1,23 @@
-"""The hub: which live sessions each user has, and fan-out of deliveries to them.
+"""The hub: which live sessions each user has, and fan-out of the live bus's
+publications to them.
+
+The hub follows, through :class:`~imserver.services.gateway.channels.Channels`,
+the live-bus channels its users need (their personal channels and their rooms'),
+which route each publication to local users; the hub writes it to their sessions.
+A gap on a channel (publications the bus lost) closes the sessions it serves with
+``closed {resync}``; their clients recover as after any reconnect (docs/protocol.md
+§4.12). The memory bus never loses one.
 
 Fan-out invariants:
 
 * An event is encoded at most once per codec and framed at most once per
-  (transport, codec); every recipient session gets the same ``bytes`` object.
+  (transport, codec); every recipient session gets the same ``bytes`` object, also
+  when one event comes on several channels (a direct message on both users').
 * No task per recipient: a delivery is a loop of non-blocking writes into each
   session's bounded queue (its transport buffer).
-* Deliveries are handled in the order they are published, and each is written to
-  every recipient before the next is looked at, so a session sees a conversation's
-  ``msg`` events in seq order.
+* Publications are handled in the order the bus hands them over, and each is
+  written to every recipient before the next is looked at, so a session sees a
+  conversation's ``msg`` events in seq order.
 * An event that cannot be encoded in one codec (a bug: values are checked when they
   arrive, see :mod:`imserver.protocol.values`) is logged and counted once and skipped
   for the sessions of that codec only; they see a seq gap and recover by ``history``.
@@ -17,15 +26,20 @@ Fan-out invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from imserver.protocol.codec import Codec, EncodedEvent
+from imserver.protocol.events import Event
+from imserver.services.gateway.channels import Channels
 from imserver.services.gateway.session import Session
-from imserver.storage.bus import Delivery
-from imserver.utils.ids import LoginId, UserId
+from imserver.storage.bus import LiveBus, Publication
+from imserver.utils.ids import LoginId, RoomId, UserId
 from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+RESYNC = "resync"
+"""The ``closed`` reason of sessions whose channel skipped positions."""
 
 
 class _Framed:
@@ -56,31 +70,47 @@ class _Framed:
 
 
 class Hub:
-    """Live authenticated sessions, indexed by user and by login session."""
+    """Live authenticated sessions, indexed by user and by login session, and the
+    live bus's channels their users need."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, bus: LiveBus) -> None:
         self._metrics = metrics
         self._by_user: dict[UserId, dict[Session, None]] = {}
         self._by_login: dict[LoginId, dict[Session, None]] = {}
+        self.channels = Channels(bus, self._deliver, self._resync)
+        """The live-bus channels followed for the users attached here."""
+        self._framed_event: Event | None = None
+        self._framed: _Framed | None = None
         self.delivered = 0
         """Events written to sessions since start (a counter for metrics and benchmarks)."""
 
+    # --- sessions ---------------------------------------------------------------------
+
     def attach(self, session: Session) -> bool:
-        """Register an authenticated session; True if it is its user's first."""
+        """Register an authenticated session; True if it is its user's first (the
+        caller then loads the user's rooms and hands them to :meth:`add_rooms`)."""
         caller = session.caller
         assert caller is not None
-        sessions = self._by_user.setdefault(caller.user, {})
+        user = caller.user
+        sessions = self._by_user.setdefault(user, {})
         first = not sessions
         sessions[session] = None
         self._by_login.setdefault(caller.login, {})[session] = None
+        if first:
+            self.channels.add_user(user)
         return first
+
+    def add_rooms(self, user: UserId, rooms: Iterable[RoomId]) -> None:
+        """Follow the rooms of ``user`` (loaded after their first session attached)."""
+        self.channels.add_rooms(user, rooms)
 
     def detach(self, session: Session) -> bool:
         """Forget a session; True if it was its user's last."""
         caller = session.caller
         if caller is None:
             return False
-        sessions = self._by_user.get(caller.user)
+        user = caller.user
+        sessions = self._by_user.get(user)
         if sessions is None or session not in sessions:
             return False
         del sessions[session]
@@ -91,7 +121,8 @@ class Hub:
                 del self._by_login[caller.login]
         if sessions:
             return False
-        del self._by_user[caller.user]
+        del self._by_user[user]
+        self.channels.remove_user(user)
         return True
 
     def sessions_of(self, user: UserId) -> list[Session]:
@@ -111,22 +142,29 @@ class Hub:
         for sessions in list(self._by_user.values()):
             yield from list(sessions)
 
-    def deliver(self, delivery: Delivery) -> None:
-        """Write one event to the live sessions of the delivery's users.
+    def _resync(self, users: Iterable[str]) -> None:
+        """Close the sessions of ``users`` with ``resync``: the bus lost publications."""
+        for user in list(users):
+            for session in list(self._by_user.get(UserId(user), ())):
+                session.close(RESYNC)
 
-        The hot loop of every fan-out (a room message visits every member): the framed
-        bytes of the last (transport, codec) seen are kept at hand, since nearly every
-        session shares one, and nothing per recipient allocates.
+    def _deliver(self, users: Iterable[str], pub: Publication) -> None:
+        """Write one event to the live sessions of ``users``.
+
+        The hot loop of every fan-out (a room message visits every local member): the
+        framed bytes of the last (transport, codec) seen are kept at hand, since nearly
+        every session shares one, and nothing per recipient allocates.
         """
+        event = pub.event
         framed: _Framed | None = None
-        exclude_session = delivery.exclude_session
-        exclude_user = delivery.exclude_user
+        exclude_session = pub.exclude_session
+        exclude_user = pub.exclude_user
         by_user: dict[str, dict[Session, None]] = self._by_user  # type: ignore[assignment]
         last_kind: str | None = None
         last_codec: Codec | None = None
         data: bytes | None = b""
         count = 0
-        for user in delivery.users:
+        for user in users:
             sessions = by_user.get(user)
             if not sessions or user == exclude_user:
                 continue
@@ -137,7 +175,12 @@ class Hub:
                 codec = session.codec
                 if kind != last_kind or codec is not last_codec:
                     if framed is None:
-                        framed = _Framed(EncodedEvent(delivery.event), self._metrics)
+                        # One event on several channels is encoded once.
+                        if self._framed_event is event and self._framed is not None:
+                            framed = self._framed
+                        else:
+                            framed = _Framed(EncodedEvent(event), self._metrics)
+                            self._framed_event, self._framed = event, framed
                     data = framed.get(session)
                     last_kind, last_codec = kind, codec
                 if data is None:

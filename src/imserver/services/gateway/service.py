@@ -1,12 +1,12 @@
 """The gateway: live connections, their authentication, presence and heartbeats.
 
 The gateway is the only service that speaks the wire protocol. It owns the set of
-live sessions and the :class:`~imserver.services.gateway.hub.Hub`, subscribes the hub
-to the live bus, serves the transports' connections (it is the
-:class:`~imserver.network.handler.ConnectionHandler` of :mod:`imserver.network`), and
-turns the user service's view of login sessions into connection state: a revoked
-login closes its connections, the first connection of a user makes them ``online``
-and the last one ``offline``.
+live sessions and the :class:`~imserver.services.gateway.hub.Hub`, which subscribes
+the live bus's channels of the users attached here, serves the transports'
+connections (it is the :class:`~imserver.network.handler.ConnectionHandler` of
+:mod:`imserver.network`), and turns the user service's view of login sessions into
+connection state: a revoked login closes its connections, the first connection of a
+user makes them ``online`` and the last one ``offline``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 from imserver import __version__
 from imserver.network.handler import Connection, Link
@@ -28,10 +29,10 @@ from imserver.services.gateway.session import Edge, OpContext, Session, State
 from imserver.services.message.api import MessageService
 from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, UserService
-from imserver.storage.bus import Delivery, LiveBus
+from imserver.storage.bus import LiveBus, Publication, user_channel
 from imserver.utils.config import Config
 from imserver.utils.errors import Conflict, Forbidden, IMError, Unavailable
-from imserver.utils.ids import LoginId, UserId
+from imserver.utils.ids import LoginId, RoomId, UserId
 from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Gateway:
         self.rooms = rooms
         self.bus = bus
         self.metrics = metrics
-        self.hub = Hub(metrics)
+        self.hub = Hub(metrics, bus)
         self.sessions: set[Session] = set()
         self.draining = False
         self.server_info = ServerInfo(name=config.server_name, version=__version__)
@@ -89,7 +90,6 @@ class Gateway:
         self.flusher = self.edge.flusher
         self._sweeper: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
-        bus.subscribe(self.hub.deliver)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -165,9 +165,18 @@ class Gateway:
                 return
             self.hub.detach(session)
         session.bind(Caller(identity.user, identity.login, session.id))
+        if not self.hub.attach(session):
+            return
+        # The user's rooms are followed before the reply: whatever the client does
+        # after it, it gets the rooms' messages live from then on.
+        rooms: Sequence[RoomId] = ()
+        try:
+            rooms = await self.rooms.rooms_of(identity.user)
+        finally:
+            self.hub.add_rooms(identity.user, rooms)
         # Re-binding an authenticated connection to another login session of the same
         # user keeps the user online throughout: only a first connection is news.
-        if self.hub.attach(session) and current is None:
+        if current is None:
             info = await self.users.set_online(identity.user)
             await self._publish_presence(info)
 
@@ -180,7 +189,9 @@ class Gateway:
         peers = await self.messages.direct_peers(UserId(info.user))
         if peers:
             event = PresenceEvent(user=info.user, status=info.status, last_seen=info.last_seen)
-            self.bus.publish(Delivery(users=peers, event=event))
+            publication = Publication(event=event)
+            for peer in peers:
+                await self.bus.publish(user_channel(peer), publication)
 
     # --- heartbeats and shutdown ---------------------------------------------------
 

@@ -35,9 +35,9 @@ from imserver.services.message.queued import (
     SystemWrite,
 )
 from imserver.services.message.store import SqlMessageStore
-from imserver.services.message.writer import MessageWriter, publish
+from imserver.services.message.writer import MessageWriter, publish_conv
 from imserver.storage import sql
-from imserver.storage.bus import Delivery, LiveBus
+from imserver.storage.bus import LiveBus, Publication
 from imserver.utils.errors import BadRequest, Forbidden, IMError, NotFound, TooLarge, Unavailable
 from imserver.utils.ids import ConvId, RoomId, UserId, random_id
 
@@ -393,14 +393,10 @@ class LocalMessageService:
         """Publish a ``typing`` event to the other members' live sessions."""
         if parse_conv(conv).kind == "system":
             raise Forbidden("system conversation is read-only")
-        ref, members = await self._member_access(caller, conv)
-        publish(
-            self._bus,
-            Delivery(
-                users=members.users,
-                event=TypingEvent(conv=ref.id, user=caller.user),
-                exclude_user=caller.user,
-            ),
+        ref, _ = await self._member_access(caller, conv)
+        event = TypingEvent(conv=ref.id, user=caller.user)
+        await publish_conv(
+            self._bus, ref, Publication(event=event, conv=ref.id, exclude_user=caller.user)
         )
 
     async def search(self, caller: Caller, req: ops.Search) -> ops.SearchData:

@@ -19,13 +19,20 @@ system notices all go through it):
    hold is taken to be new, and the unique index has the last word: when the
    commit meets a stored key, the batch is abandoned and applied again with every
    key looked up. The common case, a new message, reads nothing before it writes.
-5. **Publish order.** After commit, deliveries are published in batch order, which
-   is ascending seq within each conversation, from this one task: every session
-   sees a conversation's ``msg`` events in seq order. Duplicates publish nothing.
+5. **Publish order.** After commit, publications are put on the live bus in batch
+   order, which is ascending seq within each conversation, from this one task:
+   every session sees a conversation's ``msg`` events in seq order, and each
+   publication carries its seq as its position. Duplicates publish nothing. A room
+   message is published once, on the room's channel; a direct message on both
+   users' channels; a system notice on its user's (see :mod:`imserver.storage.bus`).
 6. **Room membership changes at a seq.** A room ``system`` message posted with
    ``members`` switches the room's member list at its position in the batch: writes
-   before it are checked against, and fanned out to, the old members; it and
-   everything after, the new ones. The list stays pinned (in
+   before it are checked against the old members; it and everything after, the new
+   ones. Its publication names the users it adds and removes (``joined``/``left``;
+   a room's first message adds every member), so each gateway delivers the room's
+   earlier messages to the old members, and it and everything after to the new
+   ones; each of those users, and each ``notify`` user who is a member on neither
+   side, also gets it on their own channel. The list stays pinned (in
    :class:`~imserver.services.message.membership.Membership`) until the room
    directory answers the same object, so later batches, ``typing`` and reads agree.
 """
@@ -35,9 +42,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from typing import Final
 
 from imserver.protocol import ops
+from imserver.protocol.convs import ConvRef
 from imserver.protocol.events import Event, Msg
 from imserver.services.message.api import FileDirectory, FileRef, Members, UserDirectory
 from imserver.services.message.batch import FILE_TYPES, BatchState, apply, apply_mark
@@ -56,7 +64,7 @@ from imserver.services.message.queued import (
 )
 from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey
 from imserver.services.message.writes import KeyConflict, Loaded
-from imserver.storage.bus import Delivery, LiveBus
+from imserver.storage.bus import LiveBus, Publication, user_channel
 from imserver.utils.clock import now_ms
 from imserver.utils.errors import BadRequest, Forbidden, IMError, Internal, Unavailable
 from imserver.utils.ids import ConvId, RoomId, UserId
@@ -66,17 +74,35 @@ logger = logging.getLogger(__name__)
 _KEY_CACHE = 100_000
 _SEQ_CACHE = 100_000
 
-_Out = tuple[Write, Event, Members]
-"""An event a batch publishes after commit: (its write, event, recipients), in batch
-order."""
+_Change = tuple[tuple[str, ...], tuple[str, ...]]
+"""The users a room membership change adds and removes: (joined, left)."""
+_NO_CHANGE: Final[_Change] = ((), ())
+
+_Out = tuple[Write, Event, int | None, Members, _Change]
+"""An event a batch publishes after commit: (its write, event, seq of a stored
+message, members before it, membership change), in batch order."""
 
 
-def publish(bus: LiveBus, delivery: Delivery) -> None:
-    """Publish on the live bus; a subscriber's fault must not undo a committed write."""
+def _change(before: Members, after: Members) -> _Change:
+    """The users a room membership change adds and removes."""
+    joined = tuple(u for u in after.users if u not in before.set)
+    left = tuple(u for u in before.users if u not in after.set)
+    return joined, left
+
+
+async def publish_conv(bus: LiveBus, conv: ConvRef, publication: Publication) -> None:
+    """Publish an event of ``conv`` on its channels: the room's for a room, both
+    users' for a direct conversation, the user's for a system conversation. A bus
+    failure is logged: it must not undo a committed write."""
     try:
-        bus.publish(delivery)
+        if conv.kind == "room":
+            await bus.publish(conv.id, publication)
+        else:
+            await bus.publish(user_channel(conv.a), publication)
+            if conv.kind == "direct":
+                await bus.publish(user_channel(conv.b), publication)
     except Exception:
-        logger.exception("live bus subscriber failed")
+        logger.exception("live bus publish of a %s event failed", type(publication.event).__name__)
 
 
 class MessageWriter:
@@ -269,11 +295,22 @@ class MessageWriter:
             self._keys.put(key, value)
         for key, value in state.known.items():
             self._keys.put(key, value)
-        for item, event, m in outbox:
-            users: Sequence[str] = m.users
-            if isinstance(item, SystemWrite) and item.notify:
-                users = m.users + tuple(u for u in item.notify if u not in m.set)
-            publish(self._bus, Delivery(users=users, event=event, exclude_session=item.session))
+        for item, event, seq, before, change in outbox:
+            conv = item.conv
+            await publish_conv(
+                self._bus,
+                conv,
+                Publication(
+                    event=event,
+                    conv=conv.id,
+                    seq=seq,
+                    exclude_session=item.session,
+                    joined=change[0],
+                    left=change[1],
+                ),
+            )
+            if conv.kind == "room" and isinstance(item, SystemWrite):
+                await self._publish_notices(item, event, before, change)
         for item in batch:
             item.settle()
 
@@ -321,7 +358,7 @@ class MessageWriter:
                         item.answer = MarkDone.UNCHANGED
                     else:
                         item.answer = MarkDone.MOVED
-                        outbox.append((item, receipt, m))
+                        outbox.append((item, receipt, None, m, _NO_CHANGE))
                     continue
                 key = (item.conv.id, item.user, item.cid)
                 dup = state.known.get(key) or state.new_keys.get(key)
@@ -338,17 +375,42 @@ class MessageWriter:
                         err = exc
                     else:
                         state.new_keys[key] = (msg.seq, msg.ts)
+                        before, change = m, _NO_CHANGE
                         if isinstance(item, SystemWrite) and item.members is not None:
                             # A membership change takes effect at its own seq.
+                            change = _change(m, item.members)
                             m = members[item.conv.id] = pinned[item.conv.a] = item.members
+                        elif msg.seq == 1 and item.conv.kind == "room":
+                            change = (m.users, ())  # a new room: every member joins
                         item.answer = ops.SendData(
                             conv=msg.conv, seq=msg.seq, ts=msg.ts, cid=msg.cid, dup=False
                         )
-                        outbox.append((item, Msg.of(msg), m))
+                        outbox.append((item, Msg.of(msg), msg.seq, before, change))
                         continue
                 item.answer = err
             await tx.commit(state.write)
         return state, outbox, pinned
+
+    async def _publish_notices(
+        self, item: SystemWrite, event: Event, before: Members, change: _Change
+    ) -> None:
+        """After a room message, the same message on the personal channels of the
+        users it adds or removes and of the ``notify`` users who are members on
+        neither side of it (an invitee)."""
+        joined, left = change
+        if not (joined or left or item.notify):
+            return
+        noticed = [*joined, *left]
+        after = item.members if item.members is not None else before
+        for user in item.notify:
+            if user not in noticed and user not in before.set and user not in after.set:
+                noticed.append(user)
+        notice = Publication(event=event, conv=item.conv.id, joined=joined, left=left)
+        for user in noticed:
+            try:
+                await self._bus.publish(user_channel(user), notice)
+            except Exception:
+                logger.exception("live bus publish of a room notice failed")
 
     @staticmethod
     def _fail_pending(batch: list[Write], exc: IMError) -> None:
