@@ -15,7 +15,7 @@ from typing import Any
 
 from imserver.protocol import ops
 from imserver.protocol.events import Event
-from imserver.protocol.models import User
+from imserver.protocol.models import PresenceInfo, User
 from imserver.services.caller import Caller
 from imserver.services.gateway.channels import Channels
 from imserver.services.message.api import FileRef, Members
@@ -34,11 +34,13 @@ from imserver.utils.ids import LoginId, RoomId, SessionId, UserId
 
 
 class Directory:
-    """A ``UserDirectory``: a dict of users and a set of (blocker, blocked) pairs."""
+    """A ``UserDirectory``: a dict of users, a set of (blocker, blocked) pairs and the
+    set of users online."""
 
     def __init__(self, *ids: str) -> None:
         self.users: dict[UserId, User] = {}
         self.blocks: set[tuple[str, str]] = set()
+        self.online: set[str] = set()
         for i in ids:
             self.add(i)
 
@@ -53,12 +55,21 @@ class Directory:
     async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool:
         return (blocker, blocked) in self.blocks
 
+    async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
+        return [
+            PresenceInfo(user=u, status="online" if u in self.online else "offline", last_seen=None)
+            for u in dict.fromkeys(users)
+            if u in self.users
+        ]
+
 
 class Rooms:
-    """A ``RoomDirectory``: room id -> {user: role} and room id -> title."""
+    """A ``RoomDirectory``: room id -> {user: role}, room id -> the version of its member
+    list (0 unless set), and room id -> title."""
 
     def __init__(self) -> None:
         self.members: dict[str, dict[str, str]] = {}
+        self.versions: dict[str, int] = {}
         self.titles: dict[str, str] = {}
         self.invited: dict[str, set[str]] = {}
 
@@ -74,7 +85,7 @@ class Rooms:
     async def room_members(self, room: str) -> Members:
         if room not in self.members:
             raise NotFound(f"no room {room}")
-        return Members.of(self.members[room])
+        return Members.of(self.members[room], self.versions.get(room, 0))
 
     async def room_role(self, room: str, user: UserId) -> str | None:
         return self.members.get(room, {}).get(user)
@@ -154,8 +165,10 @@ def caller(user: str, session: str | None = None) -> Caller:
 
 
 def send(conv: str, cid: str, body: str = "hi", **fields: Any) -> ops.Send:
-    """A ``send`` op of type ``text`` unless ``type`` is given."""
+    """A ``send`` op of type ``text`` unless ``type`` is given, with the ``rid`` of a
+    client's frame (which never reaches the service over the loopback)."""
     fields.setdefault("type", "text")
+    fields.setdefault("rid", f"rid-{cid}")
     return ops.Send(conv=conv, cid=cid, body=body, **fields)
 
 

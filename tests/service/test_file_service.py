@@ -6,6 +6,11 @@ The message service is replaced by :class:`Conversations`, a small in-memory
 stand-in for its membership and reference answers (the message service is another
 service here, not storage); it can also simulate a send that lands while the clean-up
 is running.
+
+Contract tests: each runs over the ``local`` and ``loopback`` transports
+(``transports.py``); in the loopback run the file service and ``Conversations`` are
+reached through the serialising adapter. The checks of the service's storage (its
+blob store, its temporary directory) look at the storage itself, the same in both.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from alembic.migration import MigrationContext
 from conformance import signature_mismatches
 from PIL import Image
 from sqlalchemy import create_engine
+from transports import through
 
-from imserver.services.file.api import FileService, QuotaExceeded
+from imserver.services.file.api import FileService, MemberDirectory, QuotaExceeded
 from imserver.services.file.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from imserver.services.file.service import (
     MIGRATIONS,
@@ -62,7 +68,8 @@ class FakeClock:
 class Conversations:
     """The message service's answers: members per conversation, referenced file ids.
 
-    ``on_flush`` runs inside :meth:`flush` (a send committing while clean-up waits).
+    ``on_flush`` runs inside :meth:`write_barrier` (a send committing while clean-up
+    waits).
     """
 
     def __init__(self) -> None:
@@ -80,13 +87,26 @@ class Conversations:
     async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
         return {f for f in file_ids if f in self.referenced}
 
-    async def flush(self) -> None:
+    async def write_barrier(self) -> None:
         self.flushes += 1
         if self.on_flush is not None:
             self.on_flush()
 
 
-Opener = Callable[..., Awaitable[LocalFileService]]
+class Served:
+    """The file service over the test's transport, and beside it the storage the
+    local service keeps its state in (its blob store and temporary directory)."""
+
+    def __init__(self, api: FileService, local: LocalFileService) -> None:
+        self.api = api
+        self.blobs = local.blobs
+        self.tmp_dir = local.tmp_dir
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.api, name)
+
+
+Opener = Callable[..., Awaitable[Served]]
 
 
 @pytest.fixture
@@ -101,12 +121,16 @@ def convs() -> Conversations:
 
 @pytest.fixture(params=["local", "s3"])
 async def open_service(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock, convs: Conversations
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    clock: FakeClock,
+    convs: Conversations,
+    transport: str,
 ) -> AsyncIterator[Opener]:
     opened: list[LocalFileService] = []
     url = sqlite_url(tmp_path, "file")
 
-    async def opener(**kwargs: Any) -> LocalFileService:
+    async def opener(**kwargs: Any) -> Served:
         await upgrade(url, MIGRATIONS)
         if request.param == "local":
             blobs: BlobStore = LocalBlobStore(tmp_path / "files" / "blobs")
@@ -121,12 +145,12 @@ async def open_service(
         service = LocalFileService(
             SqlFileStore.on_engine(make_engine(url)),
             blobs,
+            messages=lambda: through(transport, MemberDirectory, convs),
             tmp_dir=tmp_path / "files" / "tmp",
             **kwargs,
         )
-        service.bind(messages=convs, start_cleanup=False)
         opened.append(service)
-        return service
+        return Served(through(transport, FileService, service), service)
 
     yield opener
     for service in opened:
@@ -134,12 +158,12 @@ async def open_service(
 
 
 @pytest.fixture
-async def svc(open_service: Opener) -> LocalFileService:
+async def svc(open_service: Opener) -> Served:
     return await open_service(max_size=1 << 20, quota=4 << 20, orphan_grace=60)
 
 
 async def put(
-    svc: LocalFileService,
+    svc: Served,
     data: bytes,
     *,
     user: UserId = ALICE,
@@ -148,17 +172,21 @@ async def put(
     declared: int | None = None,
     chunk: int = 100_000,
 ) -> Any:
-    up = await svc.begin_upload(user, conv, name, declared)
-    try:
-        for i in range(0, len(data), chunk):
-            await up.write(data[i : i + chunk])
-        return await up.finish()
-    except BaseException:
-        await up.abort()
-        raise
+    return await svc.upload(user, conv, name, declared, chunks(data, chunk))
 
 
-async def read(svc: LocalFileService, user: UserId, file_id: str) -> bytes:
+async def chunks(data: bytes, size: int = 100_000) -> AsyncIterator[bytes]:
+    """An upload's body: ``data`` in pieces of ``size``."""
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def nothing() -> AsyncIterator[bytes]:
+    """An empty body."""
+    return chunks(b"")
+
+
+async def read(svc: Served, user: UserId, file_id: str) -> bytes:
     blob = await svc.open_file(user, file_id)
     return b"".join([c async for c in svc.read(blob.key, 0, blob.size - 1)])
 
@@ -169,7 +197,7 @@ def png(size: tuple[int, int] = (400, 200)) -> bytes:
     return out.getvalue()
 
 
-def tmp_files(svc: LocalFileService) -> list[Path]:
+def tmp_files(svc: Served) -> list[Path]:
     return list(svc.tmp_dir.iterdir())
 
 
@@ -201,11 +229,13 @@ async def test_open_file_service_from_config(tmp_path: Path, convs: Conversation
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by a crash")
     svc = await open_file_service(
-        sqlite_url(tmp_path, "file"), data_dir=tmp_path, config=FilesConfig(max_size=10)
+        sqlite_url(tmp_path, "file"),
+        data_dir=tmp_path,
+        config=FilesConfig(max_size=10),
+        messages=lambda: convs,
     )
     try:
         assert not stale.exists()
-        svc.bind(messages=convs, start_cleanup=False)
         await svc.check()
         info = await put(svc, b"0123456789")
         assert (tmp_path / "files" / "blobs" / blob_key(info.sha256)).is_file()
@@ -218,7 +248,7 @@ async def test_open_file_service_from_config(tmp_path: Path, convs: Conversation
 # --- uploads ---------------------------------------------------------------------------------
 
 
-async def test_upload_and_download(svc: LocalFileService) -> None:
+async def test_upload_and_download(svc: Served) -> None:
     data = os.urandom(300_000)
     info = await put(svc, data, name="../x/report.bin")
     assert info.name == "report.bin"
@@ -230,17 +260,17 @@ async def test_upload_and_download(svc: LocalFileService) -> None:
     assert tmp_files(svc) == []
 
 
-async def test_upload_needs_membership(svc: LocalFileService) -> None:
+async def test_upload_needs_membership(svc: Served) -> None:
     with pytest.raises(Forbidden):
-        await svc.begin_upload(CAROL, CONV, "x", None)
+        await svc.upload(CAROL, CONV, "x", None, nothing())
     with pytest.raises(NotFound):
-        await svc.begin_upload(ALICE, "r:nothere", "x", None)
+        await svc.upload(ALICE, "r:nothere", "x", None, nothing())
     assert tmp_files(svc) == []
 
 
-async def test_size_limit_counts_bytes_not_declarations(svc: LocalFileService) -> None:
+async def test_size_limit_counts_bytes_not_declarations(svc: Served) -> None:
     with pytest.raises(TooLarge):
-        await svc.begin_upload(ALICE, CONV, "x", (1 << 20) + 1)
+        await svc.upload(ALICE, CONV, "x", (1 << 20) + 1, nothing())
     # A declaration that lies low does not help: the bytes are counted.
     with pytest.raises(TooLarge) as info:
         await put(svc, b"x" * ((1 << 20) + 1), declared=10)
@@ -249,24 +279,35 @@ async def test_size_limit_counts_bytes_not_declarations(svc: LocalFileService) -
     await put(svc, b"x" * (1 << 20))
 
 
-async def test_quota(svc: LocalFileService) -> None:
+async def test_quota(svc: Served) -> None:
     for i in range(4):
         await put(svc, bytes([i]) * (1 << 20))
     with pytest.raises(QuotaExceeded) as info:
         await put(svc, b"y")
     assert (info.value.code, info.value.status, info.value.field) == ("too_large", 413, "quota")
     with pytest.raises(QuotaExceeded):
-        await svc.begin_upload(ALICE, CONV, "x", 1)
+        await svc.upload(ALICE, CONV, "x", 1, nothing())
     await put(svc, b"bob has his own quota", user=BOB)
 
 
 async def test_concurrent_uploads_cannot_squeeze_past_the_quota(open_service: Opener) -> None:
     svc = await open_service(max_size=1 << 20, quota=(3 << 20) + 10)
-    # Each checks the quota up front with room for one more; the insert decides.
-    uploads = [await svc.begin_upload(ALICE, CONV, f"{i}", None) for i in range(5)]
-    for i, up in enumerate(uploads):
-        await up.write(bytes([i]) * (1 << 20))
-    results = await asyncio.gather(*(up.finish() for up in uploads), return_exceptions=True)
+    # Each checks the quota up front with room for one more (no body is read before all
+    # five have passed the check); the insert decides.
+    started: list[int] = []
+    go = asyncio.Event()
+
+    async def body(i: int) -> AsyncIterator[bytes]:
+        started.append(i)
+        if len(started) == 5:
+            go.set()
+        await go.wait()
+        yield bytes([i]) * (1 << 20)
+
+    results = await asyncio.gather(
+        *(svc.upload(ALICE, CONV, f"{i}", None, body(i)) for i in range(5)),
+        return_exceptions=True,
+    )
     stored = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, QuotaExceeded)]
     assert (len(stored), len(refused)) == (3, 2)
@@ -277,16 +318,22 @@ async def test_concurrent_uploads_cannot_squeeze_past_the_quota(open_service: Op
         assert await svc.blobs.exists(blob_key(sha)) == any(s.sha256 == sha for s in stored)
 
 
-async def test_aborted_upload_leaves_nothing(svc: LocalFileService) -> None:
-    up = await svc.begin_upload(ALICE, CONV, "x", None)
-    await up.write(b"partial" * 100_000)
-    assert tmp_files(svc)
-    await up.abort()
-    await up.abort()
+async def test_aborted_upload_leaves_nothing(svc: Served) -> None:
+    seen: list[Path] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"partial" * 100_000
+        yield b"more" * 50_000
+        seen.extend(tmp_files(svc))
+        raise ConnectionResetError("the client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await svc.upload(ALICE, CONV, "x", None, body())
+    assert seen
     assert tmp_files(svc) == []
 
 
-async def test_bomb_refuses_the_upload(svc: LocalFileService) -> None:
+async def test_bomb_refuses_the_upload(svc: Served) -> None:
     import struct
     import zlib
 
@@ -309,7 +356,7 @@ async def test_bomb_refuses_the_upload(svc: LocalFileService) -> None:
 # --- content addressing -------------------------------------------------------------------------
 
 
-async def test_identical_content_is_stored_once(svc: LocalFileService) -> None:
+async def test_identical_content_is_stored_once(svc: Served) -> None:
     data = png()
     first = await put(svc, data, name="a.png")
     assert first.thumb_url == first.url + "/thumb"
@@ -333,7 +380,7 @@ async def test_identical_content_is_stored_once(svc: LocalFileService) -> None:
 # --- access and refs ------------------------------------------------------------------------------
 
 
-async def test_access_follows_membership_live(svc: LocalFileService, convs: Conversations) -> None:
+async def test_access_follows_membership_live(svc: Served, convs: Conversations) -> None:
     info = await put(svc, png())
     with pytest.raises(Forbidden):
         await svc.open_file(CAROL, info.id)
@@ -348,7 +395,7 @@ async def test_access_follows_membership_live(svc: LocalFileService, convs: Conv
     assert await read(svc, CAROL, info.id) == png()
 
 
-async def test_file_refs(svc: LocalFileService) -> None:
+async def test_file_refs(svc: Served) -> None:
     pic = await put(svc, png(), name="pic.png")
     doc = await put(svc, b"%PDF-1.4", name="doc.pdf", conv=OTHER)
     refs = await svc.file_refs([pic.id, doc.id, "fnope", pic.id])
@@ -363,7 +410,7 @@ async def test_file_refs(svc: LocalFileService) -> None:
 
 
 async def test_cleanup_waits_for_the_grace_period(
-    svc: LocalFileService, clock: FakeClock, convs: Conversations
+    svc: Served, clock: FakeClock, convs: Conversations
 ) -> None:
     info = await put(svc, b"young")
     clock.advance(59)
@@ -378,7 +425,7 @@ async def test_cleanup_waits_for_the_grace_period(
 
 
 async def test_cleanup_keeps_referenced_files_and_shared_blobs(
-    svc: LocalFileService, clock: FakeClock, convs: Conversations
+    svc: Served, clock: FakeClock, convs: Conversations
 ) -> None:
     data = png()
     kept = await put(svc, data, name="kept.png")
@@ -402,9 +449,7 @@ async def test_cleanup_keeps_referenced_files_and_shared_blobs(
     assert await read(svc, BOB, kept.id) == data
 
 
-async def test_last_record_takes_the_shared_blob_with_it(
-    svc: LocalFileService, clock: FakeClock
-) -> None:
+async def test_last_record_takes_the_shared_blob_with_it(svc: Served, clock: FakeClock) -> None:
     data = png((50, 50))
     one = await put(svc, data)
     clock.advance(30)
@@ -420,7 +465,7 @@ async def test_last_record_takes_the_shared_blob_with_it(
 
 
 async def test_a_send_landing_during_cleanup_saves_the_file(
-    svc: LocalFileService, clock: FakeClock, convs: Conversations
+    svc: Served, clock: FakeClock, convs: Conversations
 ) -> None:
     info = await put(svc, b"named just in time")
     clock.advance(61)
@@ -437,7 +482,7 @@ async def test_a_send_landing_during_cleanup_saves_the_file(
 
 
 async def test_doomed_files_are_invisible_while_the_cleanup_decides(
-    svc: LocalFileService, clock: FakeClock, convs: Conversations
+    svc: Served, clock: FakeClock, convs: Conversations
 ) -> None:
     info = await put(svc, b"doomed")
     clock.advance(61)
@@ -452,7 +497,7 @@ async def test_doomed_files_are_invisible_while_the_cleanup_decides(
 
 
 async def test_upload_racing_the_cleanup_of_the_same_content(
-    svc: LocalFileService, clock: FakeClock, convs: Conversations
+    svc: Served, clock: FakeClock, convs: Conversations
 ) -> None:
     data = b"same content, new upload"
     old = await put(svc, data)
@@ -479,11 +524,12 @@ async def test_cleanup_task_runs_on_its_interval(tmp_path: Path, convs: Conversa
     svc = LocalFileService(
         SqlFileStore.on_engine(make_engine(url)),
         LocalBlobStore(tmp_path / "blobs"),
+        messages=lambda: convs,
         tmp_dir=tmp_path / "tmp",
         orphan_grace=0.05,
         cleanup_interval=0.05,
     )
-    svc.bind(messages=convs)
+    svc.start()
     try:
         info = await put(svc, b"short-lived")
         for _ in range(100):

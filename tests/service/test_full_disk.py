@@ -319,13 +319,10 @@ class Files:
         self.blobs_dir = blobs_dir
 
     async def put(self, user: UserId, conv: str, data: bytes) -> Any:
-        up = await self.svc.begin_upload(user, conv, "f.bin", len(data))
-        try:
-            await up.write(data)
-            return await up.finish()
-        except BaseException:
-            await up.abort()
-            raise
+        async def body() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.svc.upload(user, conv, "f.bin", len(data), body())
 
     async def read(self, user: UserId, file_id: str) -> bytes:
         blob = await self.svc.open_file(user, file_id)
@@ -380,9 +377,11 @@ async def test_uploads_on_a_full_disk(
             secret_key="testing",
         )
     svc = LocalFileService(
-        SqlFileStore.on_engine(make_engine(url)), blobs, tmp_dir=files_home / "tmp"
+        SqlFileStore.on_engine(make_engine(url)),
+        blobs,
+        messages=lambda: world.messages,
+        tmp_dir=files_home / "tmp",
     )
-    svc.bind(messages=world.messages, start_cleanup=False)
     files = Files(svc, db_home / "file.db", files_home / "blobs" if backend == "local" else None)
     try:
         first_bytes = os.urandom(300_000)
@@ -397,10 +396,12 @@ async def test_uploads_on_a_full_disk(
         # An image whose bytes are already in its temporary file: the thumbnail (files
         # full) or the record (database full) cannot be stored.
         world.disk.free()
-        up = await svc.begin_upload(alice, conv, "cat.png", len(image))
-        await up.write(image)
-        world.disk.fill()
-        await refused(up.finish())
+
+        async def image_then_full() -> AsyncIterator[bytes]:
+            yield image
+            world.disk.fill()
+
+        await refused(svc.upload(alice, conv, "cat.png", len(image), image_then_full()))
         # Nothing is left behind: no temporary file, no blob, no record.
         assert files.tmp_files() == []
         assert files.rows() == 1
@@ -437,16 +438,16 @@ async def test_file_cleanup_on_a_full_disk_waits_for_space(
     svc = LocalFileService(
         SqlFileStore.on_engine(make_engine(url)),
         LocalBlobStore(home / "blobs"),
+        messages=lambda: world.messages,
         tmp_dir=home / "tmp",
         orphan_grace=0,
         cleanup_interval=0.02,
     )
-    svc.bind(messages=world.messages, start_cleanup=False)
     files = Files(svc, world.disk.path / "file.db", home / "blobs")
     try:
         orphan = await files.put(alice, conv, b"no message names this")
         world.disk.fill()
-        svc.bind(messages=world.messages)  # starts the clean-up task
+        svc.start()  # the clean-up task
         for _ in range(250):
             if any("clean-up postponed" in r.getMessage() for r in caplog.records):
                 break

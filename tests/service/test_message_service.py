@@ -1,6 +1,9 @@
 """Service tests of the message service on a real SQLite file and a real MemoryLiveBus.
 
 The user and room directories are the plain data doubles of ``message_helpers``.
+Contract tests: each runs over the ``local`` and ``loopback`` transports
+(``transports.py``); in the loopback run the service and the directories it calls are
+reached through the serialising adapter.
 """
 
 from __future__ import annotations
@@ -25,12 +28,19 @@ from message_helpers import (
     open_backend,
     send,
 )
+from transports import local_only, through
 
 from imserver.protocol import ops
 from imserver.protocol.events import Msg, Receipt, TypingEvent
 from imserver.protocol.models import Message, User
-from imserver.services.file.service import MemberDirectory
-from imserver.services.message.api import MessageService
+from imserver.services.file.api import MemberDirectory
+from imserver.services.message.api import (
+    FileDirectory,
+    Members,
+    MessageService,
+    RoomDirectory,
+    UserDirectory,
+)
 from imserver.services.message.search import fts5_query
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.storage.bus import MemoryLiveBus
@@ -44,7 +54,7 @@ from imserver.utils.errors import (
     TooLarge,
     Unavailable,
 )
-from imserver.utils.ids import UserId
+from imserver.utils.ids import RoomId, UserId
 
 AB = "d:ua:ub"
 AC = "d:ua:uc"
@@ -59,14 +69,29 @@ FILES.add("f-ac", AC, "other.png", "image/png")
 
 
 async def open_service(
-    backend: str, url: str, bus: MemoryLiveBus, users: Directory, rooms: Rooms
-) -> LocalMessageService:
-    return await open_backend(backend, url, bus=bus, users=users, rooms=rooms, files=FILES)
+    backend: str,
+    url: str,
+    bus: MemoryLiveBus,
+    users: Directory,
+    rooms: Rooms,
+    transport: str = "local",
+) -> Any:
+    """The service over ``transport``, its directories reached over it too."""
+    local = await open_backend(
+        backend,
+        url,
+        bus=bus,
+        users=through(transport, UserDirectory, users),
+        rooms=through(transport, RoomDirectory, rooms),
+        files=through(transport, FileDirectory, FILES),
+    )
+    return through(transport, MessageService, local)
 
 
 @dataclass
 class Env:
     backend: str
+    transport: str
     path: Path
     url: str
     bus: MemoryLiveBus
@@ -75,16 +100,18 @@ class Env:
     deliveries: list[Delivery]
     svc: LocalMessageService
 
-    async def reopen(self) -> None:
+    async def reopen(self, users: Directory | None = None) -> None:
         await self.svc.close()
-        self.svc = await open_service(self.backend, self.url, self.bus, self.users, self.rooms)
+        self.svc = await open_service(
+            self.backend, self.url, self.bus, users or self.users, self.rooms, self.transport
+        )
 
     def msgs(self) -> list[Msg]:
         return [d.event for d in self.deliveries if isinstance(d.event, Msg)]
 
 
 @pytest.fixture(params=BACKENDS)
-async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+async def env(request: pytest.FixtureRequest, tmp_path: Path, transport: str) -> AsyncIterator[Env]:
     url = sqlite_url(tmp_path, "message")
     bus = MemoryLiveBus()
     users = Directory("ua", "ub", "uc", "ud")
@@ -95,8 +122,10 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     for user in users.users:
         recorder.attach(user, await rooms.rooms_of(user))
     deliveries = recorder.deliveries
-    svc = await open_service(request.param, url, bus, users, rooms)
-    e = Env(request.param, tmp_path / "message.db", url, bus, users, rooms, deliveries, svc)
+    svc = await open_service(request.param, url, bus, users, rooms, transport)
+    e = Env(
+        request.param, transport, tmp_path / "message.db", url, bus, users, rooms, deliveries, svc
+    )
     yield e
     await e.svc.close()
     assert recorder.resyncs == []  # every conversation's seqs were published without a gap
@@ -112,6 +141,7 @@ async def fails(aw: Awaitable[Any], cls: type[IMError], field: str | None = None
 
 
 async def history(env: Env, who: Any, conv: str, **kw: Any) -> list[Message]:
+    kw.setdefault("rid", "rid-history")
     return (await env.svc.history(who, ops.History(conv=conv, **kw))).messages
 
 
@@ -639,13 +669,13 @@ def test_fts5_query_quoting() -> None:
     assert fts5_query("  ") == ""
 
 
+@local_only  # a foreign exception from a directory is what a client stub raises, not a callee
 async def test_a_failing_directory_is_unavailable(env: Env) -> None:
     class Broken(Directory):
         async def get_users(self, users: Iterable[UserId]) -> dict[UserId, User]:
             raise ConnectionError("user service down")
 
-    await env.svc.close()
-    env.svc = await open_service(env.backend, env.url, env.bus, Broken("ua", "ub"), env.rooms)
+    await env.reopen(Broken("ua", "ub"))
     await fails(env.svc.send(A, send(AB, "c1")), Unavailable)
     await fails(env.svc.history(A, ops.History(conv=AB)), Unavailable)
     await env.reopen()
@@ -675,6 +705,21 @@ async def test_post_room_system_reaches_members_and_notified(env: Env) -> None:
     assert sorted(env.deliveries[-1].users) == ["ua", "ub", "uc", "ud"]
     again = await env.svc.post_room_system("r1", "", {"event": "kicked"}, cid="k1")
     assert (again.seq, again.dup) == (1, True)
+
+
+async def test_a_pinned_member_list_holds_until_the_directory_answers_its_version(
+    env: Env,
+) -> None:
+    # uc leaves r1 at the seq of this message; the directory still answers the old list.
+    left = Members(("ua", "ub"), 5)
+    await env.svc.post_room_system(RoomId("r1"), "uc left", {"event": "left"}, members=left)
+    await fails(env.svc.send(C, send(ROOM, "c1")), Forbidden)
+    env.rooms.versions["r1"] = 4  # an older list, uc still in it: the pin holds
+    await fails(env.svc.send(C, send(ROOM, "c2")), Forbidden)
+    # The directory at the pinned version answers for itself from now on (uc is in its
+    # list here, so the send shows which list decided).
+    env.rooms.versions["r1"] = 5
+    assert (await env.svc.send(C, send(ROOM, "c3"))).seq == 2
 
 
 async def test_direct_peers(env: Env) -> None:
@@ -727,6 +772,7 @@ async def test_close_flushes_queued_writes(env: Env) -> None:
     assert len(await history(env, A, AB, limit=200)) == 50
 
 
+@local_only  # flush() is the local type's own (shutdown drains through it)
 async def test_flush_waits_for_everything_queued(env: Env) -> None:
     await env.svc.flush()  # nothing queued: returns at once
     futures = [env.svc.send(A, send(AB, f"c{i}")) for i in range(30)]

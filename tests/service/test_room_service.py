@@ -1,8 +1,10 @@
 """Service tests of the room service on a real SQLite file, with the real message
 service (its own SQLite file) and a real MemoryLiveBus.
 
-The user directory is the plain data double of ``message_helpers``; who is online is
-a plain set.
+The user directory is the plain data double of ``message_helpers`` (who is online is
+its set). Contract tests: each runs over the ``local`` and ``loopback`` transports
+(``transports.py``); in the loopback run the room service, the message service and
+the user directory are reached through the serialising adapter, both ways.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from alembic.migration import MigrationContext
 from conformance import signature_mismatches
 from message_helpers import Delivery, Directory, Recorder, caller, send
 from sqlalchemy import create_engine
+from transports import through
 
 from imserver.protocol import ops
 from imserver.protocol.events import Msg, Receipt, TypingEvent
 from imserver.protocol.models import Message, Room
 from imserver.services.caller import Caller
+from imserver.services.message.api import Members, MessageService, RoomDirectory
+from imserver.services.message.api import UserDirectory as MessageUserDirectory
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.services.room.api import RoomService
+from imserver.services.room.api import UserDirectory as RoomUserDirectory
 from imserver.services.room.service import MIGRATIONS, LocalRoomService, open_room_service
 from imserver.services.room.store import metadata
 from imserver.storage.bus import MemoryLiveBus
@@ -38,22 +44,12 @@ A, B, C, D, E = (caller(u) for u in ("ua", "ub", "uc", "ud", "ue"))
 NAMES = {"ua": "Alice", "ub": "Bob", "uc": "Carol", "ud": "Dave", "ue": "Eve"}
 
 
-class Online:
-    """An ``OnlineDirectory``: a set of user ids."""
-
-    def __init__(self) -> None:
-        self.users: set[str] = set()
-
-    def is_online(self, user: UserId) -> bool:
-        return user in self.users
-
-
 @dataclass
 class Env:
     tmp: Path
+    transport: str
     users: Directory
     bus: MemoryLiveBus
-    online: Online
     deliveries: list[Delivery]
     messages: LocalMessageService
     rooms: LocalRoomService
@@ -63,7 +59,7 @@ class Env:
         await self.messages.close()
         await self.rooms.close()
         self.rooms, self.messages = await _open(
-            self.tmp, self.users, self.bus, self.online, max_room_size
+            self.tmp, self.users, self.bus, self.transport, max_room_size
         )
 
     def msgs(self, room: str | None = None) -> list[tuple[Msg, tuple[str, ...]]]:
@@ -84,21 +80,29 @@ class Env:
 
 
 async def _open(
-    tmp: Path, users: Directory, bus: MemoryLiveBus, online: Online, max_room_size: int = 10_000
-) -> tuple[LocalRoomService, LocalMessageService]:
-    """The two services wired as the server does: rooms first, then bound to messages."""
+    tmp: Path, users: Directory, bus: MemoryLiveBus, transport: str, max_room_size: int = 10_000
+) -> tuple[Any, Any]:
+    """The two services wired as the server does: rooms first, reaching the message
+    service through a lookup; each reaches the other over ``transport``."""
+    found: dict[str, MessageService] = {}
     rooms = await open_room_service(
-        sqlite_url(tmp, "room"), users=users, online=online, max_room_size=max_room_size
+        sqlite_url(tmp, "room"),
+        users=through(transport, RoomUserDirectory, users),
+        messages=lambda: found["messages"],
+        max_room_size=max_room_size,
     )
     messages = await open_message_service(
-        sqlite_url(tmp, "message"), bus=bus, users=users, rooms=rooms
+        sqlite_url(tmp, "message"),
+        bus=bus,
+        users=through(transport, MessageUserDirectory, users),
+        rooms=through(transport, RoomDirectory, rooms),
     )
-    rooms.bind(messages=messages)
-    return rooms, messages
+    found["messages"] = through(transport, MessageService, messages)
+    return through(transport, RoomService, rooms), found["messages"]
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+async def env(tmp_path: Path, transport: str) -> AsyncIterator[Env]:
     users = Directory()
     for uid, name in NAMES.items():
         users.add(uid, name)
@@ -107,9 +111,8 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     for user in NAMES:
         recorder.attach(user)
     deliveries = recorder.deliveries
-    online = Online()
-    rooms, messages = await _open(tmp_path, users, bus, online)
-    e = Env(tmp_path, users, bus, online, deliveries, messages, rooms)
+    rooms, messages = await _open(tmp_path, users, bus, transport)
+    e = Env(tmp_path, transport, users, bus, deliveries, messages, rooms)
     yield e
     await e.messages.close()
     await e.rooms.close()
@@ -136,7 +139,10 @@ async def make_room(
     """A room owned by ``A`` with ``admins`` and ``members`` (admins join first)."""
     everyone = [*admins, *members]
     room = await env.rooms.create(
-        A, ops.RoomCreate(name=name, public=public, members=[c.user for c in everyone])
+        A,
+        ops.RoomCreate(
+            name=name, public=public, members=[c.user for c in everyone], rid="rid-create"
+        ),
     )
     for admin in admins:
         await env.rooms.set_role(A, room.id, admin.user, "admin")
@@ -144,7 +150,9 @@ async def make_room(
 
 
 async def history(env: Env, who: Caller, room: str) -> list[Message]:
-    page = await env.messages.history(who, ops.History(conv=f"r:{room}", limit=200))
+    page = await env.messages.history(
+        who, ops.History(conv=f"r:{room}", limit=200, rid="rid-history")
+    )
     return page.messages
 
 
@@ -236,14 +244,21 @@ async def test_get_visibility(env: Env) -> None:
 
 
 async def test_room_members_is_the_same_object_until_membership_changes(env: Env) -> None:
+    """The same version, and locally the same object, until the membership changes."""
+
+    def same(a: Members, b: Members) -> bool:
+        if env.transport == "local" and a is not b:
+            return False
+        return a == b
+
     room = await make_room(env, public=True, members=(B,))
     first = await env.rooms.room_members(room)
-    assert await env.rooms.room_members(room) is first
+    assert same(await env.rooms.room_members(room), first)
     await env.rooms.update(A, ops.RoomUpdate(room=room, topic="t"))
-    assert await env.rooms.room_members(room) is first  # not a membership change
+    assert same(await env.rooms.room_members(room), first)  # not a membership change
     await env.rooms.join(C, room)
     second = await env.rooms.room_members(room)
-    assert second is not first and second.users == ("ua", "ub", "uc")
+    assert second.version > first.version and second.users == ("ua", "ub", "uc")
     assert first.users == ("ua", "ub")  # handed-out objects never change
     await fails(env.rooms.room_members("rnope"), NotFound, "conv")
 
@@ -500,7 +515,7 @@ async def test_list_search_paging_and_escaping(env: Env) -> None:
 
 async def test_members_paging_online_and_visibility(env: Env) -> None:
     room = await make_room(env, members=(C, D, E), admins=(B,))
-    env.online.users = {"ub", "ud"}
+    env.users.online = {"ub", "ud"}
     page = await env.rooms.members(C, ops.RoomMembers(room=room, limit=2))
     assert [(m.user, m.role, m.online) for m in page.members] == [
         ("ua", "owner", False),

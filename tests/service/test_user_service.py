@@ -1,4 +1,9 @@
-"""The user service against a real SQLite file: accounts, tokens, blocks, presence."""
+"""The user service against a real SQLite file: accounts, tokens, blocks, presence.
+
+Contract tests: each runs over the ``local`` and ``loopback`` transports
+(``transports.py``); in the loopback run every call is encoded and decoded by the
+serialising adapter.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from alembic.migration import MigrationContext
 from argon2 import PasswordHasher, Type
 from conformance import signature_mismatches
 from sqlalchemy import create_engine
+from transports import local_only, through
 
 from imserver.protocol.models import PresenceInfo, User
 from imserver.services.message.api import UserDirectory as MessageUserDirectory
@@ -74,7 +80,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def open_service(url: str, clock: FakeClock) -> AsyncIterator[Opener]:
+async def open_service(url: str, clock: FakeClock, transport: str) -> AsyncIterator[Opener]:
     """Opens services on the test's database file (several may share it); closes them all."""
     opened: list[LocalUserService] = []
 
@@ -83,7 +89,7 @@ async def open_service(url: str, clock: FakeClock) -> AsyncIterator[Opener]:
         kwargs.setdefault("clock", clock)
         service = LocalUserService(SqlUserStore.on_engine(make_engine(url)), **kwargs)
         opened.append(service)
-        return service
+        return through(transport, UserService, service)
 
     yield opener
     for service in opened:
@@ -618,6 +624,7 @@ async def test_state_survives_a_restart(open_service: Opener, clock: FakeClock) 
     assert (await after.login("alice", PASSWORD, None)).user == alice
 
 
+@local_only  # reaches into the service's store
 async def test_last_seen_is_written_in_batches(
     open_service: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -642,6 +649,7 @@ async def test_last_seen_is_written_in_batches(
     assert [p.last_seen for p in got] == [T0 + 8_000, T0 + 7_000]
 
 
+@local_only  # reaches into the service's store
 async def test_close_lets_a_last_seen_write_in_progress_finish(
     open_service: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

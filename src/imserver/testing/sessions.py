@@ -198,9 +198,13 @@ class GatewayHarness:
             argon2_memory_kib=cfg.auth.argon2_memory_kib,
             argon2_time_cost=cfg.auth.argon2_time_cost,
         )
+        found: list[LocalMessageService] = []
         try:
             rooms = await open_room_service(
-                sqlite_url(data_dir, "room"), users=users, max_room_size=cfg.rooms.max_size
+                sqlite_url(data_dir, "room"),
+                users=users,
+                messages=lambda: found[0],
+                max_room_size=cfg.rooms.max_size,
             )
             try:
                 messages = await open_message_service(
@@ -212,12 +216,11 @@ class GatewayHarness:
                     max_meta=cfg.limits.max_meta,
                     batch_max=cfg.storage.batch_max,
                 )
+                found.append(messages)
                 try:
-                    rooms.bind(messages=messages)
                     gateway = Gateway(
                         cfg, users=users, messages=messages, rooms=rooms, bus=bus, metrics=Metrics()
                     )
-                    rooms.bind(online=gateway.hub)
                     yield cls(gateway, users, rooms, messages)
                 finally:
                     await messages.close()

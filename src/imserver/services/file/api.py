@@ -19,11 +19,26 @@ Decisions every implementation keeps:
 - **Nothing the client says reaches the filesystem.** The file name is display
   metadata (sanitised); the declared ``Content-Type`` is ignored: the MIME type comes
   from the content's magic bytes.
+
+Every method can be called across a process boundary, and two of them move bytes as
+streams, the shapes gRPC calls client streaming and server streaming:
+
+- :meth:`FileService.upload` takes the body as an ``AsyncIterable[bytes]`` and
+  answers once: one call for the whole upload, so an upload has no handle that could
+  outlive its caller, and a caller that stops (its stream raises) leaves nothing
+  behind. The checks that need no byte (membership, declared size, quota) answer
+  before the first chunk is pulled.
+- :meth:`FileService.read` answers a byte range as an ``AsyncIterator[bytes]`` of
+  chunks of at most 1 MiB, so a download never holds a whole file in memory on either
+  side.
+
+:mod:`imserver.services.loopback` carries both chunk by chunk through MessagePack in
+the contract tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Protocol
 
 import msgspec
@@ -93,31 +108,37 @@ class RangeNotSatisfiable(BadRequest):
         self.size = size
 
 
-class Upload(Protocol):
-    """One upload in progress: bytes go in as they arrive, then :meth:`finish` or
-    :meth:`abort` (always one of the two; :meth:`abort` after :meth:`finish` is a no-op).
-    """
+class MemberDirectory(Protocol):
+    """What the file service needs from the message service."""
 
-    async def write(self, chunk: bytes) -> None:
-        """Append bytes; ``too_large`` (and the upload is aborted) past the limit."""
+    async def check_member(self, user: UserId, conv: ConvId) -> None:
+        """Raise unless ``user`` may read ``conv`` now."""
 
-    async def finish(self) -> FileInfo:
-        """Store the file and return its object."""
+    async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
+        """Those of ``file_ids`` a stored message names."""
 
-    async def abort(self) -> None:
-        """Discard what was written."""
+    async def write_barrier(self) -> None:
+        """Answer once every write accepted before the request is committed."""
 
 
 class FileService(Protocol):
     """File records, blobs and thumbnails, with conversation membership as the ACL."""
 
-    async def begin_upload(
-        self, user: UserId, conv: ConvId, name: str, declared_size: int | None
-    ) -> Upload:
-        """Check membership, quota and the declared size, and open an upload.
+    async def upload(
+        self,
+        user: UserId,
+        conv: ConvId,
+        name: str,
+        declared_size: int | None,
+        body: AsyncIterable[bytes],
+    ) -> FileInfo:
+        """Check membership, quota and the declared size, then store ``body`` and
+        return the file's object.
 
         ``declared_size`` (the request's ``Content-Length``, if any) only allows an
-        early refusal; the limits are enforced on the bytes actually written.
+        early refusal, before ``body`` is read; the limits are enforced on the bytes
+        actually read (``too_large`` at the first byte past them). If ``body`` raises,
+        the upload is discarded and its error raised.
         """
 
     async def open_file(self, user: UserId, file_id: str) -> Blob:

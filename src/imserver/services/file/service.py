@@ -1,7 +1,7 @@
 """The in-process file service: streamed uploads, content-addressed blobs, thumbnails,
 membership-checked downloads and the clean-up of files no message names.
 
-How an upload goes (:meth:`LocalFileService.begin_upload`, then :class:`_Upload`):
+How an upload goes (:meth:`LocalFileService.upload`, through an :class:`_Upload`):
 
 1. membership of the conversation (asked live from the message service), the
    declared ``Content-Length`` and the quota are checked before a byte is read;
@@ -30,8 +30,9 @@ database-level guard (the embedded mode runs one).
 Clean-up (:meth:`LocalFileService.cleanup`, every ``cleanup_interval`` seconds):
 records older than ``orphan_grace`` that no message names are first marked
 ``doomed`` (invisible to downloads and to ``file_refs``, so no new message can name
-them), then the message service is flushed and asked again — a send that resolved the
-file just before the mark is committed by then and saves it — and only then deleted.
+them), then the message service's ``write_barrier`` is awaited and it is asked again —
+a send that resolved the file just before the mark is committed by then and saves
+it — and only then deleted.
 """
 
 from __future__ import annotations
@@ -43,12 +44,11 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 from weakref import WeakValueDictionary
 
-from imserver.services.file.api import Blob, FileInfo, QuotaExceeded, Thumb, Upload
+from imserver.services.file.api import Blob, FileInfo, MemberDirectory, QuotaExceeded, Thumb
 from imserver.services.file.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from imserver.services.file.content import (
     SNIFF_BYTES,
@@ -59,6 +59,7 @@ from imserver.services.file.content import (
 )
 from imserver.services.file.store import DOOMED, KEPT, NEW, FileRecord, SqlFileStore
 from imserver.services.message.api import FileRef
+from imserver.services.peers import Peer
 from imserver.storage.failures import unavailable
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
@@ -79,19 +80,6 @@ THUMB_BYTES_MAX = 4 * 1024 * 1024
 """More than a 320 px thumbnail can take; bounds what serving one reads into memory."""
 TMP = "upload storage"
 """How log lines and ``unavailable`` messages name the temporary upload directory."""
-
-
-class MemberDirectory(Protocol):
-    """What the file service needs from the message service."""
-
-    async def check_member(self, user: UserId, conv: ConvId) -> None:
-        """Raise unless ``user`` may read ``conv`` now."""
-
-    async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
-        """Those of ``file_ids`` a stored message names."""
-
-    async def flush(self) -> None:
-        """Wait until every write queued before the call is committed."""
 
 
 def new_file_id() -> FileId:
@@ -238,8 +226,11 @@ class LocalFileService:
     """:class:`~imserver.services.file.api.FileService` in process, and the message
     service's :class:`~imserver.services.message.api.FileDirectory`.
 
-    Build it with :func:`open_file_service`, then :meth:`bind` it to the message
-    service (which needs it first, as its file directory).
+    The file and message services use each other: this one is built first (with
+    :func:`open_file_service`) and reaches the message service (membership,
+    references, the write barrier) through ``messages``, a
+    :data:`~imserver.services.peers.Peer` asked on every use; the message service is
+    then built with this one as its ``files``. :meth:`start` starts the clean-up task.
     """
 
     def __init__(
@@ -247,6 +238,7 @@ class LocalFileService:
         store: SqlFileStore,
         blobs: BlobStore,
         *,
+        messages: Peer[MemberDirectory],
         tmp_dir: Path,
         max_size: int = 20 * 1024 * 1024,
         quota: int = 1024 * 1024 * 1024,
@@ -262,25 +254,23 @@ class LocalFileService:
         self._grace_ms = int(orphan_grace * 1000)
         self._interval = cleanup_interval
         self._clock = clock
-        self._messages: MemberDirectory | None = None
+        self._messages = messages
         self._locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
         self._thumb_slots = asyncio.Semaphore(os.cpu_count() or 1)
         self._cleaner: asyncio.Task[None] | None = None
         tmp_dir.mkdir(parents=True, exist_ok=True)
 
-    def bind(self, *, messages: MemberDirectory, start_cleanup: bool = True) -> None:
-        """Attach the message service (membership, references) and start the clean-up."""
-        self._messages = messages
-        if start_cleanup and self._cleaner is None:
+    def start(self) -> None:
+        """Start the clean-up task (every ``cleanup_interval`` seconds)."""
+        if self._cleaner is None:
             self._cleaner = asyncio.get_running_loop().create_task(
                 self._cleanup_loop(), name="file-cleanup"
             )
 
     @property
     def messages(self) -> MemberDirectory:
-        if self._messages is None:
-            raise Unavailable("file service not bound to the message service")
-        return self._messages
+        """The message service, as found now."""
+        return self._messages()
 
     def _lock(self, sha256: str) -> asyncio.Lock:
         lock = self._locks.get(sha256)
@@ -290,9 +280,32 @@ class LocalFileService:
 
     # --- uploads ----------------------------------------------------------------------
 
-    async def begin_upload(
+    async def upload(
+        self,
+        user: UserId,
+        conv: ConvId,
+        name: str,
+        declared_size: int | None,
+        body: AsyncIterable[bytes],
+    ) -> FileInfo:
+        """Check, stream ``body`` into a temporary file, store it (see the module
+        docstring). ``too_large`` at the first byte past the limit; if ``body`` raises,
+        nothing is kept and its error propagates."""
+        up = await self._begin_upload(user, conv, name, declared_size)
+        chunks = aiter(body)
+        try:
+            async for chunk in chunks:
+                await up.write(chunk)
+            return await up.finish()
+        finally:
+            await up.abort()
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def _begin_upload(
         self, user: UserId, conv: ConvId, name: str, declared_size: int | None
-    ) -> Upload:
+    ) -> _Upload:
         """Check membership, the declared size and the quota, then open a temporary file.
 
         ``forbidden``/``not_found``/``bad_request`` from the membership check; ``too_large``
@@ -458,8 +471,8 @@ class LocalFileService:
             if doomed:
                 await self._store.set_state(doomed, DOOMED, was=(NEW,))
                 # A send that resolved one of these files before the mark is queued by
-                # now; once flushed, its reference is visible.
-                await messages.flush()
+                # now; past the barrier, its reference is visible.
+                await messages.write_barrier()
                 saved = await messages.referenced_files(doomed)
                 if saved:
                     await self._store.set_state(list(saved), KEPT, was=(DOOMED,))
@@ -538,8 +551,11 @@ async def open_blob_store(cfg: FilesConfig, data_dir: Path) -> BlobStore:
     return LocalBlobStore(data_dir / "files" / "blobs")
 
 
-async def open_file_service(url: str, *, data_dir: Path, config: FilesConfig) -> LocalFileService:
-    """Migrate the database at ``url``, open the blob store and build the service.
+async def open_file_service(
+    url: str, *, data_dir: Path, config: FilesConfig, messages: Peer[MemberDirectory]
+) -> LocalFileService:
+    """Migrate the database at ``url``, open the blob store, build the service and
+    start its clean-up task.
 
     Temporary upload files live in ``<data_dir>/files/tmp`` (beside the local blob
     directory, so storing one is a rename); leftovers of a crash are removed here.
@@ -555,12 +571,15 @@ async def open_file_service(url: str, *, data_dir: Path, config: FilesConfig) ->
 
     await asyncio.to_thread(clear_tmp)
     blobs = await open_blob_store(config, data_dir)
-    return LocalFileService(
+    service = LocalFileService(
         SqlFileStore.on_engine(make_engine(url)),
         blobs,
+        messages=messages,
         tmp_dir=tmp_dir,
         max_size=config.max_size,
         quota=config.quota_per_user,
         orphan_grace=config.orphan_grace,
         cleanup_interval=config.cleanup_interval,
     )
+    service.start()
+    return service

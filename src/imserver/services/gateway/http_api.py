@@ -260,16 +260,13 @@ class HttpApi:
             conv = request.query.get("conv")
             if not conv:
                 raise BadRequest("the conv query parameter is required", field="conv")
-            upload = await files.begin_upload(
-                user, ConvId(conv), request.query.get("name", ""), request.content_length
+            info = await files.upload(
+                user,
+                ConvId(conv),
+                request.query.get("name", ""),
+                request.content_length,
+                request.content.iter_chunked(UPLOAD_CHUNK),
             )
-            try:
-                async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
-                    await upload.write(chunk)
-                info = await upload.finish()
-            except BaseException:
-                await upload.abort()
-                raise
         except Exception as exc:
             return self._file_failure(route, exc)
         self.gateway.metrics.op(route, "ok")

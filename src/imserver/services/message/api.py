@@ -1,5 +1,12 @@
 """The message service's API, and the interfaces it needs from other services.
 
+Every method can be called across a process boundary: it is async (or returns an
+awaitable), and its arguments and results are msgspec structs and plain values —
+:mod:`imserver.services.loopback` proves it in the contract tests. Nothing relies on
+object identity or on sharing the caller's process: room membership carries a
+``version`` instead, and the one ordering guarantee another service needs of the
+writer is an explicit request, :meth:`MessageService.write_barrier`.
+
 Writes (``send``, ``edit``, ``recall``, ``react``) are plain methods returning an
 awaitable that resolves after the message is committed: the in-process service
 returns an ``asyncio.Future`` fed by its group-commit writer, so the gateway can
@@ -13,7 +20,7 @@ service API has exactly the op's shape, so a second copy would only drift.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import msgspec
@@ -32,21 +39,32 @@ class UserDirectory(Protocol):
     async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Members:
-    """The members of a conversation: in order for delivery, as a set for checks.
+class Members(msgspec.Struct, frozen=True, dict=True):
+    """The members of a conversation, in order for delivery, and the ``version`` of
+    that list.
 
-    Immutable, so an owner (the room service) can hand out the same object on every
-    call until the membership changes, and the send path never copies a member list.
+    The room service counts the versions of each room's member list: every membership
+    change makes a list with a higher ``version``. The message writer pins the list a
+    committed change carries until the room directory answers that version or a later
+    one, so the directory and the writer agree without comparing objects (a remote
+    directory answers a copy each time). Direct and system conversations have fixed
+    members, version 0.
+
+    Immutable, so an owner can hand out the same object on every call until the
+    membership changes, and the send path never copies a member list.
     """
 
     users: tuple[str, ...]
-    set: frozenset[str]
+    version: int = 0
+
+    @cached_property
+    def set(self) -> frozenset[str]:
+        """The members as a set, for checks (built once per object, not sent)."""
+        return frozenset(self.users)
 
     @classmethod
-    def of(cls, users: Iterable[str]) -> Members:
-        t = tuple(users)
-        return cls(t, frozenset(t))
+    def of(cls, users: Iterable[str], version: int = 0) -> Members:
+        return cls(tuple(users), version)
 
 
 class RoomDirectory(Protocol):
@@ -142,7 +160,7 @@ class MessageService(Protocol):
         just kicked or invited). ``cid`` makes it idempotent. ``members``, for a
         membership change: the room's members from this message's seq on — messages
         before it reach the old members, it and everything after reach the new ones;
-        the room directory then answers this same object."""
+        the room directory then answers this list's ``version`` or a later one."""
 
     async def check_member(self, user: UserId, conv: ConvId) -> None:
         """Raise unless ``user`` may read ``conv`` now: ``bad_request`` for a malformed
@@ -151,14 +169,20 @@ class MessageService(Protocol):
     async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
         """Those of ``file_ids`` that a stored message names in ``meta.file``."""
 
+    async def write_barrier(self) -> None:
+        """Answer once every write this service accepted before the request is
+        committed (or refused) and published.
+
+        The file clean-up's barrier: a send that resolved a file before the clean-up
+        marked it is committed by the time this answers, so a ``referenced_files``
+        asked afterwards sees its reference. Writes accepted after the request do not
+        delay the answer."""
+
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation with ``user`` (presence recipients)."""
 
     async def check(self) -> None:
         """Raise ``unavailable`` if the service's database cannot be reached."""
-
-    async def flush(self) -> None:
-        """Wait until every write queued before the call is committed (or refused)."""
 
     async def close(self) -> None:
         """Flush pending writes and release the store."""

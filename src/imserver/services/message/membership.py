@@ -4,8 +4,9 @@ Direct and system conversations have fixed members (a direct conversation's two
 users must exist); a room's members come from the room directory, except while a
 committed membership change (a room ``system`` message posted with ``members``) is
 pinned here: the writer pins the new list at the seq of that message, and it stays
-pinned until the room directory answers the same object, so later batches,
-``typing`` and reads agree.
+pinned until the room directory answers that list's ``version`` or a later one, so
+later batches, ``typing`` and reads agree. Versions, not object identity: a directory
+in another process answers a fresh copy on every call.
 """
 
 from __future__ import annotations
@@ -66,15 +67,16 @@ class Membership:
                     if u not in found:
                         raise NotFound(f"no user {u}", field="conv")
                     self._known_users.put(u, True)
-            return Members((conv.a, conv.b), frozenset((conv.a, conv.b)))
+            return Members((conv.a, conv.b))
         if conv.kind == "system":
-            return Members((conv.a,), frozenset((conv.a,)))
+            return Members((conv.a,))
         if self._rooms is None:
             raise NotFound(f"no room {conv.a}", field="conv")
         current = await ask(self._rooms.room_members(RoomId(conv.a)))
         pinned = self.pinned.get(conv.a)
         if pinned is None:
             return current
-        if pinned is current:  # the room service has caught up
+        if current.version >= pinned.version:  # the room service has caught up
             del self.pinned[conv.a]
+            return current
         return pinned

@@ -271,8 +271,8 @@ class LocalMessageService:
         ``members``: the room's members from this message on, for a membership change.
         Everything of the room with a lower seq goes to the members before it, this
         message and everything after to ``members``, whenever the room directory
-        starts answering the new list (the room service installs this same object
-        once the post has resolved).
+        starts answering the new list (the room service installs a list of this
+        ``version`` once the post has resolved).
         """
         fut = self._new_future()
         self._writer.enqueue(
@@ -312,6 +312,10 @@ class LocalMessageService:
     async def flush(self) -> None:
         """Wait until every write queued before this call is committed (or refused)
         and published. Writes queued meanwhile do not delay it."""
+        await self._writer.flush()
+
+    async def write_barrier(self) -> None:
+        """:meth:`flush`, as the API's barrier (see ``MessageService.write_barrier``)."""
         await self._writer.flush()
 
     # --- membership -------------------------------------------------------------------

@@ -34,7 +34,8 @@ system notices all go through it):
    ones; each of those users, and each ``notify`` user who is a member on neither
    side, also gets it on their own channel. The list stays pinned (in
    :class:`~imserver.services.message.membership.Membership`) until the room
-   directory answers the same object, so later batches, ``typing`` and reads agree.
+   directory answers its ``version`` or a later one, so later batches, ``typing``
+   and reads agree.
 """
 
 from __future__ import annotations

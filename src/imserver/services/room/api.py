@@ -7,6 +7,16 @@ message of the room's conversation), and it serves the message service as its
 :class:`~imserver.services.message.api.RoomDirectory`.
 
 Requests and replies are the protocol's own structs (``imserver.protocol.ops``).
+Every method can be called across a process boundary (async, msgspec-serialisable
+arguments and results; :mod:`imserver.services.loopback` proves it in the contract
+tests).
+
+Who is online (``room.members``) is answered from the user service's presence
+records, which the gateway keeps (``set_online``/``set_offline``) and ``presence.get``
+reads: the one view of presence that holds however many gateways there are, where
+a gateway's hub only knows its own connections. So the room service asks the user
+service, never the gateway, and the gateway depends on the room service, not the
+other way round.
 
 Permission matrix (owner > admin > member):
 
@@ -28,11 +38,11 @@ op                    who
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from imserver.protocol import ops
-from imserver.protocol.models import Room, User
+from imserver.protocol.models import PresenceInfo, Room, User
 from imserver.services.caller import Caller
 from imserver.services.message.api import RoomDirectory
 from imserver.utils.ids import RoomId, UserId
@@ -45,16 +55,13 @@ fields an ``updated`` set)."""
 
 
 class UserDirectory(Protocol):
-    """What the room service needs from the user service: whether users exist, and
-    their display names for the text of system messages."""
+    """What the room service needs from the user service: whether users exist, their
+    display names for the text of system messages, and who is online (the ``online``
+    of ``room.members``)."""
 
     async def get_users(self, users: Iterable[UserId]) -> dict[UserId, User]: ...
 
-
-class OnlineDirectory(Protocol):
-    """Whether a user has a live session (the gateway's hub in embedded mode)."""
-
-    def is_online(self, user: UserId) -> bool: ...
+    async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]: ...
 
 
 class RoomService(RoomDirectory, Protocol):

@@ -22,9 +22,14 @@ What lives in memory, and why it stays correct:
    message carries the new ``Members`` (``post_room_system(members=...)``): the message
    writer fans out everything of the room with a lower seq to the old members, that
    message and everything after to the new ones, and checks sends, reads and typing
-   against the list in force at their position. The same object is installed here
-   once the post resolves (also if it failed: the database already holds the
-   change), so the directory and the writer agree. A kicked or departed user gets
+   against the list in force at their position. The same list, with the same
+   ``version``, is installed here once the post resolves (also if it failed: the
+   database already holds the change), so the directory and the writer agree. Each
+   change gives the room's ``Members`` a higher ``version``; the writer keeps the list
+   it switched to until the directory answers that version or a later one. A room's
+   versions start at the time it is loaded, in milliseconds, so a restarted room
+   service answers versions above those it handed out before (unless a room changed
+   more than once per millisecond since it was loaded). A kicked or departed user gets
    every message before the ``kicked``/``left`` one, that message (``notify``), and
    nothing after it; once the op is acknowledged ``send``, ``history``, ``read`` and
    ``typing`` answer them ``forbidden``. A joining user gets everything from their
@@ -76,7 +81,8 @@ from imserver.protocol.cursors import (
 from imserver.protocol.models import Room, RoomMember, RoomRole
 from imserver.services.caller import Caller
 from imserver.services.message.api import Members, MessageService
-from imserver.services.room.api import OnlineDirectory, UserDirectory
+from imserver.services.peers import Peer
+from imserver.services.room.api import UserDirectory
 from imserver.services.room.store import MemberRecord, RoomRecord, SqlRoomStore
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
@@ -125,10 +131,11 @@ def _room_info(record: RoomRecord, count: int | None = None) -> Room:
 class LocalRoomService:
     """The in-process :class:`~imserver.services.room.api.RoomService`.
 
-    The room and message services use each other: build this first (with
-    :func:`open_room_service`), give it to the message service as its ``rooms``, then
-    :meth:`bind` the message service here. :meth:`bind` also takes the gateway's hub
-    (``online`` of ``room.members``) once the gateway exists.
+    The room and message services use each other: this one is built first (with
+    :func:`open_room_service`) and reaches the message service through ``messages``,
+    a :data:`~imserver.services.peers.Peer` asked on every post; the message service is
+    then built with this one as its ``rooms``. Who is online comes from the user
+    service's presence records (``users``).
     """
 
     def __init__(
@@ -136,8 +143,7 @@ class LocalRoomService:
         store: SqlRoomStore,
         *,
         users: UserDirectory,
-        messages: MessageService | None = None,
-        online: OnlineDirectory | None = None,
+        messages: Peer[MessageService],
         max_room_size: int = DEFAULT_MAX_ROOM_SIZE,
         clock: Callable[[], int] = now_ms,
     ) -> None:
@@ -146,20 +152,10 @@ class LocalRoomService:
         self._store = store
         self._users = users
         self._messages = messages
-        self._online = online
         self._max = max_room_size
         self._clock = clock
         self._rooms: dict[str, _Room] = {}
         self._loads: dict[str, asyncio.Task[_Room | None]] = {}
-
-    def bind(
-        self, *, messages: MessageService | None = None, online: OnlineDirectory | None = None
-    ) -> None:
-        """Connect the services built after this one (see the class docstring)."""
-        if messages is not None:
-            self._messages = messages
-        if online is not None:
-            self._online = online
 
     # --- loading ----------------------------------------------------------------------
 
@@ -181,7 +177,7 @@ class LocalRoomService:
                 return None
             record, rows = found
             roles: dict[str, RoomRole] = {m.user: m.role for m in rows}
-            st = _Room(_room_info(record, len(roles)), roles, Members.of(roles))
+            st = _Room(_room_info(record, len(roles)), roles, Members.of(roles, self._clock()))
             # Nothing else puts a room that exists in the database (create puts new ids).
             return self._rooms.setdefault(room, st)
         finally:
@@ -213,7 +209,7 @@ class LocalRoomService:
             if members is not None:
                 st.members = members
             elif roles.keys() != st.roles.keys():
-                st.members = Members.of(roles)
+                st.members = Members.of(roles, st.members.version + 1)
             st.roles = roles
         st.info = msgspec.structs.replace(st.info, members=len(st.roles), **changes)
 
@@ -239,10 +235,8 @@ class LocalRoomService:
     ) -> None:
         """Store one system message of ``room`` and wait for its commit. ``members``:
         the room's new member list, in effect from this message's seq on."""
-        if self._messages is None:
-            raise Unavailable("the room service is not connected to the message service")
         try:
-            await self._messages.post_room_system(
+            await self._messages().post_room_system(
                 room, body, meta, notify=tuple(UserId(u) for u in notify), members=members
             )
         except IMError:
@@ -251,8 +245,12 @@ class LocalRoomService:
             logger.exception("system message of room %s failed", room)
             raise Unavailable("the message service is unavailable") from exc
 
-    def _is_online(self, user: str) -> bool:
-        return self._online is not None and self._online.is_online(UserId(user))
+    async def _online(self, users: Sequence[str]) -> set[str]:
+        """Those of ``users`` the user service's presence records show online."""
+        if not users:
+            return set()
+        found = await self._users.get_presence([UserId(u) for u in users])
+        return {p.user for p in found if p.status == "online"}
 
     def _full(self) -> Forbidden:
         return Forbidden(f"room is full (at most {self._max} members)")
@@ -286,7 +284,7 @@ class LocalRoomService:
         await self._store.create_room(record, joined, now)
         roles: dict[str, RoomRole] = {owner: "owner"}
         roles.update((u, "member") for u in joined)
-        st = _Room(_room_info(record), roles, Members.of(roles))
+        st = _Room(_room_info(record), roles, Members.of(roles, now))
         self._rooms[record.id] = st
         async with st.lock:
             who = names.get(owner, owner)
@@ -370,7 +368,7 @@ class LocalRoomService:
             if order is None:  # the database disagrees with memory: refuse, change nothing
                 raise self._full()
             roles: dict[str, RoomRole] = {**st.roles, user: "member"}
-            members = Members.of(roles)
+            members = Members.of(roles, st.members.version + 1)
             try:
                 names = await self._names([user])
                 await self._post(
@@ -402,7 +400,7 @@ class LocalRoomService:
                 heir = next((u for u, r in roles.items() if r == "admin"), next(iter(roles)))
                 roles[heir] = "owner"
             await self._store.remove_member(room, user, self._clock(), heir)
-            members = Members.of(roles)
+            members = Members.of(roles, st.members.version + 1)
             try:
                 names = await self._names([user] if heir is None else [user, heir])
                 who = names.get(user, user)
@@ -465,7 +463,7 @@ class LocalRoomService:
                 raise Forbidden(f"the {role} cannot kick the {target} {names[user]}")
             await self._store.remove_member(room, user, self._clock(), None)
             roles = {u: r for u, r in st.roles.items() if u != user}
-            members = Members.of(roles)
+            members = Members.of(roles, st.members.version + 1)
             try:
                 await self._post(
                     room,
@@ -523,10 +521,9 @@ class LocalRoomService:
         )
         more = len(page) > req.limit
         page = page[: req.limit]
+        online = await self._online([m.user for m in page])
         return ops.RoomMembersData(
-            members=[
-                RoomMember(user=m.user, role=m.role, online=self._is_online(m.user)) for m in page
-            ],
+            members=[RoomMember(user=m.user, role=m.role, online=m.user in online) for m in page],
             next=encode_member_cursor(page[-1].join_order) if more else None,
         )
 
@@ -604,20 +601,18 @@ async def open_room_service(
     url: str,
     *,
     users: UserDirectory,
-    messages: MessageService | None = None,
-    online: OnlineDirectory | None = None,
+    messages: Peer[MessageService],
     max_room_size: int = DEFAULT_MAX_ROOM_SIZE,
 ) -> LocalRoomService:
     """Migrate the database at ``url`` to the latest schema and start the service on it.
 
-    ``messages`` may be bound later (:meth:`LocalRoomService.bind`): the message
-    service needs this service first.
+    ``messages`` is asked for the message service on each use: that service is built
+    after this one, with this one as its room directory.
     """
     await upgrade(url, MIGRATIONS)
     return LocalRoomService(
         SqlRoomStore.on_engine(make_engine(url)),
         users=users,
         messages=messages,
-        online=online,
         max_room_size=max_room_size,
     )

@@ -1,0 +1,125 @@
+"""The composition root of embedded mode: every service in one process.
+
+:func:`build_embedded` turns the configuration into running services — SQLite files
+under the data directory, the in-memory live bus, direct calls between services —
+and answers them as their interfaces (:class:`Embedded`). It is the one place that
+knows which implementation stands behind each interface; the process around it
+(listeners, the gateway, shutdown order) is :mod:`imserver.core.server`. A
+``build_service(config, name)`` for the distributed modes, one service per process
+with gRPC clients of the others, belongs beside it.
+
+Services are complete when their constructor returns: nothing is bound or set on
+them afterwards. Two pairs of services call each other — the room and message
+services (system messages one way, room members the other) and the file and message
+services (membership and references one way, file references the other) — so a
+cycle is broken deliberately, by service discovery: the room and file services are
+built first and reach the message service through a
+:data:`~imserver.services.peers.Peer`, a lookup asked on every call, which this module
+answers from the services it has built (``unavailable`` until the message service
+exists, which no call can meet: nothing calls the services before
+:func:`build_embedded` returns). The message service is then built with the room and
+file services themselves. In a distributed mode the same lookup answers a gRPC client
+of an instance found in the service registry.
+
+The room service needs no link to the gateway: who is online comes from the user
+service's presence records, which the gateway keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imserver.services.file.api import FileService
+from imserver.services.file.service import LocalFileService, open_file_service
+from imserver.services.message.api import MessageService
+from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.room.api import RoomService
+from imserver.services.room.service import LocalRoomService, open_room_service
+from imserver.services.user.api import UserService
+from imserver.services.user.service import LocalUserService, open_user_service
+from imserver.storage.bus import LiveBus, MemoryLiveBus
+from imserver.storage.sql import sqlite_url
+from imserver.utils.config import Config
+from imserver.utils.errors import Unavailable
+
+
+class _Discovery:
+    """Embedded service discovery: the message service, once it is built."""
+
+    def __init__(self) -> None:
+        self.message: LocalMessageService | None = None
+
+    def messages(self) -> MessageService:
+        if self.message is None:
+            raise Unavailable("the message service is not running")
+        return self.message
+
+
+@dataclass(frozen=True, eq=False)
+class Embedded:
+    """The services of one embedded process, as the interfaces the edge calls."""
+
+    users: UserService
+    messages: MessageService
+    rooms: RoomService
+    files: FileService
+    bus: LiveBus
+    _local_messages: LocalMessageService
+    _closers: tuple[LocalMessageService, LocalRoomService, LocalFileService, LocalUserService]
+
+    async def drain(self) -> None:
+        """Commit and acknowledge every write already queued (the first step of a
+        shutdown, once the edge refuses new writes)."""
+        await self._local_messages.flush()
+
+    async def close(self) -> None:
+        """Stop the message writer (after its queue) and release every store."""
+        for service in self._closers:
+            await service.close()
+
+
+async def build_embedded(config: Config) -> Embedded:
+    """Open every service's database (migrating it) and build the services."""
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    discovery = _Discovery()
+    bus = MemoryLiveBus()
+    users = await open_user_service(
+        sqlite_url(data_dir, "user"),
+        access_ttl=config.auth.access_ttl,
+        refresh_ttl=config.auth.refresh_ttl,
+        argon2_memory_kib=config.auth.argon2_memory_kib,
+        argon2_time_cost=config.auth.argon2_time_cost,
+    )
+    rooms = await open_room_service(
+        sqlite_url(data_dir, "room"),
+        users=users,
+        messages=discovery.messages,
+        max_room_size=config.rooms.max_size,
+    )
+    files = await open_file_service(
+        sqlite_url(data_dir, "file"),
+        data_dir=data_dir,
+        config=config.files,
+        messages=discovery.messages,
+    )
+    messages = discovery.message = await open_message_service(
+        sqlite_url(data_dir, "message"),
+        bus=bus,
+        users=users,
+        rooms=rooms,
+        files=files,
+        max_body=config.limits.max_body,
+        max_meta=config.limits.max_meta,
+        batch_max=config.storage.batch_max,
+    )
+    return Embedded(
+        users=users,
+        messages=messages,
+        rooms=rooms,
+        files=files,
+        bus=bus,
+        _local_messages=messages,
+        _closers=(messages, rooms, files, users),
+    )
