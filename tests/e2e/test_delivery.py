@@ -1,4 +1,4 @@
-"""End-to-end tests of delivery (PROTOCOL §4 guarantees 3-5): pipelined sends,
+"""End-to-end tests of delivery (docs/protocol.md §4.11, guarantees 3-5): pipelined sends,
 gap recovery after being offline, multi-device fan-out, per-conversation order
 under concurrent writers, slow consumers, and HTTP sends reaching live sessions.
 """

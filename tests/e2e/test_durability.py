@@ -1,4 +1,4 @@
-"""End-to-end tests of durability (PROTOCOL §4 guarantees 1 and 2): what was
+"""End-to-end tests of durability (docs/protocol.md §4.11, guarantees 1 and 2): what was
 acknowledged survives a restart and a crash, seqs and idempotency keys continue
 across restarts, and a connection cut between the commit and the ack is repaired by
 resending the same ``cid``.

@@ -1,4 +1,4 @@
-"""End-to-end tests of PROTOCOL §6 "Files" against real ``imserver serve`` processes:
+"""End-to-end tests of docs/protocol.md §6 "Files" against real ``imserver serve`` processes:
 uploads and downloads over HTTP, the size limit and the quota, names, types,
 thumbnails, decompression bombs, access control (non-members, kicked room members),
 ``Range``, content addressing, file/image messages and the clean-up of orphans.

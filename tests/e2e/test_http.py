@@ -1,4 +1,4 @@
-"""The HTTP transport (PROTOCOL §1, §2): ``POST /api/v1/<op>``, error bodies and statuses,
+"""The HTTP transport (docs/protocol.md §1, §2): ``POST /api/v1/<op>``, error bodies and statuses,
 the OpenAPI description, health, readiness and metrics."""
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ async def test_openapi_describes_every_op(http: HttpClient) -> None:
     doc = msgspec.json.decode(raw)
     assert doc["openapi"] == "3.1.0"
     assert set(doc["info"]) >= {"title", "version"}
-    # Besides the ops: the file routes of PROTOCOL §6 (tests/e2e/test_files.py checks them).
+    # Besides the ops: the file routes of docs/protocol.md §6 (tests/e2e/test_files.py checks them).
     file_routes = {"/api/v1/files", "/api/v1/files/{id}", "/api/v1/files/{id}/thumb"}
     assert file_routes <= set(doc["paths"])
     op_paths = sorted(p for p in doc["paths"] if p not in file_routes)
@@ -292,7 +292,7 @@ async def test_malformed_http_requests(shared_server: ServerProcess, http: HttpC
 
 
 async def test_public_ops_ignore_the_authorization_header(shared_server: ServerProcess) -> None:
-    """The public ops (PROTOCOL §7.1) ignore an ``Authorization`` header, whatever it
+    """The public ops (docs/protocol.md §7.1) ignore an ``Authorization`` header, whatever it
     holds, while every op that needs a user refuses the same header with ``401``."""
     async with HttpClient(shared_server.http_url) as http:
         user, token = await http_user(http, "stale")

@@ -1,4 +1,4 @@
-"""End-to-end tests of PROTOCOL §4 as a client author reads it: conversation ids,
+"""End-to-end tests of docs/protocol.md §4 as a client author reads it: conversation ids,
 send/ack/msg, idempotent resend, validation, history paging, markers and receipts,
 typing, edit/recall/react, search and blocking.
 

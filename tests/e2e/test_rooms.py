@@ -1,4 +1,4 @@
-"""End-to-end tests of PROTOCOL §5 (rooms) as a client author reads it, against real
+"""End-to-end tests of docs/protocol.md §5 (rooms) as a client author reads it, against real
 ``imserver serve`` processes: the permission matrix, ownership hand-over, empty rooms,
 system messages, the kick guarantee, group receipts, mentions, typing, search, the
 directory, member lists, the size limit, HTTP and bad input.

@@ -1,4 +1,4 @@
-"""Session-level protocol (PROTOCOL §1-§3, §7): hello, codecs, bad frames, frame and body
+"""Session-level protocol (docs/protocol.md §1-§3, §8): hello, codecs, bad frames, frame and body
 limits, rate limiting, heartbeats and the WebSocket Origin allow-list.
 
 Every error test checks the exact ``code`` (and ``field`` where the server names one),
@@ -326,7 +326,7 @@ async def test_bad_frames_get_bad_request_and_keep_the_connection(
         assert ev.get("rid") == rid, (case, ev)
         assert error_of(ev) == ("bad_request", field), (case, ev)
         assert await c.ping() == {}, case
-    # Unknown fields are ignored (PROTOCOL §7).
+    # Unknown fields are ignored (docs/protocol.md §8).
     reply = await c.roundtrip({"op": "ping", "rid": "t-new", "future_field": {"x": [1, 2]}})
     assert reply == {"op": "reply", "rid": "t-new", "ok": True, "data": {}}
     # None of the refused sends was stored: the conversation is empty and their cids are new.

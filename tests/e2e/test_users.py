@@ -1,4 +1,4 @@
-"""Accounts, login sessions and tokens (PROTOCOL §3) and users, presence, blocking (§6).
+"""Accounts, login sessions and tokens (docs/protocol.md §3) and users, presence, blocking (§6).
 
 Every error test checks the exact ``code`` (and ``field`` where the server names one),
 that the connection still answers a ``ping`` afterwards, and that nothing was stored or

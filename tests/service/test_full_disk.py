@@ -1,4 +1,4 @@
-"""Every write on a full disk answers ``unavailable`` (PROTOCOL §2.5), logs no
+"""Every write on a full disk answers ``unavailable`` (docs/protocol.md §2.5), logs no
 traceback, leaves the connection usable and changes nothing; once the space is back
 the same write succeeds and nothing stored before is lost.
 

@@ -142,6 +142,7 @@ async def test_a_gap_closes_the_sessions_the_channel_serves_with_resync(two: Two
     assert events(amy)[-1] == {"op": "closed", "reason": "resync"}
     assert amy.session.closing
     assert two.east.hub.channels.gaps == 2
+    assert b"imserver_bus_gaps_total 2.0" in two.east.metrics.render()
 
 
 def room_msg(conv: str, seq: int, **change: tuple[str, ...]) -> Publication:

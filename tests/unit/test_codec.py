@@ -1,4 +1,5 @@
-"""Codecs (PROTOCOL §1, §2, §7): typed ops in, exact wire frames out, only BadRequest on failure."""
+"""Codecs (docs/protocol.md §1, §2, §8): typed ops in, exact wire frames out, only
+BadRequest on failure."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from imserver.utils.errors import BadRequest
 CODECS = [Codec.JSON, Codec.MSGPACK]
 CONV = "d:u1:u2"
 
-# Every op of PROTOCOL §3–§6 with valid values for its required fields (and nothing else),
+# Every op of docs/protocol.md §3–§6 with valid values for its required fields (and nothing else),
 # under the protocol's own field names. Ops not implemented yet are simply not looked up.
 MINIMAL: dict[str, dict[str, Any]] = {
     "hello": {"v": 1},
@@ -188,7 +189,7 @@ def test_send_with_every_optional_field(codec: Codec) -> None:
     )
 
 
-# --- unknown fields (PROTOCOL §7) -----------------------------------------------------
+# --- unknown fields (docs/protocol.md §8) -----------------------------------------------------
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)

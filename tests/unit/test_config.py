@@ -29,8 +29,8 @@ def test_defaults() -> None:
 
 def test_default_limits_are_those_of_the_protocol() -> None:
     limits = load_config(environ={}).limits
-    assert limits.max_frame == 65536  # PROTOCOL §1
-    assert limits.max_body == 16384  # PROTOCOL §4: 16 KiB
+    assert limits.max_frame == 65536  # docs/protocol.md §1
+    assert limits.max_body == 16384  # docs/protocol.md §4: 16 KiB
     assert limits.rate_per_s == 50
     assert limits.rate_burst == 200
 

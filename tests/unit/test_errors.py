@@ -1,4 +1,4 @@
-"""The exception tree carries exactly the error codes and HTTP statuses of PROTOCOL §2."""
+"""The exception tree carries exactly the error codes and HTTP statuses of docs/protocol.md §2."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from imserver.utils.errors import (
     UnsupportedVersion,
 )
 
-# PROTOCOL §2, "Error codes", in its order.
+# docs/protocol.md §2, "Error codes", in its order.
 PROTOCOL_ERRORS: list[tuple[type[IMError], str, int]] = [
     (BadRequest, "bad_request", 400),
     (HelloRequired, "hello_required", 400),

@@ -1,4 +1,4 @@
-"""TCP framing (PROTOCOL §1): bytes in, payloads out, whatever way TCP split them."""
+"""TCP framing (docs/protocol.md §1): bytes in, payloads out, whatever way TCP split them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """An asyncio client for IMServer over WebSocket or TCP, in JSON or MessagePack.
 
-Written from the wire contract (PROTOCOL.md) alone, so it speaks in plain dicts: it
+Written from the wire contract (docs/protocol.md) alone, so it speaks in plain dicts: it
 can send any frame, valid or not, which the project's tests need, and it keeps
 working when the server adds fields. It is also the benchmark load generator, so
 the receive path is one reader per connection, one msgspec decode per frame and no

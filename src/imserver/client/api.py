@@ -1,7 +1,7 @@
 """The client API: :meth:`Client.connect`, ``hello`` and its keepalive, and one
 helper per common op (``login``, ``send_message``, ``history`` ...).
 
-Written from the wire contract (PROTOCOL.md) alone, so it speaks in plain dicts: it
+Written from the wire contract (docs/protocol.md) alone, so it speaks in plain dicts: it
 can send any frame, valid or not, which the project's tests need, and it keeps
 working when the server adds fields.
 """

@@ -1,4 +1,4 @@
-"""The TCP listener: 4-byte length-prefixed frames (PROTOCOL §1).
+"""The TCP listener: 4-byte length-prefixed frames (docs/protocol.md §1).
 
 A declared length over ``max_frame`` is refused with ``too_large`` and closes the
 connection, because the stream cannot be resynchronised; nothing of that frame is

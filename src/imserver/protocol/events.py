@@ -1,4 +1,4 @@
-"""Server → client frames: the reply envelope and the events of PROTOCOL §4."""
+"""Server → client frames: the reply envelope and the events of docs/protocol.md §4."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Objects that appear inside replies and events (the protocol's nouns).
 
-They are the public contract of PROTOCOL.md, so the services return them directly
+They are the public contract of docs/protocol.md, so the services return them directly
 instead of keeping a second copy of each shape.
 """
 

@@ -3,7 +3,7 @@
 Field constraints here are the protocol's validation rules; a frame that breaks one
 is answered ``bad_request`` naming the field. Limits that depend on configuration
 (``max_body``) are checked by the handler. Unknown fields are ignored so that newer
-clients keep working (PROTOCOL §7).
+clients keep working (docs/protocol.md §8).
 
 Each op also names the struct of its reply ``data`` in :data:`REPLY_TYPES`, which
 drives both the HTTP API and the generated OpenAPI description.

@@ -28,7 +28,7 @@ ENV_PREFIX = "IMSERVER_"
 
 
 class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Per-connection limits (PROTOCOL §1)."""
+    """Per-connection limits (docs/protocol.md §1)."""
 
     max_frame: int = 65536
     """Largest frame accepted, in bytes (WebSocket message, TCP payload, HTTP body)."""
@@ -84,7 +84,7 @@ class RoomsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class FilesConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The file service (PROTOCOL §6): limits, blob backend, clean-up of orphans."""
+    """The file service (docs/protocol.md §6): limits, blob backend, clean-up of orphans."""
 
     max_size: Annotated[int, msgspec.Meta(ge=0)] = 20 * 1024 * 1024
     """Largest upload in bytes, enforced on the bytes received (``too_large``)."""

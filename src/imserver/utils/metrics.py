@@ -71,6 +71,7 @@ class Metrics(Collector):
         self.accept_pauses = Count()
         self.refused_per_address = Count()
         self.refused_at_limit = Count()
+        self.bus_gaps = Count()
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -140,6 +141,11 @@ class Metrics(Collector):
             "imserver_connections_refused_per_address",
             "Connections closed on accept: their address had max_connections_per_ip open",
             value=self.refused_per_address.value,
+        )
+        yield CounterMetricFamily(
+            "imserver_bus_gaps",
+            "Positions missing on a live-bus channel; its sessions were closed with resync",
+            value=self.bus_gaps.value,
         )
 
     def render(self) -> bytes:

@@ -49,7 +49,7 @@ from imserver.utils.ids import ConvId, UserId
 
 
 class FileInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """The file object of PROTOCOL §6, as the upload returns it.
+    """The file object of docs/protocol.md §6, as the upload returns it.
 
     ``url`` and ``thumb_url`` are paths on the server that served the upload
     (``/api/v1/files/<id>``); ``thumb_url`` is null unless a thumbnail exists.

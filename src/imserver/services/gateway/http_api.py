@@ -199,7 +199,7 @@ class HttpApi:
             except web.HTTPRequestEntityTooLarge:
                 raise TooLarge(f"body exceeds {max_frame} bytes") from None
             self._rate_limit(request)
-            # The public ops ignore the header (PROTOCOL §7.1): they act for no caller,
+            # The public ops ignore the header (docs/protocol.md §7.1): they act for no caller,
             # and refresh/login are what a client whose token just died calls, often
             # with that token still attached.
             caller = None
@@ -222,7 +222,7 @@ class HttpApi:
             gw.metrics.ack_latency.observe(time.monotonic() - started)
         return web.Response(body=encode_json(result), content_type="application/json")
 
-    # --- files (PROTOCOL §6) ---------------------------------------------------------
+    # --- files (docs/protocol.md §6) ---------------------------------------------------------
 
     def _file_service(self) -> FileService:
         if self.files is None:

@@ -133,10 +133,6 @@ class Hub:
         """The live sessions authenticated by one login session's tokens."""
         return list(self._by_login.get(login, ()))
 
-    def is_online(self, user: UserId) -> bool:
-        """Whether the user has a live session here."""
-        return user in self._by_user
-
     def all_sessions(self) -> Iterator[Session]:
         """Every authenticated live session."""
         for sessions in list(self._by_user.values()):
@@ -144,6 +140,7 @@ class Hub:
 
     def _resync(self, users: Iterable[str]) -> None:
         """Close the sessions of ``users`` with ``resync``: the bus lost publications."""
+        self._metrics.bus_gaps.inc()
         for user in list(users):
             for session in list(self._by_user.get(UserId(user), ())):
                 session.close(RESYNC)

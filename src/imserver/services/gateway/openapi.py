@@ -3,7 +3,7 @@
 Every op of :data:`imserver.protocol.ops.REPLY_TYPES` becomes ``POST /api/v1/<op>``
 whose request body is the op's fields (without the envelope's ``op``) and whose 200
 response is the op's reply ``data``. Errors share one schema. The file routes of
-PROTOCOL §6 (raw-body upload, downloads with ``Range``, thumbnails) are described by
+docs/protocol.md §6 (raw-body upload, downloads with ``Range``, thumbnails) are described by
 hand in :func:`file_paths`.
 """
 

@@ -1,4 +1,4 @@
-"""Per-connection rate limiting: a token bucket (PROTOCOL §1).
+"""Per-connection rate limiting: a token bucket (docs/protocol.md §1).
 
 Each op takes one token; tokens refill at ``per_s`` per second up to ``burst``. A
 refused op is answered ``rate_limited`` with ``retry_after`` = the seconds until one

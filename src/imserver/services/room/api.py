@@ -1,4 +1,4 @@
-"""The room service's API: rooms, their membership and roles (PROTOCOL §5).
+"""The room service's API: rooms, their membership and roles (docs/protocol.md §5).
 
 The room service owns rooms, members, roles and invitations. It reaches the message
 service only through :class:`~imserver.services.message.api.MessageService`

@@ -1,17 +1,12 @@
-"""The in-process room service: rooms, members and roles, invitations (PROTOCOL §5).
+"""The in-process room service: rooms, members and roles, invitations (docs/protocol.md §5).
 
 What lives in memory, and why it stays correct:
 
-1. **Loaded rooms stay loaded.** The first use of a room loads it (one load per room
-   even under concurrency) into a :class:`_Room`: its ``Room`` object, its roles in
-   join order and its :class:`~imserver.services.message.api.Members`. Only this
-   process changes a room, and every change goes through the holder, so memory is
-   the database's state. A process holds every room it has touched (memory is
-   proportional to their memberships).
+1. **Loaded rooms stay loaded** and are the database's state
+   (:mod:`~imserver.services.room.loaded`).
 2. **Replaced, never mutated.** A change builds new ``roles``, ``Members`` and
-   ``Room`` objects and swaps them in. ``room_members`` (on the send path of every
-   room message) answers the same ``Members`` object, without a query, until the
-   membership changes.
+   ``Room`` objects and swaps them in; ``room_members`` (on the send path of every
+   room message) answers the same ``Members`` object until the membership changes.
 3. **One change at a time per room.** Every change (join, leave, invite, kick, role,
    update) holds the room's ``asyncio.Lock`` while it: checks the rules against memory,
    writes the database, posts the ``system`` message through the message service,
@@ -65,13 +60,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
-import msgspec
-
 from imserver.protocol import ops
-from imserver.protocol.convs import room_conv
 from imserver.protocol.cursors import (
     decode_directory_cursor,
     decode_member_cursor,
@@ -83,6 +74,13 @@ from imserver.services.caller import Caller
 from imserver.services.message.api import Members, MessageService
 from imserver.services.peers import Peer
 from imserver.services.room.api import UserDirectory
+from imserver.services.room.loaded import (
+    LoadedRoom,
+    LoadedRooms,
+    replace,
+    room_info,
+    still_live,
+)
 from imserver.services.room.store import MemberRecord, RoomRecord, SqlRoomStore
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
@@ -98,34 +96,6 @@ RANK: Final[dict[str, int]] = {"member": 0, "admin": 1, "owner": 2}
 """Owner > admin > member: a kick needs a strictly higher rank than the target's."""
 MANAGERS: Final = frozenset({"owner", "admin"})
 """Roles that may invite, kick and update."""
-
-
-@dataclass(slots=True, eq=False)
-class _Room:
-    """One loaded room. ``roles`` is in join order; ``roles``, ``members`` and ``info``
-    are replaced together by a change (under ``lock``), never mutated."""
-
-    info: Room
-    roles: dict[str, RoomRole]
-    members: Members
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def empty(self) -> bool:
-        return not self.roles
-
-
-def _room_info(record: RoomRecord, count: int | None = None) -> Room:
-    return Room(
-        id=record.id,
-        conv=room_conv(record.id),
-        name=record.name,
-        topic=record.topic,
-        public=record.public,
-        owner=record.owner,
-        members=record.member_count if count is None else count,
-        created=record.created,
-    )
 
 
 class LocalRoomService:
@@ -154,64 +124,7 @@ class LocalRoomService:
         self._messages = messages
         self._max = max_room_size
         self._clock = clock
-        self._rooms: dict[str, _Room] = {}
-        self._loads: dict[str, asyncio.Task[_Room | None]] = {}
-
-    # --- loading ----------------------------------------------------------------------
-
-    async def _state(self, room: str) -> _Room | None:
-        """The loaded room, loading it on first use; ``None`` if it never existed."""
-        st = self._rooms.get(room)
-        if st is not None:
-            return st
-        task = self._loads.get(room)
-        if task is None:
-            task = asyncio.ensure_future(self._load(room))
-            self._loads[room] = task
-        return await asyncio.shield(task)
-
-    async def _load(self, room: str) -> _Room | None:
-        try:
-            found = await self._store.load(room)
-            if found is None:
-                return None
-            record, rows = found
-            roles: dict[str, RoomRole] = {m.user: m.role for m in rows}
-            st = _Room(_room_info(record, len(roles)), roles, Members.of(roles, self._clock()))
-            # Nothing else puts a room that exists in the database (create puts new ids).
-            return self._rooms.setdefault(room, st)
-        finally:
-            del self._loads[room]
-
-    async def _live(self, room: str) -> _Room:
-        """A room that exists and is not empty (``not_found``, field ``room``, otherwise)."""
-        st = await self._state(room)
-        if st is None or st.empty:
-            raise NotFound(f"no room {room}", field="room")
-        return st
-
-    @staticmethod
-    def _still_live(st: _Room) -> None:
-        """After waiting for the lock: the room may have emptied meanwhile."""
-        if st.empty:
-            raise NotFound(f"no room {st.info.id}", field="room")
-
-    def _replace(
-        self,
-        st: _Room,
-        roles: dict[str, RoomRole] | None = None,
-        members: Members | None = None,
-        **changes: Any,
-    ) -> None:
-        """Swap in a room's new state; a new ``Members`` (``members``, or built here)
-        only if the member set changed."""
-        if roles is not None:
-            if members is not None:
-                st.members = members
-            elif roles.keys() != st.roles.keys():
-                st.members = Members.of(roles, st.members.version + 1)
-            st.roles = roles
-        st.info = msgspec.structs.replace(st.info, members=len(st.roles), **changes)
+        self._loaded = LoadedRooms(store, clock)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -284,8 +197,8 @@ class LocalRoomService:
         await self._store.create_room(record, joined, now)
         roles: dict[str, RoomRole] = {owner: "owner"}
         roles.update((u, "member") for u in joined)
-        st = _Room(_room_info(record), roles, Members.of(roles, now))
-        self._rooms[record.id] = st
+        st = LoadedRoom(room_info(record), roles, Members.of(roles, now))
+        self._loaded.add(st)
         async with st.lock:
             who = names.get(owner, owner)
             posts = [
@@ -305,7 +218,7 @@ class LocalRoomService:
 
     async def get(self, caller: Caller, room: RoomId) -> Room:
         """The room: to members and invitees, and to anyone if it is public."""
-        st = await self._live(room)
+        st = await self._loaded.live(room)
         if (
             not st.info.public
             and caller.user not in st.roles
@@ -320,9 +233,9 @@ class LocalRoomService:
         Fields equal to the current values are no change; with no change at all
         nothing is stored and the room is answered as it is.
         """
-        st = await self._live(req.room)
+        st = await self._loaded.live(req.room)
         async with st.lock:
-            self._still_live(st)
+            still_live(st)
             if st.roles.get(caller.user) not in MANAGERS:
                 raise Forbidden("only the owner or an admin may update the room")
             changes: dict[str, Any] = {}
@@ -341,7 +254,7 @@ class LocalRoomService:
                 set_topic="topic" in changes,
                 public=changes.get("public"),
             )
-            self._replace(st, **changes)
+            replace(st, **changes)
             names = await self._names([caller.user])
             what = ", ".join(_describe(k, v) for k, v in changes.items())
             await self._post(
@@ -354,10 +267,10 @@ class LocalRoomService:
     async def join(self, caller: Caller, room: RoomId) -> Room:
         """Join a public room, or a private one the caller is invited to (the
         invitation is consumed). Already a member: the room, nothing stored."""
-        st = await self._live(room)
+        st = await self._loaded.live(room)
         user = caller.user
         async with st.lock:
-            self._still_live(st)
+            still_live(st)
             if user in st.roles:
                 return st.info
             if not st.info.public and not await self._store.is_invited(room, user):
@@ -378,7 +291,7 @@ class LocalRoomService:
                     members=members,
                 )
             finally:
-                self._replace(st, roles, members)
+                replace(st, roles, members)
             return st.info
 
     async def leave(self, caller: Caller, room: RoomId) -> None:
@@ -387,10 +300,10 @@ class LocalRoomService:
         An owner's leaving hands the ownership to the longest-standing admin, else to
         the longest-standing member; the last member's leaving empties the room.
         """
-        st = await self._live(room)
+        st = await self._loaded.live(room)
         user = caller.user
         async with st.lock:
-            self._still_live(st)
+            still_live(st)
             role = st.roles.get(user)
             if role is None:
                 raise Forbidden(f"not a member of {room}")
@@ -423,14 +336,14 @@ class LocalRoomService:
                     )
                 await asyncio.gather(*posts)
             finally:
-                self._replace(st, roles, members, **({"owner": heir} if heir is not None else {}))
+                replace(st, roles, members, **({"owner": heir} if heir is not None else {}))
 
     async def invite(self, caller: Caller, room: RoomId, user: UserId) -> None:
         """Invite ``user`` (owner and admins). ``conflict`` if already a member; an
         invitation already pending is not renewed (no error, nothing stored)."""
-        st = await self._live(room)
+        st = await self._loaded.live(room)
         async with st.lock:
-            self._still_live(st)
+            still_live(st)
             if st.roles.get(caller.user) not in MANAGERS:
                 raise Forbidden("only the owner or an admin may invite")
             names = await self._names([caller.user, user])
@@ -449,9 +362,9 @@ class LocalRoomService:
     async def kick(self, caller: Caller, room: RoomId, user: UserId) -> None:
         """Remove a member of lower role (owner and admins); the kicked user gets the
         ``kicked`` message and nothing of the room after it."""
-        st = await self._live(room)
+        st = await self._loaded.live(room)
         async with st.lock:
-            self._still_live(st)
+            still_live(st)
             role = st.roles.get(caller.user)
             if role not in MANAGERS:
                 raise Forbidden("only the owner or an admin may kick")
@@ -473,7 +386,7 @@ class LocalRoomService:
                     members=members,
                 )
             finally:
-                self._replace(st, roles, members)
+                replace(st, roles, members)
 
     async def set_role(self, caller: Caller, room: RoomId, user: UserId, role: str) -> None:
         """Make a member an ``admin`` or a ``member`` again: the owner only, never on the
@@ -481,9 +394,9 @@ class LocalRoomService:
         if role not in ("admin", "member"):
             raise BadRequest("role must be admin or member", field="role")
         new_role: RoomRole = "admin" if role == "admin" else "member"
-        st = await self._live(room)
+        st = await self._loaded.live(room)
         async with st.lock:
-            self._still_live(st)
+            still_live(st)
             if st.roles.get(caller.user) != "owner":
                 raise Forbidden("only the owner may set roles")
             if user == caller.user:
@@ -493,14 +406,14 @@ class LocalRoomService:
             if current == new_role:
                 return
             await self._store.set_role(room, user, new_role)
-            self._replace(st, {**st.roles, user: new_role})
+            replace(st, {**st.roles, user: new_role})
             await self._post(
                 room,
                 f"{names.get(caller.user, caller.user)} made {names[user]} {new_role}",
                 {**_meta("role", caller.user, user), "role": new_role},
             )
 
-    async def _member_role(self, st: _Room, user: str, names: dict[str, str]) -> RoomRole:
+    async def _member_role(self, st: LoadedRoom, user: str, names: dict[str, str]) -> RoomRole:
         """The role of ``user``; ``not_found`` (field ``user``) for unknown users and
         non-members."""
         self._require_user(user, names)
@@ -512,7 +425,7 @@ class LocalRoomService:
     async def members(self, caller: Caller, req: ops.RoomMembers) -> ops.RoomMembersData:
         """A page of members in join order, each with ``online``: to members, and to
         anyone if the room is public."""
-        st = await self._live(req.room)
+        st = await self._loaded.live(req.room)
         if not st.info.public and caller.user not in st.roles:
             raise Forbidden(f"not a member of {req.room}")
         after = decode_member_cursor(req.after) if req.after is not None else 0
@@ -532,21 +445,21 @@ class LocalRoomService:
     async def room_members(self, room: RoomId) -> Members:
         """Current members, from memory (``not_found``, field ``conv``, for unknown
         rooms; an empty room has no members)."""
-        st = self._rooms.get(room)
+        st = self._loaded.get(room)
         if st is None:
-            st = await self._state(room)
+            st = await self._loaded.state(room)
             if st is None:
                 raise NotFound(f"no room {room}", field="conv")
         return st.members
 
     async def room_role(self, room: RoomId, user: UserId) -> str | None:
         """``owner``/``admin``/``member``, or None (not a member, or no such room)."""
-        st = self._rooms.get(room) or await self._state(room)
+        st = self._loaded.get(room) or await self._loaded.state(room)
         return None if st is None else st.roles.get(user)
 
     async def room_title(self, room: RoomId) -> str:
         """The room's name (``not_found`` for unknown rooms)."""
-        st = self._rooms.get(room) or await self._state(room)
+        st = self._loaded.get(room) or await self._loaded.state(room)
         if st is None:
             raise NotFound(f"no room {room}", field="conv")
         return st.info.name
@@ -579,7 +492,7 @@ class LocalRoomService:
         more = len(found) > req.limit
         found = found[: req.limit]
         nxt = encode_directory_cursor(found[-1].created, found[-1].id) if more else None
-        return ops.RoomListData(rooms=[_room_info(r) for r in found], next=nxt)
+        return ops.RoomListData(rooms=[room_info(r) for r in found], next=nxt)
 
 
 def _meta(event: str, actor: str, user: str | None = None) -> dict[str, Any]:
