@@ -1,1 +1,1 @@
-"""The composition root (Server), sessions, the hub, the op router, and edge policy."""
+"""The composition root: builds the services of a mode and runs the process around them."""
