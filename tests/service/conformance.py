@@ -1,7 +1,7 @@
 """Whether a class implements the methods of a ``typing.Protocol`` with their signatures.
 
 mypy sees a service against its protocol only where the composition root
-(``core/server.py``) wires one into the other, and it does not read ``tests/``. This
+(``core/embedded.py``) wires one into the other, and it does not read ``tests/``. This
 check runs in the test suite: every public method the protocol declares (its protocol
 bases included) must exist on the class with the same parameters (names, kinds, types,
 defaults where the protocol has one; extra parameters only with defaults), be ``async``
@@ -19,19 +19,11 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from imserver.services.loopback import protocol_methods
+
+__all__ = ["protocol_methods", "signature_mismatches"]
+
 _EMPTY = inspect.Parameter.empty
-
-
-def protocol_methods(proto: type) -> dict[str, Callable[..., Any]]:
-    """The public methods ``proto`` and its protocol bases declare."""
-    methods: dict[str, Callable[..., Any]] = {}
-    for klass in proto.__mro__:
-        if not getattr(klass, "_is_protocol", False) or klass is typing.Protocol:
-            continue
-        for name, value in vars(klass).items():
-            if not name.startswith("_") and inspect.isfunction(value):
-                methods.setdefault(name, value)
-    return methods
 
 
 def _awaited(fn: Callable[..., Any], hints: dict[str, Any]) -> Any:

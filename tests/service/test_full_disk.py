@@ -47,9 +47,9 @@ from imserver.services.file.service import (
 )
 from imserver.services.file.store import SqlFileStore
 from imserver.services.gateway.service import Gateway
-from imserver.services.message.service import LocalMessageService
-from imserver.services.room.service import LocalRoomService
-from imserver.services.user.service import LocalUserService
+from imserver.services.message.api import MessageService
+from imserver.services.room.api import RoomService
+from imserver.services.user.api import UserService
 from imserver.storage.sql import make_engine, sqlite_url, upgrade
 from imserver.testing.sessions import GatewayHarness, Peer
 from imserver.utils.errors import IMError, Unavailable
@@ -91,15 +91,15 @@ class World:
         return self.harness.gateway
 
     @property
-    def users(self) -> LocalUserService:
+    def users(self) -> UserService:
         return self.harness.users
 
     @property
-    def rooms(self) -> LocalRoomService:
+    def rooms(self) -> RoomService:
         return self.harness.rooms
 
     @property
-    def messages(self) -> LocalMessageService:
+    def messages(self) -> MessageService:
         return self.harness.messages
 
     async def conn(self) -> Conn:

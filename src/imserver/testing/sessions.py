@@ -4,8 +4,8 @@ In the style of h11's ``ConnectionPair``: a :class:`Peer` is one client connecti
 whose transport is a :class:`MemoryLink`. Payloads go in through the same
 :meth:`~imserver.network.handler.Connection.receive` a WebSocket or TCP transport
 calls; what the session writes is framed like TCP (so both codecs read back) and comes
-out as decoded frames. Everything behind the gateway is real: the user, room and
-message services on SQLite files in a directory of the test's.
+out as decoded frames. Everything behind the gateway is real: the embedded services
+on SQLite files in a directory of the test's.
 
     async with GatewayHarness.open(tmp_path) as harness:
         peer = harness.peer()
@@ -24,15 +24,14 @@ from typing import Any
 
 import msgspec
 
+from imserver.core.embedded import Embedded, build_embedded
 from imserver.protocol.codec import Codec
 from imserver.protocol.framing import FrameDecoder, encode_frame
 from imserver.services.gateway.service import Gateway
 from imserver.services.gateway.session import Session
-from imserver.services.message.service import LocalMessageService, open_message_service
-from imserver.services.room.service import LocalRoomService, open_room_service
-from imserver.services.user.service import LocalUserService, open_user_service
-from imserver.storage.bus import MemoryLiveBus
-from imserver.storage.sql import sqlite_url
+from imserver.services.message.api import MessageService
+from imserver.services.room.api import RoomService
+from imserver.services.user.api import UserService
 from imserver.utils.config import AuthConfig, Config
 from imserver.utils.metrics import Metrics
 
@@ -167,19 +166,15 @@ class Peer:
 
 
 class GatewayHarness:
-    """A gateway with the user, room and message services on SQLite files."""
+    """A gateway in front of the embedded services (:func:`build_embedded`), on SQLite
+    files in a directory of the test's."""
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        users: LocalUserService,
-        rooms: LocalRoomService,
-        messages: LocalMessageService,
-    ) -> None:
+    def __init__(self, gateway: Gateway, services: Embedded) -> None:
         self.gateway = gateway
-        self.users = users
-        self.rooms = rooms
-        self.messages = messages
+        self.services = services
+        self.users: UserService = services.users
+        self.rooms: RoomService = services.rooms
+        self.messages: MessageService = services.messages
 
     @classmethod
     @asynccontextmanager
@@ -188,46 +183,22 @@ class GatewayHarness:
     ) -> AsyncIterator[GatewayHarness]:
         """Open the services' databases under ``data_dir`` and the gateway in front of
         them; close the services on exit. ``config`` defaults to the defaults with
-        :data:`CHEAP_AUTH`."""
+        :data:`CHEAP_AUTH`; its ``data_dir`` is replaced by ``data_dir``."""
         cfg = Config(auth=CHEAP_AUTH) if config is None else config
-        bus = MemoryLiveBus()
-        users = await open_user_service(
-            sqlite_url(data_dir, "user"),
-            access_ttl=cfg.auth.access_ttl,
-            refresh_ttl=cfg.auth.refresh_ttl,
-            argon2_memory_kib=cfg.auth.argon2_memory_kib,
-            argon2_time_cost=cfg.auth.argon2_time_cost,
-        )
-        found: list[LocalMessageService] = []
+        cfg = msgspec.structs.replace(cfg, data_dir=str(data_dir))
+        services = await build_embedded(cfg)
         try:
-            rooms = await open_room_service(
-                sqlite_url(data_dir, "room"),
-                users=users,
-                messages=lambda: found[0],
-                max_room_size=cfg.rooms.max_size,
+            gateway = Gateway(
+                cfg,
+                users=services.users,
+                messages=services.messages,
+                rooms=services.rooms,
+                bus=services.bus,
+                metrics=Metrics(),
             )
-            try:
-                messages = await open_message_service(
-                    sqlite_url(data_dir, "message"),
-                    bus=bus,
-                    users=users,
-                    rooms=rooms,
-                    max_body=cfg.limits.max_body,
-                    max_meta=cfg.limits.max_meta,
-                    batch_max=cfg.storage.batch_max,
-                )
-                found.append(messages)
-                try:
-                    gateway = Gateway(
-                        cfg, users=users, messages=messages, rooms=rooms, bus=bus, metrics=Metrics()
-                    )
-                    yield cls(gateway, users, rooms, messages)
-                finally:
-                    await messages.close()
-            finally:
-                await rooms.close()
+            yield cls(gateway, services)
         finally:
-            await users.close()
+            await services.close()
 
     def peer(self, codec: Codec = Codec.JSON) -> Peer:
         """A new connection, in state CONNECTED."""
