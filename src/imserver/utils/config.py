@@ -108,6 +108,79 @@ class FilesConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Seconds between clean-up runs."""
 
 
+class WebhookConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The ``webhook`` push provider: a signed JSON POST to the operator's receiver."""
+
+    url: str = ""
+    """Where every webhook push is POSTed; empty: the provider is off."""
+    secret: str = ""
+    """The HMAC-SHA256 key of the signature header."""
+    secret_file: str = ""
+    """A file holding the key instead (its content, stripped of surrounding whitespace)."""
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Seconds for one request, connection included."""
+
+
+class WebPushConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The ``webpush`` provider (RFC 8030, payloads per RFC 8291, VAPID per RFC 8292)."""
+
+    enabled: bool = True
+    subject: str = "mailto:admin@localhost"
+    """The VAPID ``sub`` claim: a ``mailto:`` or ``https:`` contact of the operator."""
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    ttl: Annotated[int, msgspec.Meta(ge=0)] = 86400
+    """Seconds a push service keeps an undelivered push (the ``TTL`` header)."""
+
+
+class FcmConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The ``fcm`` provider (FCM HTTP v1, OAuth2 with a service account)."""
+
+    service_account_file: str = ""
+    """The service account's JSON key file; empty: the provider is off."""
+    project_id: str = ""
+    """Empty: the ``project_id`` of the service account file."""
+    endpoint: str = "https://fcm.googleapis.com"
+    token_url: str = ""
+    """Where the signed JWT is exchanged for an access token; empty: the file's ``token_uri``."""
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+
+class ApnsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The ``apns`` provider (HTTP/2, token-based authentication with a .p8 key)."""
+
+    key_file: str = ""
+    """The ES256 signing key (``AuthKey_<key id>.p8``); empty: the provider is off."""
+    key_id: str = ""
+    team_id: str = ""
+    topic: str = ""
+    """The app's bundle id (the ``apns-topic`` header)."""
+    endpoint: str = "https://api.push.apple.com"
+    """``https://api.sandbox.push.apple.com`` for development builds."""
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+
+class PushConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The notification service: its queue and its providers."""
+
+    collapse_delay: Annotated[float, msgspec.Meta(ge=0)] = 0.25
+    """Seconds a new push waits for more messages of the same conversation and device
+    to fold into it (a burst becomes one push with a count)."""
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 8
+    """Attempts of one push before it is dead-lettered."""
+    backoff_base: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    """Seconds before the first retry; doubled each attempt, with full jitter."""
+    backoff_max: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    queue_max: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    """Pushes waiting per provider; past it the oldest waiting push of that provider is
+    dropped (recorded as ``dropped`` in its trace)."""
+    concurrency: Annotated[int, msgspec.Meta(ge=1)] = 64
+    """Requests in flight per provider."""
+    webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
+    webpush: WebPushConfig = msgspec.field(default_factory=WebPushConfig)
+    fcm: FcmConfig = msgspec.field(default_factory=FcmConfig)
+    apns: ApnsConfig = msgspec.field(default_factory=ApnsConfig)
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every setting of ``imserver serve``."""
 
@@ -130,6 +203,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
     files: FilesConfig = msgspec.field(default_factory=FilesConfig)
+    push: PushConfig = msgspec.field(default_factory=PushConfig)
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -1,0 +1,1 @@
+"""Push providers, each behind :class:`~imserver.services.notification.providers.base.Provider`."""
