@@ -156,6 +156,9 @@ class ApnsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The app's bundle id (the ``apns-topic`` header)."""
     endpoint: str = "https://api.push.apple.com"
     """``https://api.sandbox.push.apple.com`` for development builds."""
+    ca_file: str = ""
+    """PEM certificates to verify the endpoint with instead of the system's (a local
+    APNs stand-in); empty: the system's."""
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 
 
