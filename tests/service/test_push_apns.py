@@ -429,6 +429,16 @@ async def test_wrong_topic_fails_with_apples_reason(apple: tuple[Apple, ApnsConf
     assert (outcome.status, outcome.code, outcome.detail) == ("failed", 400, "TopicDisallowed")
 
 
+async def test_wrong_path_fails_and_is_not_gone(apple: tuple[Apple, ApnsConfig]) -> None:
+    _, config = apple
+    sender = ApnsProvider(msgspec.structs.replace(config, endpoint=config.endpoint + "/v2"))
+    try:
+        outcome = await sender.send(registration(OK), push())
+    finally:
+        await sender.close()
+    assert (outcome.status, outcome.code, outcome.detail) == ("failed", 404, "BadPath")
+
+
 async def test_long_conversation_id_gives_a_64_byte_collapse_id(
     apple: tuple[Apple, ApnsConfig], provider: ApnsProvider
 ) -> None:
@@ -505,5 +515,15 @@ def test_bad_settings_stop_the_start(tmp_path: Path) -> None:
     )
     with pytest.raises(BadRequest, match="not an EC key"):
         ApnsProvider(config(rsa_file))
+    ec_file = tmp_path / "ec.p8"
+    ec_file.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(BadRequest, match=r"push\.apns\.ca_file"):
+        ApnsProvider(msgspec.structs.replace(config(ec_file), ca_file=str(tmp_path / "no.pem")))
     with pytest.raises(BadRequest, match=r"push\.apns\.team_id"):
         ApnsProvider(ApnsConfig(key_file=str(rsa_file), key_id=KEY_ID, topic=TOPIC))

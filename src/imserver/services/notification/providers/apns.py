@@ -17,7 +17,8 @@ custom keys give the app the new badge. ``apns-collapse-id`` is the conversation
 device shows one notification per conversation.
 
 Answers: 200 sent (with the ``apns-id``); 410, ``BadDeviceToken`` and ``Unregistered``
-gone; 429 and 5xx retry; any other refusal fails with Apple's ``reason``.
+gone; 429 and 5xx retry; any other refusal fails with Apple's ``reason``, a 404 too:
+APNs answers it only for a wrong path (``BadPath``), which says nothing of the device.
 """
 
 from __future__ import annotations
@@ -116,7 +117,12 @@ class ApnsProvider:
         self._key = load_key(config.key_file)
         verify: ssl.SSLContext | bool = True
         if config.ca_file:
-            verify = ssl.create_default_context(cafile=config.ca_file)
+            try:
+                verify = ssl.create_default_context(cafile=config.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise BadRequest(
+                    f"invalid configuration: push.apns.ca_file {config.ca_file!r}: {exc}"
+                ) from None
         self._client = httpx.AsyncClient(http2=True, verify=verify, timeout=config.timeout)
         self._base = config.endpoint.rstrip("/")
         self._token: str | None = None
@@ -156,6 +162,9 @@ class ApnsProvider:
             return Outcome(status="gone", code=response.status_code, detail=reason)
         if reason == "ExpiredProviderToken":
             return Outcome(status="retry", code=response.status_code, detail=reason)
+        if response.status_code == 404:
+            # APNs says 410 for a device that is gone; its 404 (BadPath) is a wrong endpoint.
+            return Outcome(status="failed", code=404, detail=reason)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         return outcome_of_status(response.status_code, reason, retry_after)
 
