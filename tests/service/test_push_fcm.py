@@ -383,6 +383,18 @@ async def test_unreachable_endpoint_is_retried(google: tuple[Google, FcmConfig])
         await fcm.close()
 
 
+async def test_bare_404_of_a_wrong_endpoint_fails_and_is_not_gone(
+    google: tuple[Google, FcmConfig],
+) -> None:
+    _, config = google
+    fcm = FcmProvider(msgspec.structs.replace(config, endpoint=config.endpoint + "/fcm"))
+    try:
+        outcome = await fcm.send(registration(OK), push())
+    finally:
+        await fcm.close()
+    assert (outcome.status, outcome.code) == ("failed", 404)
+
+
 async def test_refused_assertion_fails_and_is_never_gone(
     google: tuple[Google, FcmConfig],
 ) -> None:

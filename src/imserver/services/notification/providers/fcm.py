@@ -14,8 +14,9 @@ conversation is the collapse key on Android and the collapse id on Apple devices
 device shows one notification per conversation.
 
 FCM's error body names the cause in ``error.status`` and in an ``FcmError`` detail's
-``errorCode``: ``UNREGISTERED`` or ``NOT_FOUND`` (or a 404) means the token is gone;
-429 and 5xx are retried after ``Retry-After``; any other refusal fails for good.
+``errorCode``: ``UNREGISTERED`` or ``NOT_FOUND`` (FCM's 404) means the token is gone;
+429 and 5xx are retried after ``Retry-After``; any other refusal fails for good, a 404
+without FCM's error body too (a wrong endpoint says nothing of the device).
 """
 
 from __future__ import annotations
@@ -212,6 +213,9 @@ class FcmProvider:
         detail = f"{code}: {text}" if code else text
         if code in GONE_CODES:
             return Outcome(status="gone", code=response.status_code, detail=detail)
+        if response.status_code == 404:
+            # FCM names a vanished token in its error body; a bare 404 is a wrong endpoint.
+            return Outcome(status="failed", code=404, detail=detail)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         return outcome_of_status(response.status_code, detail, retry_after)
 
