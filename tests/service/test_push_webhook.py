@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from push_receiver import Answer, Receiver, serve
 
 from imserver.services.notification.providers.base import Push, Registration
-from imserver.services.notification.providers.webhook import WebhookProvider
+from imserver.services.notification.providers.webhook import WebhookBody, WebhookProvider
 from imserver.utils.config import WebhookConfig
 from imserver.utils.errors import BadRequest
 
@@ -284,3 +287,37 @@ def test_a_good_target_keeps_only_the_token() -> None:
 def test_a_bad_configuration_is_refused_at_construction(config: WebhookConfig) -> None:
     with pytest.raises(BadRequest, match=r"invalid configuration: push\.webhook"):
         WebhookProvider(config)
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "push.md"
+
+
+def test_the_documented_recipe_and_example_are_the_tested_ones() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    assert inspect.getsource(verify) in text
+    assert f"TOLERANCE = {TOLERANCE}" in text
+    timestamp = re.search(r"^X-IMServer-Timestamp: (\d+)$", text, re.M)
+    signature = re.search(r"^X-IMServer-Signature: (v1=[0-9a-f]{64})$", text, re.M)
+    body = re.search(r'^(\{"key":"alice:phone.*"token":"dev-81f2"\})$', text, re.M)
+    assert timestamp and signature and body
+    documented = WebhookBody(
+        key="alice:phone:d:alice:bob:42",
+        kind="message",
+        user="alice",
+        device="phone",
+        conv="d:alice:bob",
+        seq=42,
+        count=3,
+        badge=7,
+        title="Bob",
+        body="see you at 8",
+        token="dev-81f2",
+    )
+    assert msgspec.json.encode(documented) == body[1].encode()
+    assert verify(
+        b"example-secret",
+        timestamp[1],
+        signature[1],
+        body[1].encode(),
+        now=float(timestamp[1]),
+    )
