@@ -176,6 +176,14 @@ async def test_410_is_gone_and_400_is_failed(provider: WebhookProvider, receiver
     assert (failed.status, failed.code) == ("failed", 400)
 
 
+async def test_a_redirect_is_not_followed(provider: WebhookProvider, receiver: Receiver) -> None:
+    receiver.answers = [307]
+    receiver.headers = {"Location": receiver.url + "/elsewhere"}
+    outcome = await provider.send(REGISTRATION, a_push())
+    assert (outcome.status, outcome.code) == ("failed", 307)
+    assert [request.path for request, _ in receiver.requests] == ["/push"]
+
+
 async def test_a_receiver_that_hangs_is_a_retry_within_the_timeout(
     provider: WebhookProvider, receiver: Receiver
 ) -> None:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import msgspec
 
 from imserver.services.notification.providers.base import (
@@ -41,9 +40,8 @@ from imserver.services.notification.providers.base import (
     Push,
     PushKind,
     Registration,
-    outcome_of_status,
-    parse_retry_after,
 )
+from imserver.services.notification.providers.transport import PushTransport
 from imserver.utils.config import WebhookConfig
 from imserver.utils.errors import BadRequest
 
@@ -52,8 +50,6 @@ SIGNATURE_HEADER = "X-IMServer-Signature"
 SIGNATURE_VERSION = "v1"
 MAX_TOKEN = 512
 """Longest ``target.token``, in characters."""
-DETAIL_BYTES = 512
-"""Most bytes of a receiver's answer kept as the outcome's detail."""
 
 
 class WebhookBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,8 +100,7 @@ class WebhookProvider:
             raise BadRequest("invalid configuration: push.webhook.url must be an http(s) URL")
         self._url = config.url
         self._secret = read_secret(config)
-        self._timeout = config.timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._transport = PushTransport(config.timeout)
 
     @property
     def name(self) -> str:
@@ -147,30 +142,8 @@ class WebhookProvider:
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self._secret, timestamp, body),
         }
-        try:
-            async with self._client().post(self._url, data=body, headers=headers) as response:
-                answer = await response.content.read(DETAIL_BYTES)
-                return outcome_of_status(
-                    response.status,
-                    detail=answer.decode("utf-8", "replace") or (response.reason or ""),
-                    retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                )
-        except TimeoutError:
-            return Outcome(status="retry", detail=f"timed out after {self._timeout:g}s")
-        except aiohttp.ClientError as exc:
-            return Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
+        return await self._transport.post(self._url, body, headers)
 
     async def close(self) -> None:
         """Close the session and its connections."""
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
-
-    def _client(self) -> aiohttp.ClientSession:
-        """The session, made on first use (it must be made inside the running loop)."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                headers={"User-Agent": "imserver-push"},
-            )
-        return self._session
+        await self._transport.close()

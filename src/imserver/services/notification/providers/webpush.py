@@ -7,7 +7,8 @@ push is one POST to that endpoint:
 - the body is the push as JSON (the :class:`~.base.Push` fields), encrypted for the
   subscription with ``aes128gcm`` (RFC 8188/8291) by pywebpush and http-ece, in one
   record: the plaintext is cut to :data:`MAX_PLAINTEXT` bytes by shortening the
-  preview, since push services need accept no more than 4096 bytes of body;
+  preview (then the title), since push services need accept no more than 4096 bytes
+  of body;
 - ``Authorization: vapid t=<JWT>, k=<application server key>`` (RFC 8292) signed by
   py-vapid with the server's key (:mod:`.vapid`); a JWT is made once per push
   service origin and reused until an hour before it expires;
@@ -37,7 +38,6 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import VapidException
@@ -47,9 +47,8 @@ from imserver.services.notification.providers.base import (
     Outcome,
     Push,
     Registration,
-    outcome_of_status,
-    parse_retry_after,
 )
+from imserver.services.notification.providers.transport import PushTransport
 from imserver.services.notification.providers.vapid import VapidKeys
 from imserver.utils.config import WebPushConfig
 from imserver.utils.errors import BadRequest
@@ -65,8 +64,6 @@ JWT_LIFETIME = 12 * 3600
 """Seconds a VAPID JWT is valid (RFC 8292 allows at most 24 hours)."""
 JWT_RENEW = 3600
 """Seconds before its expiry a cached JWT is replaced."""
-DETAIL_BYTES = 512
-"""Most bytes of a push service's answer kept as the outcome's detail."""
 MAX_CACHED_JWTS = 256
 """Push service origins whose JWT is kept; endpoints are the clients' to choose."""
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
@@ -74,7 +71,8 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 
 def topic(conv: str) -> str:
     """The ``Topic`` of a conversation's pushes: 32 base64url characters (RFC 8030
-    allows no more), a digest since conversation ids hold characters Topic may not."""
+    allows no more). A digest: conversation ids hold characters a Topic may not, and
+    the push service has no need to learn them."""
     digest = hashlib.sha256(conv.encode("utf-8")).digest()[:24]
     return base64.urlsafe_b64encode(digest).decode("ascii")
 
@@ -122,8 +120,7 @@ def check_subscription(target: dict[str, Any]) -> dict[str, Any]:
         )
     try:
         parts = urlsplit(endpoint)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
+        host, _ = parts.hostname, parts.port  # .port raises ValueError when malformed
     except ValueError as exc:
         raise BadRequest("endpoint is not a valid URL", field="target.endpoint") from exc
     secure = parts.scheme == "https" or (parts.scheme == "http" and host in LOCAL_HOSTS)
@@ -137,13 +134,13 @@ def check_subscription(target: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("keys must be an object with p256dh and auth", field="target.keys")
     p256dh = _decode_base64url(keys.get("p256dh"), "target.keys.p256dh")
     try:
+        if len(p256dh) != 65:  # a compressed point is a valid key, but not a subscription's
+            raise ValueError("not an uncompressed point")
         ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), p256dh)
     except ValueError as exc:
         raise BadRequest(
             "p256dh must be an uncompressed P-256 point", field="target.keys.p256dh"
         ) from exc
-    if len(p256dh) != 65:
-        raise BadRequest("p256dh must be an uncompressed P-256 point", field="target.keys.p256dh")
     auth = _decode_base64url(keys.get("auth"), "target.keys.auth")
     if len(auth) != 16:
         raise BadRequest("auth must be 16 bytes", field="target.keys.auth")
@@ -157,8 +154,7 @@ class WebPushProvider:
         self._keys = keys
         self._subject = config.subject
         self._ttl = config.ttl
-        self._timeout = config.timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._transport = PushTransport(config.timeout)
         self._jwts: dict[str, tuple[str, float]] = {}
         """Authorization header per push service origin, with the time to replace it."""
         try:
@@ -196,24 +192,11 @@ class WebPushProvider:
             "Urgency": "high" if push.kind == "message" else "normal",
             "Topic": topic(push.conv),
         }
-        try:
-            async with self._client().post(endpoint, data=body, headers=headers) as response:
-                answer = await response.content.read(DETAIL_BYTES)
-                return outcome_of_status(
-                    response.status,
-                    detail=answer.decode("utf-8", "replace") or (response.reason or ""),
-                    retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                )
-        except TimeoutError:
-            return Outcome(status="retry", detail=f"timed out after {self._timeout:g}s")
-        except aiohttp.ClientError as exc:
-            return Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
+        return await self._transport.post(endpoint, body, headers)
 
     async def close(self) -> None:
         """Close the session and its connections."""
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        await self._transport.close()
 
     def _authorization(self, audience: str) -> str:
         """The VAPID ``Authorization`` header for a push service origin, cached."""
@@ -228,12 +211,3 @@ class WebPushProvider:
             self._jwts.clear()
         self._jwts[audience] = (header, expires - JWT_RENEW)
         return header
-
-    def _client(self) -> aiohttp.ClientSession:
-        """The session, made on first use (it must be made inside the running loop)."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                headers={"User-Agent": "imserver-push"},
-            )
-        return self._session
