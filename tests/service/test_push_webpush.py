@@ -17,6 +17,7 @@ import re
 import stat
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,13 @@ def test_the_vapid_key_is_made_once_with_mode_0600_and_survives_a_restart(tmp_pa
     again = load_vapid_keys(tmp_path)
     assert again.application_server_key == first.application_server_key
     assert sorted(p.name for p in first.path.parent.iterdir()) == ["vapid_private.pem"]
+
+
+def test_servers_starting_at_once_on_one_data_dir_share_one_key(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        loaded = list(pool.map(lambda _: load_vapid_keys(tmp_path), range(8)))
+    assert len({keys.application_server_key for keys in loaded}) == 1
+    assert sorted(p.name for p in (tmp_path / "notification").iterdir()) == ["vapid_private.pem"]
 
 
 async def test_a_restarted_provider_signs_with_the_same_key(

@@ -6,9 +6,9 @@ therefore survive restarts: a new key would silently orphan every subscription. 
 generated on the first start and stored as ``<data_dir>/notification/vapid_private.pem``
 (PKCS#8 PEM, mode 0600); later starts read it back.
 
-The file is written under a temporary name and hard-linked into place, so two
-processes starting on the same data directory at once end up with one key: the second
-link fails and that process reads the first one's key.
+The file is written under a temporary name of its own and hard-linked into place, so
+two servers starting on the same data directory at once end up with one key: the
+second link fails and that server reads the first one's key.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def _create(path: Path) -> None:
         format=serialization.PrivateFormat.PKCS8,
         encryption_algorithm=serialization.NoEncryption(),
     )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(pem)
