@@ -2,6 +2,7 @@
 
 imserver serve   [--config FILE] [--data-dir DIR] [--host H] [--http-port N] [--tcp-port N]
 imserver migrate [--config FILE] [--data-dir DIR]
+imserver admin   grant USERNAME | revoke USERNAME | list  [--config FILE] [--data-dir DIR]
 imserver --version
 """
 
@@ -36,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcp-port", dest="tcp_port", type=int, help="TCP port (8090)")
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     common(migrate)
+    admin = sub.add_parser(
+        "admin", help="grant, revoke or list admin rights (server running or not)"
+    )
+    actions = admin.add_subparsers(dest="action", required=True)
+    for action, text in (("grant", "make USERNAME an admin"), ("revoke", "take a grant back")):
+        p = actions.add_parser(action, help=text)
+        p.add_argument("username")
+        common(p)
+    common(actions.add_parser("list", help="the admins: the setting's and the granted"))
     return parser
 
 
@@ -86,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
 
         asyncio.run(migrate(config))
         print(f"migrations applied under {config.data_dir}")
+        return 0
+    if args.command == "admin":
+        from imserver.core.admins import admin_command
+
+        try:
+            lines = asyncio.run(admin_command(config, args.action, getattr(args, "username", None)))
+        except IMError as exc:
+            print(f"imserver: {exc}", file=sys.stderr)
+            return 1
+        for line in lines:
+            print(line)
         return 0
     asyncio.run(_serve(config))
     return 0

@@ -34,6 +34,7 @@ from imserver.services.file.api import FileService
 from imserver.services.file.service import LocalFileService, open_file_service
 from imserver.services.message.api import MessageService
 from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.notification.broadcast import BroadcastService, LocalBroadcastService
 from imserver.services.room.api import RoomService
 from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.api import UserService
@@ -64,6 +65,7 @@ class Embedded:
     messages: MessageService
     rooms: RoomService
     files: FileService
+    broadcasts: BroadcastService
     bus: LiveBus
     _local_messages: LocalMessageService
     _closers: tuple[LocalMessageService, LocalRoomService, LocalFileService, LocalUserService]
@@ -91,6 +93,7 @@ async def build_embedded(config: Config) -> Embedded:
         refresh_ttl=config.auth.refresh_ttl,
         argon2_memory_kib=config.auth.argon2_memory_kib,
         argon2_time_cost=config.auth.argon2_time_cost,
+        admins=config.admins,
     )
     rooms = await open_room_service(
         sqlite_url(data_dir, "room"),
@@ -119,6 +122,9 @@ async def build_embedded(config: Config) -> Embedded:
         messages=messages,
         rooms=rooms,
         files=files,
+        broadcasts=LocalBroadcastService(
+            users=users, messages=messages, max_body=config.limits.max_body
+        ),
         bus=bus,
         _local_messages=messages,
         _closers=(messages, rooms, files, users),

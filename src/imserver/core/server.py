@@ -69,6 +69,7 @@ class Server:
             users=services.users,
             messages=services.messages,
             rooms=services.rooms,
+            broadcasts=services.broadcasts,
             bus=services.bus,
             metrics=self.metrics,
         )

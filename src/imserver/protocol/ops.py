@@ -244,6 +244,24 @@ class Unblock(Op, tag="unblock", frozen=True):
     user: UserIdStr
 
 
+# --- admin notices -------------------------------------------------------------------
+
+BROADCAST_MAX_USERS = 10_000
+"""Most users one ``notice.broadcast`` may name (``to: "all"`` has no bound)."""
+
+
+class NoticeBroadcast(Op, tag="notice.broadcast", frozen=True):
+    """An admin's notice, posted into the ``s:`` conversation of every user named
+    (``to``: a list of user ids) or of every user (``to: "all"``)."""
+
+    body: str
+    to: (
+        Literal["all"]
+        | Annotated[list[UserIdStr], Meta(min_length=1, max_length=BROADCAST_MAX_USERS)]
+    )
+    cid: Cid | None = None
+
+
 # --- reply payloads -------------------------------------------------------------------
 
 
@@ -316,6 +334,13 @@ class RoomMembersData(msgspec.Struct, kw_only=True):
     next: str | None
 
 
+class BroadcastData(msgspec.Struct, kw_only=True):
+    id: str
+    reached: int
+    unknown: list[str]
+    dup: bool
+
+
 REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     Hello: HelloData,
     Register: UserData,
@@ -349,6 +374,7 @@ REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     PresenceGet: PresenceData,
     Block: Empty,
     Unblock: Empty,
+    NoticeBroadcast: BroadcastData,
 }
 """Every op and the struct of its successful reply's ``data``."""
 

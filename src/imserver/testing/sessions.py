@@ -193,6 +193,7 @@ class GatewayHarness:
                 users=services.users,
                 messages=services.messages,
                 rooms=services.rooms,
+                broadcasts=services.broadcasts,
                 bus=services.bus,
                 metrics=Metrics(),
             )

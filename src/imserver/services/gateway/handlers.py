@@ -19,6 +19,7 @@ from imserver.services.caller import Caller
 from imserver.services.gateway.router import Router
 from imserver.services.gateway.session import OpContext
 from imserver.services.message.api import MessageService
+from imserver.services.notification.broadcast import BroadcastService
 from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, RefreshTokenReused, UserService
 from imserver.utils.errors import (
@@ -58,6 +59,7 @@ class Handlers:
         users: UserService,
         messages: MessageService,
         rooms: RoomService,
+        broadcasts: BroadcastService,
         sessions: SessionBinder,
         server_info: ServerInfo,
         limits: Limits,
@@ -66,6 +68,7 @@ class Handlers:
         self.users = users
         self.messages = messages
         self.rooms = rooms
+        self.broadcasts = broadcasts
         self.sessions = sessions
         self.server_info = server_info
         self.limits = limits
@@ -106,6 +109,7 @@ class Handlers:
         r.route(ops.PresenceGet, ops.PresenceData, self.presence_get)
         r.route(ops.Block, ops.Empty, self.block)
         r.route(ops.Unblock, ops.Empty, self.unblock)
+        r.route(ops.NoticeBroadcast, ops.BroadcastData, self.notice_broadcast)
         r.check_complete()
         return r
 
@@ -297,3 +301,8 @@ class Handlers:
 
     async def room_members(self, ctx: OpContext, op: ops.RoomMembers) -> ops.RoomMembersData:
         return await self.rooms.members(self._caller(ctx), op)
+
+    # --- admin notices ----------------------------------------------------------------
+
+    async def notice_broadcast(self, ctx: OpContext, op: ops.NoticeBroadcast) -> ops.BroadcastData:
+        return await self.broadcasts.broadcast(self._writer(ctx), op)

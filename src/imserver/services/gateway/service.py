@@ -27,6 +27,7 @@ from imserver.services.gateway.hub import Hub
 from imserver.services.gateway.ratelimit import TokenBucket
 from imserver.services.gateway.session import Edge, OpContext, Session, State
 from imserver.services.message.api import MessageService
+from imserver.services.notification.broadcast import BroadcastService
 from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, UserService
 from imserver.storage.bus import LiveBus, Publication, user_channel
@@ -48,6 +49,7 @@ class Gateway:
         users: UserService,
         messages: MessageService,
         rooms: RoomService,
+        broadcasts: BroadcastService,
         bus: LiveBus,
         metrics: Metrics,
     ) -> None:
@@ -72,6 +74,7 @@ class Gateway:
             users=users,
             messages=messages,
             rooms=rooms,
+            broadcasts=broadcasts,
             sessions=self,
             server_info=self.server_info,
             limits=self.limits,

@@ -145,6 +145,16 @@ class MessageService(Protocol):
     ) -> ops.SendData:
         """Store a notice in ``s:<user>`` (the user's read-only system conversation)."""
 
+    async def post_system_many(
+        self, users: Sequence[UserId], body: str, meta: dict[str, Any] | None, cid: str
+    ) -> list[ops.SendData]:
+        """Store the same notice in the ``s:`` conversation of each of ``users``, all
+        queued at once (the writer stores them in a few batches, not one commit each);
+        resolves after the last commit, with each user's result in order. ``cid`` is
+        the idempotency key in every conversation: a repeat answers ``dup: true`` for
+        the users who already hold it. The users are not checked: the caller knows
+        they exist."""
+
     async def post_room_system(
         self,
         room: RoomId,

@@ -252,6 +252,34 @@ class LocalMessageService:
         )
         return await fut
 
+    async def post_system_many(
+        self, users: Sequence[UserId], body: str, meta: dict[str, Any] | None, cid: str
+    ) -> list[ops.SendData]:
+        """Store one notice in the ``s:`` conversation of each of ``users``, every
+        write queued before the first is awaited, so the group-commit writer takes
+        them ``batch_max`` at a time. Idempotent on ``cid`` per conversation."""
+        futures = []
+        for user in users:
+            fut = self._new_future()
+            self._writer.enqueue(
+                SystemWrite(
+                    conv=parse_conv(system_conv(user)),
+                    user=SYSTEM_SENDER,
+                    future=fut,
+                    cid=cid,
+                    body=body,
+                    meta=meta,
+                )
+            )
+            futures.append(fut)
+        # Every future is awaited, so none of the failures of a refused batch is left
+        # unretrieved; the first one answers the call.
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if not isinstance(r, BaseException)]
+
     async def post_room_system(
         self,
         room: RoomId,

@@ -125,6 +125,26 @@ class UserService(Protocol):
     async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool:
         """Whether ``blocker`` has blocked ``blocked``. Cached: called on every direct send."""
 
+    async def list_users(self, after: UserId | None, limit: int) -> list[UserId]:
+        """A page of every user's id, ascending: up to ``limit`` ids after ``after``
+        (``None``: from the start). The next page starts after the last id answered;
+        a short page is the last. ``bad_request`` for a ``limit`` outside 1-10,000."""
+
+    async def is_admin(self, user: UserId) -> bool:
+        """Whether ``user`` may use the admin ops: named in the ``admins`` setting or
+        granted with :meth:`grant_admin`. ``False`` for an unknown user."""
+
+    async def grant_admin(self, username: str) -> bool:
+        """Grant admin rights durably; whether it was not granted before.
+        ``not_found`` for an unknown username."""
+
+    async def revoke_admin(self, username: str) -> bool:
+        """Take a grant back; whether there was one. A user named in the ``admins``
+        setting stays an admin. ``not_found`` for an unknown username."""
+
+    async def granted_admins(self) -> list[User]:
+        """The users holding a grant, by username (the setting's names not included)."""
+
     async def set_online(self, user: UserId) -> PresenceInfo:
         """Record that the user's first live session opened."""
 

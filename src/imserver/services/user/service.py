@@ -69,6 +69,8 @@ BLOCK_CACHE_SIZE = 100_000
 LAST_SEEN_CACHE_SIZE = 100_000
 LAST_SEEN_FLUSH_S = 1.0
 """Most seconds a ``last_seen`` waits in memory before its batch is written."""
+LIST_USERS_MAX = 10_000
+"""Most user ids one :meth:`LocalUserService.list_users` page answers."""
 PURGE_INTERVAL_MS = 3_600_000
 """How often (at most) expired token rows are swept, piggy-backed on ``login``."""
 
@@ -128,6 +130,7 @@ class _CachedAccess:
 class LocalUserService:
     """The in-process :class:`~imserver.services.user.api.UserService`.
 
+    ``admins``: the usernames of the ``admins`` setting (admins besides the grants).
     ``clock`` returns the current time in integer milliseconds; tests pass a fake one.
     ``dummy_hash`` is an argon2 hash of an unguessable password, verified on logins
     for unknown usernames so they take as long as real ones.
@@ -142,6 +145,7 @@ class LocalUserService:
         hasher: PasswordHasher | None = None,
         clock: Callable[[], int] = now_ms,
         dummy_hash: str | None = None,
+        admins: Iterable[str] = (),
     ) -> None:
         if access_ttl < 0 or refresh_ttl < 0:
             raise ValueError("token lifetimes must not be negative")
@@ -151,6 +155,7 @@ class LocalUserService:
         self._hasher = hasher or default_hasher()
         self._clock = clock
         self._dummy_hash = dummy_hash
+        self._admins = frozenset(admins)
         self._hash_slots = asyncio.Semaphore(os.cpu_count() or 1)
         self._tokens: _Bounded[str, _CachedAccess] = _Bounded(TOKEN_CACHE_SIZE)
         # Bumped by every revocation / profile write; a database read that overlapped
@@ -378,6 +383,40 @@ class LocalUserService:
             return UpdateResult(user=updated, revoked=revoked)
         return UpdateResult(user=await self.get_user(user), revoked=revoked)
 
+    async def list_users(self, after: UserId | None, limit: int) -> list[UserId]:
+        """A page of user ids, ascending, after ``after`` (keyset paging: a user
+        registered meanwhile with a higher id still comes in a later page)."""
+        if not 1 <= limit <= LIST_USERS_MAX:
+            raise BadRequest(f"limit must be 1-{LIST_USERS_MAX}", field="limit")
+        return await self._store.user_ids_after(after, limit)
+
+    # --- admins -----------------------------------------------------------------------
+    # Grants are read from the database on every check, not cached: `imserver admin`
+    # changes them from another process while the server runs, and the admin ops that
+    # ask are rare.
+
+    async def is_admin(self, user: UserId) -> bool:
+        """Named in the ``admins`` setting, or granted; ``False`` for an unknown user."""
+        try:
+            found = await self.get_user(user)
+        except NotFound:
+            return False
+        return found.username in self._admins or await self._store.is_granted(user)
+
+    async def grant_admin(self, username: str) -> bool:
+        """Grant admin rights; whether the user held no grant before."""
+        user = await self.get_user_by_name(username)
+        return await self._store.set_grant(UserId(user.id), True, self._clock())
+
+    async def revoke_admin(self, username: str) -> bool:
+        """Take a grant back; whether there was one."""
+        user = await self.get_user_by_name(username)
+        return await self._store.set_grant(UserId(user.id), False, self._clock())
+
+    async def granted_admins(self) -> list[User]:
+        """The users holding a grant, by username."""
+        return await self._store.granted_users()
+
     # --- blocks -----------------------------------------------------------------------
 
     async def block(self, user: UserId, target: UserId) -> None:
@@ -573,6 +612,7 @@ async def open_user_service(
     refresh_ttl: int = 30 * 86400,
     argon2_memory_kib: int = 19456,
     argon2_time_cost: int = 2,
+    admins: Iterable[str] = (),
 ) -> LocalUserService:
     """Migrate the database at ``url`` to the latest schema and start the service on it.
 
@@ -590,4 +630,5 @@ async def open_user_service(
         refresh_ttl=refresh_ttl,
         hasher=hasher,
         dummy_hash=dummy,
+        admins=admins,
     )

@@ -114,6 +114,15 @@ presence = Table(
     ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_presence_user_id_users"),
 )
 
+admin_grants = Table(
+    "admin_grants",
+    metadata,
+    Column("user_id", String(ID_LEN), nullable=False),
+    Column("granted", BigInteger, nullable=False),
+    PrimaryKeyConstraint("user_id", name="pk_admin_grants"),
+    ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_admin_grants_user_id_users"),
+)
+
 ACCESS = "access"
 REFRESH = "refresh"
 
@@ -215,6 +224,17 @@ class SqlUserStore(SqlStore):
                 result = conn.execute(select(*_USER_COLUMNS).where(users.c.id.in_(chunk)))
                 found.extend(_user(row) for row in result)
             return found
+
+        return await self._read(run)
+
+    async def user_ids_after(self, after: UserId | None, limit: int) -> list[UserId]:
+        """Up to ``limit`` user ids greater than ``after``, ascending (a keyset page)."""
+        query = select(users.c.id).order_by(users.c.id).limit(limit)
+        if after is not None:
+            query = query.where(users.c.id > after)
+
+        def run(conn: Connection) -> list[UserId]:
+            return [UserId(row[0]) for row in conn.execute(query)]
 
         return await self._read(run)
 
@@ -447,6 +467,42 @@ class SqlUserStore(SqlStore):
             )
 
         await self._write(run)
+
+    # --- admin grants -----------------------------------------------------------------
+
+    async def is_granted(self, user: UserId) -> bool:
+        """Whether ``user`` holds an admin grant."""
+
+        def run(conn: Connection) -> bool:
+            query = select(admin_grants.c.user_id).where(admin_grants.c.user_id == user)
+            return conn.execute(query).first() is not None
+
+        return await self._read(run)
+
+    async def set_grant(self, user: UserId, granted: bool, now: int) -> bool:
+        """Grant (or revoke) admin rights; whether anything changed."""
+
+        def run(conn: Connection) -> bool:
+            held = conn.execute(delete(admin_grants).where(admin_grants.c.user_id == user)).rowcount
+            if granted:
+                conn.execute(insert(admin_grants).values(user_id=user, granted=now))
+                return not held
+            return bool(held)
+
+        return await self._write(run)
+
+    async def granted_users(self) -> list[User]:
+        """Every user holding an admin grant, by username."""
+        query = (
+            select(*_USER_COLUMNS)
+            .select_from(admin_grants.join(users, users.c.id == admin_grants.c.user_id))
+            .order_by(users.c.username)
+        )
+
+        def run(conn: Connection) -> list[User]:
+            return [_user(row) for row in conn.execute(query)]
+
+        return await self._read(run)
 
     # --- presence ---------------------------------------------------------------------
 
