@@ -697,6 +697,23 @@ async def test_post_system(env: Env) -> None:
     assert (await env.svc.post_system(UserId("ub"), "again")).seq == 2
 
 
+async def test_post_system_many_posts_once_per_user_and_is_idempotent(env: Env) -> None:
+    users = [UserId("ua"), UserId("ub"), UserId("uc")]
+    first = await env.svc.post_system_many(users, "upgrade at noon", {"broadcast": "b1"}, "b1")
+    assert [(r.conv, r.seq, r.cid, r.dup) for r in first] == [
+        (f"s:{u}", 1, "b1", False) for u in users
+    ]
+    assert sorted(u for d in env.deliveries for u in d.users) == users
+    assert all(isinstance(d.event, Msg) and d.event.type == "system" for d in env.deliveries)
+    # A retry with ud added: the three who hold it answer dup, ud gets it now.
+    again = await env.svc.post_system_many([*users, UserId("ud")], "upgrade at noon", None, "b1")
+    assert [(r.seq, r.dup) for r in again] == [(1, True)] * 3 + [(1, False)]
+    for who, user in ((A, "ua"), (D, "ud")):
+        [m] = await history(env, who, f"s:{user}")
+        assert (m.body, m.from_, m.cid) == ("upgrade at noon", "system", "b1")
+    assert await env.svc.post_system_many([], "nobody", None, "b2") == []
+
+
 async def test_post_room_system_reaches_members_and_notified(env: Env) -> None:
     r = await env.svc.post_room_system(
         "r1", "", {"event": "kicked", "user": "ud"}, notify=[UserId("ud")], cid="k1"

@@ -22,6 +22,7 @@ from transports import local_only, through
 
 from imserver.protocol.models import PresenceInfo, User
 from imserver.services.message.api import UserDirectory as MessageUserDirectory
+from imserver.services.notification.broadcast import AdminDirectory
 from imserver.services.room.api import UserDirectory as RoomUserDirectory
 from imserver.services.user import service as user_service
 from imserver.services.user.api import Identity, UserService
@@ -132,7 +133,9 @@ def test_migrations_match_the_store_schema(url: str) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize("proto", [UserService, MessageUserDirectory, RoomUserDirectory])
+@pytest.mark.parametrize(
+    "proto", [UserService, MessageUserDirectory, RoomUserDirectory, AdminDirectory]
+)
 def test_local_service_satisfies_its_protocols(proto: type) -> None:
     assert signature_mismatches(proto, LocalUserService) == []
 
@@ -711,3 +714,77 @@ async def test_open_user_service_restart_on_the_real_clock(tmp_path: Path) -> No
         await _rejected(again.login("nobody", PASSWORD, None))
     finally:
         await again.close()
+
+
+# --- the user listing and admins ---------------------------------------------------------
+
+
+async def test_list_users_pages_through_every_user(open_service: Opener) -> None:
+    svc = await open_service(hasher=default_hasher(1024, 1))
+    ids = sorted([UserId((await svc.register(f"lister{n}", PASSWORD, None)).id) for n in range(7)])
+    first = await svc.list_users(None, 3)
+    assert first == ids[:3]
+    second = await svc.list_users(first[-1], 3)
+    assert second == ids[3:6]
+    assert await svc.list_users(second[-1], 3) == ids[6:]
+    assert await svc.list_users(ids[-1], 3) == []
+
+
+@pytest.mark.parametrize("limit", [0, -1, 10_001])
+async def test_list_users_bounds_the_page(svc: LocalUserService, limit: int) -> None:
+    with pytest.raises(BadRequest) as info:
+        await svc.list_users(None, limit)
+    assert info.value.field == "limit"
+
+
+async def test_admin_by_setting(open_service: Opener) -> None:
+    svc = await open_service(admins=["root"], hasher=default_hasher(1024, 1))
+    root = await svc.register("root", PASSWORD, None)
+    other = await svc.register("other", PASSWORD, None)
+    assert await svc.is_admin(UserId(root.id)) is True
+    assert await svc.is_admin(UserId(other.id)) is False
+    assert await svc.is_admin(UserId("u_nobody")) is False
+    assert await svc.granted_admins() == []
+
+
+async def test_admin_by_grant_until_revoked(open_service: Opener) -> None:
+    svc = await open_service(hasher=default_hasher(1024, 1))
+    bob = await svc.register("bob", PASSWORD, None)
+    uid = UserId(bob.id)
+    assert await svc.is_admin(uid) is False
+    assert await svc.grant_admin("bob") is True
+    assert await svc.grant_admin("bob") is False
+    assert await svc.is_admin(uid) is True
+    assert [u.username for u in await svc.granted_admins()] == ["bob"]
+    assert await svc.revoke_admin("bob") is True
+    assert await svc.revoke_admin("bob") is False
+    assert await svc.is_admin(uid) is False
+    assert await svc.granted_admins() == []
+
+
+async def test_revoking_leaves_an_admin_of_the_setting(open_service: Opener) -> None:
+    svc = await open_service(admins=["root"], hasher=default_hasher(1024, 1))
+    root = await svc.register("root", PASSWORD, None)
+    await svc.grant_admin("root")
+    await svc.revoke_admin("root")
+    assert await svc.is_admin(UserId(root.id)) is True
+
+
+async def test_grants_of_unknown_users_are_not_found(svc: LocalUserService) -> None:
+    with pytest.raises(NotFound):
+        await svc.grant_admin("ghost")
+    with pytest.raises(NotFound):
+        await svc.revoke_admin("ghost")
+
+
+async def test_a_grant_from_another_process_counts_at_once(open_service: Opener) -> None:
+    """What ``imserver admin grant`` does beside a running server: another service on
+    the same database grants, and the first sees it at its next check."""
+    server = await open_service(hasher=default_hasher(1024, 1))
+    command = await open_service(hasher=default_hasher(1024, 1))
+    carol = await server.register("carol", PASSWORD, None)
+    assert await server.is_admin(UserId(carol.id)) is False
+    await command.grant_admin("carol")
+    assert await server.is_admin(UserId(carol.id)) is True
+    await command.revoke_admin("carol")
+    assert await server.is_admin(UserId(carol.id)) is False
