@@ -74,7 +74,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "presence.get": {"users": ["u1", "u2"]},
     "block": {"user": "u2"},
     "unblock": {"user": "u2"},
-    "notice.broadcast": {"title": "Maintenance", "body": "at noon"},
+    "notice.broadcast": {"body": "at noon", "to": "all"},
 }
 
 OPS_BY_NAME = {op_name(t): t for t in ALL_OPS}
