@@ -14,6 +14,7 @@ Scenarios (one sub-command each):
 - ``connections``, ``auth-storm``, ``mixed`` -- idle connections and RSS each, token
   reconnects, a realistic blend (:mod:`benchmarks.connections`,
   :mod:`benchmarks.authstorm`, :mod:`benchmarks.mixed`).
+- ``broadcast`` -- an admin's ``notice.broadcast`` to 10,000 users (:mod:`benchmarks.broadcast`).
 - ``baselines`` -- the reference echo/fan-out server, nats-server and a bare SQLite
   group-commit loop (:mod:`benchmarks.baselines`).
 
@@ -34,7 +35,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Final
 
-from benchmarks import authstorm, baselines, connections, dm, files, harness, mixed, room, suite
+from benchmarks import (
+    authstorm,
+    baselines,
+    broadcast,
+    connections,
+    dm,
+    files,
+    harness,
+    mixed,
+    room,
+    suite,
+)
 
 SCENARIOS: Final[dict[str, tuple[ModuleType, str]]] = {
     "dm": (dm, "persisted direct messages between pairs of users"),
@@ -44,6 +56,7 @@ SCENARIOS: Final[dict[str, tuple[ModuleType, str]]] = {
     "auth-storm": (authstorm, "connections reconnecting with tokens: token auths/s"),
     "baselines": (baselines, "reference echo/fan-out server, nats-server, SQLite commits"),
     "mixed": (mixed, "a blend of DMs, room messages, typing, read receipts, history"),
+    "broadcast": (broadcast, "an admin's notice.broadcast to every user: seconds, notices/s"),
 }
 
 

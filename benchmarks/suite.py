@@ -207,6 +207,13 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
             8 if smoke else measured + 15,
         ),
         Step(
+            "broadcast",
+            "broadcast",
+            "broadcast",
+            ((("--users", "200"), ("--live", "5"), ("--repeat", "2")) if smoke else ()) + sets,
+            6 if smoke else 25,
+        ),
+        Step(
             "baselines",
             "baselines",
             "baselines",
@@ -758,6 +765,21 @@ def _figures(key: str, res: StepResult, ref: References) -> list[Row]:
             Row("mixed", "events delivered/s", "/s", num(r, "events_per_s")),
             Row("mixed", "server CPU µs/op", "µs", num(r, "server_us_per_op")),
             Row("mixed", "DM send p99 ms", "ms", num(r, "by_op", "dm", "p99_ms")),
+        ]
+    if key == "broadcast":
+        users = int(num(r, "users") or 0)
+        target = Target("<=", 5_000) if users >= 10_000 else None
+        ms = num(r, "broadcast_s")
+        return [
+            Row(
+                "broadcast",
+                f"notice to {users:,} users ms",
+                "ms",
+                None if ms is None else 1000 * ms,
+                target,
+            ),
+            Row("broadcast", "notices/s", "/s", num(r, "notices_per_s")),
+            Row("broadcast", "server CPU % of a core", "%", num(r, "server_cpu_pct")),
         ]
     return []
 

@@ -36,6 +36,7 @@ STEPS = {
     "connections": "connections",
     "auth-storm": "authstorm",
     "mixed": "mixed",
+    "broadcast": "broadcast",
     "baselines": "baselines",
 }
 
