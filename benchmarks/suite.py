@@ -3,7 +3,8 @@
 Runs, in order, each as ``python -m benchmarks <scenario> ...`` in a process of its
 own with a fresh server: ``dm`` at full speed; ``dm`` at a fixed rate (``--dm-rate``,
 15,000 msgs/s: latency under load); ``room`` at 100, 1,000 and 10,000 members;
-``connections``; ``auth-storm``; ``mixed``; ``baselines`` (the reference echo and
+``connections``; ``auth-storm``; ``mixed``; ``broadcast`` (10,000 users);
+``baselines`` (the reference echo and
 fan-out server, NATS, SQLite group commit). A scenario whose module is not installed
 is reported as skipped. Each writes its JSON to ``--out`` (through
 ``--results-file``) and its output to ``<step>.log`` there; its printed tables are
