@@ -51,6 +51,7 @@ async def two(tmp_path: Path) -> AsyncIterator[Two]:
             users=h.users,
             messages=h.messages,
             rooms=h.rooms,
+            broadcasts=h.services.broadcasts,
             bus=bus,
             metrics=Metrics(),
         )

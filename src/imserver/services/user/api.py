@@ -64,7 +64,7 @@ class UpdateResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class UserService(Protocol):
-    """Accounts, tokens, blocks and presence records."""
+    """Accounts, tokens, blocks, presence records and admin rights."""
 
     async def register(self, username: str, password: str, display_name: str | None) -> User:
         """Create an account. ``conflict`` if the username is taken.

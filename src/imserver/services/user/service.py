@@ -1,4 +1,4 @@
-"""The in-process user service: accounts, argon2id passwords, tokens, blocks, presence.
+"""The in-process user service: accounts, argon2id passwords, tokens, blocks, presence, admins.
 
 What lives in memory, and why it stays correct:
 

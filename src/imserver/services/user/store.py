@@ -1,4 +1,5 @@
-"""The user service's SQL store: accounts, login sessions, token hashes, blocks, presence.
+"""The user service's SQL store: accounts, login sessions, token hashes, blocks, presence,
+admin grants.
 
 Portable SQLAlchemy Core only, so the same code runs on SQLite, PostgreSQL and MySQL.
 The schema here must match the Alembic history in ``migrations/`` (a test compares
