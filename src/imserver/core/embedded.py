@@ -9,11 +9,13 @@ knows which implementation stands behind each interface; the process around it
 with gRPC clients of the others, belongs beside it.
 
 Services are complete when their constructor returns: nothing is bound or set on
-them afterwards. Two pairs of services call each other — the room and message
-services (system messages one way, room members the other) and the file and message
-services (membership and references one way, file references the other) — so a
+them afterwards. Three pairs of services call each other — the room and message
+services (system messages one way, room members the other), the file and message
+services (membership and references one way, file references the other) and the
+notification and message services (committed batches one way, badges, membership
+checks and the start-up catch-up the other) — so a
 cycle is broken deliberately, by service discovery: the room and file services are
-built first and reach the message service through a
+built first (the notification service too) and reach the message service through a
 :data:`~imserver.services.peers.Peer`, a lookup asked on every call, which this module
 answers from the services it has built (``unavailable`` until the message service
 exists, which no call can meet: nothing calls the services before
@@ -34,7 +36,12 @@ from imserver.services.file.api import FileService
 from imserver.services.file.service import LocalFileService, open_file_service
 from imserver.services.message.api import MessageService
 from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.notification.api import NotificationService
 from imserver.services.notification.broadcast import BroadcastService, LocalBroadcastService
+from imserver.services.notification.service import (
+    LocalNotificationService,
+    open_notification_service,
+)
 from imserver.services.room.api import RoomService
 from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.api import UserService
@@ -66,9 +73,16 @@ class Embedded:
     rooms: RoomService
     files: FileService
     broadcasts: BroadcastService
+    notifications: NotificationService
     bus: LiveBus
     _local_messages: LocalMessageService
-    _closers: tuple[LocalMessageService, LocalRoomService, LocalFileService, LocalUserService]
+    _closers: tuple[
+        LocalMessageService,
+        LocalNotificationService,
+        LocalRoomService,
+        LocalFileService,
+        LocalUserService,
+    ]
 
     async def drain(self) -> None:
         """Commit and acknowledge every write already queued (the first step of a
@@ -76,7 +90,8 @@ class Embedded:
         await self._local_messages.flush()
 
     async def close(self) -> None:
-        """Stop the message writer (after its queue) and release every store."""
+        """Stop the message writer (after its queue), then the notification service
+        (after storing what the writer handed it), and release every store."""
         for service in self._closers:
             await service.close()
 
@@ -107,12 +122,19 @@ async def build_embedded(config: Config) -> Embedded:
         config=config.files,
         messages=discovery.messages,
     )
+    notifications = await open_notification_service(
+        sqlite_url(data_dir, "notification"),
+        data_dir=data_dir,
+        config=config.push,
+        messages=discovery.messages,
+    )
     messages = discovery.message = await open_message_service(
         sqlite_url(data_dir, "message"),
         bus=bus,
         users=users,
         rooms=rooms,
         files=files,
+        listener=notifications,
         max_body=config.limits.max_body,
         max_meta=config.limits.max_meta,
         batch_max=config.storage.batch_max,
@@ -125,7 +147,8 @@ async def build_embedded(config: Config) -> Embedded:
         broadcasts=LocalBroadcastService(
             users=users, messages=messages, max_body=config.limits.max_body
         ),
+        notifications=notifications,
         bus=bus,
         _local_messages=messages,
-        _closers=(messages, rooms, files, users),
+        _closers=(messages, notifications, rooms, files, users),
     )

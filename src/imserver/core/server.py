@@ -31,6 +31,7 @@ SERVICES_WITH_DATABASES = {
     "message": "imserver.services.message.migrations",
     "room": "imserver.services.room.migrations",
     "file": "imserver.services.file.migrations",
+    "notification": "imserver.services.notification.migrations",
 }
 
 
@@ -70,6 +71,7 @@ class Server:
             messages=services.messages,
             rooms=services.rooms,
             broadcasts=services.broadcasts,
+            notifications=services.notifications,
             bus=services.bus,
             metrics=self.metrics,
         )

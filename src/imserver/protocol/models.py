@@ -109,3 +109,58 @@ class Limits(msgspec.Struct, kw_only=True):
 class ServerInfo(msgspec.Struct, kw_only=True):
     name: str
     version: str
+
+
+class PushRegistration(msgspec.Struct, kw_only=True):
+    """One of the caller's push registrations (``push.list``)."""
+
+    provider: str
+    device: str
+    """The login session it belongs to."""
+    target: dict[str, Any]
+    created: int
+
+
+class PushAttempt(msgspec.Struct, kw_only=True):
+    """One attempt to deliver a push, with the provider's answer."""
+
+    n: int
+    at: int
+    status: str
+    """``sent``, ``retry``, ``gone`` or ``failed``."""
+    code: int | None
+    detail: str
+
+
+class PushJob(msgspec.Struct, kw_only=True):
+    """One push in the outbox, as ``push.trace`` shows it."""
+
+    key: str
+    """Its idempotency key, ``<user>:<device>:<conv>:<first seq>``."""
+    kind: str
+    device: str
+    provider: str
+    seq: int
+    """The last seq it covers."""
+    count: int
+    state: str
+    """``queued``, ``sending``, ``sent``, ``retry-wait``, ``dead``, ``dropped``,
+    ``gone`` or ``failed``."""
+    collapsed: bool
+    """The message joined a push that was already waiting."""
+    attempts: list[PushAttempt]
+
+
+class PushRecipient(msgspec.Struct, kw_only=True):
+    """Why one member of a conversation did or did not get a push for a message."""
+
+    user: str
+    due: bool
+    reason: str
+    """``due``, ``sender``, ``online``, ``muted``, ``level`` or ``no_registration``."""
+    online: list[str]
+    """Devices (login sessions) with a live session when the message was stored."""
+    muted_until: int
+    level: str
+    mentioned: bool
+    pushes: list[PushJob]

@@ -21,6 +21,8 @@ from imserver.protocol.models import (
     Limits,
     Message,
     PresenceInfo,
+    PushRecipient,
+    PushRegistration,
     Room,
     RoomMember,
     ServerInfo,
@@ -262,6 +264,51 @@ class NoticeBroadcast(Op, tag="notice.broadcast", frozen=True):
     cid: Cid | None = None
 
 
+# --- §push notifications ---------------------------------------------------------------
+
+PushProvider = Annotated[str, Meta(min_length=1, max_length=16)]
+NotifyLevel = Literal["all", "mentions", "none"]
+
+
+class PushRegister(Op, tag="push.register", frozen=True):
+    """Register the caller's device (its login session) with a push provider."""
+
+    provider: PushProvider
+    target: dict[str, Any]
+
+
+class PushUnregister(Op, tag="push.unregister", frozen=True):
+    """Remove the caller's device's registration with ``provider`` (every one when
+    absent)."""
+
+    provider: PushProvider | None = None
+
+
+class PushList(Op, tag="push.list", frozen=True):
+    pass
+
+
+class PushVapidKey(Op, tag="push.vapid_key", frozen=True):
+    pass
+
+
+class ConvMute(Op, tag="conv.mute", frozen=True):
+    """Mute ``conv`` for the caller until ``until`` (ms since the epoch; 0 unmutes)."""
+
+    conv: ConvStr
+    until: Marker
+
+
+class ConvNotify(Op, tag="conv.notify", frozen=True):
+    conv: ConvStr
+    level: NotifyLevel
+
+
+class PushTrace(Op, tag="push.trace", frozen=True):
+    conv: ConvStr
+    seq: Seq
+
+
 # --- reply payloads -------------------------------------------------------------------
 
 
@@ -341,6 +388,21 @@ class BroadcastData(msgspec.Struct, kw_only=True):
     dup: bool
 
 
+class PushListData(msgspec.Struct, kw_only=True):
+    registrations: list[PushRegistration]
+
+
+class VapidKeyData(msgspec.Struct, kw_only=True):
+    key: str
+    """The Web Push application server key (base64url, uncompressed P-256 point)."""
+
+
+class PushTraceData(msgspec.Struct, kw_only=True):
+    conv: ConvId
+    seq: int
+    recipients: list[PushRecipient]
+
+
 REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     Hello: HelloData,
     Register: UserData,
@@ -375,6 +437,13 @@ REPLY_TYPES: dict[type[Op], type[msgspec.Struct]] = {
     Block: Empty,
     Unblock: Empty,
     NoticeBroadcast: BroadcastData,
+    PushRegister: Empty,
+    PushUnregister: Empty,
+    PushList: PushListData,
+    PushVapidKey: VapidKeyData,
+    ConvMute: Empty,
+    ConvNotify: Empty,
+    PushTrace: PushTraceData,
 }
 """Every op and the struct of its successful reply's ``data``."""
 

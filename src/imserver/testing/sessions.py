@@ -194,6 +194,7 @@ class GatewayHarness:
                 messages=services.messages,
                 rooms=services.rooms,
                 broadcasts=services.broadcasts,
+                notifications=services.notifications,
                 bus=services.bus,
                 metrics=Metrics(),
             )

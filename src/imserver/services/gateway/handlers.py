@@ -19,6 +19,7 @@ from imserver.services.caller import Caller
 from imserver.services.gateway.router import Router
 from imserver.services.gateway.session import OpContext
 from imserver.services.message.api import MessageService
+from imserver.services.notification.api import NotificationService
 from imserver.services.notification.broadcast import BroadcastService
 from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, RefreshTokenReused, UserService
@@ -64,11 +65,13 @@ class Handlers:
         server_info: ServerInfo,
         limits: Limits,
         heartbeat: int,
+        notifications: NotificationService | None = None,
     ) -> None:
         self.users = users
         self.messages = messages
         self.rooms = rooms
         self.broadcasts = broadcasts
+        self._notifications = notifications
         self.sessions = sessions
         self.server_info = server_info
         self.limits = limits
@@ -110,6 +113,13 @@ class Handlers:
         r.route(ops.Block, ops.Empty, self.block)
         r.route(ops.Unblock, ops.Empty, self.unblock)
         r.route(ops.NoticeBroadcast, ops.BroadcastData, self.notice_broadcast)
+        r.route(ops.PushRegister, ops.Empty, self.push_register)
+        r.route(ops.PushUnregister, ops.Empty, self.push_unregister)
+        r.route(ops.PushList, ops.PushListData, self.push_list)
+        r.route(ops.PushVapidKey, ops.VapidKeyData, self.push_vapid_key)
+        r.route(ops.ConvMute, ops.Empty, self.conv_mute)
+        r.route(ops.ConvNotify, ops.Empty, self.conv_notify)
+        r.route(ops.PushTrace, ops.PushTraceData, self.push_trace)
         r.check_complete()
         return r
 
@@ -189,6 +199,8 @@ class Handlers:
     async def logout(self, ctx: OpContext, op: ops.Logout) -> ops.Empty:
         login_id = self._caller(ctx).login
         await self.users.logout(login_id)
+        if self._notifications is not None:
+            await self._notifications.forget_device(login_id)
         # After this reply is written: close every connection of the revoked login.
         asyncio.get_running_loop().call_soon(self.sessions.close_login, login_id, "logout")
         return EMPTY
@@ -306,3 +318,37 @@ class Handlers:
 
     async def notice_broadcast(self, ctx: OpContext, op: ops.NoticeBroadcast) -> ops.BroadcastData:
         return await self.broadcasts.broadcast(self._writer(ctx), op)
+
+    # --- push notifications ----------------------------------------------------------
+
+    @property
+    def notifications(self) -> NotificationService:
+        if self._notifications is None:
+            raise Unavailable("push notifications are not available")
+        return self._notifications
+
+    async def push_register(self, ctx: OpContext, op: ops.PushRegister) -> ops.Empty:
+        await self.notifications.register(self._caller(ctx), op.provider, op.target)
+        return EMPTY
+
+    async def push_unregister(self, ctx: OpContext, op: ops.PushUnregister) -> ops.Empty:
+        await self.notifications.unregister(self._caller(ctx), op.provider)
+        return EMPTY
+
+    async def push_list(self, ctx: OpContext, op: ops.PushList) -> ops.PushListData:
+        found = await self.notifications.registrations(self._caller(ctx))
+        return ops.PushListData(registrations=found)
+
+    async def push_vapid_key(self, ctx: OpContext, op: ops.PushVapidKey) -> ops.VapidKeyData:
+        return ops.VapidKeyData(key=await self.notifications.vapid_key())
+
+    async def conv_mute(self, ctx: OpContext, op: ops.ConvMute) -> ops.Empty:
+        await self.notifications.mute(self._caller(ctx), op.conv, op.until)
+        return EMPTY
+
+    async def conv_notify(self, ctx: OpContext, op: ops.ConvNotify) -> ops.Empty:
+        await self.notifications.set_level(self._caller(ctx), op.conv, op.level)
+        return EMPTY
+
+    async def push_trace(self, ctx: OpContext, op: ops.PushTrace) -> ops.PushTraceData:
+        return await self.notifications.trace(self._caller(ctx), op.conv, op.seq)

@@ -27,6 +27,7 @@ from imserver.services.gateway.hub import Hub
 from imserver.services.gateway.ratelimit import TokenBucket
 from imserver.services.gateway.session import Edge, OpContext, Session, State
 from imserver.services.message.api import MessageService
+from imserver.services.notification.api import NotificationService
 from imserver.services.notification.broadcast import BroadcastService
 from imserver.services.room.api import RoomService
 from imserver.services.user.api import Identity, UserService
@@ -52,10 +53,14 @@ class Gateway:
         broadcasts: BroadcastService,
         bus: LiveBus,
         metrics: Metrics,
+        notifications: NotificationService | None = None,
     ) -> None:
         self.config = config
         self.users = users
         self.messages = messages
+        self.notifications = notifications
+        self._devices: dict[Session, Caller] = {}
+        """Live sessions reported to the notification service as online devices."""
         self.rooms = rooms
         self.bus = bus
         self.metrics = metrics
@@ -79,6 +84,7 @@ class Gateway:
             server_info=self.server_info,
             limits=self.limits,
             heartbeat=lim.heartbeat,
+            notifications=notifications,
         )
         self.router = self.handlers.router()
         self.edge = Edge(
@@ -144,6 +150,7 @@ class Gateway:
         self.metrics.connection(session.link.kind, -1)
         if self.draining and not self.sessions:
             self._drained.set()
+        await self._device_offline(session)
         if self.hub.detach(session) and session.caller is not None:
             user = session.caller.user
             try:
@@ -167,9 +174,11 @@ class Gateway:
             if current.login == identity.login:
                 return
             self.hub.detach(session)
+            await self._device_offline(session)
         session.bind(Caller(identity.user, identity.login, session.id))
         if not self.hub.attach(session):
             return
+        await self._device_online(session)
         # The user's rooms are followed before the reply: whatever the client does
         # after it, it gets the rooms' messages live from then on.
         rooms: Sequence[RoomId] = ()
@@ -182,6 +191,25 @@ class Gateway:
         if current is None:
             info = await self.users.set_online(identity.user)
             await self._publish_presence(info)
+
+    async def _device_online(self, session: Session) -> None:
+        caller = session.caller
+        if self.notifications is None or caller is None:
+            return
+        self._devices[session] = caller
+        try:
+            await self.notifications.device_online(caller.user, caller.login)
+        except Exception:
+            logger.exception("online device report for %s failed", caller.user)
+
+    async def _device_offline(self, session: Session) -> None:
+        caller = self._devices.pop(session, None)
+        if self.notifications is None or caller is None:
+            return
+        try:
+            await self.notifications.device_offline(caller.user, caller.login)
+        except Exception:
+            logger.exception("offline device report for %s failed", caller.user)
 
     def close_login(self, login: LoginId, reason: str) -> None:
         """Close every connection authenticated by a revoked login session."""

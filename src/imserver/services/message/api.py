@@ -110,6 +110,56 @@ class FileDirectory(Protocol):
         """The known files among ``file_ids`` (unknown ids are absent)."""
 
 
+class CommittedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """A message the writer committed, as a commit listener sees it."""
+
+    conv: ConvId
+    seq: int
+    ts: int
+    sender: str
+    type: str
+    body: str
+    """The body, cut to :data:`PREVIEW_CHARS` characters (a push's preview)."""
+    mentions: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()
+    """The conversation's members at this message's seq (for a message read back
+    by :meth:`MessageService.stored_since`: its members now)."""
+    id: int = 0
+    """The storage id, in :meth:`MessageService.stored_since`'s answers (0 in a
+    commit listener's events)."""
+
+
+class ReadMoved(msgspec.Struct, frozen=True, kw_only=True):
+    """A user's read marker moved forward to ``seq`` (from the session ``login``)."""
+
+    conv: ConvId
+    user: str
+    seq: int
+    login: str = ""
+    """The login session that read, when known: its device needs no ``read`` push."""
+
+
+PREVIEW_CHARS = 200
+"""Characters of a body a :class:`CommittedMessage` carries."""
+
+
+class CommitListener(Protocol):
+    """What the message writer tells another service after each commit (the
+    notification service implements it).
+
+    Called once per committed batch, after its publications, with every message it
+    stored and every read marker it moved, in commit order. The call only hands the
+    events over: an implementation queues them and answers at once, so a slow or
+    failing listener never delays the writer's next batch. A failure is logged and
+    the events are lost to that listener (best effort: durability of what follows a
+    commit is the listener's own concern).
+    """
+
+    async def committed(
+        self, messages: Sequence[CommittedMessage], reads: Sequence[ReadMoved]
+    ) -> None: ...
+
+
 class MessageService(Protocol):
     """Conversations, messages and markers."""
 
@@ -190,6 +240,14 @@ class MessageService(Protocol):
 
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation with ``user`` (presence recipients)."""
+
+    async def unread_total(self, user: UserId) -> int:
+        """The user's unread messages over every conversation (a push's badge)."""
+
+    async def stored_since(self, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
+        """Up to ``limit`` messages stored at ``ts`` ms or later whose storage id is
+        above ``after_id``, in storage order: what a commit listener catches up on
+        after a restart (page with the last answer's ``id``)."""
 
     async def check(self) -> None:
         """Raise ``unavailable`` if the service's database cannot be reached."""

@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from imserver.protocol.models import Message
+from imserver.services.message.api import CommittedMessage
 from imserver.services.message.reads import ConvState
 from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey, StoredMessage
 from imserver.services.message.writes import Loaded, WriteBatch
@@ -58,6 +59,10 @@ class MessageStore(Protocol):
 
     async def direct_convs(self, user: str) -> dict[UserId, ConvId]:
         """peer -> conv of every direct conversation of ``user`` that has messages."""
+        ...
+
+    async def stored_since(self, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
+        """Messages stored at ``ts`` or later with an id above ``after_id``, by id."""
         ...
 
     async def search(

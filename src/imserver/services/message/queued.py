@@ -131,6 +131,7 @@ class MarkWrite:
     seq: int
     receipt: ReceiptKind
     session: str | None = None
+    login: str = ""
     answer: MarkDone | IMError | None = field(default=None, init=False)
 
     def settle(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+import msgspec
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -25,6 +26,7 @@ from sqlalchemy import (
 )
 
 from imserver.protocol.models import Message
+from imserver.services.message.api import PREVIEW_CHARS, CommittedMessage
 from imserver.services.message.schema import (
     MSG_COLS,
     UNREAD_TYPES,
@@ -258,6 +260,30 @@ def referenced_files(conn: Connection, file_ids: Sequence[str]) -> set[str]:
             conn.execute(select(f.file_id).where(f.file_id.in_(chunk)).distinct()).scalars()
         )
     return found
+
+
+def stored_since(conn: Connection, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
+    """Messages with ``ts`` at or after ``ts`` and an id above ``after_id``, by id."""
+    m = messages.c
+    rows = conn.execute(
+        select(m.id, m.conv, m.seq, m.ts, m.sender, m.type, m.body, m.mentions)
+        .where(m.id > after_id, m.ts >= ts)
+        .order_by(m.id)
+        .limit(limit)
+    )
+    return [
+        CommittedMessage(
+            id=r.id,
+            conv=r.conv,
+            seq=r.seq,
+            ts=r.ts,
+            sender=r.sender,
+            type=r.type,
+            body=r.body[:PREVIEW_CHARS],
+            mentions=tuple(msgspec.json.decode(r.mentions)) if r.mentions else (),
+        )
+        for r in rows
+    ]
 
 
 def direct_convs(conn: Connection, user: str) -> dict[UserId, ConvId]:

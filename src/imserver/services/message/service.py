@@ -15,6 +15,8 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
+import msgspec
+
 from imserver.protocol import ops
 from imserver.protocol.codec import encode_json
 from imserver.protocol.convs import ConvRef, parse_conv, room_conv, system_conv
@@ -22,7 +24,14 @@ from imserver.protocol.cursors import decode_search_cursor, encode_search_cursor
 from imserver.protocol.events import TypingEvent
 from imserver.protocol.models import ConvKind, ConvSummary, ReceiptKind
 from imserver.services.caller import Caller
-from imserver.services.message.api import FileDirectory, Members, RoomDirectory, UserDirectory
+from imserver.services.message.api import (
+    CommitListener,
+    CommittedMessage,
+    FileDirectory,
+    Members,
+    RoomDirectory,
+    UserDirectory,
+)
 from imserver.services.message.lru import LRU
 from imserver.services.message.membership import Membership, ask
 from imserver.services.message.ports import MessageStore
@@ -39,7 +48,7 @@ from imserver.services.message.writer import MessageWriter, publish_conv
 from imserver.storage import sql
 from imserver.storage.bus import LiveBus, Publication
 from imserver.utils.errors import BadRequest, Forbidden, IMError, NotFound, TooLarge, Unavailable
-from imserver.utils.ids import ConvId, RoomId, UserId, random_id
+from imserver.utils.ids import ConvId, LoginId, RoomId, UserId, random_id
 
 MIGRATIONS = "imserver.services.message.migrations"
 SYSTEM_SENDER: Final = "system"
@@ -74,6 +83,7 @@ class LocalMessageService:
         users: UserDirectory,
         rooms: RoomDirectory | None = None,
         files: FileDirectory | None = None,
+        listener: CommitListener | None = None,
         max_body: int = 16384,
         max_meta: int = 8192,
         batch_max: int = 512,
@@ -92,6 +102,7 @@ class LocalMessageService:
             users=users,
             membership=self._membership,
             files=files,
+            listener=listener,
             batch_max=batch_max,
         )
 
@@ -333,6 +344,7 @@ class LocalMessageService:
                 session=caller.session,
                 seq=seq,
                 receipt=kind,
+                login=caller.login,
             )
         )
         await fut
@@ -474,6 +486,27 @@ class LocalMessageService:
                 self._writer.peers.put(user, peers)
         return list(peers)
 
+    async def unread_total(self, user: UserId) -> int:
+        """The user's unread messages over every conversation (a push's badge)."""
+        return sum(c.unread for c in await self.convs(Caller(user, LoginId(""))))
+
+    async def stored_since(self, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
+        """Messages stored at ``ts`` or later with an id above ``after_id``, by id,
+        each with its conversation's members now (see ``MessageService``)."""
+        found = await self._store.stored_since(ts, after_id, max(1, min(limit, 1000)))
+        out: list[CommittedMessage] = []
+        members: dict[ConvId, tuple[str, ...]] = {}
+        for msg in found:
+            users = members.get(msg.conv)
+            if users is None:
+                try:
+                    users = (await self._membership.members(self._parse(msg.conv))).users
+                except IMError:
+                    users = ()
+                members[msg.conv] = users
+            out.append(msgspec.structs.replace(msg, members=users))
+        return out
+
     async def check(self) -> None:
         """Raise if the message database cannot be reached (readiness probe)."""
         try:
@@ -496,6 +529,7 @@ async def open_message_service(
     users: UserDirectory,
     rooms: RoomDirectory | None = None,
     files: FileDirectory | None = None,
+    listener: CommitListener | None = None,
     max_body: int = 16384,
     max_meta: int = 8192,
     batch_max: int = 512,
@@ -514,6 +548,7 @@ async def open_message_service(
         users=users,
         rooms=rooms,
         files=files,
+        listener=listener,
         max_body=max_body,
         max_meta=max_meta,
         batch_max=batch_max,

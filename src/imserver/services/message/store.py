@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from imserver.protocol.models import Message
 from imserver.services.message import reads, writes
+from imserver.services.message.api import CommittedMessage
 from imserver.services.message.reads import ConvState
 from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey, StoredMessage
 from imserver.services.message.search import MessageSearch, search_for_dialect
@@ -232,6 +233,10 @@ class SqlMessageStore(SqlStore):
         if not file_ids:
             return set()
         return await self._read(reads.referenced_files, list(file_ids))
+
+    async def stored_since(self, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
+        """Messages stored at ``ts`` or later with an id above ``after_id``, by id."""
+        return await self._read(reads.stored_since, ts, after_id, limit)
 
     async def direct_convs(self, user: str) -> dict[UserId, ConvId]:
         """peer -> conv of every direct conversation of ``user`` that has messages."""

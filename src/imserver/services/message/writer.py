@@ -47,8 +47,17 @@ from typing import Final
 
 from imserver.protocol import ops
 from imserver.protocol.convs import ConvRef
-from imserver.protocol.events import Event, Msg
-from imserver.services.message.api import FileDirectory, FileRef, Members, UserDirectory
+from imserver.protocol.events import Event, Msg, Receipt
+from imserver.services.message.api import (
+    PREVIEW_CHARS,
+    CommitListener,
+    CommittedMessage,
+    FileDirectory,
+    FileRef,
+    Members,
+    ReadMoved,
+    UserDirectory,
+)
 from imserver.services.message.batch import FILE_TYPES, BatchState, apply, apply_mark
 from imserver.services.message.lru import LRU
 from imserver.services.message.membership import USER_CACHE, Membership, ask
@@ -119,9 +128,11 @@ class MessageWriter:
         users: UserDirectory,
         membership: Membership,
         files: FileDirectory | None = None,
+        listener: CommitListener | None = None,
         batch_max: int = 512,
     ) -> None:
         self._store = store
+        self._listener = listener
         self._bus = bus
         self._users = users
         self._membership = membership
@@ -312,8 +323,42 @@ class MessageWriter:
             )
             if conv.kind == "room" and isinstance(item, SystemWrite):
                 await self._publish_notices(item, event, before, change)
+        if self._listener is not None and outbox:
+            await self._tell_listener(self._listener, outbox)
         for item in batch:
             item.settle()
+
+    @staticmethod
+    async def _tell_listener(listener: CommitListener, outbox: list[_Out]) -> None:
+        """Hand the batch's stored messages and read moves to the commit listener:
+        one call per commit, whatever the batch holds."""
+        stored: list[CommittedMessage] = []
+        reads: list[ReadMoved] = []
+        for item, event, _seq, before, _change in outbox:
+            if isinstance(event, Msg):
+                stored.append(
+                    CommittedMessage(
+                        conv=event.conv,
+                        seq=event.seq,
+                        ts=event.ts,
+                        sender=event.from_,
+                        type=event.type,
+                        body=event.body[:PREVIEW_CHARS],
+                        mentions=tuple(event.mentions or ()),
+                        members=before.users,
+                    )
+                )
+            elif isinstance(event, Receipt) and event.kind == "read":
+                login = item.login if isinstance(item, MarkWrite) else ""
+                reads.append(
+                    ReadMoved(conv=event.conv, user=event.user, seq=event.seq, login=login)
+                )
+        if not (stored or reads):
+            return
+        try:
+            await listener.committed(stored, reads)
+        except Exception:
+            logger.exception("commit listener failed on %d messages", len(stored))
 
     async def _transact(
         self,

@@ -1,0 +1,3 @@
+from imserver.storage.migration_env import run
+
+run()

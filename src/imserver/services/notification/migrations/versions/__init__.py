@@ -1,0 +1,1 @@
+"""Revisions of the notification service's schema, one file each, oldest first."""

@@ -1,0 +1,479 @@
+"""The notification service: offline push that is durable, retried and explained.
+
+**Ingest.** The message writer calls :meth:`LocalNotificationService.committed` once
+per committed batch (it is the writer's
+:class:`~imserver.services.message.api.CommitListener`). The call only queues the
+events; one ingest task stores each queued run in ONE transaction of
+``notification.db`` (decisions, new and collapsed jobs, the queue bound — see
+:mod:`~imserver.services.notification.store`), so the writer's hot path gains one
+call per commit and never waits for this database or a provider.
+
+**The crash window** between the message commit and the notification commit is
+closed by a catch-up: the store keeps the newest message timestamp it ingested
+(``push_cursor``), and at start, before any live event, the ingest task asks the
+message service for the messages stored since (``stored_since``, by storage id,
+at most :data:`CATCH_UP_MS` back) and ingests them like live ones; a message whose
+decisions are stored is skipped, so the overlap is harmless. A first start begins
+at now (history never pushes). Read-marker moves are best effort: one lost in a
+crash sends no ``read`` push (the next read or message sets the badge again). Members
+of a room message read back by the catch-up are the room's members at restart.
+
+**Online.** The gateway reports each live session's device (login session) with
+``device_online``/``device_offline``; a user with any is online and gets no push, and
+the trace names the devices.
+
+**Worker.** Per provider, at most ``concurrency`` pushes in flight; due jobs are
+claimed (``sending``), sent, and finished with the provider's answer: ``sent``;
+``retry`` → ``retry-wait`` after exponential backoff with full jitter (or the
+provider's ``Retry-After``), ``dead`` after ``max_attempts``; ``gone`` deletes the
+registration; ``failed`` is final. A send that takes longer than ``send_timeout`` is
+a ``retry``. At start, jobs left ``sending`` are due again with the same key:
+delivery to a provider is at least once, and exactly once per key at a receiver
+that drops repeats of a key (every push carries its key). The queue of each
+provider is bounded (``queue_max``): the oldest waiting jobs past it are
+``dropped``. Finished jobs, their attempts and decisions older than
+:data:`~imserver.services.notification.schema.RETENTION_MS` are deleted by the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imserver.protocol import ops
+from imserver.protocol.models import PushRegistration
+from imserver.services.caller import Caller
+from imserver.services.message.api import CommittedMessage, ReadMoved
+from imserver.services.notification.api import MessageSource
+from imserver.services.notification.providers.base import Outcome, Provider, Push, Registration
+from imserver.services.notification.registry import Providers, build_providers
+from imserver.services.notification.rules import LEVELS, backoff
+from imserver.services.notification.schema import (
+    DEAD,
+    FAILED,
+    GONE,
+    RETENTION_MS,
+    RETRY_WAIT,
+    SENT,
+)
+from imserver.services.notification.store import IngestPlan, Job, SqlNotificationStore
+from imserver.services.peers import Peer
+from imserver.storage.sql import make_engine, upgrade
+from imserver.utils.clock import now_ms
+from imserver.utils.config import PushConfig
+from imserver.utils.errors import BadRequest, IMError, Unavailable
+from imserver.utils.ids import ConvId, UserId
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = "imserver.services.notification.migrations"
+
+CATCH_UP_MS = 10 * 60 * 1000
+"""How far back the start-up catch-up looks: a longer outage pushes nothing stale."""
+CATCH_UP_PAGE = 500
+PRUNE_INTERVAL_S = 3600.0
+
+
+class PushStats:
+    """Counters for the metrics: pushes by (provider, result), dead letters, drops."""
+
+    def __init__(self) -> None:
+        self.results: Counter[tuple[str, str]] = Counter()
+        self.dead = 0
+        self.dropped = 0
+
+
+class LocalNotificationService:
+    """The notification service in this process (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: SqlNotificationStore,
+        providers: Providers,
+        *,
+        messages: Peer[MessageSource],
+        config: PushConfig,
+        send_timeout: float = 30.0,
+        rand: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._providers = providers
+        self._messages = messages
+        self._config = config
+        self._send_timeout = send_timeout
+        self._rand = rand or random.Random()
+        self.stats = PushStats()
+        self._online: dict[str, Counter[str]] = {}
+        self._queue: deque[tuple[Sequence[CommittedMessage], Sequence[ReadMoved]]] = deque()
+        self._queued = 0
+        self._ingested = 0
+        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._ingest_wake = asyncio.Event()
+        self._work_wake = asyncio.Event()
+        self._inflight: dict[str, int] = dict.fromkeys(providers.by_name, 0)
+        self._sends: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._caught_up = asyncio.Event()
+
+    # --- life cycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ingest (after its catch-up) and worker tasks."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._ingest_loop(), name="push-ingest"),
+            loop.create_task(self._work_loop(), name="push-worker"),
+        ]
+
+    async def close(self) -> None:
+        """Store what was handed over, stop the worker (a push in flight stays
+        ``sending`` and is sent again at the next start), release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ingest_wake.set()
+        self._work_wake.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for send in list(self._sends):
+            send.cancel()
+        for send in list(self._sends):
+            with contextlib.suppress(asyncio.CancelledError):
+                await send
+        for provider in self._providers.by_name.values():
+            try:
+                await provider.close()
+            except Exception:
+                logger.exception("closing push provider %s failed", provider.name)
+        await self._store.close()
+
+    async def check(self) -> None:
+        """Raise ``unavailable`` if ``notification.db`` cannot be reached."""
+        await self._store.check()
+
+    # --- ingest ---------------------------------------------------------------------
+
+    async def committed(
+        self, messages: Sequence[CommittedMessage], reads: Sequence[ReadMoved]
+    ) -> None:
+        """Queue a committed batch for the ingest task; answers at once."""
+        if self._closed:
+            return
+        self._queue.append((messages, reads))
+        self._queued += 1
+        self._ingest_wake.set()
+
+    async def settle(self) -> None:
+        """Answer once every batch handed over before the call is stored."""
+        target = self._queued
+        if self._ingested >= target and self._caught_up.is_set():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settle_waiters.append((target, fut))
+        await fut
+
+    def _wake_settlers(self) -> None:
+        if not self._caught_up.is_set():
+            return
+        waiting = []
+        for target, fut in self._settle_waiters:
+            if target <= self._ingested:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                waiting.append((target, fut))
+        self._settle_waiters = waiting
+
+    async def _ingest_loop(self) -> None:
+        await self._catch_up()
+        self._caught_up.set()
+        self._wake_settlers()
+        while True:
+            await self._ingest_wake.wait()
+            self._ingest_wake.clear()
+            while self._queue:
+                taken = list(self._queue)
+                self._queue.clear()
+                messages = [m for batch in taken for m in batch[0]]
+                reads = [r for batch in taken for r in batch[1]]
+                try:
+                    await self._ingest(messages, reads)
+                except Exception:
+                    logger.exception("push ingest of %d messages failed", len(messages))
+                self._ingested += len(taken)
+                self._wake_settlers()
+            if self._closed and not self._queue:
+                return
+
+    async def _catch_up(self) -> None:
+        """Ingest what the message service stored after the cursor (see the module
+        docstring); a first start only sets the cursor."""
+        try:
+            since = await self._store.cursor()
+            now = now_ms()
+            if since == 0:
+                await self._ingest([], [], cursor=now)
+                return
+            since = max(since, now - CATCH_UP_MS)
+            after = 0
+            while not self._closed:
+                page = await self._ask_messages(since, after)
+                if not page:
+                    return
+                await self._ingest(page, [])
+                after = page[-1].id
+        except Exception:
+            logger.exception("push catch-up failed")
+
+    async def _ask_messages(self, since: int, after: int) -> list[CommittedMessage]:
+        """A catch-up page; waits for the message service while it is not yet built."""
+        while True:
+            try:
+                source = self._messages()
+            except Unavailable:
+                if self._closed:
+                    return []
+                await asyncio.sleep(0.05)
+                continue
+            return await source.stored_since(since, after, CATCH_UP_PAGE)
+
+    async def _ingest(
+        self,
+        messages: Sequence[CommittedMessage],
+        reads: Sequence[ReadMoved],
+        *,
+        cursor: int | None = None,
+    ) -> None:
+        users = {u for m in messages for u in m.members}
+        online = {u: tuple(sorted(self._online[u])) for u in users if self._online.get(u)}
+        result = await self._store.ingest(
+            IngestPlan(
+                messages=messages,
+                reads=reads,
+                online=online,
+                providers=frozenset(self._providers.by_name),
+                now=now_ms(),
+                collapse_ms=int(self._config.collapse_delay * 1000),
+                queue_max=self._config.queue_max,
+                cursor=cursor,
+            )
+        )
+        self.stats.dropped += result.dropped
+        if result.jobs or result.collapsed:
+            self._work_wake.set()
+
+    # --- online devices ---------------------------------------------------------------
+
+    async def device_online(self, user: UserId, device: str) -> None:
+        """A live session of ``device`` started."""
+        self._online.setdefault(user, Counter())[device] += 1
+
+    async def device_offline(self, user: UserId, device: str) -> None:
+        """A live session of ``device`` ended."""
+        devices = self._online.get(user)
+        if devices is None:
+            return
+        devices[device] -= 1
+        if devices[device] <= 0:
+            del devices[device]
+        if not devices:
+            del self._online[user]
+
+    # --- registrations and settings ------------------------------------------------
+
+    def _provider(self, name: str) -> Provider:
+        provider = self._providers.by_name.get(name)
+        if provider is None:
+            raise BadRequest(f"push provider {name!r} is not enabled", field="provider")
+        return provider
+
+    async def register(self, caller: Caller, provider: str, target: dict[str, Any]) -> None:
+        """Register the caller's device (login session) with ``provider``."""
+        checked = self._provider(provider).check_target(target)
+        await self._store.register(
+            Registration(
+                user=caller.user,
+                device=caller.login,
+                provider=provider,
+                target=checked,
+                created=now_ms(),
+            )
+        )
+
+    async def unregister(self, caller: Caller, provider: str | None) -> None:
+        """Remove the caller's device's registrations (of ``provider`` when given)."""
+        await self._store.unregister(caller.user, caller.login, provider)
+
+    async def forget_device(self, device: str) -> None:
+        """Remove every registration of a login session that ended (logout)."""
+        await self._store.forget_device(device)
+
+    async def registrations(self, caller: Caller) -> list[PushRegistration]:
+        """The caller's registrations (all devices)."""
+        return await self._store.registrations(caller.user)
+
+    async def vapid_key(self) -> str:
+        """The Web Push application server key."""
+        if not self._providers.vapid_key:
+            raise Unavailable("web push is not enabled")
+        return self._providers.vapid_key
+
+    async def mute(self, caller: Caller, conv: ConvId, until: int) -> None:
+        """Mute ``conv`` until ``until`` ms (0 unmutes); members only."""
+        if until < 0:
+            raise BadRequest("until must be 0 or a time in ms", field="until")
+        await self._messages().check_member(caller.user, conv)
+        await self._store.set_setting(caller.user, conv, muted_until=until)
+
+    async def set_level(self, caller: Caller, conv: ConvId, level: str) -> None:
+        """Set the caller's push level for ``conv``; members only."""
+        if level not in LEVELS:
+            raise BadRequest("level must be all, mentions or none", field="level")
+        await self._messages().check_member(caller.user, conv)
+        await self._store.set_setting(caller.user, conv, level=level)
+
+    async def trace(self, caller: Caller, conv: ConvId, seq: int) -> ops.PushTraceData:
+        """The decisions and pushes of message ``seq`` of ``conv``; members only."""
+        await self._messages().check_member(caller.user, conv)
+        recipients = await self._store.trace(conv, seq)
+        return ops.PushTraceData(conv=conv, seq=seq, recipients=recipients)
+
+    # --- the worker ---------------------------------------------------------------------
+
+    async def queue_depth(self) -> dict[str, int]:
+        """provider -> pushes waiting."""
+        return await self._store.waiting()
+
+    async def _work_loop(self) -> None:
+        try:
+            await self._store.resume(now_ms())
+        except Exception:
+            logger.exception("push worker could not resume")
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
+        while not self._closed:
+            self._work_wake.clear()
+            try:
+                if loop.time() >= next_prune:
+                    next_prune = loop.time() + PRUNE_INTERVAL_S
+                    await self._store.prune(now_ms() - RETENTION_MS)
+                await self._claim_due()
+                due = await self._store.next_due()
+            except Exception:
+                logger.exception("push worker failed")
+                due = None
+                await asyncio.sleep(1.0)
+            wait = PRUNE_INTERVAL_S if due is None else max(0.0, (due - now_ms()) / 1000)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work_wake.wait(), timeout=min(wait, 60.0))
+
+    async def _claim_due(self) -> None:
+        now = now_ms()
+        for name, provider in self._providers.by_name.items():
+            free = self._config.concurrency - self._inflight[name]
+            if free <= 0:
+                continue
+            for job in await self._store.claim(name, now, free):
+                self._inflight[name] += 1
+                task = asyncio.get_running_loop().create_task(self._send(provider, job))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
+
+    async def _send(self, provider: Provider, job: Job) -> None:
+        try:
+            await self._attempt(provider, job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("push %s failed outside its provider", job.key)
+        finally:
+            self._inflight[job.provider] -= 1
+            self._work_wake.set()
+
+    async def _attempt(self, provider: Provider, job: Job) -> None:
+        reg = await self._store.registration(job.user, job.device, job.provider)
+        if reg is None:
+            await self._store.abandon(job, now_ms())
+            self.stats.results[(job.provider, FAILED)] += 1
+            return
+        badge = 0
+        try:
+            badge = await self._messages().unread_total(UserId(job.user))
+        except IMError:
+            logger.warning("no badge for %s: the message service did not answer", job.user)
+        push = Push(
+            key=job.key,
+            kind="read" if job.kind == "read" else "message",
+            user=job.user,
+            device=job.device,
+            conv=job.conv,
+            seq=job.seq,
+            count=job.count,
+            badge=badge,
+            title=job.title,
+            body=job.body,
+        )
+        try:
+            outcome = await asyncio.wait_for(provider.send(reg, push), self._send_timeout)
+        except TimeoutError:
+            outcome = Outcome(status="retry", detail=f"no answer in {self._send_timeout:g} s")
+        except Exception as exc:
+            logger.exception("push provider %s raised", job.provider)
+            outcome = Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
+        now = now_ms()
+        next_at = now
+        if outcome.status == "sent":
+            state = SENT
+        elif outcome.status == "gone":
+            state = GONE
+        elif outcome.status == "failed":
+            state = FAILED
+        elif job.attempts + 1 >= self._config.max_attempts:
+            state = DEAD
+            self.stats.dead += 1
+        else:
+            state = RETRY_WAIT
+            if outcome.retry_after is not None:
+                delay = outcome.retry_after
+            else:
+                delay = backoff(
+                    job.attempts + 1,
+                    self._config.backoff_base,
+                    self._config.backoff_max,
+                    self._rand.random(),
+                )
+            next_at = now + int(delay * 1000)
+        await self._store.finish(job, outcome, state, next_at, now)
+        self.stats.results[(job.provider, state)] += 1
+
+
+async def open_notification_service(
+    url: str,
+    *,
+    data_dir: Path,
+    config: PushConfig,
+    messages: Peer[MessageSource],
+    providers: Providers | None = None,
+) -> LocalNotificationService:
+    """Migrate the database at ``url``, build the providers ``config`` enables (or
+    take ``providers``), build the service and start its tasks."""
+    await upgrade(url, MIGRATIONS)
+    if providers is None:
+        providers = await asyncio.to_thread(build_providers, config, data_dir)
+    service = LocalNotificationService(
+        SqlNotificationStore.on_engine(make_engine(url)),
+        providers,
+        messages=messages,
+        config=config,
+    )
+    service.start()
+    return service
