@@ -463,9 +463,11 @@ async def open_notification_service(
     config: PushConfig,
     messages: Peer[MessageSource],
     providers: Providers | None = None,
+    send_timeout: float = 30.0,
 ) -> LocalNotificationService:
     """Migrate the database at ``url``, build the providers ``config`` enables (or
-    take ``providers``), build the service and start its tasks."""
+    take ``providers``), build the service and start its tasks. ``send_timeout``:
+    seconds one provider call may take before it counts as a ``retry``."""
     await upgrade(url, MIGRATIONS)
     if providers is None:
         providers = await asyncio.to_thread(build_providers, config, data_dir)
@@ -474,6 +476,7 @@ async def open_notification_service(
         providers,
         messages=messages,
         config=config,
+        send_timeout=send_timeout,
     )
     service.start()
     return service
