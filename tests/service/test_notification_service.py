@@ -30,6 +30,7 @@ from imserver.storage.sql import sqlite_url, sync_url, upgrade_sync
 from imserver.utils.config import PushConfig
 from imserver.utils.errors import BadRequest, Forbidden
 from imserver.utils.ids import ConvId
+from imserver.utils.metrics import Metrics
 
 AB = direct_conv("alice", "bob")
 TOKEN = {"token": "t"}
@@ -248,6 +249,12 @@ async def test_backoff_then_dead_letter(tmp_path: Path, transport: str) -> None:
         ]
         assert len(failing.pushes) == 3
         assert {p.key for p in failing.pushes} == {job.key}
+        metrics = Metrics()
+        metrics.push = w.local.stats
+        text = metrics.render().decode()
+        assert 'imserver_push_total{provider="test",result="retry-wait"} 2.0' in text
+        assert 'imserver_push_total{provider="test",result="dead"} 1.0' in text
+        assert "imserver_push_dead_total 1.0" in text
 
 
 async def test_retry_after_is_honoured(tmp_path: Path, transport: str) -> None:
@@ -293,6 +300,12 @@ async def test_queue_bound_drops_the_oldest(tmp_path: Path, transport: str) -> N
         assert job.state == "dropped"
         assert await w.local.queue_depth() == {"test": 2}
         assert w.local.stats.dropped == 1
+        await eventually(lambda: w.local.stats.depth == {"test": 2}, within=3.0)
+        metrics = Metrics()
+        metrics.push = w.local.stats
+        text = metrics.render().decode()
+        assert 'imserver_push_queue_depth{provider="test"} 2.0' in text
+        assert "imserver_push_dropped_total 1.0" in text
 
 
 async def test_bad_input_is_refused_with_exact_codes(tmp_path: Path, transport: str) -> None:

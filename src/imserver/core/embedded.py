@@ -50,6 +50,7 @@ from imserver.storage.bus import LiveBus, MemoryLiveBus
 from imserver.storage.sql import sqlite_url
 from imserver.utils.config import Config
 from imserver.utils.errors import Unavailable
+from imserver.utils.metrics import PushMetrics
 
 
 class _Discovery:
@@ -75,6 +76,8 @@ class Embedded:
     broadcasts: BroadcastService
     notifications: NotificationService
     bus: LiveBus
+    push_metrics: PushMetrics
+    """The notification service's counters (for the process's ``/metrics``)."""
     _local_messages: LocalMessageService
     _closers: tuple[
         LocalMessageService,
@@ -149,6 +152,7 @@ async def build_embedded(config: Config) -> Embedded:
         ),
         notifications=notifications,
         bus=bus,
+        push_metrics=notifications.stats,
         _local_messages=messages,
         _closers=(messages, notifications, rooms, files, users),
     )

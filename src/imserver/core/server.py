@@ -65,6 +65,7 @@ class Server:
         cfg = self.config
         data_dir = Path(cfg.data_dir)
         services = self.services = await build_embedded(cfg)
+        self.metrics.push = services.push_metrics
         gateway = self.gateway = Gateway(
             cfg,
             users=services.users,

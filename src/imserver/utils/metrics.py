@@ -8,6 +8,7 @@ event loop); a custom collector turns them into Prometheus families when
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -58,6 +59,18 @@ class Histogram:
         return out
 
 
+class PushMetrics:
+    """The notification service's counters (event-loop thread only): pushes by
+    provider and final answer of an attempt, dead letters, drops, and the queue depth
+    per provider (refreshed by the worker at most once a second)."""
+
+    def __init__(self) -> None:
+        self.results: Counter[tuple[str, str]] = Counter()
+        self.dead = 0
+        self.dropped = 0
+        self.depth: dict[str, int] = {}
+
+
 class Metrics(Collector):
     """The server's metric values and their Prometheus exposition."""
 
@@ -72,6 +85,8 @@ class Metrics(Collector):
         self.refused_per_address = Count()
         self.refused_at_limit = Count()
         self.bus_gaps = Count()
+        self.push: PushMetrics | None = None
+        """The notification service's counters, when it runs in this process."""
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -147,6 +162,36 @@ class Metrics(Collector):
             "Positions missing on a live-bus channel; its sessions were closed with resync",
             value=self.bus_gaps.value,
         )
+
+        if self.push is not None:
+            yield from self._push_families(self.push)
+
+    @staticmethod
+    def _push_families(push: PushMetrics) -> Iterator[Metric]:
+        total = CounterMetricFamily(
+            "imserver_push",
+            "Push attempts by provider and the state they left the push in",
+            labels=["provider", "result"],
+        )
+        for (provider, result), value in sorted(push.results.items()):
+            total.add_metric([provider, result], value)
+        yield total
+        yield CounterMetricFamily(
+            "imserver_push_dead",
+            "Pushes dead-lettered after their last attempt",
+            value=push.dead,
+        )
+        yield CounterMetricFamily(
+            "imserver_push_dropped",
+            "Waiting pushes dropped because their provider's queue was full",
+            value=push.dropped,
+        )
+        depth = GaugeMetricFamily(
+            "imserver_push_queue_depth", "Pushes waiting, by provider", labels=["provider"]
+        )
+        for provider, value in sorted(push.depth.items()):
+            depth.add_metric([provider], value)
+        yield depth
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -69,6 +69,7 @@ from imserver.utils.clock import now_ms
 from imserver.utils.config import PushConfig
 from imserver.utils.errors import BadRequest, IMError, Unavailable
 from imserver.utils.ids import ConvId, UserId
+from imserver.utils.metrics import PushMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +79,6 @@ CATCH_UP_MS = 10 * 60 * 1000
 """How far back the start-up catch-up looks: a longer outage pushes nothing stale."""
 CATCH_UP_PAGE = 500
 PRUNE_INTERVAL_S = 3600.0
-
-
-class PushStats:
-    """Counters for the metrics: pushes by (provider, result), dead letters, drops."""
-
-    def __init__(self) -> None:
-        self.results: Counter[tuple[str, str]] = Counter()
-        self.dead = 0
-        self.dropped = 0
 
 
 class LocalNotificationService:
@@ -108,7 +100,7 @@ class LocalNotificationService:
         self._config = config
         self._send_timeout = send_timeout
         self._rand = rand or random.Random()
-        self.stats = PushStats()
+        self.stats = PushMetrics()
         self._online: dict[str, Counter[str]] = {}
         self._queue: deque[tuple[Sequence[CommittedMessage], Sequence[ReadMoved]]] = deque()
         self._queued = 0
@@ -358,13 +350,16 @@ class LocalNotificationService:
         except Exception:
             logger.exception("push worker could not resume")
         loop = asyncio.get_running_loop()
-        next_prune = loop.time()
+        next_prune = next_depth = loop.time()
         while not self._closed:
             self._work_wake.clear()
             try:
                 if loop.time() >= next_prune:
                     next_prune = loop.time() + PRUNE_INTERVAL_S
                     await self._store.prune(now_ms() - RETENTION_MS)
+                if loop.time() >= next_depth:
+                    next_depth = loop.time() + 1.0
+                    self.stats.depth = await self._store.waiting()
                 await self._claim_due()
                 due = await self._store.next_due()
             except Exception:
@@ -374,7 +369,7 @@ class LocalNotificationService:
             wait = PRUNE_INTERVAL_S if due is None else max(0.0, (due - now_ms()) / 1000)
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work_wake.wait(), timeout=min(wait, 60.0))
+                    await asyncio.wait_for(self._work_wake.wait(), timeout=min(wait, 1.0))
 
     async def _claim_due(self) -> None:
         now = now_ms()
