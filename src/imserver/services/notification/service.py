@@ -188,6 +188,7 @@ class LocalNotificationService:
         await self._catch_up()
         self._caught_up.set()
         self._wake_settlers()
+        dedupe = True  # the live events queued during the catch-up may overlap it
         while True:
             await self._ingest_wake.wait()
             self._ingest_wake.clear()
@@ -197,7 +198,8 @@ class LocalNotificationService:
                 messages = [m for batch in taken for m in batch[0]]
                 reads = [r for batch in taken for r in batch[1]]
                 try:
-                    await self._ingest(messages, reads)
+                    await self._ingest(messages, reads, dedupe=dedupe)
+                    dedupe = False
                 except Exception:
                     logger.exception("push ingest of %d messages failed", len(messages))
                 self._ingested += len(taken)
@@ -243,6 +245,7 @@ class LocalNotificationService:
         reads: Sequence[ReadMoved],
         *,
         cursor: int | None = None,
+        dedupe: bool = True,
     ) -> None:
         users = {u for m in messages for u in m.members}
         online = {u: tuple(sorted(self._online[u])) for u in users if self._online.get(u)}
@@ -256,6 +259,7 @@ class LocalNotificationService:
                 collapse_ms=int(self._config.collapse_delay * 1000),
                 queue_max=self._config.queue_max,
                 cursor=cursor,
+                dedupe=dedupe,
             )
         )
         self.stats.dropped += result.dropped

@@ -79,6 +79,9 @@ class IngestPlan(msgspec.Struct, frozen=True, kw_only=True):
     queue_max: int
     cursor: int | None = None
     """Set the ingest cursor to this (the first start); else to the newest message."""
+    dedupe: bool = True
+    """Skip messages whose decisions are stored (the catch-up and the live events
+    that arrived during it); live events after it are new by construction."""
 
 
 class IngestResult(msgspec.Struct, kw_only=True):
@@ -349,7 +352,7 @@ def _ingest(conn: Connection, plan: IngestPlan) -> IngestResult:
     result = IngestResult()
     now = plan.now
     msgs = [m for m in plan.messages if pushes(m.type, m.conv)]
-    if msgs:
+    if msgs and plan.dedupe:
         d = push_decisions.c
         done: set[tuple[str, int]] = set()
         for conv in {m.conv for m in msgs}:
