@@ -75,6 +75,13 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "block": {"user": "u2"},
     "unblock": {"user": "u2"},
     "notice.broadcast": {"body": "at noon", "to": "all"},
+    "push.register": {"provider": "webpush", "target": {"endpoint": "https://push.example"}},
+    "push.unregister": {},
+    "push.list": {},
+    "push.vapid_key": {},
+    "conv.mute": {"conv": CONV, "until": 0},
+    "conv.notify": {"conv": CONV, "level": "mentions"},
+    "push.trace": {"conv": CONV, "seq": 1},
 }
 
 OPS_BY_NAME = {op_name(t): t for t in ALL_OPS}
