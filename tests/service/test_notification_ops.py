@@ -64,18 +64,21 @@ async def test_push_ops_answer_and_refuse_exactly(harness: GatewayHarness) -> No
 async def test_trace_names_the_online_devices_the_gateway_reports(
     harness: GatewayHarness,
 ) -> None:
-    alice, a, _ = await logged_in(harness, "alice")
-    bob, b, bob_login = await logged_in(harness, "bob")
+    phone, a, phone_login = await logged_in(harness, "alice")
+    laptop, _, laptop_login = await logged_in(harness, "alice")
+    _, b, _ = await logged_in(harness, "bob")
     conv = direct_conv(a, b)
-    await alice.ok("send", conv=conv, cid="c1", type="text", body="hi")
-    await harness.services.notifications.settle()
-    trace = await alice.ok("push.trace", conv=conv, seq=1)
-    by_user = {r["user"]: r for r in trace["recipients"]}
-    assert by_user[b]["reason"] == "online" and by_user[b]["online"] == [bob_login]
-    assert by_user[a]["reason"] == "sender"
-    await bob.end()
-    await alice.ok("send", conv=conv, cid="c2", type="text", body="again")
-    await harness.services.notifications.settle()
-    trace = await alice.ok("push.trace", conv=conv, seq=2)
-    by_user = {r["user"]: r for r in trace["recipients"]}
-    assert (by_user[b]["reason"], by_user[b]["online"]) == ("no_registration", [])
+
+    async def recipients(seq: int) -> dict[str, dict[str, typing.Any]]:
+        await harness.services.notifications.settle()
+        trace = await phone.ok("push.trace", conv=conv, seq=seq)
+        return {r["user"]: r for r in trace["recipients"]}
+
+    await phone.ok("send", conv=conv, cid="c1", type="text", body="hi")
+    first = await recipients(1)
+    assert first[a]["reason"] == "sender"
+    assert first[a]["online"] == sorted([phone_login, laptop_login])
+    assert (first[b]["reason"], first[b]["pushes"]) == ("no_registration", [])
+    await laptop.end()
+    await phone.ok("send", conv=conv, cid="c2", type="text", body="again")
+    assert (await recipients(2))[a]["online"] == [phone_login]

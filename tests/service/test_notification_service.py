@@ -388,8 +388,7 @@ async def test_restart_delivers_each_waiting_key_exactly_once(tmp_path: Path) ->
     # Closed with one push in flight and one queued: both are sent after the restart.
     receiver = RecordingProvider()
     async with open_world(tmp_path, "local", provider=receiver, config=config) as w:
-        await eventually(lambda: len(receiver.pushes) == 2)
-        await settle(w)
+        await eventually(lambda: w.local.stats.results[("test", "sent")] == 2)
         assert receiver.seen == {f"bob:bob-1:{AB}:1": 1, f"carol:carol-1:{ac}:1": 1}
         assert hanging.pushes == []
         for conv, user in ((AB, "bob"), (ac, "carol")):

@@ -176,9 +176,10 @@ class Gateway:
             self.hub.detach(session)
             await self._device_offline(session)
         session.bind(Caller(identity.user, identity.login, session.id))
-        if not self.hub.attach(session):
-            return
+        first = self.hub.attach(session)
         await self._device_online(session)
+        if not first:
+            return
         # The user's rooms are followed before the reply: whatever the client does
         # after it, it gets the rooms' messages live from then on.
         rooms: Sequence[RoomId] = ()

@@ -244,6 +244,10 @@ class MessageService(Protocol):
     async def unread_total(self, user: UserId) -> int:
         """The user's unread messages over every conversation (a push's badge)."""
 
+    async def conv_members(self, conv: ConvId) -> list[str]:
+        """The conversation's members now (``bad_request`` for a malformed id,
+        ``not_found`` for an unknown room)."""
+
     async def stored_since(self, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
         """Up to ``limit`` messages stored at ``ts`` ms or later whose storage id is
         above ``after_id``, in storage order: what a commit listener catches up on

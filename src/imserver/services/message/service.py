@@ -490,6 +490,10 @@ class LocalMessageService:
         """The user's unread messages over every conversation (a push's badge)."""
         return sum(c.unread for c in await self.convs(Caller(user, LoginId(""))))
 
+    async def conv_members(self, conv: ConvId) -> list[str]:
+        """The conversation's members now."""
+        return list((await self._membership.members(self._parse(conv))).users)
+
     async def stored_since(self, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
         """Messages stored at ``ts`` or later with an id above ``after_id``, by id,
         each with its conversation's members now (see ``MessageService``)."""

@@ -29,6 +29,9 @@ class MessageSource(Protocol):
         """Raise unless ``user`` may read ``conv`` (``forbidden``, ``not_found``,
         ``bad_request``)."""
 
+    async def conv_members(self, conv: ConvId) -> list[str]:
+        """The conversation's members now."""
+
     async def stored_since(self, ts: int, after_id: int, limit: int) -> list[CommittedMessage]:
         """Messages stored at ``ts`` or later with a storage id above ``after_id``,
         in storage order (the catch-up after a restart)."""

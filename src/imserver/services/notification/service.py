@@ -46,14 +46,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from imserver.protocol import ops
-from imserver.protocol.models import PushRegistration
+from imserver.protocol.models import PushRecipient, PushRegistration
 from imserver.services.caller import Caller
 from imserver.services.message.api import CommittedMessage, ReadMoved
 from imserver.services.notification.api import MessageSource
 from imserver.services.notification.providers.base import Outcome, Provider, Push, Registration
 from imserver.services.notification.registry import Providers, build_providers
-from imserver.services.notification.rules import LEVELS, backoff
+from imserver.services.notification.rules import LEVELS, backoff, pushes
 from imserver.services.notification.schema import (
     DEAD,
     FAILED,
@@ -102,6 +104,11 @@ class LocalNotificationService:
         self._rand = rand or random.Random()
         self.stats = PushMetrics()
         self._online: dict[str, Counter[str]] = {}
+        self._registered: set[str] = set()
+        """Users who may have a registration (every one who has; after an unregister
+        possibly some who no longer have, until the next start): only they, and the
+        sender, get a decision row, so a message to a large room of users without
+        push costs a set lookup per member, not a row."""
         self._queue: deque[tuple[Sequence[CommittedMessage], Sequence[ReadMoved]]] = deque()
         self._queued = 0
         self._ingested = 0
@@ -185,6 +192,10 @@ class LocalNotificationService:
         self._settle_waiters = waiting
 
     async def _ingest_loop(self) -> None:
+        try:
+            self._registered |= await self._store.registered_users()
+        except Exception:
+            logger.exception("push registrations could not be loaded")
         await self._catch_up()
         self._caught_up.set()
         self._wake_settlers()
@@ -247,6 +258,14 @@ class LocalNotificationService:
         cursor: int | None = None,
         dedupe: bool = True,
     ) -> None:
+        registered = self._registered
+        messages = [
+            msgspec.structs.replace(
+                m, members=tuple(u for u in m.members if u in registered or u == m.sender)
+            )
+            for m in messages
+            if pushes(m.type, m.conv)
+        ]
         users = {u for m in messages for u in m.members}
         online = {u: tuple(sorted(self._online[u])) for u in users if self._online.get(u)}
         result = await self._store.ingest(
@@ -294,6 +313,7 @@ class LocalNotificationService:
     async def register(self, caller: Caller, provider: str, target: dict[str, Any]) -> None:
         """Register the caller's device (login session) with ``provider``."""
         checked = self._provider(provider).check_target(target)
+        self._registered.add(caller.user)
         await self._store.register(
             Registration(
                 user=caller.user,
@@ -338,8 +358,26 @@ class LocalNotificationService:
 
     async def trace(self, caller: Caller, conv: ConvId, seq: int) -> ops.PushTraceData:
         """The decisions and pushes of message ``seq`` of ``conv``; members only."""
-        await self._messages().check_member(caller.user, conv)
+        source = self._messages()
+        await source.check_member(caller.user, conv)
         recipients = await self._store.trace(conv, seq)
+        decided = {r.user for r in recipients}
+        # Members without a decision row had no registration when the message came.
+        for user in await source.conv_members(conv):
+            if user not in decided:
+                recipients.append(
+                    PushRecipient(
+                        user=user,
+                        due=False,
+                        reason="no_registration",
+                        online=[],
+                        muted_until=0,
+                        level="all",
+                        mentioned=False,
+                        pushes=[],
+                    )
+                )
+        recipients.sort(key=lambda r: r.user)
         return ops.PushTraceData(conv=conv, seq=seq, recipients=recipients)
 
     # --- the worker ---------------------------------------------------------------------

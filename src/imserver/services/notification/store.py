@@ -145,6 +145,14 @@ class SqlNotificationStore(SqlStore):
 
         return await self._write(run)
 
+    async def registered_users(self) -> set[str]:
+        """Every user with at least one registration."""
+
+        def run(conn: Connection) -> set[str]:
+            return set(conn.execute(select(registrations.c.user_id).distinct()).scalars())
+
+        return await self._read(run)
+
     async def forget_device(self, device: str) -> None:
         """Delete every registration of a device (a login session that ended)."""
 
