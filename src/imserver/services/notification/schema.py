@@ -12,7 +12,9 @@
   longer exists at the provider) or ``failed`` (refused for good, or unregistered
   meanwhile). ``next_at`` is when a waiting job is due.
 - ``push_attempts`` — every attempt of a job with the provider's answer.
-- ``push_decisions`` — per (conv, seq, member) why a push was or was not due.
+- ``push_decisions`` — per (conv, seq, member) why a push was or was not due; only
+  for the sender and the members who may have a registration (the trace answers
+  ``no_registration`` for the others).
 - ``push_cursor`` — named counters: the newest message timestamp ingested.
 
 Rows are bounded: the worker deletes finished jobs (and their attempts) and
