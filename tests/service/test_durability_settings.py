@@ -25,7 +25,7 @@ from imserver.client import Client, HttpClient
 from imserver.core.server import Server
 from imserver.utils.config import AuthConfig, Config
 
-DATABASES = {"user.db", "room.db", "message.db", "file.db"}
+DATABASES = {"user.db", "room.db", "message.db", "file.db", "notification.db"}
 FULL = 2
 
 
