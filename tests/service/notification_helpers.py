@@ -111,10 +111,12 @@ async def open_world(
     *,
     config: PushConfig = FAST,
     provider: RecordingProvider | None = None,
+    providers: Providers | None = None,
     users: tuple[str, ...] = ("alice", "bob", "carol"),
     send_timeout: float = 30.0,
 ) -> AsyncIterator[World]:
-    """Both services on SQLite files under ``tmp_path`` (reopenable: a restart)."""
+    """Both services on SQLite files under ``tmp_path`` (reopenable: a restart), with
+    ``providers`` or else ``provider`` (a new :class:`RecordingProvider` by default)."""
     provider = provider or RecordingProvider()
     directory = Directory(*users)
     rooms = Rooms()
@@ -130,7 +132,7 @@ async def open_world(
         data_dir=tmp_path,
         config=config,
         messages=messages_peer,
-        providers=Providers(by_name={provider.name: provider}),
+        providers=providers or Providers(by_name={provider.name: provider}),
         send_timeout=send_timeout,
     )
     notifications = through(transport, NotificationService, local)
