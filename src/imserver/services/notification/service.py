@@ -16,7 +16,9 @@ at most :data:`CATCH_UP_MS` back) and ingests them like live ones; a message who
 decisions are stored is skipped, so the overlap is harmless. A first start begins
 at now (history never pushes). Read-marker moves are best effort: one lost in a
 crash sends no ``read`` push (the next read or message sets the badge again). Members
-of a room message read back by the catch-up are the room's members at restart.
+of a room message read back by the catch-up are the room's members at restart. The
+cursor is a timestamp (live events carry no storage id): a message the writer stamped
+with a clock that stepped back behind the cursor is not caught up.
 
 **Online.** The gateway reports each live session's device (login session) with
 ``device_online``/``device_offline``; a user with any is online and gets no push, and
