@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 from typing import Any
 
 import msgspec
@@ -435,6 +436,16 @@ def test_msgpack_meta_must_stay_in_the_json_data_model(value: Any) -> None:
     err = bad(frame("send", rid="r3", meta={"v": value}), Codec.MSGPACK)
     assert err.field == "meta"
     assert err.rid == "r3"
+
+
+def test_push_target_must_stay_in_the_value_model() -> None:
+    err = bad(frame("push.register", rid="r4", target={"token": -(2**63) - 1}), Codec.JSON)
+    assert (err.field, err.rid) == ("target", "r4")
+    assert err.message == (
+        "invalid field 'target': integer at target.token is outside the signed 64-bit range"
+    )
+    err = bad(frame("push.register", target={"n": math.nan}), Codec.MSGPACK)
+    assert err.field == "target"
 
 
 def test_msgpack_timestamp_in_meta_is_refused() -> None:

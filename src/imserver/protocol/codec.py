@@ -25,7 +25,7 @@ from typing import Any, Union
 import msgspec
 
 from imserver.protocol.events import Event
-from imserver.protocol.ops import ALL_OPS, Op, Send
+from imserver.protocol.ops import ALL_OPS, Op, PushRegister, Send
 from imserver.protocol.values import value_problem
 from imserver.utils.errors import BadRequest
 
@@ -90,13 +90,19 @@ def decode_op_as(payload: bytes, op_type: type[Op]) -> Op:
 
 
 def _check_values(op: Op) -> None:
-    """Refuse free-form values that one of the codecs could not encode (module docstring)."""
+    """Refuse free-form values (``send.meta``, ``push.register.target``) that one of the
+    codecs could not encode (module docstring)."""
     if isinstance(op, Send) and op.meta is not None:
-        problem = value_problem(op.meta, "meta")
-        if problem is not None:
-            err = BadRequest(f"invalid field 'meta': {problem}", field="meta")
-            err.rid = op.rid
-            raise err
+        field, value = "meta", op.meta
+    elif isinstance(op, PushRegister):
+        field, value = "target", op.target
+    else:
+        return
+    problem = value_problem(value, field)
+    if problem is not None:
+        err = BadRequest(f"invalid field '{field}': {problem}", field=field)
+        err.rid = op.rid
+        raise err
 
 
 def _bad_request(payload: bytes | str, codec: Codec, exc: Exception) -> BadRequest:
