@@ -12,9 +12,13 @@ import pytest
 
 from imserver.protocol.convs import direct_conv
 from imserver.testing.sessions import CHEAP_AUTH, GatewayHarness, Peer
-from imserver.utils.config import Config, PushConfig, WebPushConfig
+from imserver.utils.config import Config, PushConfig, WebhookConfig, WebPushConfig
 
-PUSH_OFF = PushConfig(webpush=WebPushConfig(enabled=False))
+PUSH_OFF = PushConfig(
+    webpush=WebPushConfig(enabled=False),
+    # A webhook that nothing answers: registrations are accepted, pushes only retry.
+    webhook=WebhookConfig(url="http://127.0.0.1:9/push", secret="s", timeout=0.5),
+)
 
 
 @pytest.fixture
@@ -66,7 +70,10 @@ async def test_trace_names_the_online_devices_the_gateway_reports(
 ) -> None:
     phone, a, phone_login = await logged_in(harness, "alice")
     laptop, _, laptop_login = await logged_in(harness, "alice")
-    _, b, _ = await logged_in(harness, "bob")
+    bob, b, bob_login = await logged_in(harness, "bob")
+    # A message concerns the notification service once a member other than its sender
+    # could be pushed: then every decision, the sender's too, is stored.
+    assert await bob.ok("push.register", provider="webhook", target={"token": "bob"}) == {}
     conv = direct_conv(a, b)
 
     async def recipients(seq: int) -> dict[str, dict[str, typing.Any]]:
@@ -78,7 +85,25 @@ async def test_trace_names_the_online_devices_the_gateway_reports(
     first = await recipients(1)
     assert first[a]["reason"] == "sender"
     assert first[a]["online"] == sorted([phone_login, laptop_login])
-    assert (first[b]["reason"], first[b]["pushes"]) == ("no_registration", [])
+    assert (first[b]["reason"], first[b]["online"], first[b]["pushes"]) == (
+        "online",
+        [bob_login],
+        [],
+    )
     await laptop.end()
     await phone.ok("send", conv=conv, cid="c2", type="text", body="again")
     assert (await recipients(2))[a]["online"] == [phone_login]
+
+
+async def test_trace_of_a_message_no_member_could_get_pushed(harness: GatewayHarness) -> None:
+    """Nothing is stored for it, and the trace still names its sender."""
+    alice, a, _ = await logged_in(harness, "alice")
+    _, c, _ = await logged_in(harness, "carol")
+    conv = direct_conv(a, c)
+    await alice.ok("send", conv=conv, cid="c1", type="text", body="hi")
+    await harness.services.notifications.settle()
+    trace = await alice.ok("push.trace", conv=conv, seq=1)
+    assert {r["user"]: r["reason"] for r in trace["recipients"]} == {
+        a: "sender",
+        c: "no_registration",
+    }

@@ -36,6 +36,9 @@ class MessageSource(Protocol):
         """Messages stored at ``ts`` or later with a storage id above ``after_id``,
         in storage order (the catch-up after a restart)."""
 
+    async def history(self, caller: Caller, req: ops.History) -> ops.HistoryData:
+        """A page of messages (``push.trace`` reads a message's sender from it)."""
+
 
 class NotificationService(Protocol):
     """Offline push: registrations, per-conversation settings, the push outbox and

@@ -82,6 +82,9 @@ MIGRATIONS = "imserver.services.notification.migrations"
 CATCH_UP_MS = 10 * 60 * 1000
 """How far back the start-up catch-up looks: a longer outage pushes nothing stale."""
 CATCH_UP_PAGE = 500
+CURSOR_INTERVAL_MS = 1000
+"""How often the cursor alone is written while no message concerns a registered user:
+a catch-up then reads at most this much more than it must (the overlap is skipped)."""
 PRUNE_INTERVAL_S = 3600.0
 
 
@@ -122,6 +125,9 @@ class LocalNotificationService:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._caught_up = asyncio.Event()
+        self._cursor_seen = 0
+        """The newest timestamp of a message ingested without a write of its own."""
+        self._cursor_written = 0
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -261,13 +267,29 @@ class LocalNotificationService:
         dedupe: bool = True,
     ) -> None:
         registered = self._registered
-        messages = [
-            msgspec.structs.replace(
-                m, members=tuple(u for u in m.members if u in registered or u == m.sender)
-            )
-            for m in messages
-            if pushes(m.type, m.conv)
-        ]
+        # Only a message that a registered member other than its sender could be pushed
+        # is stored (its decisions, with the sender's); the others cost no write, and the
+        # cursor passes them at most once every CURSOR_INTERVAL_MS.
+        kept = []
+        newest = 0
+        for m in messages:
+            newest = max(newest, m.ts)
+            if not pushes(m.type, m.conv):
+                continue
+            members = tuple(u for u in m.members if u in registered or u == m.sender)
+            if len(members) > (m.sender in members):
+                kept.append(msgspec.structs.replace(m, members=members))
+        messages = kept
+        now = now_ms()
+        if not messages and not reads and cursor is None:
+            self._cursor_seen = max(self._cursor_seen, newest)
+            if self._cursor_seen <= self._cursor_written or (
+                now - self._cursor_written < CURSOR_INTERVAL_MS
+            ):
+                return
+            cursor = self._cursor_seen
+        if cursor is None and self._cursor_seen > max((m.ts for m in messages), default=0):
+            cursor = self._cursor_seen
         users = {u for m in messages for u in m.members}
         online = {u: tuple(sorted(self._online[u])) for u in users if self._online.get(u)}
         result = await self._store.ingest(
@@ -276,13 +298,15 @@ class LocalNotificationService:
                 reads=reads,
                 online=online,
                 providers=frozenset(self._providers.by_name),
-                now=now_ms(),
+                now=now,
                 collapse_ms=int(self._config.collapse_delay * 1000),
                 queue_max=self._config.queue_max,
                 cursor=cursor,
                 dedupe=dedupe,
             )
         )
+        if cursor is not None:
+            self._cursor_written = now
         self.stats.dropped += result.dropped
         if result.jobs or result.collapsed:
             self._work_wake.set()
@@ -364,6 +388,13 @@ class LocalNotificationService:
         await source.check_member(caller.user, conv)
         recipients = await self._store.trace(conv, seq)
         decided = {r.user for r in recipients}
+        sender: str | None = None
+        if not recipients:
+            # No member could have been pushed, so nothing was stored: the message
+            # itself says who sent it.
+            page = await source.history(caller, ops.History(conv=conv, after=seq - 1, limit=1))
+            if page.messages and page.messages[0].seq == seq:
+                sender = page.messages[0].from_
         # Members without a decision row had no registration when the message came.
         for user in await source.conv_members(conv):
             if user not in decided:
@@ -371,7 +402,7 @@ class LocalNotificationService:
                     PushRecipient(
                         user=user,
                         due=False,
-                        reason="no_registration",
+                        reason="sender" if user == sender else "no_registration",
                         online=[],
                         muted_until=0,
                         level="all",
