@@ -274,7 +274,7 @@ class LocalNotificationService:
         newest = 0
         for m in messages:
             newest = max(newest, m.ts)
-            if not pushes(m.type, m.conv):
+            if not registered or not pushes(m.type, m.conv):
                 continue
             members = tuple(u for u in m.members if u in registered or u == m.sender)
             if len(members) > (m.sender in members):
