@@ -1,5 +1,6 @@
-"""The notification service's tables (``notification.db``); the migration
-``notification_0001`` creates them and a test compares the two.
+"""The notification service's tables (``notification.db``) and the one row type the
+store and the ingest both read (:func:`registration_from_row`); the migration
+``notification_0001`` creates the tables and a test compares the two.
 
 - ``registrations`` — one row per (user, device, provider): where pushes for that
   device go. A device is a login session.
@@ -23,8 +24,9 @@ decisions older than the retention (``RETENTION_MS``).
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
+import msgspec
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -37,6 +39,8 @@ from sqlalchemy import (
     Table,
     Text,
 )
+
+from imserver.services.notification.providers.base import Registration
 
 metadata = MetaData()
 
@@ -144,3 +148,14 @@ FINISHED: Final = (SENT, DEAD, DROPPED, GONE, FAILED)
 
 RETENTION_MS: Final = 7 * 24 * 3600 * 1000
 """Finished jobs, their attempts and decisions older than this are deleted."""
+
+
+def registration_from_row(row: Any) -> Registration:
+    """A ``registrations`` row as the providers take it (``target`` is stored as JSON)."""
+    return Registration(
+        user=row.user_id,
+        device=row.device,
+        provider=row.provider,
+        target=msgspec.json.decode(row.target),
+        created=row.created,
+    )

@@ -5,7 +5,7 @@ per committed batch (it is the writer's
 :class:`~imserver.services.message.api.CommitListener`). The call only queues the
 events; one ingest task stores each queued run in ONE transaction of
 ``notification.db`` (decisions, new and collapsed jobs, the queue bound — see
-:mod:`~imserver.services.notification.store`), so the writer's hot path gains one
+:mod:`~imserver.services.notification.ingest`), so the writer's hot path gains one
 call per commit and never waits for this database or a provider.
 
 **The crash window** between the message commit and the notification commit is
@@ -55,6 +55,7 @@ from imserver.protocol.models import PushRecipient, PushRegistration
 from imserver.services.caller import Caller
 from imserver.services.message.api import CommittedMessage, ReadMoved
 from imserver.services.notification.api import MessageSource
+from imserver.services.notification.ingest import IngestPlan
 from imserver.services.notification.providers.base import Outcome, Provider, Push, Registration
 from imserver.services.notification.registry import Providers, build_providers
 from imserver.services.notification.rules import LEVELS, backoff, pushes
@@ -66,7 +67,7 @@ from imserver.services.notification.schema import (
     RETRY_WAIT,
     SENT,
 )
-from imserver.services.notification.store import IngestPlan, Job, SqlNotificationStore
+from imserver.services.notification.store import Job, SqlNotificationStore
 from imserver.services.peers import Peer
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms

@@ -1,0 +1,314 @@
+"""One ingest: the transaction that stores the pushes of a batch of committed
+messages and moved read markers (:func:`ingest`, run by
+:meth:`~imserver.services.notification.store.SqlNotificationStore.ingest`).
+
+One transaction per batch: the decisions of every member, the new jobs and the jobs
+that absorbed a message (collapse), and the provider queues' bound — so after a crash
+either all of a batch's work is stored or none of it, and the catch-up stores it again
+(decisions are keyed by (conv, seq, user); a message whose decisions exist is
+skipped).
+
+Collapse: a message for (user, device, conv) joins the waiting ``message`` job of the
+same (user, device, conv) — ``queued`` (within the collapse delay) or ``retry-wait``
+— raising its ``count`` and moving its ``seq``; its key stays the one it was created
+with, so a receiver that saw an earlier attempt of that key drops a repeat.
+
+Bound: after a batch, each provider it touched has at most ``queue_max`` waiting
+jobs; the oldest waiting ones past it become ``dropped`` (visible in the trace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import Connection, func, insert, select, update
+
+from imserver.services.message.api import CommittedMessage, ReadMoved
+from imserver.services.notification.providers.base import Registration
+from imserver.services.notification.rules import decide, pushes
+from imserver.services.notification.schema import (
+    DROPPED,
+    QUEUED,
+    WAITING,
+    conv_settings,
+    push_cursor,
+    push_decisions,
+    push_jobs,
+    registration_from_row,
+    registrations,
+)
+from imserver.storage.statements import chunks
+
+CURSOR_TS = "ingested_ts"
+"""The ``push_cursor`` row holding the newest message timestamp ingested."""
+
+
+class IngestPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What one ingest needs besides the database."""
+
+    messages: Sequence[CommittedMessage]
+    reads: Sequence[ReadMoved]
+    online: Mapping[str, tuple[str, ...]]
+    """user -> devices with a live session (only users that have any)."""
+    providers: frozenset[str]
+    """Providers enabled now: registrations with another are ignored."""
+    now: int
+    collapse_ms: int
+    queue_max: int
+    cursor: int | None = None
+    """Set the ingest cursor to this (the first start); else to the newest message."""
+    dedupe: bool = True
+    """Skip messages whose decisions are stored (the catch-up and the live events
+    that arrived during it); live events after it are new by construction."""
+
+
+class IngestResult(msgspec.Struct, kw_only=True):
+    jobs: int = 0
+    collapsed: int = 0
+    dropped: int = 0
+    messages: int = 0
+
+
+def ingest(conn: Connection, plan: IngestPlan) -> IngestResult:
+    """Decide and store the pushes of ``plan`` in ``conn``'s transaction (see the
+    module docstring)."""
+    result = IngestResult()
+    now = plan.now
+    msgs = [m for m in plan.messages if pushes(m.type, m.conv)]
+    if msgs and plan.dedupe:
+        d = push_decisions.c
+        done: set[tuple[str, int]] = set()
+        for conv in {m.conv for m in msgs}:
+            seqs = [m.seq for m in msgs if m.conv == conv]
+            done.update(
+                (conv, s)
+                for s in conn.execute(
+                    select(d.seq).where(d.conv == conv, d.seq.in_(seqs)).distinct()
+                ).scalars()
+            )
+        msgs = [m for m in msgs if (m.conv, m.seq) not in done]
+    users = sorted({u for m in msgs for u in m.members} | {r.user for r in plan.reads})
+    regs = _registrations_of(conn, users, plan.providers)
+    settings = _settings_of(conn, {(u, m.conv) for m in msgs for u in m.members})
+    touched: set[str] = set()
+    decisions: list[dict[str, Any]] = []
+    for m in msgs:
+        result.messages += 1
+        mentioned = set(m.mentions)
+        for user in m.members:
+            muted_until, level = settings.get((user, m.conv), (0, "all"))
+            user_regs = regs.get(user, [])
+            decision = decide(
+                user=user,
+                sender=m.sender,
+                online=plan.online.get(user, ()),
+                muted_until=muted_until,
+                level=level,
+                mentioned=user in mentioned,
+                registered=bool(user_regs),
+                now=now,
+            )
+            jobs: list[tuple[str, str, str, bool]] = []
+            if decision.due:
+                for reg in user_regs:
+                    key, collapsed = _enqueue_message(conn, m, reg, plan)
+                    jobs.append((reg.device, reg.provider, key, collapsed))
+                    touched.add(reg.provider)
+                    if collapsed:
+                        result.collapsed += 1
+                    else:
+                        result.jobs += 1
+            detail = msgspec.json.encode(
+                {
+                    "online": decision.online,
+                    "muted_until": decision.muted_until,
+                    "level": decision.level,
+                    "mentioned": decision.mentioned,
+                    "jobs": jobs,
+                }
+            ).decode()
+            decisions.append(
+                {
+                    "conv": m.conv,
+                    "seq": m.seq,
+                    "user_id": user,
+                    "due": decision.due,
+                    "reason": decision.reason,
+                    "detail": detail,
+                    "created": now,
+                }
+            )
+    if decisions:
+        conn.execute(insert(push_decisions), decisions)
+    for read in plan.reads:
+        for reg in regs.get(read.user, []):
+            if reg.device == read.login:
+                continue
+            _enqueue_read(conn, read, reg, now)
+            touched.add(reg.provider)
+            result.jobs += 1
+    for provider in touched:
+        result.dropped += _bound(conn, provider, plan.queue_max, now)
+    if plan.cursor is not None:
+        _set_cursor(conn, plan.cursor)
+    elif msgs:
+        _set_cursor(conn, max(m.ts for m in msgs))
+    return result
+
+
+def _enqueue_message(
+    conn: Connection, m: CommittedMessage, reg: Registration, plan: IngestPlan
+) -> tuple[str, bool]:
+    """Create the push of ``m`` for one device, or fold it into the waiting one."""
+    j = push_jobs.c
+    found = conn.execute(
+        select(j.id, j.key, j.count, j.seq).where(
+            j.user_id == reg.user,
+            j.device == reg.device,
+            j.conv == m.conv,
+            j.kind == "message",
+            j.provider == reg.provider,
+            j.state.in_(WAITING),
+        )
+    ).first()
+    if found is not None:
+        conn.execute(
+            update(push_jobs)
+            .where(j.id == found.id)
+            .values(
+                count=found._mapping["count"] + 1,
+                seq=max(found.seq, m.seq),
+                title=m.sender,
+                body=m.body,
+                updated=plan.now,
+            )
+        )
+        return str(found.key), True
+    key = f"{reg.user}:{reg.device}:{m.conv}:{m.seq}"
+    conn.execute(
+        insert(push_jobs).values(
+            key=key,
+            kind="message",
+            user_id=reg.user,
+            device=reg.device,
+            provider=reg.provider,
+            conv=m.conv,
+            seq=m.seq,
+            count=1,
+            title=m.sender,
+            body=m.body,
+            state=QUEUED,
+            attempts=0,
+            next_at=plan.now + plan.collapse_ms,
+            created=plan.now,
+            updated=plan.now,
+        )
+    )
+    return key, False
+
+
+def _enqueue_read(conn: Connection, read: ReadMoved, reg: Registration, now: int) -> None:
+    """A silent ``read`` push for one of the user's other devices (a waiting one of the
+    same conversation moves to the newer seq)."""
+    j = push_jobs.c
+    found = conn.execute(
+        select(j.id, j.seq).where(
+            j.user_id == reg.user,
+            j.device == reg.device,
+            j.conv == read.conv,
+            j.kind == "read",
+            j.provider == reg.provider,
+            j.state.in_(WAITING),
+        )
+    ).first()
+    if found is not None:
+        conn.execute(
+            update(push_jobs)
+            .where(j.id == found.id)
+            .values(seq=max(found.seq, read.seq), updated=now)
+        )
+        return
+    key = f"{reg.user}:{reg.device}:{read.conv}:{read.seq}"
+    exists = conn.execute(select(j.id).where(j.kind == "read", j.key == key)).first()
+    if exists is not None:
+        return
+    conn.execute(
+        insert(push_jobs).values(
+            key=key,
+            kind="read",
+            user_id=reg.user,
+            device=reg.device,
+            provider=reg.provider,
+            conv=read.conv,
+            seq=read.seq,
+            count=0,
+            title="",
+            body="",
+            state=QUEUED,
+            attempts=0,
+            next_at=now,
+            created=now,
+            updated=now,
+        )
+    )
+
+
+def _bound(conn: Connection, provider: str, queue_max: int, now: int) -> int:
+    """Drop the oldest waiting jobs of ``provider`` past ``queue_max``."""
+    j = push_jobs.c
+    waiting = conn.scalar(select(func.count()).where(j.provider == provider, j.state.in_(WAITING)))
+    excess = int(waiting or 0) - queue_max
+    if excess <= 0:
+        return 0
+    oldest = (
+        select(j.id)
+        .where(j.provider == provider, j.state.in_(WAITING))
+        .order_by(j.id)
+        .limit(excess)
+    )
+    ids = list(conn.execute(oldest).scalars())
+    for chunk in chunks(ids):
+        conn.execute(update(push_jobs).where(j.id.in_(chunk)).values(state=DROPPED, updated=now))
+    return len(ids)
+
+
+def _set_cursor(conn: Connection, value: int) -> None:
+    c = push_cursor.c
+    updated = conn.execute(
+        update(push_cursor).where(c.name == CURSOR_TS, c.value < value).values(value=value)
+    ).rowcount
+    if not updated and conn.execute(select(c.name).where(c.name == CURSOR_TS)).first() is None:
+        conn.execute(insert(push_cursor).values(name=CURSOR_TS, value=value))
+
+
+def _registrations_of(
+    conn: Connection, users: Sequence[str], providers: frozenset[str]
+) -> dict[str, list[Registration]]:
+    found: dict[str, list[Registration]] = {}
+    r = registrations.c
+    for chunk in chunks(users):
+        rows = conn.execute(
+            select(registrations).where(r.user_id.in_(chunk)).order_by(r.created, r.device)
+        )
+        for row in rows:
+            if row.provider in providers:
+                found.setdefault(row.user_id, []).append(registration_from_row(row))
+    return found
+
+
+def _settings_of(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    found: dict[tuple[str, str], tuple[int, str]] = {}
+    c = conv_settings.c
+    for conv in {k[1] for k in keys}:
+        users = sorted(u for u, cv in keys if cv == conv)
+        for chunk in chunks(users):
+            rows = conn.execute(
+                select(c.user_id, c.muted_until, c.level).where(
+                    c.conv == conv, c.user_id.in_(chunk)
+                )
+            )
+            for row in rows:
+                found[(row.user_id, conv)] = (int(row.muted_until), str(row.level))
+    return found
