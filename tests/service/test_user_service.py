@@ -26,13 +26,14 @@ from imserver.services.notification.broadcast import AdminDirectory
 from imserver.services.room.api import UserDirectory as RoomUserDirectory
 from imserver.services.user import service as user_service
 from imserver.services.user.api import Identity, UserService
+from imserver.services.user.schema import metadata
 from imserver.services.user.service import (
     MIGRATIONS,
     LocalUserService,
     default_hasher,
     open_user_service,
 )
-from imserver.services.user.store import AccessGrant, SqlUserStore, metadata
+from imserver.services.user.store import AccessGrant, SqlUserStore
 from imserver.storage.runners import AsyncRunner
 from imserver.storage.sql import make_engine, sqlite_url, sync_url, upgrade, upgrade_sync
 from imserver.utils.errors import BadRequest, Conflict, NotFound, Unauthorized

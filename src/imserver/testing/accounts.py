@@ -15,8 +15,8 @@ from pathlib import Path
 from sqlalchemy import insert
 
 from imserver.protocol.models import User
+from imserver.services.user.schema import presence, users
 from imserver.services.user.service import MIGRATIONS, default_hasher
-from imserver.services.user.store import presence, users
 from imserver.storage.sql import make_engine, sqlite_url, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.config import AuthConfig

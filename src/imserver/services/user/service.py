@@ -46,7 +46,8 @@ from imserver.services.user.api import (
     TokenPair,
     UpdateResult,
 )
-from imserver.services.user.store import ACCESS, REFRESH, NewToken, SqlUserStore
+from imserver.services.user.schema import ACCESS, REFRESH
+from imserver.services.user.store import NewToken, SqlUserStore
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
