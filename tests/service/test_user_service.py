@@ -24,7 +24,7 @@ from imserver.protocol.models import PresenceInfo, User
 from imserver.services.message.api import UserDirectory as MessageUserDirectory
 from imserver.services.notification.broadcast import AdminDirectory
 from imserver.services.room.api import UserDirectory as RoomUserDirectory
-from imserver.services.user import service as user_service
+from imserver.services.user import presence as user_presence
 from imserver.services.user.api import Identity, UserService
 from imserver.services.user.schema import metadata
 from imserver.services.user.service import (
@@ -632,7 +632,7 @@ async def test_state_survives_a_restart(open_service: Opener, clock: FakeClock) 
 async def test_last_seen_is_written_in_batches(
     open_service: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(user_service, "LAST_SEEN_FLUSH_S", 0.05)
+    monkeypatch.setattr(user_presence, "LAST_SEEN_FLUSH_S", 0.05)
     svc = await open_service()
     ids = [UserId((await svc.register(f"seen{i}", PASSWORD, None)).id) for i in range(20)]
     for uid in ids:
@@ -660,7 +660,7 @@ async def test_close_lets_a_last_seen_write_in_progress_finish(
     """close() during a batch write waits for it instead of cancelling it: cut off in
     its transaction, the write left the database locked for the one close() starts
     ("database is locked", and the values lost)."""
-    monkeypatch.setattr(user_service, "LAST_SEEN_FLUSH_S", 0)
+    monkeypatch.setattr(user_presence, "LAST_SEEN_FLUSH_S", 0)
     svc = await open_service()
     uid = UserId((await svc.register("seen", PASSWORD, None)).id)
     store = svc._store

@@ -13,11 +13,9 @@ What lives in memory, and why it stays correct:
 - **Blocks**: each blocker's set, loaded on first use (one load per user even under
   concurrency) and then kept in step by :meth:`~LocalUserService.block` /
   :meth:`~LocalUserService.unblock`, which always load before writing.
-- **Presence**: the online set is memory only (a restart means nobody is online);
-  ``last_seen`` is cached, and written to the database in batches at most
-  ``LAST_SEEN_FLUSH_S`` after the disconnect (and on close), so a storm of reconnects
-  costs one commit per interval, not one per disconnect. A crash loses at most that
-  interval of ``last_seen`` updates; the values are advisory.
+- **Presence**: the online set and the ``last_seen`` cache, kept by
+  :class:`~imserver.services.user.presence.Presence` (its module says how
+  ``last_seen`` reaches the database); this service checks the users exist.
 
 Password hashing (argon2id, 19 MiB, t=2, p=1) runs in worker threads, at most one per
 CPU at a time: more would only queue inside the CPU while multiplying memory use.
@@ -26,14 +24,11 @@ CPU at a time: more would only queue inside the CPU while multiplying memory use
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import logging
 import os
 import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from typing import Generic, TypeVar
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -46,6 +41,8 @@ from imserver.services.user.api import (
     TokenPair,
     UpdateResult,
 )
+from imserver.services.user.bounded import Bounded
+from imserver.services.user.presence import Presence
 from imserver.services.user.schema import ACCESS, REFRESH
 from imserver.services.user.store import NewToken, SqlUserStore
 from imserver.storage.sql import make_engine, upgrade
@@ -67,18 +64,10 @@ BAD_OLD_PASSWORD = "old password is wrong"
 TOKEN_CACHE_SIZE = 100_000
 USER_CACHE_SIZE = 100_000
 BLOCK_CACHE_SIZE = 100_000
-LAST_SEEN_CACHE_SIZE = 100_000
-LAST_SEEN_FLUSH_S = 1.0
-"""Most seconds a ``last_seen`` waits in memory before its batch is written."""
 LIST_USERS_MAX = 10_000
 """Most user ids one :meth:`LocalUserService.list_users` page answers."""
 PURGE_INTERVAL_MS = 3_600_000
 """How often (at most) expired token rows are swept, piggy-backed on ``login``."""
-
-logger = logging.getLogger(__name__)
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 
 def default_hasher(memory_kib: int = 19456, time_cost: int = 2) -> PasswordHasher:
@@ -89,35 +78,6 @@ def default_hasher(memory_kib: int = 19456, time_cost: int = 2) -> PasswordHashe
 def token_hash(token: str) -> str:
     """The SHA-256 hex digest under which a token is stored and cached."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-class _Bounded(Generic[K, V]):
-    """A dict that forgets its oldest entry when full.
-
-    Insertion-order (FIFO) eviction instead of LRU: a miss only costs one indexed
-    read, and FIFO keeps hits free of bookkeeping.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._data: dict[K, V] = {}
-
-    def get(self, key: K) -> V | None:
-        return self._data.get(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
-    def put(self, key: K, value: V) -> None:
-        if key not in self._data and len(self._data) >= self._capacity:
-            del self._data[next(iter(self._data))]
-        self._data[key] = value
-
-    def pop(self, key: K) -> None:
-        self._data.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 class _CachedAccess:
@@ -158,20 +118,16 @@ class LocalUserService:
         self._dummy_hash = dummy_hash
         self._admins = frozenset(admins)
         self._hash_slots = asyncio.Semaphore(os.cpu_count() or 1)
-        self._tokens: _Bounded[str, _CachedAccess] = _Bounded(TOKEN_CACHE_SIZE)
+        self._tokens: Bounded[str, _CachedAccess] = Bounded(TOKEN_CACHE_SIZE)
         # Bumped by every revocation / profile write; a database read that overlapped
         # one does not overwrite the cache with what it saw.
         self._token_epoch = 0
         self._user_epoch = 0
-        self._users: _Bounded[UserId, User] = _Bounded(USER_CACHE_SIZE)
-        self._ids_by_name: _Bounded[str, UserId] = _Bounded(USER_CACHE_SIZE)
-        self._blocks: _Bounded[UserId, set[UserId]] = _Bounded(BLOCK_CACHE_SIZE)
+        self._users: Bounded[UserId, User] = Bounded(USER_CACHE_SIZE)
+        self._ids_by_name: Bounded[str, UserId] = Bounded(USER_CACHE_SIZE)
+        self._blocks: Bounded[UserId, set[UserId]] = Bounded(BLOCK_CACHE_SIZE)
         self._block_loads: dict[UserId, asyncio.Task[set[UserId]]] = {}
-        self._online: set[UserId] = set()
-        self._seen_pending: dict[UserId, int] = {}
-        self._seen_flusher: asyncio.Task[None] | None = None
-        self._seen_now = asyncio.Event()  # set by close(): flush without waiting
-        self._last_seen: _Bounded[UserId, int | None] = _Bounded(LAST_SEEN_CACHE_SIZE)
+        self._presence = Presence(store, clock)
         self._last_purge = clock()
 
     # --- password hashing, off the event loop -----------------------------------------
@@ -217,7 +173,7 @@ class LocalUserService:
         )
         await self._store.create_user(user, password_hash)
         self._remember(user, self._user_epoch)
-        self._last_seen.put(UserId(user.id), None)
+        self._presence.registered(UserId(user.id))
         return user
 
     async def login(self, username: str, password: str, device: str | None) -> LoginResult:
@@ -480,44 +436,12 @@ class LocalUserService:
     async def set_online(self, user: UserId) -> PresenceInfo:
         """Mark the user online (their first live session opened)."""
         await self.get_user(user)
-        self._online.add(user)
-        return PresenceInfo(user=user, status="online", last_seen=self._clock())
+        return self._presence.set_online(user)
 
     async def set_offline(self, user: UserId) -> PresenceInfo:
         """Mark the user offline and store ``last_seen`` = now."""
         await self.get_user(user)
-        now = self._clock()
-        self._online.discard(user)
-        self._last_seen.put(user, now)
-        self._seen_pending[user] = now
-        if self._seen_flusher is None or self._seen_flusher.done():
-            self._seen_flusher = asyncio.get_running_loop().create_task(self._flush_seen_later())
-        return PresenceInfo(user=user, status="offline", last_seen=now)
-
-    async def _flush_seen_later(self) -> None:
-        # close() cuts the wait short instead of cancelling the task: cancelled in the
-        # middle of its transaction, the write leaves the database locked for the one
-        # close() starts next.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LAST_SEEN_FLUSH_S):
-                await self._seen_now.wait()
-        await self._flush_seen()
-
-    async def _flush_seen(self) -> None:
-        """Write the pending ``last_seen`` values in one transaction."""
-        pending, self._seen_pending = self._seen_pending, {}
-        try:
-            await self._store.set_last_seen_many(pending)
-        except BaseException as exc:
-            # Keep them for the next batch, unless a newer value arrived meanwhile.
-            for user, when in pending.items():
-                self._seen_pending.setdefault(user, when)
-            if not isinstance(exc, Exception):
-                raise  # cancelled: close() writes them
-            if isinstance(exc, Unavailable):  # the store logged the cause
-                logger.warning("storing last_seen of %d users postponed", len(pending))
-            else:
-                logger.exception("storing last_seen of %d users failed", len(pending))
+        return self._presence.set_offline(user)
 
     async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
         """Presence of each known user among ``users``, in the order asked.
@@ -526,19 +450,7 @@ class LocalUserService:
         ``last_seen`` = now; offline ones the time their last session closed, or
         ``None`` if they were never seen.
         """
-        known = await self.get_users(users)
-        missing = [u for u in known if u not in self._online and u not in self._last_seen]
-        if missing:
-            stored = await self._store.last_seen(missing)
-            for uid in missing:
-                self._last_seen.put(uid, self._seen_pending.get(uid, stored.get(uid)))
-        now = self._clock()
-        return [
-            PresenceInfo(user=uid, status="online", last_seen=now)
-            if uid in self._online
-            else PresenceInfo(user=uid, status="offline", last_seen=self._last_seen.get(uid))
-            for uid in known
-        ]
+        return await self._presence.get(await self.get_users(users))
 
     async def check(self) -> None:
         """Raise if the user database cannot be reached (readiness probe)."""
@@ -549,10 +461,7 @@ class LocalUserService:
 
     async def close(self) -> None:
         """Write pending ``last_seen`` values and dispose the database engine."""
-        self._seen_now.set()
-        if self._seen_flusher is not None:
-            await self._seen_flusher  # a batch write in progress finishes
-        await self._flush_seen()
+        await self._presence.close()
         await self._store.close()
 
     # --- helpers ----------------------------------------------------------------------
