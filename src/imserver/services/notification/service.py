@@ -436,28 +436,36 @@ class LocalNotificationService:
                 if loop.time() >= next_depth:
                     next_depth = loop.time() + 1.0
                     self.stats.depth = await self._store.waiting()
-                await self._claim_due()
+                claimed = await self._claim_due()
                 due = await self._store.next_due()
             except Exception:
                 logger.exception("push worker failed")
-                due = None
+                claimed, due = 0, None
                 await asyncio.sleep(1.0)
             wait = PRUNE_INTERVAL_S if due is None else max(0.0, (due - now_ms()) / 1000)
+            if wait == 0 and not claimed:
+                # Pushes are due but every slot is in flight: a finishing send wakes the
+                # loop (without this it would query the queue without pause).
+                wait = 1.0
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work_wake.wait(), timeout=min(wait, 1.0))
 
-    async def _claim_due(self) -> None:
+    async def _claim_due(self) -> int:
+        """Start the due pushes each provider has slots for; how many were started."""
         now = now_ms()
+        claimed = 0
         for name, provider in self._providers.by_name.items():
             free = self._config.concurrency - self._inflight[name]
             if free <= 0:
                 continue
             for job in await self._store.claim(name, now, free):
                 self._inflight[name] += 1
+                claimed += 1
                 task = asyncio.get_running_loop().create_task(self._send(provider, job))
                 self._sends.add(task)
                 task.add_done_callback(self._sends.discard)
+        return claimed
 
     async def _send(self, provider: Provider, job: Job) -> None:
         try:
