@@ -15,6 +15,7 @@ Scenarios (one sub-command each):
   reconnects, a realistic blend (:mod:`benchmarks.connections`,
   :mod:`benchmarks.authstorm`, :mod:`benchmarks.mixed`).
 - ``broadcast`` -- an admin's ``notice.broadcast`` to 10,000 users (:mod:`benchmarks.broadcast`).
+- ``push`` -- offline push, from a message to a signed webhook request (:mod:`benchmarks.push`).
 - ``baselines`` -- the reference echo/fan-out server, nats-server and a bare SQLite
   group-commit loop (:mod:`benchmarks.baselines`).
 
@@ -44,6 +45,7 @@ from benchmarks import (
     files,
     harness,
     mixed,
+    push,
     room,
     suite,
 )
@@ -57,6 +59,7 @@ SCENARIOS: Final[dict[str, tuple[ModuleType, str]]] = {
     "baselines": (baselines, "reference echo/fan-out server, nats-server, SQLite commits"),
     "mixed": (mixed, "a blend of DMs, room messages, typing, read receipts, history"),
     "broadcast": (broadcast, "an admin's notice.broadcast to every user: seconds, notices/s"),
+    "push": (push, "offline push, message to signed webhook request: pushes/s, latency"),
 }
 
 

@@ -3,8 +3,8 @@
 Runs, in order, each as ``python -m benchmarks <scenario> ...`` in a process of its
 own with a fresh server: ``dm`` at full speed; ``dm`` at a fixed rate (``--dm-rate``,
 15,000 msgs/s: latency under load); ``room`` at 100, 1,000 and 10,000 members;
-``connections``; ``auth-storm``; ``mixed``; ``broadcast`` (10,000 users);
-``baselines`` (the reference echo and
+``connections``; ``auth-storm``; ``mixed``; ``broadcast`` (10,000 users); ``push``
+at full speed and at 1,000 messages/s; ``baselines`` (the reference echo and
 fan-out server, NATS, SQLite group commit). A scenario whose module is not installed
 is reported as skipped. Each writes its JSON to ``--out`` (through
 ``--results-file``) and its output to ``<step>.log`` there; its printed tables are
@@ -157,6 +157,7 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
     sets = tuple(("--set", s) for s in args.set)
     rate = args.dm_rate if not smoke else min(args.dm_rate, 1000.0)
     dm_size = (("--pairs", "2"),) if smoke else ()
+    push_rate = 100 if smoke else 1_000
     steps = [
         Step("dm", "dm", "dm", dm_size + timing + sets, measured + 6),
         Step(
@@ -213,6 +214,25 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
             "broadcast",
             ((("--users", "200"), ("--live", "5"), ("--repeat", "2")) if smoke else ()) + sets,
             6 if smoke else 25,
+        ),
+        Step(
+            "push",
+            "push",
+            "push",
+            ((("--recipients", "20"), ("--senders", "2"), ("--window", "2")) if smoke else ())
+            + timing
+            + sets,
+            8 if smoke else measured + 20,
+        ),
+        Step(
+            "push-rate",
+            "push",
+            f"push @{push_rate:,}/s",
+            (("--rate", str(push_rate)),)
+            + ((("--recipients", "20"), ("--senders", "2")) if smoke else ())
+            + timing
+            + sets,
+            8 if smoke else measured + 20,
         ),
         Step(
             "baselines",
@@ -781,6 +801,26 @@ def _figures(key: str, res: StepResult, ref: References) -> list[Row]:
             ),
             Row("broadcast", "notices/s", "/s", num(r, "notices_per_s")),
             Row("broadcast", "server CPU % of a core", "%", num(r, "server_cpu_pct")),
+        ]
+    if key == "push":
+        return [
+            Row("push", "pushes/s", "/s", num(r, "pushes_per_s"), Target(">=", 2_000)),
+            Row("push", "server CPU µs/push", "µs", num(r, "server_us_per_push")),
+            Row("push", "repeats", "", num(r, "repeats")),
+        ]
+    if key == "push-rate":
+        rate = num(d, "options", "rate") or 0.0
+        label = res.step.label
+        return [
+            Row(label, "pushes/s", "/s", num(r, "pushes_per_s")),
+            Row(
+                label,
+                "send→request p99 ms",
+                "ms",
+                num(r, "latency", "p99_ms"),
+                Target("<=", 500) if rate >= 1_000 else None,
+            ),
+            Row(label, "send→request p50 ms", "ms", num(r, "latency", "p50_ms")),
         ]
     return []
 

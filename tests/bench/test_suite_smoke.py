@@ -37,6 +37,8 @@ STEPS = {
     "auth-storm": "authstorm",
     "mixed": "mixed",
     "broadcast": "broadcast",
+    "push": "push",
+    "push-rate": "push",
     "baselines": "baselines",
 }
 
