@@ -7,8 +7,8 @@ it arrived, and counts repeated ``Idempotency-Key`` s. ``--recipients`` users ea
 in once, register their device with ``push.register {provider: "webhook", target:
 {token}}`` and disconnect: they are offline, so every message to them is due a push.
 ``--senders`` online users send them direct messages, sender ``s``'s ``k``-th message
-going to recipient ``(s + k * senders) mod recipients``: with as many recipients as
-that, a conversation gets its next message long after its previous push went out.
+going to recipient ``(s + k * senders) mod recipients``: while the pipeline keeps up,
+a conversation gets its next message long after its previous push went out.
 
 ``push.collapse_delay`` is 0: with a delay, the messages of one conversation within
 it would fold into one push and the figure would count bursts, not pushes. A message

@@ -157,7 +157,7 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
     sets = tuple(("--set", s) for s in args.set)
     rate = args.dm_rate if not smoke else min(args.dm_rate, 1000.0)
     dm_size = (("--pairs", "2"),) if smoke else ()
-    push_rate = 100 if smoke else 1_000
+    push_rate = 20 if smoke else 1_000
     steps = [
         Step("dm", "dm", "dm", dm_size + timing + sets, measured + 6),
         Step(
@@ -219,7 +219,7 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
             "push",
             "push",
             "push",
-            ((("--recipients", "20"), ("--senders", "2"), ("--window", "2")) if smoke else ())
+            ((("--recipients", "5"), ("--senders", "1"), ("--window", "2")) if smoke else ())
             + timing
             + sets,
             8 if smoke else measured + 20,
@@ -229,7 +229,7 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
             "push",
             f"push @{push_rate:,}/s",
             (("--rate", str(push_rate)),)
-            + ((("--recipients", "20"), ("--senders", "2")) if smoke else ())
+            + ((("--recipients", "5"), ("--senders", "1")) if smoke else ())
             + timing
             + sets,
             8 if smoke else measured + 20,
