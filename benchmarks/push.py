@@ -28,7 +28,8 @@ the latency percentiles, server CPU per push beside the throughput, and the
 receiver's CPU. Verified: every signature valid, no repeated key, and every acked
 message counted in exactly one push (within ``--drain-timeout``). Without ``--rate``
 the senders go at full speed (``--window`` sends in flight each); with it, the
-messages are paced at that many per second in total.
+messages are paced at that many per second in total. ``--max-messages`` stops the
+senders early (the test suite's tiny run, whose queue must drain in its timeout).
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rate", type=float, default=0.0, help="messages/s in total; 0: full speed (default)"
+    )
+    parser.add_argument(
+        "--max-messages",
+        type=int,
+        default=0,
+        help="stop sending after this many messages; 0: no cap (default)",
     )
 
 
@@ -212,17 +219,20 @@ async def _send(
     args: argparse.Namespace,
     t_end: float,
 ) -> dict[str, int]:
-    """Send until ``t_end`` (wall clock); returns the acked and failed sends."""
+    """Send until ``t_end`` (wall clock) or ``--max-messages``; returns the acked and
+    failed sends."""
     clients = []
     for name in senders:
         c = await Client.connect(server.ws_url)
         await c.login(name, harness.PASSWORD)
         clients.append(c)
-    tally = {"acked": 0, "errors": 0}
+    tally = {"acked": 0, "errors": 0, "started": 0}
+    cap = args.max_messages or float("inf")
     n_s, n_r = len(clients), len(recipient_ids)
 
     async def send(c: Client, k: int, s: int) -> None:
         to = recipient_ids[(s + k * n_s) % n_r]
+        tally["started"] += 1
         try:
             await c.send_message(Client.direct_conv(c.user_id, to), f"{time.time():.6f}")
             tally["acked"] += 1
@@ -231,7 +241,7 @@ async def _send(
 
     async def full_speed(s: int, c: Client, lane: int) -> None:
         k = lane
-        while time.time() < t_end:
+        while time.time() < t_end and tally["started"] < cap:
             await send(c, k, s)
             k += args.window
 
@@ -240,7 +250,7 @@ async def _send(
         start = time.monotonic() + s * period / n_s
         pending: set[asyncio.Task[None]] = set()
         k = 0
-        while time.time() < t_end:
+        while time.time() < t_end and tally["started"] < cap:
             delay = start + k * period - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
