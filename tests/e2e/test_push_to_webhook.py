@@ -127,10 +127,21 @@ async def offline_with_webhook(
     return bob_id, reg["device"], alice
 
 
+UNSETTLED = {"queued", "sending", "retry-wait"}
+"""Push states that change without the client doing anything: the receiver can hold a
+request before the server has recorded its answer."""
+
+
 async def trace_of(alice: Client, conv: str, seq: int, user: str) -> dict[str, Any]:
-    trace = await alice.request("push.trace", {"conv": conv, "seq": seq})
-    [mine] = [r for r in trace["recipients"] if r["user"] == user]
-    return dict(mine)
+    """``user``'s entry in the trace of ``seq``, once none of its pushes is in flight."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        trace = await alice.request("push.trace", {"conv": conv, "seq": seq})
+        [mine] = [r for r in trace["recipients"] if r["user"] == user]
+        if not any(job["state"] in UNSETTLED for job in mine["pushes"]):
+            return dict(mine)
+        assert time.monotonic() < deadline, f"pushes still in flight: {mine['pushes']}"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_message_to_an_offline_user_is_one_signed_request(
