@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, Row, func, insert, select, update
 
 from imserver.services.message.api import CommittedMessage, ReadMoved
 from imserver.services.notification.providers.base import Registration
@@ -158,21 +158,35 @@ def ingest(conn: Connection, plan: IngestPlan) -> IngestResult:
     return result
 
 
+def push_key(reg: Registration, conv: str, seq: int) -> str:
+    """The idempotency key of a push: ``<user>:<device>:<conv>:<first seq>``."""
+    return f"{reg.user}:{reg.device}:{conv}:{seq}"
+
+
+def _waiting(
+    conn: Connection, reg: Registration, conv: str, kind: str
+) -> Row[Any, Any, Any, Any] | None:
+    """The push of ``kind`` for ``reg``'s device in ``conv`` that has not been sent yet
+    (a later message or read folds into it)."""
+    j = push_jobs.c
+    return conn.execute(
+        select(j.id, j.key, j.count, j.seq).where(
+            j.user_id == reg.user,
+            j.device == reg.device,
+            j.conv == conv,
+            j.kind == kind,
+            j.provider == reg.provider,
+            j.state.in_(WAITING),
+        )
+    ).first()
+
+
 def _enqueue_message(
     conn: Connection, m: CommittedMessage, reg: Registration, plan: IngestPlan
 ) -> tuple[str, bool]:
     """Create the push of ``m`` for one device, or fold it into the waiting one."""
     j = push_jobs.c
-    found = conn.execute(
-        select(j.id, j.key, j.count, j.seq).where(
-            j.user_id == reg.user,
-            j.device == reg.device,
-            j.conv == m.conv,
-            j.kind == "message",
-            j.provider == reg.provider,
-            j.state.in_(WAITING),
-        )
-    ).first()
+    found = _waiting(conn, reg, m.conv, "message")
     if found is not None:
         conn.execute(
             update(push_jobs)
@@ -186,7 +200,7 @@ def _enqueue_message(
             )
         )
         return str(found.key), True
-    key = f"{reg.user}:{reg.device}:{m.conv}:{m.seq}"
+    key = push_key(reg, m.conv, m.seq)
     conn.execute(
         insert(push_jobs).values(
             key=key,
@@ -213,16 +227,7 @@ def _enqueue_read(conn: Connection, read: ReadMoved, reg: Registration, now: int
     """A silent ``read`` push for one of the user's other devices (a waiting one of the
     same conversation moves to the newer seq)."""
     j = push_jobs.c
-    found = conn.execute(
-        select(j.id, j.seq).where(
-            j.user_id == reg.user,
-            j.device == reg.device,
-            j.conv == read.conv,
-            j.kind == "read",
-            j.provider == reg.provider,
-            j.state.in_(WAITING),
-        )
-    ).first()
+    found = _waiting(conn, reg, read.conv, "read")
     if found is not None:
         conn.execute(
             update(push_jobs)
@@ -230,7 +235,7 @@ def _enqueue_read(conn: Connection, read: ReadMoved, reg: Registration, now: int
             .values(seq=max(found.seq, read.seq), updated=now)
         )
         return
-    key = f"{reg.user}:{reg.device}:{read.conv}:{read.seq}"
+    key = push_key(reg, read.conv, read.seq)
     exists = conn.execute(select(j.id).where(j.kind == "read", j.key == key)).first()
     if exists is not None:
         return
