@@ -319,7 +319,7 @@ def test_the_documented_recipe_and_example_are_the_tested_ones() -> None:
         seq=42,
         count=3,
         badge=7,
-        title="Bob",
+        title="bob",
         body="see you at 8",
         token="dev-81f2",
     )

@@ -61,7 +61,7 @@ class Push(msgspec.Struct, frozen=True, kw_only=True):
     badge: int
     """The user's unread total over every conversation, after these messages."""
     title: str
-    """Who or where: the sender's display name, or the room's name."""
+    """Who sent the last message: the sender's user id."""
     body: str
     """A preview of the last message (empty for ``read``)."""
 
