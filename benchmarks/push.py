@@ -7,8 +7,11 @@ it arrived, and counts repeated ``Idempotency-Key`` s. ``--recipients`` users ea
 in once, register their device with ``push.register {provider: "webhook", target:
 {token}}`` and disconnect: they are offline, so every message to them is due a push.
 ``--senders`` online users send them direct messages, sender ``s``'s ``k``-th message
-going to recipient ``(s + k * senders) mod recipients``: while the pipeline keeps up,
-a conversation gets its next message long after its previous push went out.
+going to recipient ``(s * recipients / senders + k) mod recipients``: each sender
+goes round every recipient, starting at its own offset, so there are senders ×
+recipients conversations and one gets its next message only after ``recipients``
+messages of its sender: while the pipeline keeps up, long after its previous push
+went out (each message is one push).
 
 ``push.collapse_delay`` is 0: with a delay, the messages of one conversation within
 it would fold into one push and the figure would count bursts, not pushes. A message
@@ -231,7 +234,7 @@ async def _send(
     n_s, n_r = len(clients), len(recipient_ids)
 
     async def send(c: Client, k: int, s: int) -> None:
-        to = recipient_ids[(s + k * n_s) % n_r]
+        to = recipient_ids[(s * n_r // n_s + k) % n_r]
         tally["started"] += 1
         try:
             await c.send_message(Client.direct_conv(c.user_id, to), f"{time.time():.6f}")
@@ -298,9 +301,21 @@ async def _measure(
         cpu["server1"] = harness.proc_cpu_seconds(server.pid)
         cpu["receiver1"] = harness.proc_cpu_seconds(receiver.pid)
 
+    async def profile() -> dict[str, Any] | None:
+        if not args.profile:
+            return None
+        await asyncio.sleep(max(0.0, t_measure - time.time()))
+        stamp = harness.timestamp()
+        path = harness.RESULTS_DIR / f"{SCENARIO}-{stamp}-server.speedscope.json"
+        profiler = harness.PySpy(server.pid, args.duration, path)
+        profiler.start()
+        return await asyncio.to_thread(profiler.summary)
+
     sampler = asyncio.create_task(sample_cpu())
+    profiler = asyncio.create_task(profile())
     tally = await _send(server, senders, recipient_ids, args, t_end)
     await sampler
+    summary = await profiler
     deadline = time.monotonic() + args.drain_timeout
     while True:
         rec = await asyncio.to_thread(receiver.records)
@@ -308,7 +323,14 @@ async def _measure(
         if covered >= tally["acked"] or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.25)
-    return {"tally": tally, "records": rec, "cpu": cpu, "t_measure": t_measure, "t_end": t_end}
+    return {
+        "tally": tally,
+        "records": rec,
+        "cpu": cpu,
+        "t_measure": t_measure,
+        "t_end": t_end,
+        "profile": summary,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -403,7 +425,13 @@ def run(args: argparse.Namespace) -> int:
             "bad_signatures": rec["bad_signature"],
         },
     }
+    profile = result["profile"]
+    if profile is not None:
+        out["profile"] = profile
+        report.notes.append("py-spy sampled the server during the measured interval (costs CPU)")
     path = harness.write_results(SCENARIO, out, stamp)
-    harness.print_report(report)
+    harness.print_report(report, profile if profile and profile.get("samples") else None)
+    if profile and profile.get("error"):
+        harness.console.print(f"py-spy failed: {profile['error']}")
     harness.console.print(f"[dim]results: {path}[/dim]")
     return 1 if report.failures else 0

@@ -101,6 +101,14 @@ class Rooms:
     async def invitations_of(self, user: UserId) -> Sequence[str]:
         return [room for room, users in self.invited.items() if user in users]
 
+    async def listed_rooms(self, users: Sequence[UserId]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for user in users:
+            rooms = [*await self.rooms_of(user), *await self.invitations_of(user)]
+            if rooms:
+                found[user] = list(dict.fromkeys(rooms))
+        return found
+
 
 @dataclass
 class Delivery:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Self, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -169,17 +169,19 @@ def _begin_deferred(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
-def sqlite_engine(url: str, *, writer: bool) -> Engine:
+def sqlite_engine(url: str, *, writer: bool, autocheckpoint: bool = False) -> Engine:
     """A synchronous engine on the SQLite database of ``url`` (an async URL is fine).
 
     The writer's transactions start with ``BEGIN IMMEDIATE``: it holds the write
     lock from its first read, so what it loads is what it writes against. A
     reader's transaction is a plain ``BEGIN``: one snapshot per store operation.
+    The writer checkpoints the WAL at its commits (SQLite's default) only with
+    ``autocheckpoint``; without, its owner runs :func:`checkpoint` elsewhere.
     """
     engine = create_engine(sql.sync_url(url), connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _no_implicit_begin)
     event.listen(engine, "connect", sql.set_sqlite_pragmas)
-    if writer:
+    if writer and not autocheckpoint:
         event.listen(engine, "connect", _no_autocheckpoint)
     event.listen(engine, "begin", _begin_immediate if writer else _begin_deferred)
     return engine
@@ -211,6 +213,27 @@ class SqlStore:
     def on_engine(cls, engine: AsyncEngine) -> Self:
         """A store on one async engine (any dialect): a pooled connection per operation."""
         return cls(AsyncRunner(engine))
+
+    @classmethod
+    def with_writer_thread(cls, url: str) -> Self:
+        """A store on the database at ``url`` whose writes never contend with each other.
+
+        SQLite: every write runs on one thread through one pinned connection (so two
+        writers of the store never wait on the file's lock, and a long write does not
+        block the event loop), reads on a thread of their own. Other dialects:
+        :meth:`on_engine`.
+        """
+        if make_url(url).get_backend_name() != "sqlite":
+            return cls.on_engine(sql.make_engine(url))
+        name = cls.name.replace(" ", "-")
+        return cls(
+            ThreadRunner(sqlite_engine(url, writer=False), name=f"{name}-read"),
+            ThreadRunner(
+                sqlite_engine(url, writer=True, autocheckpoint=True),
+                pinned=True,
+                name=f"{name}-write",
+            ),
+        )
 
     def _failure(self, exc: SQLAlchemyError | OSError) -> Exception:
         """What ``exc``, raised by the database, becomes at this store's boundary:

@@ -90,6 +90,11 @@ class RoomDirectory(Protocol):
     async def invitations_of(self, user: UserId) -> Sequence[RoomId]:
         """Rooms the user is invited to and has not joined (listed in ``convs``)."""
 
+    async def listed_rooms(self, users: Sequence[UserId]) -> dict[str, list[RoomId]]:
+        """user -> the rooms ``convs`` lists for the user (joined or invited to), for
+        many users in one call (the badges of a push batch); users without any are
+        left out."""
+
 
 class FileRef(msgspec.Struct, frozen=True, kw_only=True):
     """What a ``file``/``image`` message needs to know about the file it names."""
@@ -241,8 +246,9 @@ class MessageService(Protocol):
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation with ``user`` (presence recipients)."""
 
-    async def unread_total(self, user: UserId) -> int:
-        """The user's unread messages over every conversation (a push's badge)."""
+    async def unread_totals(self, users: Sequence[UserId]) -> dict[str, int]:
+        """user -> unread messages over every conversation of the user: the badges of
+        a batch of pushes, in one call."""
 
     async def conv_members(self, conv: ConvId) -> list[str]:
         """The conversation's members now (``bad_request`` for a malformed id,

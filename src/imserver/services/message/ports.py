@@ -7,7 +7,7 @@ used only by the service's single writer; reads see exactly what has been commit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -55,6 +55,11 @@ class MessageStore(Protocol):
     async def conv_states(self, user: str, convs: Sequence[ConvId]) -> dict[ConvId, ConvState]:
         """Last seq, ``user``'s markers, unread and mention counts and the last message
         of each of ``convs``."""
+        ...
+
+    async def unread_totals(self, wanted: Mapping[str, Sequence[ConvId]]) -> dict[str, int]:
+        """user -> unread messages over ``wanted[user]`` and the user's direct
+        conversations."""
         ...
 
     async def direct_convs(self, user: str) -> dict[UserId, ConvId]:

@@ -7,7 +7,7 @@ Each is a synchronous function of a connection, run by the store on a reader
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -20,6 +20,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     func,
+    literal_column,
     or_,
     select,
     union_all,
@@ -89,7 +90,71 @@ class LastSeqLookup:
 
 _LAST_SEQS = LastSeqLookup()
 
+
+class UnreadCount:
+    """Unread messages of many (user, conv, read seq) triples in one statement: a
+    union of one ``(SELECT count(*) WHERE conv = ? AND seq > ? AND sender <> ? ...)``
+    per triple, each a range of the (conv, seq) index. Unread = past the read seq, not
+    sent by the user, of a type in :data:`UNREAD_TYPES`, not recalled. Sized and
+    compiled like :class:`KeyLookup`.
+    """
+
+    SIZES = (1, 8, 64)
+
+    def __init__(self) -> None:
+        self._stmts: dict[int, DriverStatement] = {}
+
+    def _stmt(self, size: int) -> DriverStatement:
+        stmt = self._stmts.get(size)
+        if stmt is None:
+            c = messages.c
+            parts = [
+                select(
+                    cast(bindparam(f"u{i}", type_=String(64)), String(64)).label("user_id"),
+                    cast(bindparam(f"c{i}", type_=String(200)), String(200)).label("conv"),
+                    select(func.count())
+                    .where(
+                        c.conv == bindparam(f"c{i}", type_=String(200)),
+                        c.seq > bindparam(f"s{i}", type_=BigInteger),
+                        c.sender != bindparam(f"u{i}", type_=String(64)),
+                        c.type.in_([literal_column(f"'{t}'") for t in UNREAD_TYPES]),
+                        c.recalled.is_(False),
+                    )
+                    .scalar_subquery()
+                    .label("n"),
+                )
+                for i in range(size)
+            ]
+            stmt = DriverStatement(parts[0] if size == 1 else union_all(*parts))
+            self._stmts[size] = stmt
+        return stmt
+
+    def fetch(
+        self, conn: Connection, behind: Sequence[tuple[str, ConvId, int]]
+    ) -> list[tuple[str, ConvId, int]]:
+        """(user, conv, unread) of each (user, conv, read seq) of ``behind`` with any."""
+        found: list[tuple[str, ConvId, int]] = []
+        for chunk in chunks(behind, self.SIZES[-1]):
+            size = next(n for n in self.SIZES if n >= len(chunk))
+            params: dict[str, Any] = {}
+            for i in range(size):
+                user, conv, seq = chunk[i] if i < len(chunk) else ("", "", 0)
+                params.update({f"u{i}": user, f"c{i}": conv, f"s{i}": seq})
+            found.extend(
+                (user, conv, int(n))
+                for user, conv, n in self._stmt(size).execute(conn, params)
+                if n and user
+            )
+        return found
+
+
+_UNREAD = UnreadCount()
+
 _MESSAGES = KeyLookup(MSG_COLS, [messages.c.conv, messages.c.seq])
+
+_READ_MARKERS = KeyLookup(
+    [markers.c.user_id, markers.c.conv, markers.c.read_seq], [markers.c.user_id, markers.c.conv]
+)
 
 _REACTIONS = KeyLookup(
     [reactions.c.conv, reactions.c.seq, reactions.c.emoji, reactions.c.user_id, reactions.c.rseq],
@@ -204,28 +269,14 @@ def history(
 
 def conv_states(conn: Connection, user: str, convs: Sequence[ConvId]) -> dict[ConvId, ConvState]:
     c = messages.c
-    mm = message_mentions.c
-    k = markers.c
     last = last_seqs(conn, convs)
-    marks: dict[ConvId, tuple[int, int]] = {}
-    for chunk in chunks(list(convs)):
-        stmt = select(k.conv, k.read_seq, k.recv_seq).where(k.user_id == user, k.conv.in_(chunk))
-        for r in conn.execute(stmt):
-            marks[r.conv] = (r.read_seq, r.recv_seq)
+    marks = _markers(conn, user, convs)
     read = {cv: min(marks.get(cv, (0, 0))[0], last[cv]) for cv in convs}
-    # Unread counts only where something lies past the read marker: one grouped
-    # query per chunk, each conversation a range of the (conv, seq) index.
     behind = [(cv, read[cv]) for cv in convs if read[cv] < last[cv]]
-    unread: dict[ConvId, int] = {}
+    unread = {cv: n for _, cv, n in _UNREAD.fetch(conn, [(user, cv, seq) for cv, seq in behind])}
+    mm = message_mentions.c
     mentioned: dict[ConvId, int] = {}
     for part in chunks(behind, CHUNK // 2):
-        ranges = or_(*(and_(c.conv == cv, c.seq > seq) for cv, seq in part))
-        ustmt = (
-            select(c.conv, func.count())
-            .where(ranges, c.sender != user, c.type.in_(UNREAD_TYPES), c.recalled.is_(False))
-            .group_by(c.conv)
-        )
-        unread.update({cv: int(n) for cv, n in conn.execute(ustmt)})
         mranges = or_(*(and_(mm.conv == cv, mm.seq > seq) for cv, seq in part))
         mstmt = (
             select(mm.conv, func.count())
@@ -250,6 +301,43 @@ def conv_states(conn: Connection, user: str, convs: Sequence[ConvId]) -> dict[Co
         )
         for cv in convs
     }
+
+
+def unread_totals(conn: Connection, wanted: Mapping[str, Sequence[ConvId]]) -> dict[str, int]:
+    """user -> unread messages over ``wanted[user]`` and the user's direct
+    conversations (a push batch's badges: a few statements for the whole batch)."""
+    d = direct_peers.c
+    direct: dict[str, list[ConvId]] = {}
+    for chunk in chunks(list(wanted)):
+        for user, conv in conn.execute(select(d.user_id, d.conv).where(d.user_id.in_(chunk))):
+            direct.setdefault(user, []).append(conv)
+    pairs = [
+        (user, conv)
+        for user, convs in wanted.items()
+        for conv in dict.fromkeys([*convs, *direct.get(user, ())])
+    ]
+    last = last_seqs(conn, list({conv for _, conv in pairs}))
+    read = {(r.user_id, r.conv): r.read_seq for r in _READ_MARKERS.fetch(conn, pairs)}
+    behind = [
+        (user, conv, seq)
+        for user, conv in pairs
+        if (seq := min(read.get((user, conv), 0), last[conv])) < last[conv]
+    ]
+    out = dict.fromkeys(wanted, 0)
+    for user, _, n in _UNREAD.fetch(conn, behind):
+        out[user] += n
+    return out
+
+
+def _markers(conn: Connection, user: str, convs: Sequence[ConvId]) -> dict[ConvId, tuple[int, int]]:
+    """conv -> (read_seq, recv_seq) of ``user``, where a marker row exists."""
+    k = markers.c
+    marks: dict[ConvId, tuple[int, int]] = {}
+    for chunk in chunks(list(convs)):
+        stmt = select(k.conv, k.read_seq, k.recv_seq).where(k.user_id == user, k.conv.in_(chunk))
+        for r in conn.execute(stmt):
+            marks[r.conv] = (r.read_seq, r.recv_seq)
+    return marks
 
 
 def referenced_files(conn: Connection, file_ids: Sequence[str]) -> set[str]:

@@ -48,7 +48,7 @@ from imserver.services.message.writer import MessageWriter, publish_conv
 from imserver.storage import sql
 from imserver.storage.bus import LiveBus, Publication
 from imserver.utils.errors import BadRequest, Forbidden, IMError, NotFound, TooLarge, Unavailable
-from imserver.utils.ids import ConvId, LoginId, RoomId, UserId, random_id
+from imserver.utils.ids import ConvId, RoomId, UserId, random_id
 
 MIGRATIONS = "imserver.services.message.migrations"
 SYSTEM_SENDER: Final = "system"
@@ -486,9 +486,15 @@ class LocalMessageService:
                 self._writer.peers.put(user, peers)
         return list(peers)
 
-    async def unread_total(self, user: UserId) -> int:
-        """The user's unread messages over every conversation (a push's badge)."""
-        return sum(c.unread for c in await self.convs(Caller(user, LoginId(""))))
+    async def unread_totals(self, users: Sequence[UserId]) -> dict[str, int]:
+        """user -> unread messages over the conversations ``convs`` lists for the user
+        (system, direct, rooms joined and invited to): one store read for all."""
+        listed = await ask(self._rooms.listed_rooms(users)) if self._rooms is not None else {}
+        wanted: dict[str, list[ConvId]] = {
+            user: [system_conv(user), *(room_conv(r) for r in listed.get(user, ()))]
+            for user in dict.fromkeys(users)
+        }
+        return await self._store.unread_totals(wanted)
 
     async def conv_members(self, conv: ConvId) -> list[str]:
         """The conversation's members now."""

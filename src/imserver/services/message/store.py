@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -227,6 +227,13 @@ class SqlMessageStore(SqlStore):
         if not convs:
             return {}
         return await self._read(reads.conv_states, user, list(convs))
+
+    async def unread_totals(self, wanted: Mapping[str, Sequence[ConvId]]) -> dict[str, int]:
+        """user -> unread messages over ``wanted[user]`` and the user's direct
+        conversations."""
+        if not wanted:
+            return {}
+        return await self._read(reads.unread_totals, dict(wanted))
 
     async def referenced_files(self, file_ids: Sequence[str]) -> set[str]:
         """Those of ``file_ids`` named by a stored message."""

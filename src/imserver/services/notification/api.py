@@ -22,8 +22,8 @@ from imserver.utils.ids import ConvId, UserId
 class MessageSource(Protocol):
     """What the notification service needs from the message service."""
 
-    async def unread_total(self, user: UserId) -> int:
-        """The badge: the user's unread messages over every conversation."""
+    async def unread_totals(self, users: Sequence[UserId]) -> dict[str, int]:
+        """The badges: user -> unread messages over every conversation."""
 
     async def check_member(self, user: UserId, conv: ConvId) -> None:
         """Raise unless ``user`` may read ``conv`` (``forbidden``, ``not_found``,

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, func, insert, select, update
 
 from imserver.services.message.api import CommittedMessage, ReadMoved
 from imserver.services.notification.providers.base import Registration
@@ -92,6 +92,7 @@ def ingest(conn: Connection, plan: IngestPlan) -> IngestResult:
     users = sorted({u for m in msgs for u in m.members} | {r.user for r in plan.reads})
     regs = _registrations_of(conn, users, plan.providers)
     settings = _settings_of(conn, {(u, m.conv) for m in msgs for u in m.members})
+    outbox = _Outbox.load(conn, [u for u in users if u in regs], plan)
     touched: set[str] = set()
     decisions: list[dict[str, Any]] = []
     for m in msgs:
@@ -113,7 +114,7 @@ def ingest(conn: Connection, plan: IngestPlan) -> IngestResult:
             jobs: list[tuple[str, str, str, bool]] = []
             if decision.due:
                 for reg in user_regs:
-                    key, collapsed = _enqueue_message(conn, m, reg, plan)
+                    key, collapsed = outbox.add(m, reg)
                     jobs.append((reg.device, reg.provider, key, collapsed))
                     touched.add(reg.provider)
                     if collapsed:
@@ -140,6 +141,7 @@ def ingest(conn: Connection, plan: IngestPlan) -> IngestResult:
                     "created": now,
                 }
             )
+    outbox.store(conn)
     if decisions:
         conn.execute(insert(push_decisions), decisions)
     for read in plan.reads:
@@ -181,46 +183,119 @@ def _waiting(
     ).first()
 
 
-def _enqueue_message(
-    conn: Connection, m: CommittedMessage, reg: Registration, plan: IngestPlan
-) -> tuple[str, bool]:
-    """Create the push of ``m`` for one device, or fold it into the waiting one."""
-    j = push_jobs.c
-    found = _waiting(conn, reg, m.conv, "message")
-    if found is not None:
-        conn.execute(
-            update(push_jobs)
-            .where(j.id == found.id)
-            .values(
-                count=found._mapping["count"] + 1,
-                seq=max(found.seq, m.seq),
-                title=m.sender,
-                body=m.body,
-                updated=plan.now,
+class _Waiting(msgspec.Struct, kw_only=True):
+    """A ``message`` push of one (user, device, provider, conv) not sent yet: a row
+    loaded from the outbox (``id`` set) or one this ingest creates (``id`` None)."""
+
+    id: int | None
+    key: str
+    seq: int
+    count: int
+    title: str
+    body: str
+    changed: bool = False
+
+
+class _Outbox:
+    """The ``message`` pushes one ingest creates or folds messages into, written at
+    the end in two statements (an insert of the new ones, an update of the others)."""
+
+    def __init__(self, waiting: dict[tuple[str, str, str, str], _Waiting], plan: IngestPlan):
+        self._waiting = waiting
+        self._plan = plan
+
+    @classmethod
+    def load(cls, conn: Connection, users: Sequence[str], plan: IngestPlan) -> _Outbox:
+        """The waiting ``message`` pushes of ``users`` (every device and conversation)."""
+        j = push_jobs.c
+        waiting: dict[tuple[str, str, str, str], _Waiting] = {}
+        for chunk in chunks(users):
+            rows = conn.execute(
+                select(
+                    j.id,
+                    j.key,
+                    j.seq,
+                    j.count,
+                    j.title,
+                    j.body,
+                    j.user_id,
+                    j.device,
+                    j.provider,
+                    j.conv,
+                ).where(j.user_id.in_(chunk), j.kind == "message", j.state.in_(WAITING))
             )
-        )
-        return str(found.key), True
-    key = push_key(reg, m.conv, m.seq)
-    conn.execute(
-        insert(push_jobs).values(
-            key=key,
-            kind="message",
-            user_id=reg.user,
-            device=reg.device,
-            provider=reg.provider,
-            conv=m.conv,
-            seq=m.seq,
-            count=1,
-            title=m.sender,
-            body=m.body,
-            state=QUEUED,
-            attempts=0,
-            next_at=plan.now + plan.collapse_ms,
-            created=plan.now,
-            updated=plan.now,
-        )
-    )
-    return key, False
+            for row in rows:
+                waiting[(row.user_id, row.device, row.provider, row.conv)] = _Waiting(
+                    id=row.id,
+                    key=row.key,
+                    seq=row.seq,
+                    count=row._mapping["count"],
+                    title=row.title,
+                    body=row.body,
+                )
+        return cls(waiting, plan)
+
+    def add(self, m: CommittedMessage, reg: Registration) -> tuple[str, bool]:
+        """The push of ``m`` for one device, folded into the waiting one if any: its
+        key and whether it folded."""
+        where = (reg.user, reg.device, reg.provider, m.conv)
+        found = self._waiting.get(where)
+        if found is None:
+            key = push_key(reg, m.conv, m.seq)
+            self._waiting[where] = _Waiting(
+                id=None, key=key, seq=m.seq, count=1, title=m.sender, body=m.body
+            )
+            return key, False
+        found.count += 1
+        found.seq = max(found.seq, m.seq)
+        found.title, found.body, found.changed = m.sender, m.body, True
+        return found.key, True
+
+    def store(self, conn: Connection) -> None:
+        """Insert the new pushes, update the ones messages folded into."""
+        now = self._plan.now
+        new = [
+            {
+                "key": w.key,
+                "kind": "message",
+                "user_id": user,
+                "device": device,
+                "provider": provider,
+                "conv": conv,
+                "seq": w.seq,
+                "count": w.count,
+                "title": w.title,
+                "body": w.body,
+                "state": QUEUED,
+                "attempts": 0,
+                "next_at": now + self._plan.collapse_ms,
+                "created": now,
+                "updated": now,
+            }
+            for (user, device, provider, conv), w in self._waiting.items()
+            if w.id is None
+        ]
+        if new:
+            conn.execute(insert(push_jobs), new)
+        folded = [
+            {"b_id": w.id, "b_count": w.count, "b_seq": w.seq, "b_title": w.title, "b_body": w.body}
+            for w in self._waiting.values()
+            if w.id is not None and w.changed
+        ]
+        if folded:
+            j = push_jobs.c
+            conn.execute(
+                update(push_jobs)
+                .where(j.id == bindparam("b_id"))
+                .values(
+                    count=bindparam("b_count"),
+                    seq=bindparam("b_seq"),
+                    title=bindparam("b_title"),
+                    body=bindparam("b_body"),
+                    updated=now,
+                ),
+                folded,
+            )
 
 
 def _enqueue_read(conn: Connection, read: ReadMoved, reg: Registration, now: int) -> None:
@@ -304,16 +379,15 @@ def _registrations_of(
 
 
 def _settings_of(conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    """(user, conv) -> (muted_until, level) of those of ``keys`` with a setting: the
+    settings of the users asked (a user has few), kept where the conversation is."""
     found: dict[tuple[str, str], tuple[int, str]] = {}
     c = conv_settings.c
-    for conv in {k[1] for k in keys}:
-        users = sorted(u for u, cv in keys if cv == conv)
-        for chunk in chunks(users):
-            rows = conn.execute(
-                select(c.user_id, c.muted_until, c.level).where(
-                    c.conv == conv, c.user_id.in_(chunk)
-                )
-            )
-            for row in rows:
-                found[(row.user_id, conv)] = (int(row.muted_until), str(row.level))
+    for chunk in chunks(sorted({user for user, _ in keys})):
+        rows = conn.execute(
+            select(c.user_id, c.conv, c.muted_until, c.level).where(c.user_id.in_(chunk))
+        )
+        for row in rows:
+            if (row.user_id, row.conv) in keys:
+                found[(row.user_id, row.conv)] = (int(row.muted_until), str(row.level))
     return found

@@ -1,6 +1,6 @@
 """The notification service's tables (``notification.db``) and the one row type the
 store and the ingest both read (:func:`registration_from_row`); the migration
-``notification_0001`` creates the tables and a test compares the two.
+the migrations (``notification_0001`` and on) create them and a test compares the two.
 
 - ``registrations`` — one row per (user, device, provider): where pushes for that
   device go. A device is a login session.
@@ -96,7 +96,7 @@ push_jobs = Table(
     Index("uq_push_jobs_kind_key", "kind", "key", unique=True),
     Index("ix_push_jobs_state_next", "state", "next_at"),
     Index("ix_push_jobs_provider_state", "provider", "state"),
-    Index("ix_push_jobs_target", "user_id", "device", "conv", "kind", "state"),
+    Index("ix_push_jobs_waiting", "kind", "state", "user_id", "device", "conv"),
 )
 
 push_attempts = Table(

@@ -67,9 +67,9 @@ from imserver.services.notification.schema import (
     RETRY_WAIT,
     SENT,
 )
-from imserver.services.notification.store import Job, SqlNotificationStore
+from imserver.services.notification.store import Claimed, Finished, Job, SqlNotificationStore
 from imserver.services.peers import Peer
-from imserver.storage.sql import make_engine, upgrade
+from imserver.storage.sql import upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.config import PushConfig
 from imserver.utils.errors import BadRequest, IMError, Unavailable
@@ -87,6 +87,11 @@ CURSOR_INTERVAL_MS = 1000
 """How often the cursor alone is written while no message concerns a registered user:
 a catch-up then reads at most this much more than it must (the overlap is skipped)."""
 PRUNE_INTERVAL_S = 3600.0
+PREFETCH = 4
+"""Jobs claimed per provider: up to ``PREFETCH * concurrency`` in flight or ready, so
+a slot that frees starts the next push at once, not after a database turn."""
+CLOSE_GRACE_S = 2.0
+"""Seconds a closing service waits for the pushes in flight to be answered."""
 
 
 class LocalNotificationService:
@@ -122,7 +127,13 @@ class LocalNotificationService:
         self._ingest_wake = asyncio.Event()
         self._work_wake = asyncio.Event()
         self._inflight: dict[str, int] = dict.fromkeys(providers.by_name, 0)
+        self._ready: dict[str, deque[tuple[Job, int]]] = {
+            name: deque() for name in providers.by_name
+        }
+        """Claimed jobs (with their badges) waiting for a free slot of their provider."""
         self._sends: set[asyncio.Task[None]] = set()
+        self._answers: list[Finished] = []
+        """Answers of finished sends the worker has yet to store."""
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._caught_up = asyncio.Event()
@@ -141,21 +152,27 @@ class LocalNotificationService:
         ]
 
     async def close(self) -> None:
-        """Store what was handed over, stop the worker (a push in flight stays
-        ``sending`` and is sent again at the next start), release everything."""
+        """Store what was handed over, stop claiming, give the pushes in flight
+        :data:`CLOSE_GRACE_S` to answer (the others stay ``sending`` and are sent again
+        at the next start), store the answers, release everything."""
         if self._closed:
             return
         self._closed = True
         self._ingest_wake.set()
+        ingest, worker = self._tasks
+        with contextlib.suppress(asyncio.CancelledError):
+            await ingest
         self._work_wake.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._sends:
+            await asyncio.wait(set(self._sends), timeout=CLOSE_GRACE_S)
         for send in list(self._sends):
             send.cancel()
         for send in list(self._sends):
             with contextlib.suppress(asyncio.CancelledError):
                 await send
+        self._work_wake.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
         for provider in self._providers.by_name.values():
             try:
                 await provider.close()
@@ -421,14 +438,24 @@ class LocalNotificationService:
         return await self._store.waiting()
 
     async def _work_loop(self) -> None:
+        """One transaction per turn: store the answers that came since the last turn
+        and claim what the free slots can take (a group commit of both), start those
+        sends, then sleep until an answer, a new job or the next due time."""
         try:
             await self._store.resume(now_ms())
         except Exception:
             logger.exception("push worker could not resume")
         loop = asyncio.get_running_loop()
         next_prune = next_depth = loop.time()
-        while not self._closed:
+        while True:
             self._work_wake.clear()
+            closing = self._closed
+            answers, self._answers = self._answers, []
+            free = {
+                name: PREFETCH * self._config.concurrency - self._inflight[name] - len(ready)
+                for name, ready in self._ready.items()
+                if not closing
+            }
             try:
                 if loop.time() >= next_prune:
                     next_prune = loop.time() + PRUNE_INTERVAL_S
@@ -436,64 +463,93 @@ class LocalNotificationService:
                 if loop.time() >= next_depth:
                     next_depth = loop.time() + 1.0
                     self.stats.depth = await self._store.waiting()
-                claimed = await self._claim_due()
-                due = await self._store.next_due()
+                turn = await self._store.exchange(answers, free, now_ms())
             except Exception:
                 logger.exception("push worker failed")
-                claimed, due = 0, None
+                self._answers[:0] = answers
+                if closing and not self._sends:
+                    return  # the unrecorded stay ``sending``: sent again at the next start
                 await asyncio.sleep(1.0)
-            wait = PRUNE_INTERVAL_S if due is None else max(0.0, (due - now_ms()) / 1000)
-            if wait == 0 and not claimed:
-                # Pushes are due but every slot is in flight: a finishing send wakes the
-                # loop (without this it would query the queue without pause).
-                wait = 1.0
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work_wake.wait(), timeout=min(wait, 1.0))
-
-    async def _claim_due(self) -> int:
-        """Start the due pushes each provider has slots for; how many were started."""
-        now = now_ms()
-        claimed = 0
-        for name, provider in self._providers.by_name.items():
-            free = self._config.concurrency - self._inflight[name]
-            if free <= 0:
                 continue
-            for job in await self._store.claim(name, now, free):
-                self._inflight[name] += 1
-                claimed += 1
-                task = asyncio.get_running_loop().create_task(self._send(provider, job))
-                self._sends.add(task)
-                task.add_done_callback(self._sends.discard)
-        return claimed
+            self._count(answers)
+            await self._start(turn.claimed)
+            if closing and not self._sends and not self._answers:
+                return
+            full = any(
+                len(turn.claimed[name].jobs) + turn.claimed[name].abandoned == n
+                for name, n in free.items()
+                if n > 0
+            )
+            if full or self._answers:
+                continue  # more may be due, or answers came meanwhile
+            # Each provider with room took all its due jobs: what is due now waits for
+            # room, which an answer makes (it wakes the loop, as a new job does).
+            due = turn.next_due
+            wait = 1.0 if due is None else min(1.0, (due - now_ms()) / 1000)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work_wake.wait(), wait if wait > 0 else 1.0)
 
-    async def _send(self, provider: Provider, job: Job) -> None:
-        try:
-            await self._attempt(provider, job)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("push %s failed outside its provider", job.key)
-        finally:
-            self._inflight[job.provider] -= 1
-            self._work_wake.set()
+    def _count(self, answers: Sequence[Finished]) -> None:
+        for done in answers:
+            self.stats.results[(done.job.provider, done.state)] += 1
+            if done.state == DEAD:
+                self.stats.dead += 1
 
-    async def _attempt(self, provider: Provider, job: Job) -> None:
-        reg = await self._store.registration(job.user, job.device, job.provider)
-        if reg is None:
-            await self._store.abandon(job, now_ms())
-            self.stats.results[(job.provider, FAILED)] += 1
+    async def _start(self, claimed: dict[str, Claimed]) -> None:
+        """Start the sends of the claimed jobs (their badges asked in one call)."""
+        jobs = [job for taken in claimed.values() for job in taken.jobs]
+        for name, taken in claimed.items():
+            self.stats.results[(name, FAILED)] += taken.abandoned
+        if not jobs:
             return
-        badge = 0
+        badges = await self._badges([job.registration.user for job in jobs])
+        for job in jobs:
+            self._ready[job.provider].append((job, badges.get(job.registration.user, 0)))
+        for name in claimed:
+            self._pump(name)
+
+    def _pump(self, name: str) -> None:
+        """Start ready jobs of provider ``name`` while it has free slots."""
+        ready = self._ready[name]
+        if self._closed:
+            ready.clear()  # still ``sending``: sent at the next start
+        provider = self._providers.by_name[name]
+        while ready and self._inflight[name] < self._config.concurrency:
+            job, badge = ready.popleft()
+            self._inflight[name] += 1
+            task = asyncio.get_running_loop().create_task(self._send(provider, job, badge))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _badges(self, users: list[str]) -> dict[str, int]:
+        """user -> badge (unread total) for a claimed batch; none when the message
+        service does not answer (the pushes go without)."""
         try:
-            badge = await self._messages().unread_total(UserId(job.user))
+            return await self._messages().unread_totals([UserId(u) for u in users])
         except IMError:
-            logger.warning("no badge for %s: the message service did not answer", job.user)
+            logger.warning("no badges for %d pushes: the message service failed", len(users))
+            return {}
+
+    async def _send(self, provider: Provider, job: Job, badge: int) -> None:
+        """Send one push, free its slot and hand its answer to the worker."""
+        try:
+            outcome = await self._deliver(provider, job, badge)
+        except asyncio.CancelledError:
+            self._release(job.provider)  # still ``sending``: sent again at the next start
+            raise
+        except Exception as exc:  # a bug outside the provider: recorded as a retry
+            logger.exception("push %s failed outside its provider", job.key)
+            outcome = Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
+        self._answers.append(self._next_state(job, outcome))
+        self._release(job.provider)
+
+    async def _deliver(self, provider: Provider, job: Job, badge: int) -> Outcome:
+        reg = job.registration
         push = Push(
             key=job.key,
             kind="read" if job.kind == "read" else "message",
-            user=job.user,
-            device=job.device,
+            user=reg.user,
+            device=reg.device,
             conv=job.conv,
             seq=job.seq,
             count=job.count,
@@ -502,12 +558,16 @@ class LocalNotificationService:
             body=job.body,
         )
         try:
-            outcome = await asyncio.wait_for(provider.send(reg, push), self._send_timeout)
+            return await asyncio.wait_for(provider.send(reg, push), self._send_timeout)
         except TimeoutError:
-            outcome = Outcome(status="retry", detail=f"no answer in {self._send_timeout:g} s")
+            return Outcome(status="retry", detail=f"no answer in {self._send_timeout:g} s")
         except Exception as exc:
             logger.exception("push provider %s raised", job.provider)
-            outcome = Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
+            return Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
+
+    def _next_state(self, job: Job, outcome: Outcome) -> Finished:
+        """The job's state after ``outcome``: final, or ``retry-wait`` until a backoff
+        (or the provider's ``Retry-After``), or ``dead`` after ``max_attempts``."""
         now = now_ms()
         next_at = now
         if outcome.status == "sent":
@@ -518,7 +578,6 @@ class LocalNotificationService:
             state = FAILED
         elif job.attempts + 1 >= self._config.max_attempts:
             state = DEAD
-            self.stats.dead += 1
         else:
             state = RETRY_WAIT
             if outcome.retry_after is not None:
@@ -531,8 +590,12 @@ class LocalNotificationService:
                     self._rand.random(),
                 )
             next_at = now + int(delay * 1000)
-        await self._store.finish(job, outcome, state, next_at, now)
-        self.stats.results[(job.provider, state)] += 1
+        return Finished(job=job, outcome=outcome, state=state, next_at=next_at, at=now)
+
+    def _release(self, provider: str) -> None:
+        self._inflight[provider] -= 1
+        self._pump(provider)
+        self._work_wake.set()
 
 
 async def open_notification_service(
@@ -551,7 +614,7 @@ async def open_notification_service(
     if providers is None:
         providers = await asyncio.to_thread(build_providers, config, data_dir)
     service = LocalNotificationService(
-        SqlNotificationStore.on_engine(make_engine(url)),
+        SqlNotificationStore.with_writer_thread(url),
         providers,
         messages=messages,
         config=config,

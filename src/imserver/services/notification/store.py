@@ -9,10 +9,11 @@ is one transaction of its own, written in
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
 
 from imserver.protocol.models import PushAttempt, PushJob, PushRecipient, PushRegistration
 from imserver.services.notification.ingest import CURSOR_TS, IngestPlan, IngestResult, ingest
@@ -28,7 +29,6 @@ from imserver.services.notification.schema import (
     push_cursor,
     push_decisions,
     push_jobs,
-    registration_from_row,
     registrations,
 )
 from imserver.storage.runners import SqlStore
@@ -40,8 +40,6 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     key: str
     kind: str
-    user: str
-    device: str
     provider: str
     conv: str
     seq: int
@@ -49,6 +47,34 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     title: str
     body: str
     attempts: int
+    registration: Registration
+    """Where it goes (its user, device and provider's target)."""
+
+
+class Claimed(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`SqlNotificationStore.claim` took: the jobs to send, and how many due
+    jobs it failed because their registration was gone."""
+
+    jobs: list[Job]
+    abandoned: int
+
+
+class Turn(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker turn (:meth:`SqlNotificationStore.exchange`) claimed, and when the
+    earliest job still waiting is due (ms), if any."""
+
+    claimed: dict[str, Claimed]
+    next_due: int | None
+
+
+class Finished(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt's answer and the job's next state."""
+
+    job: Job
+    outcome: Outcome
+    state: str
+    next_at: int
+    at: int
 
 
 class SqlNotificationStore(SqlStore):
@@ -131,18 +157,6 @@ class SqlNotificationStore(SqlStore):
 
         return await self._read(run)
 
-    async def registration(self, user: str, device: str, provider: str) -> Registration | None:
-        def run(conn: Connection) -> Registration | None:
-            r = registrations.c
-            row = conn.execute(
-                select(registrations).where(
-                    r.user_id == user, r.device == device, r.provider == provider
-                )
-            ).first()
-            return None if row is None else registration_from_row(row)
-
-        return await self._read(run)
-
     async def set_setting(self, user: str, conv: str, **values: Any) -> None:
         """Set ``muted_until`` and/or ``level`` of (user, conv)."""
 
@@ -189,91 +203,15 @@ class SqlNotificationStore(SqlStore):
 
         return await self._write(run)
 
-    async def claim(self, provider: str, now: int, limit: int) -> list[Job]:
-        """Up to ``limit`` due waiting jobs of ``provider``, oldest first, now ``sending``."""
-
-        def run(conn: Connection) -> list[Job]:
-            j = push_jobs.c
-            rows = conn.execute(
-                select(push_jobs)
-                .where(j.state.in_(WAITING), j.next_at <= now, j.provider == provider)
-                .order_by(j.next_at, j.id)
-                .limit(limit)
-            ).all()
-            if not rows:
-                return []
-            ids = [row.id for row in rows]
-            conn.execute(update(push_jobs).where(j.id.in_(ids)).values(state=SENDING, updated=now))
-            return [
-                Job(
-                    id=row.id,
-                    key=row.key,
-                    kind=row.kind,
-                    user=row.user_id,
-                    device=row.device,
-                    provider=row.provider,
-                    conv=row.conv,
-                    seq=row.seq,
-                    count=row._mapping["count"],
-                    title=row.title,
-                    body=row.body,
-                    attempts=row.attempts,
-                )
-                for row in rows
-            ]
-
-        return await self._write(run)
-
-    async def next_due(self) -> int | None:
-        """When the earliest waiting job is due (ms), if any."""
-
-        def run(conn: Connection) -> int | None:
-            j = push_jobs.c
-            found = conn.scalar(select(func.min(j.next_at)).where(j.state.in_(WAITING)))
-            return None if found is None else int(found)
-
-        return await self._read(run)
-
-    async def finish(self, job: Job, outcome: Outcome, state: str, next_at: int, now: int) -> None:
-        """Record an attempt and the job's next state; ``gone`` also deletes the
-        registration."""
-
-        def run(conn: Connection) -> None:
-            n = job.attempts + 1
-            conn.execute(
-                insert(push_attempts).values(
-                    job_id=job.id,
-                    n=n,
-                    at=now,
-                    status=outcome.status,
-                    code=outcome.code,
-                    detail=outcome.detail[:1000],
-                )
-            )
-            conn.execute(
-                update(push_jobs)
-                .where(push_jobs.c.id == job.id)
-                .values(state=state, attempts=n, next_at=next_at, updated=now)
-            )
-            if outcome.status == "gone":
-                r = registrations.c
-                conn.execute(
-                    delete(registrations).where(
-                        r.user_id == job.user, r.device == job.device, r.provider == job.provider
-                    )
-                )
-
-        await self._write(run)
-
-    async def abandon(self, job: Job, now: int) -> None:
-        """A job whose registration no longer exists: ``failed``, without an attempt."""
-
-        def run(conn: Connection) -> None:
-            conn.execute(
-                update(push_jobs).where(push_jobs.c.id == job.id).values(state=FAILED, updated=now)
-            )
-
-        await self._write(run)
+    async def exchange(
+        self, answers: Sequence[Finished], wants: Mapping[str, int], now: int
+    ) -> Turn:
+        """One worker turn in one transaction: record ``answers`` (each attempt and its
+        job's next state; ``gone`` also deletes the registration), then claim up to
+        ``wants[provider]`` due waiting jobs per provider, oldest first, now ``sending``
+        and each with its registration (due jobs whose registration no longer exists
+        become ``failed``, without an attempt)."""
+        return await self._write(_exchange, answers, wants, now)
 
     async def waiting(self) -> dict[str, int]:
         """provider -> jobs waiting (the queue depth)."""
@@ -304,6 +242,108 @@ class SqlNotificationStore(SqlStore):
     async def trace(self, conv: str, seq: int) -> list[PushRecipient]:
         """The decisions of message (conv, seq) with the jobs they made or joined."""
         return await self._read(_trace, conv, seq)
+
+
+def _exchange(
+    conn: Connection, answers: Sequence[Finished], wants: Mapping[str, int], now: int
+) -> Turn:
+    if answers:
+        _finish(conn, answers)
+    claimed = {name: _claim(conn, name, now, n) for name, n in wants.items() if n > 0}
+    j = push_jobs.c
+    due = conn.scalar(select(func.min(j.next_at)).where(j.state.in_(WAITING)))
+    return Turn(claimed=claimed, next_due=None if due is None else int(due))
+
+
+def _claim(conn: Connection, provider: str, now: int, limit: int) -> Claimed:
+    j, r = push_jobs.c, registrations.c
+    rows = conn.execute(
+        select(push_jobs, r.target, r.created.label("reg_created"))
+        .select_from(
+            push_jobs.outerjoin(
+                registrations,
+                and_(r.user_id == j.user_id, r.device == j.device, r.provider == j.provider),
+            )
+        )
+        .where(j.state.in_(WAITING), j.next_at <= now, j.provider == provider)
+        .order_by(j.next_at, j.id)
+        .limit(limit)
+    ).all()
+    jobs = [
+        Job(
+            id=row.id,
+            key=row.key,
+            kind=row.kind,
+            provider=row.provider,
+            conv=row.conv,
+            seq=row.seq,
+            count=row._mapping["count"],
+            title=row.title,
+            body=row.body,
+            attempts=row.attempts,
+            registration=Registration(
+                user=row.user_id,
+                device=row.device,
+                provider=row.provider,
+                target=msgspec.json.decode(row.target),
+                created=row.reg_created,
+            ),
+        )
+        for row in rows
+        if row.target is not None
+    ]
+    orphans = [row.id for row in rows if row.target is None]
+    for ids, state in (([job.id for job in jobs], SENDING), (orphans, FAILED)):
+        if ids:
+            conn.execute(update(push_jobs).where(j.id.in_(ids)).values(state=state, updated=now))
+    return Claimed(jobs=jobs, abandoned=len(orphans))
+
+
+def _finish(conn: Connection, results: Sequence[Finished]) -> None:
+    conn.execute(
+        insert(push_attempts),
+        [
+            {
+                "job_id": f.job.id,
+                "n": f.job.attempts + 1,
+                "at": f.at,
+                "status": f.outcome.status,
+                "code": f.outcome.code,
+                "detail": f.outcome.detail[:1000],
+            }
+            for f in results
+        ],
+    )
+    j = push_jobs.c
+    conn.execute(
+        update(push_jobs)
+        .where(j.id == bindparam("b_id"))
+        .values(
+            state=bindparam("b_state"),
+            attempts=bindparam("b_attempts"),
+            next_at=bindparam("b_next_at"),
+            updated=bindparam("b_at"),
+        ),
+        [
+            {
+                "b_id": f.job.id,
+                "b_state": f.state,
+                "b_attempts": f.job.attempts + 1,
+                "b_next_at": f.next_at,
+                "b_at": f.at,
+            }
+            for f in results
+        ],
+    )
+    r = registrations.c
+    for f in results:
+        if f.outcome.status == "gone":
+            reg = f.job.registration
+            conn.execute(
+                delete(registrations).where(
+                    r.user_id == reg.user, r.device == reg.device, r.provider == reg.provider
+                )
+            )
 
 
 def _trace(conn: Connection, conv: str, seq: int) -> list[PushRecipient]:

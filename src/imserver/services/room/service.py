@@ -472,6 +472,10 @@ class LocalRoomService:
         """Rooms the user is invited to and has not joined (from the database)."""
         return await self._store.invitations_of(user)
 
+    async def listed_rooms(self, users: Sequence[UserId]) -> dict[str, list[RoomId]]:
+        """user -> rooms joined or invited to (from the database, one read)."""
+        return await self._store.listed_rooms(list(users))
+
     async def check(self) -> None:
         """Raise ``unavailable`` if the room database cannot be reached."""
         try:

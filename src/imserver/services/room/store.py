@@ -51,6 +51,7 @@ from sqlalchemy.exc import IntegrityError
 
 from imserver.protocol.models import RoomRole
 from imserver.storage.runners import SqlStore
+from imserver.storage.statements import chunks
 from imserver.utils.ids import RoomId
 
 metadata = MetaData()
@@ -357,6 +358,25 @@ class SqlRoomStore(SqlStore):
                 )
             )
             return found is not None
+
+        return await self._read(run)
+
+    async def listed_rooms(self, users: Sequence[str]) -> dict[str, list[RoomId]]:
+        """user -> the rooms each of ``users`` is a member of or invited to (joined
+        first); users with neither are left out."""
+
+        def run(conn: Connection) -> dict[str, list[RoomId]]:
+            found: dict[str, list[RoomId]] = {}
+            for chunk in chunks(sorted(set(users))):
+                for table in (members, invitations):
+                    rows = conn.execute(
+                        select(table.c.user_id, table.c.room_id).where(table.c.user_id.in_(chunk))
+                    )
+                    for user, room in rows:
+                        listed = found.setdefault(user, [])
+                        if room not in listed:
+                            listed.append(room)
+            return found
 
         return await self._read(run)
 
