@@ -41,6 +41,10 @@ class Runner(Protocol):
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` with a connection and return its result."""
 
+    async def call_waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`call` for a ``fn`` that mostly waits on the disk (a commit's fsync):
+        never on the event loop's thread."""
+
     async def close(self) -> None:
         """Release the runner's connections."""
 
@@ -75,6 +79,8 @@ class ThreadRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, fn, args)
 
+    call_waiting = call
+
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -90,25 +96,37 @@ class ThreadRunner:
 class InlineRunner:
     """A synchronous engine driven on the event-loop thread itself (one pinned connection).
 
-    For SQLite, whose calls are short (a batch's statements plus one WAL fsync take
-    a few milliseconds), running them inline costs less than handing each batch to a
-    thread: no executor hop and no contention for the interpreter lock.
+    For SQLite, whose statements are short (a batch's take well under a millisecond),
+    running them inline costs less than handing each batch to a thread: no executor
+    hop and no contention for the interpreter lock. What waits on the disk (the
+    commit's fsync, milliseconds during which the interpreter lock is free) goes to a
+    thread of its own through :meth:`call_waiting`, so the event loop serves meanwhile.
+    The connection is used by one of the two at a time: the owner awaits each call.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._conn: Connection | None = None
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="store-commit")
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             self._conn = self._engine.connect()
-        return fn(self._conn, *args)
+        return self._conn
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(self._connection(), *args)
+
+    async def call_waiting(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._connection()
+        return await asyncio.get_running_loop().run_in_executor(self._waiter, fn, conn, *args)
 
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
         self._engine.dispose()
+        self._waiter.shutdown(wait=True)
 
 
 class AsyncRunner:
@@ -129,6 +147,8 @@ class AsyncRunner:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             self._conn = await self._engine.connect()
         return await self._conn.run_sync(fn, *args)
+
+    call_waiting = call
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -169,7 +189,13 @@ def _begin_deferred(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
-def sqlite_engine(url: str, *, writer: bool, autocheckpoint: bool = False) -> Engine:
+def _synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def sqlite_engine(
+    url: str, *, writer: bool, autocheckpoint: bool = False, durable: bool = True
+) -> Engine:
     """A synchronous engine on the SQLite database of ``url`` (an async URL is fine).
 
     The writer's transactions start with ``BEGIN IMMEDIATE``: it holds the write
@@ -177,12 +203,17 @@ def sqlite_engine(url: str, *, writer: bool, autocheckpoint: bool = False) -> En
     reader's transaction is a plain ``BEGIN``: one snapshot per store operation.
     The writer checkpoints the WAL at its commits (SQLite's default) only with
     ``autocheckpoint``; without, its owner runs :func:`checkpoint` elsewhere.
+    ``durable=False`` drops the fsync of each commit (``synchronous=NORMAL``): a
+    commit survives a crash of the process, but the last ones may be lost to a power
+    cut or a crash of the machine.
     """
     engine = create_engine(sql.sync_url(url), connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _no_implicit_begin)
     event.listen(engine, "connect", sql.set_sqlite_pragmas)
     if writer and not autocheckpoint:
         event.listen(engine, "connect", _no_autocheckpoint)
+    if not durable:
+        event.listen(engine, "connect", _synchronous_normal)
     event.listen(engine, "begin", _begin_immediate if writer else _begin_deferred)
     return engine
 
@@ -215,13 +246,13 @@ class SqlStore:
         return cls(AsyncRunner(engine))
 
     @classmethod
-    def with_writer_thread(cls, url: str) -> Self:
+    def with_writer_thread(cls, url: str, *, durable: bool = True) -> Self:
         """A store on the database at ``url`` whose writes never contend with each other.
 
         SQLite: every write runs on one thread through one pinned connection (so two
         writers of the store never wait on the file's lock, and a long write does not
-        block the event loop), reads on a thread of their own. Other dialects:
-        :meth:`on_engine`.
+        block the event loop), reads on a thread of their own; ``durable`` as for
+        :func:`sqlite_engine`. Other dialects: :meth:`on_engine`.
         """
         if make_url(url).get_backend_name() != "sqlite":
             return cls.on_engine(sql.make_engine(url))
@@ -229,7 +260,7 @@ class SqlStore:
         return cls(
             ThreadRunner(sqlite_engine(url, writer=False), name=f"{name}-read"),
             ThreadRunner(
-                sqlite_engine(url, writer=True, autocheckpoint=True),
+                sqlite_engine(url, writer=True, autocheckpoint=True, durable=durable),
                 pinned=True,
                 name=f"{name}-write",
             ),

@@ -176,8 +176,9 @@ class PushConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     queue_max: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     """Pushes waiting per provider; past it the oldest waiting push of that provider is
     dropped (recorded as ``dropped`` in its trace)."""
-    concurrency: Annotated[int, msgspec.Meta(ge=1)] = 64
-    """Requests in flight per provider."""
+    concurrency: Annotated[int, msgspec.Meta(ge=1)] = 256
+    """Requests in flight per provider. A push's round trip includes its turn on the
+    event loop, so at 1,000 pushes/s a few hundred are in flight (docs/performance.md)."""
     webhook: WebhookConfig = msgspec.field(default_factory=WebhookConfig)
     webpush: WebPushConfig = msgspec.field(default_factory=WebPushConfig)
     fcm: FcmConfig = msgspec.field(default_factory=FcmConfig)

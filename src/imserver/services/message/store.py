@@ -85,10 +85,12 @@ class WriteTx:
             raise translate(exc) from exc
 
     async def commit(self, batch: WriteBatch) -> None:
-        """Write ``batch`` and commit, in one step (opening the transaction if
-        :meth:`load` did not). Raises :class:`KeyConflict` when a unique key exists."""
+        """Write ``batch`` (opening the transaction if :meth:`load` did not), then
+        commit, off the event loop (:meth:`Runner.call_waiting`). Raises
+        :class:`KeyConflict` when a unique key exists."""
         try:
             await self._runner.call(writes.write, batch, self._search)
+            await self._runner.call_waiting(writes.commit)
         except IntegrityError as exc:
             raise KeyConflict(str(exc.orig)) from exc
         except (SQLAlchemyError, OSError) as exc:

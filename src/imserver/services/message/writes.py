@@ -137,7 +137,8 @@ def load(
 
 
 def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
-    """Apply ``batch`` and commit (opening the transaction if :func:`load` did not)."""
+    """Apply ``batch`` (opening the transaction if :func:`load` did not); :func:`commit`
+    commits it."""
     if not conn.in_transaction():
         conn.begin()
     c = messages.c
@@ -217,6 +218,10 @@ def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
             )
         if inserts:
             conn.execute(insert(markers), inserts)
+
+
+def commit(conn: Connection) -> None:
+    """Commit the open transaction."""
     conn.commit()
 
 

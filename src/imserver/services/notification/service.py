@@ -614,7 +614,10 @@ async def open_notification_service(
     if providers is None:
         providers = await asyncio.to_thread(build_providers, config, data_dir)
     service = LocalNotificationService(
-        SqlNotificationStore.with_writer_thread(url),
+        # An ingest lost to a power cut is ingested again by the catch-up (the cursor
+        # is lost with it); a lost worker turn sends its pushes again, with the same
+        # keys: no commit here needs its own fsync (module docstring, "Durability").
+        SqlNotificationStore.with_writer_thread(url, durable=False),
         providers,
         messages=messages,
         config=config,
