@@ -377,15 +377,17 @@ async def test_restart_delivers_each_waiting_key_exactly_once(tmp_path: Path) ->
         await w.notifications.register(login("carol"), "test", TOKEN)
         await w.messages.send(login("alice"), send(AB, "c1"))
         await settle(w)
-        await eventually(lambda: w.local._inflight["test"] == 1)
+        await eventually(lambda: w.local._worker._inflight["test"] == 1)
         await w.messages.send(login("alice"), send(ac, "c2"))
         await settle(w)
         states = {
             (await trace_of(w, AB, 1, "bob")).pushes[0].state,
             (await trace_of(w, ac, 1, "carol")).pushes[0].state,
         }
-        assert states == {"sending", "queued"}
-    # Closed with one push in flight and one queued: both are sent after the restart.
+        # One in flight, the other claimed and next in line for the provider's one slot.
+        assert states == {"sending"}
+        assert w.local._worker._inflight["test"] == 1
+    # Closed with one push in flight and one claimed: both are sent after the restart.
     receiver = RecordingProvider()
     async with open_world(tmp_path, "local", provider=receiver, config=config) as w:
         await eventually(lambda: w.local.stats.results[("test", "sent")] == 2)

@@ -24,17 +24,16 @@ with a clock that stepped back behind the cursor is not caught up.
 ``device_online``/``device_offline``; a user with any is online and gets no push, and
 the trace names the devices.
 
-**Worker.** Per provider, at most ``concurrency`` pushes in flight; due jobs are
-claimed (``sending``), sent, and finished with the provider's answer: ``sent``;
-``retry`` → ``retry-wait`` after exponential backoff with full jitter (or the
-provider's ``Retry-After``), ``dead`` after ``max_attempts``; ``gone`` deletes the
-registration; ``failed`` is final. A send that takes longer than ``send_timeout`` is
-a ``retry``. At start, jobs left ``sending`` are due again with the same key:
-delivery to a provider is at least once, and exactly once per key at a receiver
-that drops repeats of a key (every push carries its key). The queue of each
-provider is bounded (``queue_max``): the oldest waiting jobs past it are
-``dropped``. Finished jobs, their attempts and decisions older than
-:data:`~imserver.services.notification.schema.RETENTION_MS` are deleted by the worker.
+**Worker.** :mod:`~imserver.services.notification.worker` sends the outbox: turns
+of one transaction each, claimed jobs prefetched per provider, retries with backoff,
+dead letters, the queue bound. Finished jobs, their attempts and decisions older than
+:data:`~imserver.services.notification.schema.RETENTION_MS` are deleted by it.
+
+**Durability.** ``notification.db`` is written by one thread (the ingest and the
+worker never wait on each other for SQLite's lock) and its commits are not fsynced
+(``synchronous=NORMAL``): a crash of the process loses nothing, and what a power cut
+loses is rebuilt — an ingest by the catch-up (the cursor is lost with it), a worker
+turn by sending its pushes again with the same keys.
 """
 
 from __future__ import annotations
@@ -56,23 +55,16 @@ from imserver.services.caller import Caller
 from imserver.services.message.api import CommittedMessage, ReadMoved
 from imserver.services.notification.api import MessageSource
 from imserver.services.notification.ingest import IngestPlan
-from imserver.services.notification.providers.base import Outcome, Provider, Push, Registration
+from imserver.services.notification.providers.base import Provider, Registration
 from imserver.services.notification.registry import Providers, build_providers
-from imserver.services.notification.rules import LEVELS, backoff, pushes
-from imserver.services.notification.schema import (
-    DEAD,
-    FAILED,
-    GONE,
-    RETENTION_MS,
-    RETRY_WAIT,
-    SENT,
-)
-from imserver.services.notification.store import Claimed, Finished, Job, SqlNotificationStore
+from imserver.services.notification.rules import LEVELS, pushes
+from imserver.services.notification.store import SqlNotificationStore
+from imserver.services.notification.worker import PushWorker
 from imserver.services.peers import Peer
 from imserver.storage.sql import upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.config import PushConfig
-from imserver.utils.errors import BadRequest, IMError, Unavailable
+from imserver.utils.errors import BadRequest, Unavailable
 from imserver.utils.ids import ConvId, UserId
 from imserver.utils.metrics import PushMetrics
 
@@ -86,12 +78,6 @@ CATCH_UP_PAGE = 500
 CURSOR_INTERVAL_MS = 1000
 """How often the cursor alone is written while no message concerns a registered user:
 a catch-up then reads at most this much more than it must (the overlap is skipped)."""
-PRUNE_INTERVAL_S = 3600.0
-PREFETCH = 4
-"""Jobs claimed per provider: up to ``PREFETCH * concurrency`` in flight or ready, so
-a slot that frees starts the next push at once, not after a database turn."""
-CLOSE_GRACE_S = 2.0
-"""Seconds a closing service waits for the pushes in flight to be answered."""
 
 
 class LocalNotificationService:
@@ -111,8 +97,6 @@ class LocalNotificationService:
         self._providers = providers
         self._messages = messages
         self._config = config
-        self._send_timeout = send_timeout
-        self._rand = rand or random.Random()
         self.stats = PushMetrics()
         self._online: dict[str, Counter[str]] = {}
         self._registered: set[str] = set()
@@ -125,16 +109,16 @@ class LocalNotificationService:
         self._ingested = 0
         self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._ingest_wake = asyncio.Event()
-        self._work_wake = asyncio.Event()
-        self._inflight: dict[str, int] = dict.fromkeys(providers.by_name, 0)
-        self._ready: dict[str, deque[tuple[Job, int]]] = {
-            name: deque() for name in providers.by_name
-        }
-        """Claimed jobs (with their badges) waiting for a free slot of their provider."""
-        self._sends: set[asyncio.Task[None]] = set()
-        self._answers: list[Finished] = []
-        """Answers of finished sends the worker has yet to store."""
-        self._tasks: list[asyncio.Task[None]] = []
+        self._worker = PushWorker(
+            store,
+            providers,
+            messages=messages,
+            config=config,
+            stats=self.stats,
+            send_timeout=send_timeout,
+            rand=rand or random.Random(),
+        )
+        self._ingest_task: asyncio.Task[None] | None = None
         self._closed = False
         self._caught_up = asyncio.Event()
         self._cursor_seen = 0
@@ -144,35 +128,23 @@ class LocalNotificationService:
     # --- life cycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the ingest (after its catch-up) and worker tasks."""
+        """Start the ingest (after its catch-up) and the worker."""
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._ingest_loop(), name="push-ingest"),
-            loop.create_task(self._work_loop(), name="push-worker"),
-        ]
+        self._ingest_task = loop.create_task(self._ingest_loop(), name="push-ingest")
+        self._worker.start()
 
     async def close(self) -> None:
-        """Store what was handed over, stop claiming, give the pushes in flight
-        :data:`CLOSE_GRACE_S` to answer (the others stay ``sending`` and are sent again
-        at the next start), store the answers, release everything."""
+        """Store what was handed over, stop the worker (see
+        :meth:`~imserver.services.notification.worker.PushWorker.stop`), release
+        everything."""
         if self._closed:
             return
         self._closed = True
         self._ingest_wake.set()
-        ingest, worker = self._tasks
-        with contextlib.suppress(asyncio.CancelledError):
-            await ingest
-        self._work_wake.set()
-        if self._sends:
-            await asyncio.wait(set(self._sends), timeout=CLOSE_GRACE_S)
-        for send in list(self._sends):
-            send.cancel()
-        for send in list(self._sends):
+        if self._ingest_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await send
-        self._work_wake.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
+                await self._ingest_task
+        await self._worker.stop()
         for provider in self._providers.by_name.values():
             try:
                 await provider.close()
@@ -327,7 +299,7 @@ class LocalNotificationService:
             self._cursor_written = now
         self.stats.dropped += result.dropped
         if result.jobs or result.collapsed:
-            self._work_wake.set()
+            self._worker.wake()
 
     # --- online devices ---------------------------------------------------------------
 
@@ -437,166 +409,6 @@ class LocalNotificationService:
         """provider -> pushes waiting."""
         return await self._store.waiting()
 
-    async def _work_loop(self) -> None:
-        """One transaction per turn: store the answers that came since the last turn
-        and claim what the free slots can take (a group commit of both), start those
-        sends, then sleep until an answer, a new job or the next due time."""
-        try:
-            await self._store.resume(now_ms())
-        except Exception:
-            logger.exception("push worker could not resume")
-        loop = asyncio.get_running_loop()
-        next_prune = next_depth = loop.time()
-        while True:
-            self._work_wake.clear()
-            closing = self._closed
-            answers, self._answers = self._answers, []
-            free = {
-                name: PREFETCH * self._config.concurrency - self._inflight[name] - len(ready)
-                for name, ready in self._ready.items()
-                if not closing
-            }
-            try:
-                if loop.time() >= next_prune:
-                    next_prune = loop.time() + PRUNE_INTERVAL_S
-                    await self._store.prune(now_ms() - RETENTION_MS)
-                if loop.time() >= next_depth:
-                    next_depth = loop.time() + 1.0
-                    self.stats.depth = await self._store.waiting()
-                turn = await self._store.exchange(answers, free, now_ms())
-            except Exception:
-                logger.exception("push worker failed")
-                self._answers[:0] = answers
-                if closing and not self._sends:
-                    return  # the unrecorded stay ``sending``: sent again at the next start
-                await asyncio.sleep(1.0)
-                continue
-            self._count(answers)
-            await self._start(turn.claimed)
-            if closing and not self._sends and not self._answers:
-                return
-            full = any(
-                len(turn.claimed[name].jobs) + turn.claimed[name].abandoned == n
-                for name, n in free.items()
-                if n > 0
-            )
-            if full or self._answers:
-                continue  # more may be due, or answers came meanwhile
-            # Each provider with room took all its due jobs: what is due now waits for
-            # room, which an answer makes (it wakes the loop, as a new job does).
-            due = turn.next_due
-            wait = 1.0 if due is None else min(1.0, (due - now_ms()) / 1000)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._work_wake.wait(), wait if wait > 0 else 1.0)
-
-    def _count(self, answers: Sequence[Finished]) -> None:
-        for done in answers:
-            self.stats.results[(done.job.provider, done.state)] += 1
-            if done.state == DEAD:
-                self.stats.dead += 1
-
-    async def _start(self, claimed: dict[str, Claimed]) -> None:
-        """Start the sends of the claimed jobs (their badges asked in one call)."""
-        jobs = [job for taken in claimed.values() for job in taken.jobs]
-        for name, taken in claimed.items():
-            self.stats.results[(name, FAILED)] += taken.abandoned
-        if not jobs:
-            return
-        badges = await self._badges([job.registration.user for job in jobs])
-        for job in jobs:
-            self._ready[job.provider].append((job, badges.get(job.registration.user, 0)))
-        for name in claimed:
-            self._pump(name)
-
-    def _pump(self, name: str) -> None:
-        """Start ready jobs of provider ``name`` while it has free slots."""
-        ready = self._ready[name]
-        if self._closed:
-            ready.clear()  # still ``sending``: sent at the next start
-        provider = self._providers.by_name[name]
-        while ready and self._inflight[name] < self._config.concurrency:
-            job, badge = ready.popleft()
-            self._inflight[name] += 1
-            task = asyncio.get_running_loop().create_task(self._send(provider, job, badge))
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
-
-    async def _badges(self, users: list[str]) -> dict[str, int]:
-        """user -> badge (unread total) for a claimed batch; none when the message
-        service does not answer (the pushes go without)."""
-        try:
-            return await self._messages().unread_totals([UserId(u) for u in users])
-        except IMError:
-            logger.warning("no badges for %d pushes: the message service failed", len(users))
-            return {}
-
-    async def _send(self, provider: Provider, job: Job, badge: int) -> None:
-        """Send one push, free its slot and hand its answer to the worker."""
-        try:
-            outcome = await self._deliver(provider, job, badge)
-        except asyncio.CancelledError:
-            self._release(job.provider)  # still ``sending``: sent again at the next start
-            raise
-        except Exception as exc:  # a bug outside the provider: recorded as a retry
-            logger.exception("push %s failed outside its provider", job.key)
-            outcome = Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
-        self._answers.append(self._next_state(job, outcome))
-        self._release(job.provider)
-
-    async def _deliver(self, provider: Provider, job: Job, badge: int) -> Outcome:
-        reg = job.registration
-        push = Push(
-            key=job.key,
-            kind="read" if job.kind == "read" else "message",
-            user=reg.user,
-            device=reg.device,
-            conv=job.conv,
-            seq=job.seq,
-            count=job.count,
-            badge=badge,
-            title=job.title,
-            body=job.body,
-        )
-        try:
-            return await asyncio.wait_for(provider.send(reg, push), self._send_timeout)
-        except TimeoutError:
-            return Outcome(status="retry", detail=f"no answer in {self._send_timeout:g} s")
-        except Exception as exc:
-            logger.exception("push provider %s raised", job.provider)
-            return Outcome(status="retry", detail=f"{type(exc).__name__}: {exc}")
-
-    def _next_state(self, job: Job, outcome: Outcome) -> Finished:
-        """The job's state after ``outcome``: final, or ``retry-wait`` until a backoff
-        (or the provider's ``Retry-After``), or ``dead`` after ``max_attempts``."""
-        now = now_ms()
-        next_at = now
-        if outcome.status == "sent":
-            state = SENT
-        elif outcome.status == "gone":
-            state = GONE
-        elif outcome.status == "failed":
-            state = FAILED
-        elif job.attempts + 1 >= self._config.max_attempts:
-            state = DEAD
-        else:
-            state = RETRY_WAIT
-            if outcome.retry_after is not None:
-                delay = outcome.retry_after
-            else:
-                delay = backoff(
-                    job.attempts + 1,
-                    self._config.backoff_base,
-                    self._config.backoff_max,
-                    self._rand.random(),
-                )
-            next_at = now + int(delay * 1000)
-        return Finished(job=job, outcome=outcome, state=state, next_at=next_at, at=now)
-
-    def _release(self, provider: str) -> None:
-        self._inflight[provider] -= 1
-        self._pump(provider)
-        self._work_wake.set()
-
 
 async def open_notification_service(
     url: str,
@@ -614,9 +426,7 @@ async def open_notification_service(
     if providers is None:
         providers = await asyncio.to_thread(build_providers, config, data_dir)
     service = LocalNotificationService(
-        # An ingest lost to a power cut is ingested again by the catch-up (the cursor
-        # is lost with it); a lost worker turn sends its pushes again, with the same
-        # keys: no commit here needs its own fsync (module docstring, "Durability").
+        # No commit here needs its own fsync (see "Durability" above).
         SqlNotificationStore.with_writer_thread(url, durable=False),
         providers,
         messages=messages,
