@@ -57,6 +57,13 @@ def translate(exc: BaseException) -> IMError:
 
 # --- the write transaction ----------------------------------------------------------
 
+INLINE_COMMIT_MESSAGES = 32
+"""A batch this large commits on the event loop's thread. Under full load one fsync
+is shared by many messages and handing the commit to a thread (and the interpreter
+lock back) costs more than the loop's wait; a smaller batch — a paced load, where the
+wait is the loop's whole time — commits on a thread while the loop serves the rest
+(both measured: docs/performance.md, "Where the commit runs")."""
+
 
 class WriteTx:
     """One batch's transaction: :meth:`load` (optional), then :meth:`commit` (else
@@ -86,11 +93,15 @@ class WriteTx:
 
     async def commit(self, batch: WriteBatch) -> None:
         """Write ``batch`` (opening the transaction if :meth:`load` did not), then
-        commit, off the event loop (:meth:`Runner.call_waiting`). Raises
+        commit: off the event loop (:meth:`Runner.call_waiting`) unless the batch
+        has :data:`INLINE_COMMIT_MESSAGES` messages or more. Raises
         :class:`KeyConflict` when a unique key exists."""
         try:
             await self._runner.call(writes.write, batch, self._search)
-            await self._runner.call_waiting(writes.commit)
+            if len(batch.messages) >= INLINE_COMMIT_MESSAGES:
+                await self._runner.call(writes.commit)
+            else:
+                await self._runner.call_waiting(writes.commit)
         except IntegrityError as exc:
             raise KeyConflict(str(exc.orig)) from exc
         except (SQLAlchemyError, OSError) as exc:
