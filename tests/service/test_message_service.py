@@ -31,6 +31,7 @@ from message_helpers import (
 from transports import local_only, through
 
 from imserver.protocol import ops
+from imserver.protocol.convs import direct_conv
 from imserver.protocol.events import Msg, Receipt, TypingEvent
 from imserver.protocol.models import Message, User
 from imserver.services.file.api import MemberDirectory
@@ -575,6 +576,62 @@ async def test_mark_on_an_empty_conversation_is_a_no_op(env: Env) -> None:
     await env.svc.mark(A, AB, 5, "read")
     assert env.deliveries == []
     assert rows(env, "SELECT count(*) FROM markers") == [(0,)]
+
+
+async def _unread_world(env: Env) -> None:
+    """ua with a direct conversation read part-way, a joined room, 70 more direct
+    conversations (5 of them read); ud invited to a room and sent a notice."""
+    svc = env.svc
+    await svc.send(B, send(AB, "b1"))  # seq 1
+    await svc.send(B, send(AB, "b2"))  # seq 2
+    await svc.send(A, send(AB, "a1", "mine"))  # seq 3: not unread for ua
+    await svc.send(B, send(AB, "b3"))  # seq 4
+    await svc.send(B, send(AB, "b4", "gone"))  # seq 5: recalled, not unread
+    await svc.recall(B, ops.Recall(conv=AB, cid="b5", target=5))  # seq 6: a recall
+    await svc.react(B, ops.React(conv=AB, cid="b6", target=4, emoji="x"))  # seq 7: a reaction
+    await svc.mark(A, AB, 2, "read")  # ua: only seq 4 is unread past it
+    for cid in ("c1", "c2"):
+        await svc.send(C, send(ROOM, cid))
+    await svc.send(B, send(ROOM, "b7"))
+    env.rooms.add("r2", "Two", "ua")
+    env.rooms.invited["r2"] = {"ud"}  # ud is only invited to r2
+    await svc.send(A, send("r:r2", "a2"))
+    await svc.send(A, send("r:r2", "a3"))
+    await svc.post_system(UserId("ua"), "notice for ua")
+    await svc.post_system(UserId("ud"), "notice for ud")
+    for i in range(70):  # past UnreadCount's 64 triples per statement, for ua alone
+        peer = f"p{i:02d}"
+        env.users.add(peer)
+        await svc.send(caller(peer), send(direct_conv(peer, "ua"), f"p{i}"))
+        if i < 5:
+            await svc.mark(A, direct_conv(peer, "ua"), 1, "read")
+
+
+async def test_convs_unread_counts_exactly(env: Env) -> None:
+    await _unread_world(env)
+    unread = {c.conv: c.unread for c in await env.svc.convs(A)}
+    peers = {direct_conv(f"p{i:02d}", "ua"): int(i >= 5) for i in range(70)}
+    assert unread == {AB: 1, ROOM: 3, "r:r2": 0, "s:ua": 1, **peers}
+    assert {c.conv: c.unread for c in await env.svc.convs(D)} == {"r:r2": 2, "s:ud": 1}
+    # ub's own messages do not count, nor does the recall or the reaction.
+    assert {c.conv: c.unread for c in await env.svc.convs(B)} == {AB: 1, ROOM: 2}
+    assert {c.conv: c.unread for c in await env.svc.convs(C)} == {ROOM: 1}
+
+
+async def test_unread_totals_is_the_sum_over_convs(env: Env) -> None:
+    await _unread_world(env)
+    asked = [UserId(u) for u in ("ua", "ub", "ua", "nobody", "ud", "uc", "p07", "p02")]
+    totals = await env.svc.unread_totals(asked)
+    # p07 and p02 sent their only message: nothing unread for them.
+    assert totals == {"ua": 70, "ub": 3, "nobody": 0, "ud": 3, "uc": 1, "p07": 0, "p02": 0}
+    for user in dict.fromkeys(asked):
+        convs = await env.svc.convs(caller(user))
+        assert totals[user] == sum(c.unread for c in convs), user
+    # A marker moved past the end, and one message more: the totals follow.
+    await env.svc.mark(A, AB, 100, "read")
+    await env.svc.send(caller("p69"), send(direct_conv("p69", "ua"), "p70"))
+    assert await env.svc.unread_totals([UserId("ua")]) == {"ua": 70}
+    assert await env.svc.unread_totals([]) == {}
 
 
 # --- live deliveries ------------------------------------------------------------------

@@ -29,7 +29,7 @@ from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import sqlite_url, sync_url, upgrade_sync
 from imserver.utils.config import PushConfig
 from imserver.utils.errors import BadRequest, Forbidden
-from imserver.utils.ids import ConvId
+from imserver.utils.ids import ConvId, UserId
 from imserver.utils.metrics import Metrics
 
 AB = direct_conv("alice", "bob")
@@ -174,6 +174,9 @@ async def test_mute_until_and_unmute(tmp_path: Path, transport: str) -> None:
         await w.messages.send(login("alice"), send(AB, "c2"))
         await settle(w)
         assert (await trace_of(w, AB, 3, "bob")).reason == "due"
+        # c0 and c2 are pushed (in one push when c2 folds into c0's), c1 is not.
+        await eventually(lambda: w.provider.pushes[-1:] != [] and w.provider.pushes[-1].seq == 3)
+        assert sum(p.count for p in w.provider.pushes) == 2
 
 
 async def test_levels_and_the_mention_override(tmp_path: Path, transport: str) -> None:
@@ -233,6 +236,36 @@ async def test_read_on_one_device_clears_the_badge_on_the_other(
         [read] = w.provider.of("bob-2", "read")
         assert (read.badge, read.seq, read.count, read.conv) == (0, 2, 0, AB)
         assert w.provider.of("bob-1", "read") == []
+
+
+async def test_each_badge_is_the_unread_total_when_the_push_is_sent(
+    tmp_path: Path, transport: str
+) -> None:
+    bc = direct_conv("bob", "carol")
+    config = PushConfig(collapse_delay=1.0, backoff_base=0.01, backoff_max=0.05)
+    async with open_world(tmp_path, transport, config=config) as w:
+        await w.notifications.register(login("bob"), "test", TOKEN)
+        # bob: 2 unread from alice, 1 from carol; his own message and alice's recalled
+        # one do not count. Both pushes are claimed after all of it (collapse delay).
+        await w.messages.send(login("alice"), send(AB, "a1", "one"))
+        await w.messages.send(login("bob"), send(AB, "b1", "mine"))
+        await w.messages.send(login("alice"), send(AB, "a2", "two"))
+        await w.messages.send(login("alice"), send(AB, "a3", "oops"))
+        await w.messages.recall(login("alice"), ops.Recall(conv=AB, cid="a4", target=4))
+        await w.messages.send(login("carol"), send(bc, "c1", "three"))
+        await settle(w)
+        assert await w.messages.unread_totals([UserId("bob")]) == {"bob": 3}
+        await eventually(lambda: len(w.provider.pushes) == 2)
+        by_conv = {p.conv: p for p in w.provider.pushes}
+        assert {c: (p.count, p.badge) for c, p in by_conv.items()} == {AB: (3, 3), bc: (1, 3)}
+        # bob reads alice's conversation; carol writes again: the badge follows.
+        await w.messages.mark(login("bob"), AB, 5, "read")
+        await w.messages.send(login("carol"), send(bc, "c2", "four"))
+        await settle(w)
+        assert await w.messages.unread_totals([UserId("bob")]) == {"bob": 2}
+        await eventually(lambda: len(w.provider.pushes) == 3)
+        last = w.provider.pushes[2]
+        assert (last.conv, last.seq, last.count, last.badge) == (bc, 2, 1, 2)
 
 
 async def test_backoff_then_dead_letter(tmp_path: Path, transport: str) -> None:
@@ -380,13 +413,18 @@ async def test_restart_delivers_each_waiting_key_exactly_once(tmp_path: Path) ->
         await eventually(lambda: w.local._worker._inflight["test"] == 1)
         await w.messages.send(login("alice"), send(ac, "c2"))
         await settle(w)
-        states = {
-            (await trace_of(w, AB, 1, "bob")).pushes[0].state,
-            (await trace_of(w, ac, 1, "carol")).pushes[0].state,
-        }
-        # One in flight, the other claimed and next in line for the provider's one slot.
-        assert states == {"sending"}
-        assert w.local._worker._inflight["test"] == 1
+        # carol's push is claimed too (the worker claims ahead of free slots) and waits
+        # for bob's slot: both are ``sending``, one of them never started.
+        states: list[str] = []
+        deadline = time.monotonic() + 5.0
+        while states != ["sending", "sending"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            states = [
+                (await trace_of(w, AB, 1, "bob")).pushes[0].state,
+                (await trace_of(w, ac, 1, "carol")).pushes[0].state,
+            ]
+        assert states == ["sending", "sending"]
+        assert (hanging.seen, w.local._worker._inflight["test"]) == ({}, 1)
     # Closed with one push in flight and one claimed: both are sent after the restart.
     receiver = RecordingProvider()
     async with open_world(tmp_path, "local", provider=receiver, config=config) as w:

@@ -37,6 +37,7 @@ from imserver.services.room.service import MIGRATIONS, LocalRoomService, open_ro
 from imserver.services.room.store import metadata
 from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import sqlite_url, sync_url, upgrade_sync
+from imserver.storage.statements import CHUNK
 from imserver.utils.errors import BadRequest, Conflict, Forbidden, IMError, NotFound
 from imserver.utils.ids import UserId
 
@@ -358,6 +359,53 @@ async def test_concurrent_joins_and_leaves_keep_counts_consistent(env: Env) -> N
     # One system message per change, gap-free.
     seqs = [m.seq for m, _ in env.msgs(room)]
     assert seqs == list(range(1, 1 + 1 + 24 + 12))
+
+
+async def test_listed_rooms_joined_then_invited_per_user_over_chunks(env: Env) -> None:
+    """``listed_rooms`` over more users than one ``IN`` list holds (``CHUNK``)."""
+    many = [f"m{i:03d}" for i in range(CHUNK + 10)]
+    for user in many:
+        env.users.add(user)
+    one = await make_room(env, members=(B,), name="One")  # ua, ub
+    await env.rooms.invite(A, one, UserId("uc"))
+    await env.rooms.invite(A, one, UserId("ud"))
+    two = (await env.rooms.create(C, ops.RoomCreate(name="Two"))).id  # uc
+    big = (await env.rooms.create(A, ops.RoomCreate(name="Big", members=many))).id
+    four = (await env.rooms.create(B, ops.RoomCreate(name="Four"))).id  # ub
+    for invitee in ("ue", many[-5]):
+        await env.rooms.invite(B, four, UserId(invitee))
+    # A member with an invitation left over as well (written from outside: the service
+    # consumes an invitation at the join).
+    env.db("INSERT INTO invitations VALUES (?, 'ub', 'ua', 1)", one)
+
+    asked = [UserId(u) for u in ["ghost", *many, *NAMES, "uc"]]
+    listed = await env.rooms.listed_rooms(asked)
+    joined = {
+        "ua": {one, big},
+        "ub": {one, four},
+        "uc": {two},
+        "ud": set(),
+        "ue": set(),
+        **{u: {big} for u in many},
+    }
+    invited = {"uc": [one], "ud": [one], "ue": [four], many[-5]: [four]}
+    assert set(listed) == set(joined)  # ghost has neither: left out
+    for user, rooms in listed.items():
+        k = len(joined[user])
+        assert set(rooms[:k]) == joined[user], user  # joined first
+        assert rooms[k:] == invited.get(user, []), user  # then invited, no repeat
+    # Sorted, the users of the second chunk are the last many ones and ua..ue.
+    assert sorted(asked)[CHUNK:][:3] == [many[-11], many[-10], many[-9]]
+    # The message service's badges reach the rooms through this call.
+    await env.messages.send(B, send(f"r:{four}", "b1"))
+    badges = await env.messages.unread_totals([UserId(u) for u in ("ue", many[-5], "ud", "ua")])
+    for user, total in badges.items():
+        assert total == sum(c.unread for c in await env.messages.convs(caller(user))), user
+    # Every system message counts (its sender is "system"): four has "created", two
+    # "invited" and b1; one has "created", "added Bob" and two "invited"; big has
+    # "created" and one "added" per member.
+    big_msgs = 1 + len(many)
+    assert badges == {"ue": 4, many[-5]: 4 + big_msgs, "ud": 4, "ua": 4 + big_msgs}
 
 
 # --- leave, hand-over, empty rooms --------------------------------------------------

@@ -38,7 +38,6 @@ from imserver.services.notification.store import Claimed, Finished, Job, SqlNoti
 from imserver.services.peers import Peer
 from imserver.utils.clock import now_ms
 from imserver.utils.config import PushConfig
-from imserver.utils.errors import IMError
 from imserver.utils.ids import UserId
 from imserver.utils.metrics import PushMetrics
 
@@ -202,8 +201,8 @@ class PushWorker:
         service does not answer (the pushes go without)."""
         try:
             return await self._messages().unread_totals([UserId(u) for u in users])
-        except IMError:
-            logger.warning("no badges for %d pushes: the message service failed", len(users))
+        except Exception as exc:  # an error reply, or a service already stopped
+            logger.warning("no badges for %d pushes: %s", len(users), exc)
             return {}
 
     async def _send(self, provider: Provider, job: Job, badge: int) -> None:
