@@ -69,7 +69,8 @@ def alembic_config(url: str, migrations_package: str) -> AlembicConfig:
     cfg = AlembicConfig()
     top, _, rest = migrations_package.partition(".")
     cfg.set_main_option("script_location", f"{top}:{rest.replace('.', '/')}")
-    cfg.set_main_option("sqlalchemy.url", sync_url(url))
+    # The ini syntax interpolates "%" (as in a URL-encoded password): doubled, it is itself.
+    cfg.set_main_option("sqlalchemy.url", sync_url(url).replace("%", "%%"))
     # One version table per service, so services may share a database (or schema).
     cfg.set_main_option("version_table", f"alembic_version_{rest.split('.')[-2]}")
     return cfg

@@ -29,6 +29,7 @@ from imserver.services.message.reads import ConvState
 from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey, StoredMessage
 from imserver.services.message.search import MessageSearch, search_for_dialect
 from imserver.services.message.writes import KeyConflict, Loaded, WriteBatch
+from imserver.storage import sql
 from imserver.storage.failures import is_database_failure, unavailable
 from imserver.storage.runners import (
     AsyncRunner,
@@ -127,8 +128,9 @@ class SqlMessageStore(SqlStore):
         writes: Runner,
         search: MessageSearch,
         background_checkpoints: bool = False,
+        replica: Runner | None = None,
     ) -> None:
-        super().__init__(reads, writes)
+        super().__init__(reads, writes, replica=replica)
         self._search = search
         self._background_checkpoints = background_checkpoints
         self._checkpoint_task: asyncio.Task[None] | None = None
@@ -159,24 +161,47 @@ class SqlMessageStore(SqlStore):
                 logger.warning("WAL checkpoint failed", exc_info=True)
 
     @classmethod
-    def open(cls, url: str, engine: AsyncEngine, *, read_threads: int = 2) -> SqlMessageStore:
+    def open(
+        cls,
+        url: str,
+        engine: AsyncEngine,
+        *,
+        read_threads: int = 2,
+        replica_url: str | None = None,
+    ) -> SqlMessageStore:
         """The store of the database at ``url``; ``engine`` is its async engine.
 
         SQLite gets synchronous engines of its own (``engine``, never connected, is
         left unused): the writer runs inline on the event loop (see
         :class:`InlineRunner`), readers on threads. Other dialects run on ``engine``.
+        ``replica_url``: a replica of the same database (same dialect) for search.
         """
         search = search_for_dialect(engine.dialect.name)
+        replica: Runner | None = None
+        if replica_url is not None:
+            if replica_url.startswith("sqlite"):
+                replica = ThreadRunner(
+                    sqlite_engine(replica_url, writer=False), name="message-replica"
+                )
+            else:
+                replica = AsyncRunner(sql.make_engine(replica_url))
         if engine.dialect.name == "sqlite":
             reads: Runner = ThreadRunner(
                 sqlite_engine(url, writer=False), threads=read_threads, name="message-store"
             )
             writes: Runner = InlineRunner(sqlite_engine(url, writer=True))
-            return cls(reads=reads, writes=writes, search=search, background_checkpoints=True)
+            return cls(
+                reads=reads,
+                writes=writes,
+                search=search,
+                background_checkpoints=True,
+                replica=replica,
+            )
         return cls(
             reads=AsyncRunner(engine),
             writes=AsyncRunner(engine, pinned=True),
             search=search,
+            replica=replica,
         )
 
     def _failure(self, exc: SQLAlchemyError | OSError) -> Exception:
@@ -248,4 +273,6 @@ class SqlMessageStore(SqlStore):
         """Matching messages of ``convs`` with id < ``before``, newest first."""
         if not convs:
             return []
-        return await self._read(reads.search, self._search, query, list(convs), before, limit)
+        return await self._read_replica(
+            reads.search, self._search, query, list(convs), before, limit
+        )

@@ -399,7 +399,7 @@ class SqlRoomStore(SqlStore):
         def run(conn: Connection) -> list[RoomRecord]:
             return [_room(row) for row in conn.execute(stmt)]
 
-        return await self._read(run)
+        return await self._read_replica(run)
 
 
 def _set_role(conn: Connection, room: str, user: str, role: RoomRole) -> None:
