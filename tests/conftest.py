@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import databases as dbs
 import pytest
 from disks import SmallDisk, small_disk
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    dbs.add_option(parser)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One run per selected database of every test that takes ``dialect``."""
+    if "dialect" in metafunc.fixturenames:
+        metafunc.parametrize("dialect", dbs.selected(metafunc.config))
+
+
+@pytest.fixture(scope="session")
+def server_databases() -> Iterator[dbs.ServerDatabases]:
+    """The session's fresh database on each server, dropped when the session ends."""
+    made = dbs.ServerDatabases()
+    yield made
+    if made.created:
+        asyncio.run(made.drop_all())
+
+
+@pytest.fixture
+async def databases(
+    dialect: str, tmp_path: Path, server_databases: dbs.ServerDatabases
+) -> AsyncIterator[dbs.Databases]:
+    """The databases of this test on ``dialect`` (see ``tests/databases.py``), empty."""
+    if dialect == "sqlite":
+        yield dbs.Databases(dialect, tmp_path)
+        return
+    server = await server_databases.get(dialect)
+    await server_databases.empty(server)
+    yield dbs.Databases(dialect, tmp_path, server)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,202 @@
+"""The databases a store's contract tests run on: ``sqlite``, ``postgresql``, ``mariadb``.
+
+Which of them a run uses: ``pytest --databases=sqlite,postgresql`` or the variable
+``IMSERVER_TEST_DATABASES`` (the option wins); all three by default. A test takes the
+``dialect`` fixture (one run per selected database) and the ``databases`` fixture,
+whose :meth:`Databases.url` names a service's database on that dialect.
+
+SQLite: one file per service in the test's ``tmp_path``. The servers: the test session
+creates one fresh database on each (``imserver_test_<pid>_<random>``, binary
+``utf8mb4`` collation on MariaDB) and drops it when the session ends; every test
+starts on it emptied (PostgreSQL: the ``public`` schema recreated; MariaDB: every
+table dropped), so the services of one test share the database as the services of a
+deployment with one ``storage.url`` do.
+
+Where a server does not answer (PostgreSQL on 127.0.0.1:5432 as ``postgres``,
+MariaDB on 127.0.0.1:3306 as ``root``; ``IMSERVER_TEST_POSTGRES`` and
+``IMSERVER_TEST_MARIADB`` give other server URLs) its tests are skipped with the
+reason, except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from imserver.storage.sql import sqlite_url
+
+DIALECTS = ("sqlite", "postgresql", "mariadb")
+ENV = "IMSERVER_TEST_DATABASES"
+SERVERS = {
+    "postgresql": os.environ.get(
+        "IMSERVER_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+    ),
+    "mariadb": os.environ.get(
+        "IMSERVER_TEST_MARIADB", "mysql+asyncmy://root@127.0.0.1:3306/mysql?charset=utf8mb4"
+    ),
+}
+"""The server of each dialect, as an administrator's URL (its database is only used
+to create and drop the test database)."""
+
+
+def add_option(parser: pytest.Parser) -> None:
+    """The ``--databases`` option."""
+    parser.addoption(
+        "--databases",
+        default=None,
+        help=f"comma-separated databases for the store tests: {', '.join(DIALECTS)} "
+        f"(default: ${ENV}, else all)",
+    )
+
+
+def selected(config: pytest.Config) -> list[str]:
+    """The databases this run tests on (see the module docstring)."""
+    raw = config.getoption("--databases") or os.environ.get(ENV) or ",".join(DIALECTS)
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DIALECTS]
+    if unknown or not names:
+        raise pytest.UsageError(f"--databases: unknown {unknown}; choose from {DIALECTS}")
+    return names
+
+
+def unavailable(reason: str) -> None:
+    """Skip (fail under ``CI=true``) a test whose database server is missing."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: every database must be tested)")
+    pytest.skip(reason)
+
+
+async def _admin(dialect: str, statements: list[str]) -> None:
+    url = make_url(SERVERS[dialect])
+    if dialect == "postgresql":
+        import asyncpg
+
+        pg = await asyncpg.connect(
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            password=url.password,
+            database=url.database,
+            timeout=5,
+        )
+        try:
+            for statement in statements:
+                await pg.execute(statement)
+        finally:
+            await pg.close()
+        return
+    import asyncmy
+
+    my = await asyncmy.connect(
+        host=url.host or "127.0.0.1",
+        port=url.port or 3306,
+        user=url.username or "root",
+        password=url.password or "",
+        connect_timeout=5,
+    )
+    try:
+        async with my.cursor() as cur:
+            for statement in statements:
+                await cur.execute(statement)
+    finally:
+        my.close()
+
+
+@dataclass
+class ServerDatabase:
+    """One fresh database on a server, for the whole session."""
+
+    dialect: str
+    name: str
+    url: str
+
+
+@dataclass
+class ServerDatabases:
+    """The session's databases, created on first use and dropped at the end."""
+
+    created: dict[str, ServerDatabase] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    async def get(self, dialect: str) -> ServerDatabase:
+        if dialect in self.missing:
+            unavailable(self.missing[dialect])
+        found = self.created.get(dialect)
+        if found is not None:
+            return found
+        name = f"imserver_test_{os.getpid()}_{secrets.token_hex(4)}"
+        create = f"CREATE DATABASE {name}"
+        if dialect == "mariadb":
+            create += " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        try:
+            await _admin(dialect, [create])
+        except (OSError, TimeoutError, ImportError) as exc:
+            server = make_url(SERVERS[dialect]).render_as_string(hide_password=True)
+            self.missing[dialect] = f"{dialect} server not reachable at {server}: {exc}"
+            unavailable(self.missing[dialect])
+        url = make_url(SERVERS[dialect]).set(database=name)
+        if dialect == "postgresql":
+            url = url.set(query={})
+        made = ServerDatabase(dialect, name, url.render_as_string(hide_password=False))
+        self.created[dialect] = made
+        return made
+
+    async def empty(self, db: ServerDatabase) -> None:
+        """Drop everything in ``db`` (the state a test starts from)."""
+        if db.dialect == "postgresql":
+            await _admin_in(db, ["DROP SCHEMA public CASCADE", "CREATE SCHEMA public"])
+            return
+        await _admin(
+            "mariadb",
+            [
+                f"DROP DATABASE {db.name}",
+                f"CREATE DATABASE {db.name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+            ],
+        )
+
+    async def drop_all(self) -> None:
+        for db in self.created.values():
+            drop = f"DROP DATABASE IF EXISTS {db.name}"
+            if db.dialect == "postgresql":
+                drop += " WITH (FORCE)"
+            await _admin(db.dialect, [drop])
+        self.created.clear()
+
+
+async def _admin_in(db: ServerDatabase, statements: list[str]) -> None:
+    import asyncpg
+
+    url = make_url(db.url)
+    pg = await asyncpg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        database=db.name,
+        timeout=5,
+    )
+    try:
+        for statement in statements:
+            await pg.execute(statement)
+    finally:
+        await pg.close()
+
+
+@dataclass
+class Databases:
+    """The databases of one test on one dialect."""
+
+    dialect: str
+    tmp_path: Path
+    server: ServerDatabase | None = None
+
+    def url(self, service: str) -> str:
+        """The async URL of ``service``'s database (on a server, all share one)."""
+        if self.server is None:
+            return sqlite_url(self.tmp_path, service)
+        return self.server.url
