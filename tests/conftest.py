@@ -41,7 +41,7 @@ async def databases(
         return
     server = await server_databases.get(dialect)
     await server_databases.empty(server)
-    yield dbs.Databases(dialect, tmp_path, server)
+    yield dbs.Databases(dialect, tmp_path, server, server_databases)
 
 
 @pytest.fixture(scope="module")

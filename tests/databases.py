@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 
-from imserver.storage.sql import sqlite_url
+from imserver.storage.sql import make_engine, sqlite_url
+
+T = TypeVar("T")
 
 DIALECTS = ("sqlite", "postgresql", "mariadb")
 ENV = "IMSERVER_TEST_DATABASES"
@@ -194,9 +199,50 @@ class Databases:
     dialect: str
     tmp_path: Path
     server: ServerDatabase | None = None
+    servers: ServerDatabases | None = None
+    resets: int = 0
+
+    @property
+    def directory(self) -> Path:
+        """Where the SQLite files are."""
+        return self.tmp_path if not self.resets else self.tmp_path / f"reset{self.resets}"
 
     def url(self, service: str) -> str:
         """The async URL of ``service``'s database (on a server, all share one)."""
         if self.server is None:
-            return sqlite_url(self.tmp_path, service)
+            return sqlite_url(self.directory, service)
         return self.server.url
+
+    async def reset(self) -> None:
+        """Start again from empty databases."""
+        self.resets += 1
+        if self.server is None:
+            self.directory.mkdir()
+            return
+        assert self.servers is not None
+        await self.servers.empty(self.server)
+
+
+async def on_connection(url: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(connection, *args)`` on a synchronous view of a connection to ``url``
+    (any dialect), committed after."""
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.run_sync(fn, *args)
+            await conn.commit()
+            return result
+    finally:
+        await engine.dispose()
+
+
+async def rows(
+    url: str, statement: str, params: dict[str, Any] | None = None
+) -> list[tuple[Any, ...]]:
+    """The rows of a raw SQL statement on ``url`` (any dialect)."""
+
+    def run(conn: Connection) -> list[tuple[Any, ...]]:
+        result = conn.execute(text(statement), params or {})
+        return [tuple(r) for r in result] if result.returns_rows else []
+
+    return await on_connection(url, run)

@@ -117,7 +117,5 @@ def test_bad_urls_name_the_setting(given: str, error: str) -> None:
 
 
 def test_a_server_url_for_the_notification_store_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(
-        BadRequest, match=r"storage\.notification\.url: the notification store"
-    ):
+    with pytest.raises(BadRequest, match=r"storage\.notification\.url: the notification store"):
         resolve(tmp_path, "notification", IMSERVER_STORAGE__NOTIFICATION__URL=PG)

@@ -18,9 +18,8 @@ import asyncio
 
 from alembic import context
 from sqlalchemy import Connection, create_engine, event, pool
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from imserver.storage.sql import set_sqlite_pragmas
+from imserver.storage.sql import make_engine, set_sqlite_pragmas
 
 
 class WrongCollation(RuntimeError):
@@ -52,7 +51,7 @@ def _migrate(connection: Connection) -> None:
 
 
 async def _run_async(url: str) -> None:
-    engine = create_async_engine(url, poolclass=pool.NullPool)
+    engine = make_engine(url, poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_migrate)
