@@ -22,6 +22,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("dialect", dbs.selected(metafunc.config))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the runs on a database server that ``--databases`` leaves out, and the
+    server runs of tests marked ``sqlite_only``."""
+    chosen = set(dbs.selected(config))
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        values = set(callspec.params.values()) if callspec is not None else set()
+        servers = {v for v in values if isinstance(v, str) and v in dbs.SERVER_NAMES}
+        if servers - chosen or (servers and item.get_closest_marker("sqlite_only")):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def server_databases() -> Iterator[dbs.ServerDatabases]:
     """The session's fresh database on each server, dropped when the session ends."""

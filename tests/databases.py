@@ -36,6 +36,7 @@ from imserver.storage.sql import make_engine, sqlite_url
 T = TypeVar("T")
 
 DIALECTS = ("sqlite", "postgresql", "mariadb")
+SERVER_NAMES = frozenset({"postgresql", "mariadb"})
 ENV = "IMSERVER_TEST_DATABASES"
 SERVERS = {
     "postgresql": os.environ.get(

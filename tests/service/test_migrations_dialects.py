@@ -16,13 +16,19 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from databases import Databases, on_connection, rows
+from message_helpers import Directory, Files, Rooms, caller, send
 from sqlalchemy import Connection, MetaData
 
+from imserver.protocol import ops
 from imserver.services.file.store import metadata as file_metadata
 from imserver.services.message.schema import metadata as message_metadata
+from imserver.services.message.service import open_message_service
 from imserver.services.room.store import metadata as room_metadata
 from imserver.services.user.schema import metadata as user_metadata
+from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.sql import alembic_config, upgrade
+
+AB = "d:ua:ub"
 
 SERVICES: dict[str, tuple[str, MetaData]] = {
     "user": ("imserver.services.user.migrations", user_metadata),
@@ -30,6 +36,11 @@ SERVICES: dict[str, tuple[str, MetaData]] = {
     "room": ("imserver.services.room.migrations", room_metadata),
     "file": ("imserver.services.file.migrations", file_metadata),
 }
+
+
+SEARCH_INDEX = {"search_vector", "search_text", "ix_messages_search"}
+"""The servers' full-text search column and index (``message_0004``), which the
+store's portable tables leave out as they leave out SQLite's FTS5 table."""
 
 
 def revisions(package: str) -> list[str]:
@@ -44,7 +55,9 @@ def differences(conn: Connection, service: str) -> list[Any]:
     # The service's own tables only: the others' (a shared database) and the search
     # index's are not its store's.
     def own(name: str | None, type_: str, parent: Any) -> bool:
-        return type_ != "table" or name in metadata.tables
+        if type_ == "table":
+            return name in metadata.tables
+        return name not in SEARCH_INDEX
 
     context = MigrationContext.configure(
         conn, opts={"version_table": f"alembic_version_{service}", "include_name": own}
@@ -84,3 +97,38 @@ async def test_every_service_shares_one_database(databases: Databases) -> None:
         await upgrade(databases.url(service), package)
     for service in SERVICES:
         assert await on_connection(databases.url(service), differences, service) == []
+
+
+async def test_messages_stored_before_the_search_index_are_found(databases: Databases) -> None:
+    """``message_0004`` indexes the messages already stored (MariaDB: their folded
+    words, written by the revision; PostgreSQL: the generated column)."""
+    url = databases.url("message")
+    package = SERVICES["message"][0]
+    await upgrade_to(url, package, "message_0003")
+    insert = (
+        "INSERT INTO messages (conv, seq, sender, ts, type, body, cid, edited, recalled) "
+        "VALUES (:conv, :seq, 'ua', 1, 'text', :body, :cid, :f, :recalled)"
+    )
+    for seq, body, recalled in ((1, "Un Café au lait", False), (2, "café recalled", True)):
+        params = {"conv": AB, "seq": seq, "body": body, "cid": f"c{seq}", "f": False}
+        await rows(url, insert, {**params, "recalled": recalled})
+    peers = "INSERT INTO direct_peers (user_id, peer_id, conv) VALUES (:u, :p, :c)"
+    await rows(url, peers, {"u": "ua", "p": "ub", "c": AB})
+    await rows(url, peers, {"u": "ub", "p": "ua", "c": AB})
+    if databases.dialect == "sqlite":  # FTS5 rows are the store's to write (message_0001)
+        await rows(
+            url,
+            "INSERT INTO messages_fts(rowid, body) SELECT id, body FROM messages "
+            "WHERE recalled = 0",
+        )
+    svc = await open_message_service(
+        url, bus=MemoryLiveBus(), users=Directory("ua", "ub"), rooms=Rooms(), files=Files()
+    )
+    try:
+        found = (await svc.search(caller("ua"), ops.Search(query="cafe"))).messages
+        assert [(m.seq, m.body) for m in found] == [(1, "Un Café au lait")]
+        await svc.send(caller("ub"), send(AB, "c3", "un autre café"))
+        found = (await svc.search(caller("ua"), ops.Search(query="CAF"))).messages
+        assert [m.seq for m in found] == [3, 1]
+    finally:
+        await svc.close()

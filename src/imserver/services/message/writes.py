@@ -199,6 +199,8 @@ def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
             delete(reactions).where(r.conv == bindparam("k_conv"), r.seq == bindparam("k_seq")),
             recalled,
         )
+    if batch.edits or batch.recalls:
+        search.index_changed(conn, batch.edits, batch.recalls)
     if batch.markers:
         m = markers.c
         updates = []
