@@ -21,6 +21,7 @@ from sqlalchemy import Connection, MetaData
 
 from imserver.protocol import ops
 from imserver.services.file.store import metadata as file_metadata
+from imserver.services.message.counters import metadata as counters_metadata
 from imserver.services.message.schema import metadata as message_metadata
 from imserver.services.message.service import open_message_service
 from imserver.services.room.store import metadata as room_metadata
@@ -43,6 +44,18 @@ SEARCH_INDEX = {"search_vector", "search_text", "ix_messages_search"}
 store's portable tables leave out as they leave out SQLite's FTS5 table."""
 
 
+def _with_counters() -> MetaData:
+    combined = MetaData()
+    for table in (*message_metadata.tables.values(), *counters_metadata.tables.values()):
+        table.to_metadata(combined)
+    return combined
+
+
+MESSAGE_ON_SERVERS = _with_counters()
+"""The message tables a server has: the portable ones and the conversation counters
+(``message_0005``)."""
+
+
 def revisions(package: str) -> list[str]:
     """The service's revisions, oldest first."""
     script = ScriptDirectory.from_config(alembic_config("sqlite://", package))
@@ -51,6 +64,8 @@ def revisions(package: str) -> list[str]:
 
 def differences(conn: Connection, service: str) -> list[Any]:
     metadata = SERVICES[service][1]
+    if service == "message" and conn.dialect.name != "sqlite":
+        metadata = MESSAGE_ON_SERVERS
 
     # The service's own tables only: the others' (a shared database) and the search
     # index's are not its store's.

@@ -64,11 +64,17 @@ class WriteTx:
     rolled back)."""
 
     def __init__(
-        self, runner: Runner, search: MessageSearch, committed: Callable[[], None]
+        self,
+        runner: Runner,
+        search: MessageSearch,
+        committed: Callable[[], None],
+        *,
+        shared: bool = False,
     ) -> None:
         self._runner = runner
         self._search = search
         self._committed = committed
+        self._shared = shared
         self.done = False
 
     async def load(
@@ -79,9 +85,12 @@ class WriteTx:
         marker_keys: Sequence[MarkerKey],
     ) -> Loaded:
         """Open the transaction and read, in one step, the stored idempotency keys,
-        the last seqs of ``convs``, the targets and the markers the batch needs."""
+        the last seqs of ``convs`` (locking their counter rows first on a shared
+        database), the targets and the markers the batch needs."""
         try:
-            return await self._runner.call(writes.load, idem_keys, convs, target_keys, marker_keys)
+            return await self._runner.call(
+                writes.load, idem_keys, convs, target_keys, marker_keys, self._shared
+            )
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
 
@@ -129,9 +138,13 @@ class SqlMessageStore(SqlStore):
         search: MessageSearch,
         background_checkpoints: bool = False,
         replica: Runner | None = None,
+        shared: bool = False,
     ) -> None:
         super().__init__(reads, writes, replica=replica)
         self._search = search
+        self.shared = shared
+        """Whether other processes may write this database: seqs then come from the
+        locked counter rows (:mod:`imserver.services.message.counters`)."""
         self._background_checkpoints = background_checkpoints
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._last_checkpoint = 0.0
@@ -175,6 +188,7 @@ class SqlMessageStore(SqlStore):
         left unused): the writer runs inline on the event loop (see
         :class:`InlineRunner`), readers on threads. Other dialects run on ``engine``.
         ``replica_url``: a replica of the same database (same dialect) for search.
+        A server database is ``shared``: other message services may write it too.
         """
         search = search_for_dialect(engine.dialect.name)
         replica: Runner | None = None
@@ -202,6 +216,7 @@ class SqlMessageStore(SqlStore):
             writes=AsyncRunner(engine, pinned=True),
             search=search,
             replica=replica,
+            shared=True,
         )
 
     def _failure(self, exc: SQLAlchemyError | OSError) -> Exception:
@@ -211,7 +226,7 @@ class SqlMessageStore(SqlStore):
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[WriteTx]:
         """One write transaction; rolled back unless :meth:`WriteTx.commit` succeeded."""
-        tx = WriteTx(self._writes, self._search, self.after_commit)
+        tx = WriteTx(self._writes, self._search, self.after_commit, shared=self.shared)
         try:
             yield tx
         finally:
