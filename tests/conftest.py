@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     dropped: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        values = set(callspec.params.values()) if callspec is not None else set()
+        values = callspec.params.values() if callspec is not None else ()
         servers = {v for v in values if isinstance(v, str) and v in dbs.SERVER_NAMES}
         if servers - chosen or (servers and item.get_closest_marker("sqlite_only")):
             dropped.append(item)
