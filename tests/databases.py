@@ -77,7 +77,8 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-async def _admin(dialect: str, statements: list[str]) -> None:
+async def admin(dialect: str, statements: list[str]) -> None:
+    """Run ``statements`` as the server's administrator (outside any test database)."""
     url = make_url(SERVERS[dialect])
     if dialect == "postgresql":
         import asyncpg
@@ -140,7 +141,7 @@ class ServerDatabases:
         if dialect == "mariadb":
             create += " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
         try:
-            await _admin(dialect, [create])
+            await admin(dialect, [create])
         except (OSError, TimeoutError, ImportError) as exc:
             server = make_url(SERVERS[dialect]).render_as_string(hide_password=True)
             self.missing[dialect] = f"{dialect} server not reachable at {server}: {exc}"
@@ -157,7 +158,7 @@ class ServerDatabases:
         if db.dialect == "postgresql":
             await _admin_in(db, ["DROP SCHEMA public CASCADE", "CREATE SCHEMA public"])
             return
-        await _admin(
+        await admin(
             "mariadb",
             [
                 f"DROP DATABASE {db.name}",
@@ -170,7 +171,7 @@ class ServerDatabases:
             drop = f"DROP DATABASE IF EXISTS {db.name}"
             if db.dialect == "postgresql":
                 drop += " WITH (FORCE)"
-            await _admin(db.dialect, [drop])
+            await admin(db.dialect, [drop])
         self.created.clear()
 
 
