@@ -1,7 +1,9 @@
 """The databases a store's contract tests run on: ``sqlite``, ``postgresql``, ``mariadb``.
 
 Which of them a run uses: ``pytest --databases=sqlite,postgresql`` or the variable
-``IMSERVER_TEST_DATABASES`` (the option wins); all three by default. A test takes the
+``IMS_TEST_DATABASES`` (the option wins); all three by default. (The variables here
+do not start with ``IMSERVER_``: a server started by the tests would read those as
+its settings.) A test takes the
 ``dialect`` fixture (one run per selected database) and the ``databases`` fixture,
 whose :meth:`Databases.url` names a service's database on that dialect.
 
@@ -12,17 +14,23 @@ starts on it emptied (PostgreSQL: the ``public`` schema recreated; MariaDB: ever
 table dropped), so the services of one test share the database as the services of a
 deployment with one ``storage.url`` do.
 
+The end-to-end suite runs its ``imserver serve`` processes on the database
+``IMS_E2E_DATABASE`` names (``sqlite`` by default): on a server, each process
+gets a fresh database of its own (``storage.url``), dropped after its test.
+
 Where a server does not answer (PostgreSQL on 127.0.0.1:5432 as ``postgres``,
-MariaDB on 127.0.0.1:3306 as ``root``; ``IMSERVER_TEST_POSTGRES`` and
-``IMSERVER_TEST_MARIADB`` give other server URLs) its tests are skipped with the
+MariaDB on 127.0.0.1:3306 as ``root``; ``IMS_TEST_POSTGRES`` and
+``IMS_TEST_MARIADB`` give other server URLs) its tests are skipped with the
 reason, except under ``CI=true``, where they fail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,13 +45,13 @@ T = TypeVar("T")
 
 DIALECTS = ("sqlite", "postgresql", "mariadb")
 SERVER_NAMES = frozenset({"postgresql", "mariadb"})
-ENV = "IMSERVER_TEST_DATABASES"
+ENV = "IMS_TEST_DATABASES"
 SERVERS = {
     "postgresql": os.environ.get(
-        "IMSERVER_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+        "IMS_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
     ),
     "mariadb": os.environ.get(
-        "IMSERVER_TEST_MARIADB", "mysql+asyncmy://root@127.0.0.1:3306/mysql?charset=utf8mb4"
+        "IMS_TEST_MARIADB", "mysql+asyncmy://root@127.0.0.1:3306/mysql?charset=utf8mb4"
     ),
 }
 """The server of each dialect, as an administrator's URL (its database is only used
@@ -112,6 +120,49 @@ async def admin(dialect: str, statements: list[str]) -> None:
                 await cur.execute(statement)
     finally:
         my.close()
+
+
+def run_blocking(coro: Any) -> Any:
+    """Run ``coro`` to completion from synchronous code, even inside a running event
+    loop (in a thread of its own, with a loop of its own)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+E2E_ENV = "IMS_E2E_DATABASE"
+
+
+def e2e_database() -> str:
+    """The database the end-to-end servers use: ``$IMS_E2E_DATABASE``, else sqlite."""
+    name = os.environ.get(E2E_ENV, "sqlite")
+    if name not in DIALECTS:
+        raise pytest.UsageError(f"{E2E_ENV}={name}: choose from {DIALECTS}")
+    return name
+
+
+def create_database(dialect: str, label: str) -> ServerDatabase:
+    """A fresh database on ``dialect``'s server, for one end-to-end server (blocking);
+    a missing server skips (fails under ``CI=true``)."""
+    name = f"imserver_{label}_{os.getpid()}_{secrets.token_hex(4)}"
+    create = f"CREATE DATABASE {name}"
+    if dialect == "mariadb":
+        create += " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    try:
+        run_blocking(admin(dialect, [create]))
+    except (OSError, TimeoutError, ImportError) as exc:
+        unavailable(f"{dialect} server not reachable: {exc}")
+    url = make_url(SERVERS[dialect]).set(database=name)
+    if dialect == "postgresql":
+        url = url.set(query={})
+    return ServerDatabase(dialect, name, url.render_as_string(hide_password=False))
+
+
+def drop_database(db: ServerDatabase) -> None:
+    """Drop a database of :func:`create_database` (blocking)."""
+    drop = f"DROP DATABASE IF EXISTS {db.name}"
+    if db.dialect == "postgresql":
+        drop += " WITH (FORCE)"
+    run_blocking(admin(db.dialect, [drop]))
 
 
 @dataclass
