@@ -30,6 +30,7 @@ service's presence records, which the gateway keeps.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +49,12 @@ from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.api import UserService
 from imserver.services.user.service import LocalUserService, open_user_service
 from imserver.storage.bus import LiveBus, MemoryLiveBus
-from imserver.storage.databases import SERVICES, service_database
+from imserver.storage.databases import SERVICES, redacted, service_database
 from imserver.utils.config import Config
 from imserver.utils.errors import Unavailable
 from imserver.utils.metrics import PushMetrics
+
+logger = logging.getLogger(__name__)
 
 
 class _Discovery:
@@ -105,6 +108,10 @@ async def build_embedded(config: Config) -> Embedded:
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     db = {name: service_database(config.storage, data_dir, name) for name in SERVICES}
+    for name, database in db.items():
+        lagging = database.read_url
+        replica = f" (lag-tolerant reads: {redacted(lagging)})" if lagging else ""
+        logger.info("%s database: %s%s", name, redacted(database.url), replica)
     discovery = _Discovery()
     bus = MemoryLiveBus()
     users = await open_user_service(
