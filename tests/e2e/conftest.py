@@ -188,6 +188,10 @@ class ServerFactory:
     def teardown(self) -> None:
         for server in self.servers:
             server.teardown()
+        self.drop_databases()
+
+    def drop_databases(self) -> None:
+        """Drop the server databases of the servers (once they are stopped)."""
         while self.databases:
             dbs.drop_database(self.databases.pop())
 
@@ -215,6 +219,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
         yield server
     finally:
         server.close()
+        factory.drop_databases()
 
 
 def _log_report(
