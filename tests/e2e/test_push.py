@@ -129,10 +129,17 @@ async def test_offline_push_reaches_fcm_and_survives_a_restart(
     message = state.messages[0]
     assert message["token"] == "T1"
     assert f"{bob_id}:" in json.dumps(message) and "are you there?" in json.dumps(message)
-    trace = await alice.request("push.trace", {"conv": conv, "seq": 1})
-    [bob_trace] = [r for r in trace["recipients"] if r["user"] == bob_id]
+    # The server records FCM's answer after FCM got the push: read the trace until
+    # the push has left ``sending``.
+    deadline = time.monotonic() + 10.0
+    while True:
+        trace = await alice.request("push.trace", {"conv": conv, "seq": 1})
+        [bob_trace] = [r for r in trace["recipients"] if r["user"] == bob_id]
+        [job] = bob_trace["pushes"]
+        if job["state"] != "sending" or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
     assert (bob_trace["due"], bob_trace["reason"]) == (True, "due")
-    [job] = bob_trace["pushes"]
     assert job["provider"] == "fcm" and job["state"] == "sent"
     assert [a["code"] for a in job["attempts"]] == [503, 200]
 
