@@ -1,0 +1,233 @@
+"""End-to-end tests of ``imserver backup`` and ``imserver restore`` (docs/operations.md,
+"Backups"): a backup taken from a running server while clients keep sending messages
+and uploading files, restored into a fresh data directory and served again; and the
+refusals, with their exact messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from imserver.client import Client, HttpClient
+
+if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at run time
+    from conftest import Account, Clients, ServerFactory, ServerProcess
+
+Frame = dict[str, Any]
+DATABASES = ["file.db", "message.db", "notification.db", "room.db", "user.db"]
+
+
+async def imserver(*args: str | Path) -> tuple[int, str, str]:
+    """Run ``imserver ARGS`` in a process of its own; ``(exit code, stdout, stderr)``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "imserver",
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, IMSERVER_LOG_LEVEL="warning"),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def upload(
+    server: ServerProcess, client: Client, conv: str, data: bytes, name: str = "doc.bin"
+) -> Frame:
+    async with HttpClient(server.http_url, token=client.token) as http:
+        status, _, raw = await http.post(
+            "/api/v1/files",
+            data,
+            params={"conv": conv, "name": name},
+            headers={"Content-Type": "application/octet-stream"},
+        )
+    assert status == 200, raw
+    info: Frame = json.loads(raw)["file"]
+    return info
+
+
+async def download(server: ServerProcess, client: Client, path: str) -> bytes:
+    async with HttpClient(server.http_url) as http:
+        status, _, body = await http.get(path, token=client.token)
+    assert status == 200, body
+    return body
+
+
+async def full_history(c: Client, conv: str) -> list[Frame]:
+    messages: list[Frame] = []
+    after = 0
+    while True:
+        page = await c.history(conv, after=after, limit=200)
+        messages.extend(page["messages"])
+        if not page["has_more"]:
+            return messages
+        after = page["messages"][-1]["seq"]
+
+
+@dataclass
+class Load:
+    """Clients that keep writing until told to stop, and what they were acked."""
+
+    acks: list[tuple[float, Frame]] = field(default_factory=list)
+    """(monotonic time of the ack, reply data) of every acknowledged send."""
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    """File id → the bytes uploaded."""
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    warm: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once 200 sends and two uploads were acknowledged."""
+
+    def acked(self, data: Frame) -> None:
+        self.acks.append((time.monotonic(), data))
+        if len(self.acks) >= 200 and len(self.uploads) >= 2:
+            self.warm.set()
+
+    async def sender(self, c: Client, conv: str, tag: str) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            data = await c.send_message(conv, f"{tag} {i}", cid=f"{tag}-{i}")
+            self.acked(data)
+            await asyncio.sleep(0.005)  # at most 200 sends a second: under the rate limit
+
+    async def uploader(self, server: ServerProcess, c: Client, conv: str) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            content = os.urandom(200_000 + i)
+            info = await upload(server, c, conv, content)
+            self.uploads[info["id"]] = content
+            data = await c.send_message(
+                conv, "", cid=f"file-{i}", type="file", meta={"file": info["id"]}
+            )
+            self.acked(data)
+
+    def acked_before(self, instant: float) -> list[Frame]:
+        return [data for at, data in self.acks if at < instant]
+
+
+async def test_backup_while_serving_restores_every_acked_message_file_and_login(
+    server_factory: ServerFactory, clients: Clients, register_user: Any
+) -> None:
+    server = server_factory({"limits": {"rate_per_s": 1000}})
+    accounts: list[Account] = [await register_user(server, n) for n in ("a", "b", "c")]
+    a, b, c = [await clients.connect(server, login_as=acc) for acc in accounts]
+    room = (await a.request("room.create", name="backup room", members=[accounts[1].id]))["room"]
+    convs = {
+        "ab": Client.direct_conv(accounts[0].id, accounts[1].id),
+        "ac": Client.direct_conv(accounts[0].id, accounts[2].id),
+        "room": room["conv"],
+    }
+    picture = io.BytesIO()
+    Image.new("RGB", (640, 480), (200, 30, 90)).save(picture, "PNG")
+    image = await upload(server, a, convs["room"], picture.getvalue(), "picture.png")
+    assert image["thumb_url"]
+    await a.send_message(convs["room"], "", type="image", meta={"file": image["id"]})
+    thumb = await download(server, b, image["thumb_url"])
+    load = Load()
+    load.uploads[image["id"]] = picture.getvalue()
+    writers = [
+        asyncio.create_task(load.sender(a, convs["ab"], "ab-a")),
+        asyncio.create_task(load.sender(b, convs["ab"], "ab-b")),
+        asyncio.create_task(load.sender(c, convs["ac"], "ac-c")),
+        asyncio.create_task(load.sender(b, convs["room"], "room-b")),
+        asyncio.create_task(load.uploader(server, a, convs["room"])),
+    ]
+    try:
+        await asyncio.wait_for(load.warm.wait(), 60)
+        target = server.root / "backup"
+        started = time.monotonic()
+        code, out, err = await imserver("backup", target, "--data-dir", server.data_dir)
+        finished = time.monotonic()
+        assert (code, err) == (0, ""), out
+        # The clients kept being acknowledged while the backup ran.
+        during = [at for at, _ in load.acks if started < at < finished]
+        assert len(during) >= 20, f"only {len(during)} acks during the backup"
+        await asyncio.sleep(0.2)
+    finally:
+        load.stop.set()
+        await asyncio.gather(*writers)
+    acked = load.acked_before(started)
+    assert out.splitlines()[-1].startswith(f"backup of {server.data_dir.resolve()} as of ")
+
+    # The backup: every database passes SQLite's integrity check; every file matches
+    # the manifest.
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert sorted(e["path"] for e in manifest["entries"] if e["kind"] == "database") == DATABASES
+    for name in DATABASES:
+        with sqlite3.connect(target / name) as db:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    for entry in manifest["entries"]:
+        data = (target / entry["path"]).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"])
+    assert manifest["missing_blobs"] == []
+
+    # A running server's data directory is refused as a restore target.
+    code, out, err = await imserver("restore", target, "--data-dir", server.data_dir)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"imserver: data directory {server.data_dir} is not empty: restore needs an empty one\n"
+    )
+
+    vapid_key = (await a.request("push.vapid_key"))["key"]
+    restored = server_factory({"limits": {"rate_per_s": 1000}}, start=False)
+    code, out, err = await imserver("restore", target, "--data-dir", restored.data_dir)
+    assert (code, err) == (0, ""), out
+    await server.astop()
+    restored.start()
+
+    # Logins and tokens work: a password, and tokens issued before the backup.
+    assert (await (await clients.connect(restored)).auth(a.token))["user"]["id"] == accounts[0].id
+    a2 = await clients.connect(restored, login_as=accounts[0])
+    b2 = await clients.connect(restored)
+    assert (await b2.auth(b.token))["user"]["id"] == accounts[1].id
+    c2 = await clients.connect(restored)
+    assert (await c2.auth(c.token))["user"]["id"] == accounts[2].id
+
+    # The web push key came along: subscriptions made before keep working.
+    assert (await a2.request("push.vapid_key"))["key"] == vapid_key
+
+    readers = {"ab": a2, "ac": a2, "room": b2}
+    restored_count = 0
+    for name, conv in convs.items():
+        history = await full_history(readers[name], conv)
+        seqs = [m["seq"] for m in history]
+        assert seqs == list(range(1, len(seqs) + 1)), f"{name}: a gap in {seqs}"
+        stored = {m["seq"]: m for m in history}
+        restored_count += len(history)
+        for data in (d for d in acked if d["conv"] == conv):
+            message = stored.get(data["seq"])
+            assert message is not None, f"{name}: acked seq {data['seq']} lost"
+            assert (message["cid"], message["ts"]) == (data["cid"], data["ts"])
+        # Every file a restored message names is readable, byte for byte.
+        for message in history:
+            if message["type"] in ("file", "image"):
+                file_id = message["meta"]["file"]
+                body = await download(restored, b2, f"/api/v1/files/{file_id}")
+                assert body == load.uploads[file_id]
+        # Idempotency keys came along: a resend answers the original seq and ts.
+        tag, client = {"ab": ("ab-a-", a2), "ac": ("ac-c-", c2), "room": ("room-b-", b2)}[name]
+        last = [d for d in acked if d["conv"] == conv and d["cid"].startswith(tag)][-1]
+        assert await client.send_message(conv, "again", cid=last["cid"]) == {**last, "dup": True}
+        # The sequence continues after the restored history.
+        new = await readers[name].send_message(conv, "after the restore")
+        assert (new["seq"], new["dup"]) == (len(history) + 1, False)
+    # The snapshot was taken while the clients wrote: it holds more than was acked
+    # before the command started (the room's creation message aside).
+    assert restored_count > len(acked) + 2
+    assert sum(1 for m in await full_history(b2, convs["room"]) if m["type"] == "file") >= 2
+    # The thumbnail came along with its image.
+    assert await download(restored, b2, image["thumb_url"]) == thumb
