@@ -231,3 +231,107 @@ async def test_backup_while_serving_restores_every_acked_message_file_and_login(
     assert sum(1 for m in await full_history(b2, convs["room"]) if m["type"] == "file") >= 2
     # The thumbnail came along with its image.
     assert await download(restored, b2, image["thumb_url"]) == thumb
+
+
+# --- refusals -------------------------------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``: relative path → bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+async def test_backup_refuses_a_missing_or_empty_data_dir_and_a_used_target(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "backup"
+    missing = tmp_path / "nowhere"
+    assert await imserver("backup", target, "--data-dir", missing) == (
+        1,
+        "",
+        f"imserver: no data directory at {missing}\n",
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert await imserver("backup", target, "--data-dir", empty) == (
+        1,
+        "",
+        f"imserver: {empty} holds no IMServer database (user.db, message.db, …)\n",
+    )
+    assert not target.exists()
+
+    data = tmp_path / "data"
+    assert (await imserver("migrate", "--data-dir", data))[0] == 0
+    target.mkdir()
+    (target / "keep.txt").write_text("an earlier backup")
+    for used in (target, target / "keep.txt"):
+        assert await imserver("backup", used, "--data-dir", data) == (
+            1,
+            "",
+            f"imserver: backup target {used} is not an empty directory\n",
+        )
+    assert tree(target) == {"keep.txt": b"an earlier backup"}
+
+    # An empty directory is a fine target, and so is one that does not exist yet.
+    for fresh in (tmp_path / "made-empty", tmp_path / "new" / "backup"):
+        if fresh.name == "made-empty":
+            fresh.mkdir()
+        code, out, err = await imserver("backup", fresh, "--data-dir", data)
+        assert (code, err) == (0, ""), out
+        assert sorted(tree(fresh)) == sorted([*DATABASES, "manifest.json"])
+
+
+async def test_restore_refuses_a_used_data_dir_and_a_missing_or_damaged_backup(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    assert (await imserver("migrate", "--data-dir", data))[0] == 0
+    backup = tmp_path / "backup"
+    assert (await imserver("backup", backup, "--data-dir", data))[0] == 0
+    original = tree(backup)
+
+    nothing = tmp_path / "nothing"
+    assert await imserver("restore", nothing, "--data-dir", tmp_path / "r0") == (
+        1,
+        "",
+        f"imserver: {nothing} holds no backup (manifest.json is missing)\n",
+    )
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "user.db").write_bytes(b"another deployment")
+    assert await imserver("restore", backup, "--data-dir", used) == (
+        1,
+        "",
+        f"imserver: data directory {used} is not empty: restore needs an empty one\n",
+    )
+    assert tree(used) == {"user.db": b"another deployment"}
+
+    manifest = json.loads((backup / "manifest.json").read_text())
+    entry = next(e for e in manifest["entries"] if e["path"] == "room.db")
+    damaged = bytearray(original["room.db"])
+    damaged[-1] ^= 0xFF
+    (backup / "room.db").write_bytes(bytes(damaged))
+    sha = hashlib.sha256(damaged).hexdigest()
+    target = tmp_path / "r1"
+    assert await imserver("restore", backup, "--data-dir", target) == (
+        1,
+        "",
+        f"imserver: damaged backup: room.db has {len(damaged)} bytes, SHA-256 {sha}; "
+        f"the manifest says {entry['size']} bytes, {entry['sha256']}\n",
+    )
+    (backup / "room.db").unlink()
+    assert await imserver("restore", backup, "--data-dir", target) == (
+        1,
+        "",
+        "imserver: damaged backup: room.db is missing\n",
+    )
+    # Nothing was written: no data directory, no staging directory beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup", "data", "used"]
+
+    (backup / "room.db").write_bytes(original["room.db"])
+    for fresh in (tmp_path / "r2", tmp_path / "empty"):
+        if fresh.name == "empty":
+            fresh.mkdir()
+        code, out, err = await imserver("restore", backup, "--data-dir", fresh)
+        assert (code, err) == (0, ""), out
+        assert tree(fresh) == {k: v for k, v in original.items() if k != "manifest.json"}

@@ -53,13 +53,14 @@ import msgspec
 from sqlalchemy import create_engine, select
 
 from imserver import __version__
+from imserver.core.server import SERVICES_WITH_DATABASES
 from imserver.services.file.service import blob_key, local_blob_root, thumb_key
 from imserver.services.file.store import files
 from imserver.services.notification.providers.vapid import key_path
 from imserver.storage.snapshot import integrity, snapshot
 from imserver.utils.errors import BadRequest, Conflict, Internal, NotFound, Unavailable
 
-SERVICES = ("user", "message", "room", "file", "notification")
+SERVICES = tuple(SERVICES_WITH_DATABASES)
 """The services whose SQLite file ``<data_dir>/<service>.db`` a backup copies."""
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -188,7 +189,8 @@ def backup(
     """Back up the data directory into ``target`` (absent or empty); its manifest.
 
     ``not_found`` when ``data_dir`` is missing or holds no database, ``conflict`` when
-    ``target`` is not an empty directory.
+    ``target`` exists and is not an empty directory, ``unavailable`` when the
+    databases stay locked (:data:`imserver.storage.snapshot.LOCK_TIMEOUT`).
     """
     say = progress or (lambda _line: None)
     if not data_dir.is_dir():
@@ -197,7 +199,7 @@ def backup(
     if not present:
         raise NotFound(f"{data_dir} holds no IMServer database (user.db, message.db, …)")
     if target.exists() and not _is_empty_dir(target):
-        raise Conflict(f"backup target {target} is not empty")
+        raise Conflict(f"backup target {target} is not an empty directory")
     target.mkdir(parents=True, exist_ok=True)
 
     entries: list[Entry] = []
