@@ -335,3 +335,42 @@ async def test_restore_refuses_a_used_data_dir_and_a_missing_or_damaged_backup(
         code, out, err = await imserver("restore", backup, "--data-dir", fresh)
         assert (code, err) == (0, ""), out
         assert tree(fresh) == {k: v for k, v in original.items() if k != "manifest.json"}
+
+
+async def test_backup_copies_the_blobs_file_db_names_and_lists_the_missing(
+    tmp_path: Path,
+) -> None:
+    """A record whose blob is gone (what the clean-up leaves when it deletes an unnamed
+    upload between the snapshot and the copy) is listed, not fatal; a blob no record
+    names (an upload stored after the snapshot) is not copied."""
+    data = tmp_path / "data"
+    assert (await imserver("migrate", "--data-dir", data))[0] == 0
+    blobs = data / "files" / "blobs"
+    kept, gone, stray = (hashlib.sha256(x).hexdigest() for x in (b"kept", b"gone", b"stray"))
+    for sha, content in ((kept, b"kept"), (stray, b"stray")):
+        (blobs / sha[:2]).mkdir(parents=True, exist_ok=True)
+        (blobs / sha[:2] / sha).write_bytes(content)
+    (blobs / kept[:2] / f"{kept}.thumb").write_bytes(b"thumbnail")
+    with sqlite3.connect(data / "file.db") as db:
+        for n, (sha, thumb) in enumerate(((kept, "image/jpeg"), (gone, None))):
+            db.execute(
+                "INSERT INTO files VALUES (?, 'd:u1:u2', 'u1', 'x', 4, 'image/png', ?, ?, 0, ?)",
+                (f"f{n}", sha, thumb, "new"),
+            )
+    db.close()
+
+    backup = tmp_path / "backup"
+    code, out, err = await imserver("backup", backup, "--data-dir", data)
+    assert (code, err) == (0, "")
+    assert f"blob {gone[:2]}/{gone} deleted by the clean-up before it was copied" in out
+    assert "files/blobs: 2 blobs, 1 missing" in out.splitlines()
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert manifest["missing_blobs"] == [f"{gone[:2]}/{gone}"]
+    assert {e["path"]: e["sha256"] for e in manifest["entries"] if e["kind"] == "blob"} == {
+        f"files/blobs/{kept[:2]}/{kept}": kept,
+        f"files/blobs/{kept[:2]}/{kept}.thumb": hashlib.sha256(b"thumbnail").hexdigest(),
+    }
+    assert sorted(p for p in tree(backup) if p.startswith("files/")) == [
+        f"files/blobs/{kept[:2]}/{kept}",
+        f"files/blobs/{kept[:2]}/{kept}.thumb",
+    ]
