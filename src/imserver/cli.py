@@ -3,7 +3,7 @@
 imserver serve   [--config FILE] [--data-dir DIR] [--host H] [--http-port N] [--tcp-port N]
 imserver migrate [--config FILE] [--data-dir DIR]
 imserver admin   grant USERNAME | revoke USERNAME | list  [--config FILE] [--data-dir DIR]
-imserver backup  TARGET [--config FILE] [--data-dir DIR]
+imserver backup  TARGET [--lock-timeout S] [--config FILE] [--data-dir DIR]
 imserver restore BACKUP [--config FILE] [--data-dir DIR]
 imserver --version
 """
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         "backup", help="copy the data directory into an empty TARGET (server running or not)"
     )
     backup.add_argument("target", help="the backup directory (absent or empty)")
+    backup.add_argument(
+        "--lock-timeout",
+        dest="lock_timeout",
+        type=float,
+        default=30.0,
+        help="seconds to keep trying for the databases' locks (30)",
+    )
     common(backup)
     restore = sub.add_parser(
         "restore", help="restore the BACKUP directory into an empty data directory"
@@ -62,13 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _backup(config: Config, target: str) -> int:
+def _backup(config: Config, target: str, lock_timeout: float) -> int:
     from imserver.core.backup import backup
 
     manifest = backup(
         Path(config.data_dir),
         Path(target),
         files_backend=config.files.backend,
+        lock_timeout=lock_timeout,
         progress=print,
     )
     for key in manifest.missing_blobs:
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("backup", "restore"):
         try:
             if args.command == "backup":
-                return _backup(config, args.target)
+                return _backup(config, args.target, args.lock_timeout)
             return _restore(config, args.source)
         except (IMError, OSError) as exc:
             print(f"imserver: {exc}", file=sys.stderr)

@@ -374,3 +374,33 @@ async def test_backup_copies_the_blobs_file_db_names_and_lists_the_missing(
         f"files/blobs/{kept[:2]}/{kept}",
         f"files/blobs/{kept[:2]}/{kept}.thumb",
     ]
+
+
+async def test_a_backup_that_cannot_lock_the_databases_fails_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    assert (await imserver("migrate", "--data-dir", data))[0] == 0
+    blocker = sqlite3.connect(data / "room.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for target in (tmp_path / "new", tmp_path / "empty"):
+            if target.name == "empty":
+                target.mkdir()
+            assert await imserver(
+                "backup", target, "--data-dir", data, "--lock-timeout", "0.5"
+            ) == (
+                1,
+                "",
+                f"imserver: snapshot of {data} failed: the databases stayed busy for 0.5 s\n",
+            )
+            # The directory it made went again; an empty one it was given stays empty.
+            if target.name == "new":
+                assert not target.exists()
+            else:
+                assert list(target.iterdir()) == []
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    code, _, err = await imserver("backup", tmp_path / "new", "--data-dir", data)
+    assert (code, err) == (0, "")

@@ -57,7 +57,7 @@ from imserver.core.server import SERVICES_WITH_DATABASES
 from imserver.services.file.service import blob_key, local_blob_root, thumb_key
 from imserver.services.file.store import files
 from imserver.services.notification.providers.vapid import key_path
-from imserver.storage.snapshot import integrity, snapshot
+from imserver.storage.snapshot import LOCK_TIMEOUT, integrity, snapshot
 from imserver.utils.errors import BadRequest, Conflict, Internal, NotFound, Unavailable
 
 SERVICES = tuple(SERVICES_WITH_DATABASES)
@@ -184,15 +184,16 @@ def backup(
     target: Path,
     *,
     files_backend: Literal["local", "s3"] = "local",
+    lock_timeout: float = LOCK_TIMEOUT,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Back up the data directory into ``target`` (absent or empty); its manifest.
 
     ``not_found`` when ``data_dir`` is missing or holds no database, ``conflict`` when
     ``target`` exists and is not an empty directory, ``unavailable`` when the
-    databases stay locked (:data:`imserver.storage.snapshot.LOCK_TIMEOUT`).
+    databases stay locked for ``lock_timeout`` seconds. A backup that fails leaves
+    ``target`` as it found it.
     """
-    say = progress or (lambda _line: None)
     if not data_dir.is_dir():
         raise NotFound(f"no data directory at {data_dir}")
     present = [s for s in SERVICES if (data_dir / f"{s}.db").is_file()]
@@ -200,13 +201,39 @@ def backup(
         raise NotFound(f"{data_dir} holds no IMServer database (user.db, message.db, …)")
     if target.exists() and not _is_empty_dir(target):
         raise Conflict(f"backup target {target} is not an empty directory")
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
+    try:
+        say = progress or (lambda _line: None)
+        return _fill(data_dir, target, present, files_backend, lock_timeout, say)
+    except BaseException:
+        # A failed backup leaves nothing behind: the target was empty or absent.
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            for child in list(target.iterdir()):
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
 
+
+def _fill(
+    data_dir: Path,
+    target: Path,
+    present: list[str],
+    files_backend: Literal["local", "s3"],
+    lock_timeout: float,
+    say: Callable[[str], None],
+) -> Manifest:
+    """Write the backup of ``present`` databases (and the rest) into the empty ``target``."""
     entries: list[Entry] = []
     try:
         # The message database last: its writer, the busiest, is held the shortest.
         order = sorted(present, key=lambda s: s == "message")
-        instant = snapshot({data_dir / f"{s}.db": target / f"{s}.db" for s in order})
+        copies = {data_dir / f"{s}.db": target / f"{s}.db" for s in order}
+        instant = snapshot(copies, lock_timeout=lock_timeout)
     except (sqlite3.Error, TimeoutError) as exc:
         raise Unavailable(f"snapshot of {data_dir} failed: {exc}") from exc
     snapshot_at = datetime.fromtimestamp(instant, UTC).isoformat(timespec="milliseconds")

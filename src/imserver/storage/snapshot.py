@@ -96,7 +96,8 @@ def snapshot(databases: Mapping[Path, Path], *, lock_timeout: float = LOCK_TIMEO
     could hold up a writer that itself waits, with a transaction open, for something
     else). The busiest database is best put last: its writer is held the shortest.
 
-    The targets must not exist yet. Raises :class:`sqlite3.Error` if a source cannot be
+    Each copy is a single file in rollback-journal mode. The targets must not exist
+    yet. Raises :class:`sqlite3.Error` if a source cannot be
     opened, and ``TimeoutError`` if the locks were not had within ``lock_timeout``
     seconds.
     """
@@ -122,6 +123,9 @@ def snapshot(databases: Mapping[Path, Path], *, lock_timeout: float = LOCK_TIMEO
                 out = sqlite3.connect(databases[source], isolation_level=None)
                 try:
                     reader.backup(out, name=schema)
+                    # A copy is one self-contained file: inspecting it makes no -wal
+                    # beside it (a server opening it switches it back to WAL).
+                    out.execute("PRAGMA journal_mode=DELETE")
                 finally:
                     out.close()
             reader.execute("COMMIT")
