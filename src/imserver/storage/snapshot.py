@@ -16,7 +16,13 @@ first lets go. The writers of the server wait for that millisecond (their
 from the second connection's read transactions, so a commit that lands during the
 copy is in none of them. Together the copies are a state the server had: no copy
 holds a commit of its database while another lacks an earlier commit of its own (a
-message naming a file, and the file's record, are both there or both not).
+message naming a file is there only with the file's record).
+
+The locks are taken without waiting: a busy database ends the try, every lock is let
+go, and the next try comes a few milliseconds later. Waiting for one lock while
+holding another could hold up a server writer that itself waits, with a
+transaction open, for something the first writer's wait blocks (the message
+writer's inline transaction on the event loop, say) until a busy timeout ends it.
 
 While the copy runs, the read transactions keep the sources' WAL from being
 checkpointed past them: the WAL files grow by what is written during the copy and
