@@ -404,3 +404,19 @@ async def test_a_backup_that_cannot_lock_the_databases_fails_and_leaves_nothing(
         blocker.close()
     code, _, err = await imserver("backup", tmp_path / "new", "--data-dir", data)
     assert (code, err) == (0, "")
+
+
+async def test_with_blobs_on_s3_the_backup_says_the_bucket_is_backed_up_apart(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    assert (await imserver("migrate", "--data-dir", data))[0] == 0
+    config = tmp_path / "imserver.toml"
+    config.write_text('[files]\nbackend = "s3"\ns3_bucket = "chat-files"\n')
+    backup = tmp_path / "backup"
+    code, out, err = await imserver("backup", backup, "--config", config, "--data-dir", data)
+    assert (code, err) == (0, "")
+    assert "blobs are in the S3 bucket 'chat-files': back it up separately" in out.splitlines()
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert manifest["files_backend"] == "s3"
+    assert [e for e in manifest["entries"] if e["kind"] == "blob"] == []
