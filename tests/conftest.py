@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import databases as dbs
 import pytest
 from disks import SmallDisk, small_disk
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    dbs.add_option(parser)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One run per selected database of every test that takes ``dialect``."""
+    if "dialect" in metafunc.fixturenames:
+        metafunc.parametrize("dialect", dbs.selected(metafunc.config))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the runs on a database server that ``--databases`` leaves out, and the
+    server runs of tests marked ``sqlite_only``."""
+    chosen = set(dbs.selected(config))
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        values = callspec.params.values() if callspec is not None else ()
+        servers = {v for v in values if isinstance(v, str) and v in dbs.SERVER_NAMES}
+        if servers - chosen or (servers and item.get_closest_marker("sqlite_only")):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def server_databases() -> Iterator[dbs.ServerDatabases]:
+    """The session's fresh database on each server, dropped when the session ends."""
+    made = dbs.ServerDatabases()
+    yield made
+    if made.created:
+        asyncio.run(made.drop_all())
+
+
+@pytest.fixture
+async def databases(
+    dialect: str, tmp_path: Path, server_databases: dbs.ServerDatabases
+) -> AsyncIterator[dbs.Databases]:
+    """The databases of this test on ``dialect`` (see ``tests/databases.py``), empty."""
+    if dialect == "sqlite":
+        yield dbs.Databases(dialect, tmp_path)
+        return
+    server = await server_databases.get(dialect)
+    await server_databases.empty(server)
+    yield dbs.Databases(dialect, tmp_path, server, server_databases)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The ``imserver`` command.
 
 imserver serve   [--config FILE] [--data-dir DIR] [--host H] [--http-port N] [--tcp-port N]
-imserver migrate [--config FILE] [--data-dir DIR]
+imserver migrate [--config FILE] [--data-dir DIR] [--url URL]
 imserver admin   grant USERNAME | revoke USERNAME | list  [--config FILE] [--data-dir DIR]
 imserver backup  TARGET [--lock-timeout S] [--config FILE] [--data-dir DIR]
 imserver restore BACKUP [--config FILE] [--data-dir DIR]
@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcp-port", dest="tcp_port", type=int, help="TCP port (8090)")
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     common(migrate)
+    migrate.add_argument(
+        "--url",
+        help="database URL of the services, instead of storage.url (a password is better "
+        "kept in the environment, IMSERVER_STORAGE__URL, or in storage.password_file)",
+    )
     admin = sub.add_parser(
         "admin", help="grant, revoke or list admin rights (server running or not)"
     )
@@ -147,8 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         from imserver.core.server import migrate
 
-        asyncio.run(migrate(config))
-        print(f"migrations applied under {config.data_dir}")
+        try:
+            lines = asyncio.run(migrate(config, getattr(args, "url", None)))
+        except IMError as exc:
+            print(f"imserver: {exc}", file=sys.stderr)
+            return 2
+        print("migrations applied:")
+        for line in lines:
+            print(f"  {line}")
         return 0
     if args.command == "admin":
         from imserver.core.admins import admin_command

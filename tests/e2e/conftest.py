@@ -23,7 +23,10 @@ Fixtures:
 
 When a test fails, the tail of each of its servers' stdout/stderr is added to the
 report. ``IMSERVER_E2E_SERVE_ARGS`` adds arguments to every ``imserver serve`` (for
-running the suite against other deployments' settings).
+running the suite against other deployments' settings). ``IMS_E2E_DATABASE``
+(``postgresql`` or ``mariadb``; ``sqlite`` by default) puts every server's data on that
+database server, a fresh database per server (``tests/databases.py``); tests marked
+``sqlite_only`` (they read the SQLite files) are then deselected.
 
 Server logs are checked after every test: a traceback or an ``ERROR``/``CRITICAL``
 record that any server (the session's shared one included) wrote while the test ran
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import databases as dbs
 import pytest
 import serverlog
 
@@ -70,10 +74,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests here ``e2e``; on a database server (``IMS_E2E_DATABASE``),
+    deselect those marked ``sqlite_only``."""
     here = Path(__file__).parent
+    on_sqlite = dbs.e2e_database() == "sqlite"
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.e2e)
+            if not on_sqlite and item.get_closest_marker("sqlite_only"):
+                dropped.append(item)
+                continue
+        keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 # --- the server process ---------------------------------------------------------------
@@ -149,13 +165,21 @@ class ServerFactory:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.servers: list[ServerProcess] = []
+        self.databases: list[dbs.ServerDatabase] = []
+        """The server databases of its servers (``IMS_E2E_DATABASE``)."""
 
     def __call__(
         self, config: Mapping[str, Any] | None = None, *, start: bool = True
     ) -> ServerProcess:
         root = self.base / f"server{len(self.servers)}"
         root.mkdir(parents=True)
-        server = ServerProcess(root=root, config=dict(config or {}))
+        settings = dict(config or {})
+        dialect = dbs.e2e_database()
+        if dialect != "sqlite":  # a database of its own on the server, for its whole life
+            database = dbs.create_database(dialect, "e2e")
+            self.databases.append(database)
+            settings = process.merge_settings({"storage": {"url": database.url}}, settings)
+        server = ServerProcess(root=root, config=settings)
         self.servers.append(server)
         if start:
             server.start()
@@ -164,6 +188,12 @@ class ServerFactory:
     def teardown(self) -> None:
         for server in self.servers:
             server.teardown()
+        self.drop_databases()
+
+    def drop_databases(self) -> None:
+        """Drop the server databases of the servers (once they are stopped)."""
+        while self.databases:
+            dbs.drop_database(self.databases.pop())
 
 
 @pytest.fixture
@@ -189,6 +219,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
         yield server
     finally:
         server.close()
+        factory.drop_databases()
 
 
 def _log_report(

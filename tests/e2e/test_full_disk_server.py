@@ -13,6 +13,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from disks import small_disk
 from refusals import refused
 
@@ -33,6 +34,7 @@ def unavailable(status: int, body: Frame) -> None:
     assert body["error"]["message"], body
 
 
+@pytest.mark.sqlite_only  # the full disk is the data directory's, where SQLite keeps the data
 async def test_full_disk_answers_unavailable_and_loses_nothing(
     server_factory: ServerFactory, user_factory: Any
 ) -> None:

@@ -164,6 +164,7 @@ def test_a_server_failing_in_the_background_fails_the_test_it_ran_in(tmp_path: P
     inner.mkdir()
     shutil.copy(here / "conftest.py", inner / "conftest.py")
     shutil.copy(here / "serverlog.py", inner / "serverlog.py")
+    shutil.copy(here.parent / "databases.py", inner / "databases.py")
     (inner / "test_inner.py").write_text(INNER_TESTS)
     site = tmp_path / "site"
     site.mkdir()

@@ -11,7 +11,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import pytest
+from databases import ServerDatabases
 
 from imserver.protocol import ops
 from imserver.protocol.events import Event
@@ -28,7 +32,7 @@ from imserver.services.message.service import (
 from imserver.services.message.store import SqlMessageStore
 from imserver.storage.bus import LiveBus, MemoryLiveBus, Publication
 from imserver.storage.runners import AsyncRunner, ThreadRunner, sqlite_engine
-from imserver.storage.sql import make_engine, upgrade
+from imserver.storage.sql import make_engine, sqlite_url, upgrade
 from imserver.utils.errors import NotFound
 from imserver.utils.ids import LoginId, RoomId, SessionId, UserId
 
@@ -180,10 +184,25 @@ def send(conv: str, cid: str, body: str = "hi", **fields: Any) -> ops.Send:
     return ops.Send(conv=conv, cid=cid, body=body, **fields)
 
 
-BACKENDS = ["sqlite", "sqlite-async", "sqlite-like"]
+BACKENDS = ["sqlite", "sqlite-async", "sqlite-like", "postgresql", "mariadb"]
 """``sqlite``: what ``open_message_service`` builds (thread runners, FTS5);
-``sqlite-async``: the async-engine runner other dialects use (here on aiosqlite);
-``sqlite-like``: the portable ``LIKE`` search other dialects fall back to."""
+``sqlite-async``: the async-engine runner the servers use (here on aiosqlite);
+``sqlite-like``: the portable ``LIKE`` search; ``postgresql`` and ``mariadb``: what
+``open_message_service`` builds on the session's database on that server (see
+``tests/databases.py``; deselected when ``--databases`` leaves the server out)."""
+
+SERVERS = ("postgresql", "mariadb")
+
+
+async def backend_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
+    """The message database of ``backend`` for one test: a SQLite file in ``tmp_path``,
+    or the session's database on the server, emptied."""
+    if backend not in SERVERS:
+        return sqlite_url(tmp_path, "message")
+    servers: ServerDatabases = request.getfixturevalue("server_databases")
+    database = await servers.get(backend)
+    await servers.empty(database)
+    return database.url
 
 
 async def open_backend(
@@ -196,8 +215,8 @@ async def open_backend(
     files: Files,
     max_body: int = 100,
 ) -> LocalMessageService:
-    """The message service on the SQLite database at ``url``, built as ``backend`` says."""
-    if backend == "sqlite":
+    """The message service on the database at ``url``, built as ``backend`` says."""
+    if backend == "sqlite" or backend in SERVERS:
         return await open_message_service(
             url, bus=bus, users=users, rooms=rooms, files=files, max_body=max_body
         )

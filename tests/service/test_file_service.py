@@ -1,6 +1,7 @@
-"""The file service against a real SQLite file and real blob stores (a local directory,
-and S3 through a moto server): uploads, limits, quota, content addressing, access,
-``file_refs`` and the clean-up of unreferenced uploads.
+"""The file service against a real database (each selected one: ``tests/databases.py``)
+and real blob stores (a local directory, and S3 through a moto server): uploads,
+limits, quota, content addressing, access, ``file_refs`` and the clean-up of
+unreferenced uploads.
 
 The message service is replaced by :class:`Conversations`, a small in-memory
 stand-in for its membership and reference answers (the message service is another
@@ -28,6 +29,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conformance import signature_mismatches
+from databases import Databases
 from PIL import Image
 from sqlalchemy import create_engine
 from transports import through
@@ -126,9 +128,10 @@ async def open_service(
     clock: FakeClock,
     convs: Conversations,
     transport: str,
+    databases: Databases,
 ) -> AsyncIterator[Opener]:
     opened: list[LocalFileService] = []
-    url = sqlite_url(tmp_path, "file")
+    url = databases.url("file")
 
     async def opener(**kwargs: Any) -> Served:
         await upgrade(url, MIGRATIONS)

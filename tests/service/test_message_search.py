@@ -19,13 +19,21 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from message_helpers import BACKENDS, Directory, Files, Rooms, caller, open_backend, send
+from message_helpers import (
+    BACKENDS,
+    Directory,
+    Files,
+    Rooms,
+    backend_url,
+    caller,
+    open_backend,
+    send,
+)
 
 from imserver.protocol import ops
 from imserver.services.message.search import fts5_query, like_words
 from imserver.services.message.service import LocalMessageService
 from imserver.storage.bus import MemoryLiveBus
-from imserver.storage.sql import sqlite_url
 from imserver.utils.errors import BadRequest, IMError
 
 AB = "d:ua:ub"
@@ -92,7 +100,7 @@ async def seeded(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     rooms.add("r1", "Room One", "ua", "ub")
     svc = await open_backend(
         request.param,
-        sqlite_url(tmp_path, "message"),
+        await backend_url(request, request.param, tmp_path),
         bus=MemoryLiveBus(),
         users=Directory("ua", "ub", "uc", "ud"),
         rooms=rooms,
@@ -180,15 +188,16 @@ bodies = st.lists(
 ).map("".join)
 
 
-@pytest.fixture(params=["sqlite", "sqlite-async"])
+@pytest.fixture(params=["sqlite", "sqlite-async", "postgresql", "mariadb"])
 async def fts5(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[LocalMessageService]:
-    """The service on an FTS5 backend, shared by all examples of a test (a message
-    per example; the newest is found first)."""
+    """The service on a backend with a full-text index (FTS5, PostgreSQL's ``tsvector``,
+    MariaDB's ``FULLTEXT``), shared by all examples of a test (a message per example;
+    the newest is found first)."""
     svc = await open_backend(
         request.param,
-        sqlite_url(tmp_path, "message"),
+        await backend_url(request, request.param, tmp_path),
         bus=MemoryLiveBus(),
         users=Directory("ua", "ub"),
         rooms=Rooms(),
@@ -206,8 +215,9 @@ async def test_a_body_searched_for_as_it_is_finds_its_message(
     fts5: LocalMessageService, body: str
 ) -> None:
     """A body with at least one word, sent as the query, finds its message, whatever
-    operators, quotes and control characters (NUL included) it holds. FTS5 backends
-    only: the LIKE fallback's case folding and NUL handling are the dialect's own."""
+    operators, quotes and control characters (NUL included) it holds. Full-text index
+    backends only: the LIKE fallback's case folding and NUL handling are the dialect's
+    own."""
     assume(any(ch.isalnum() for ch in body))  # a body without a word is never found
     ack = await fts5.send(A, send(AB, uuid.uuid4().hex, body))
     data = await fts5.search(A, ops.Search(query=body, conv=AB, limit=1))

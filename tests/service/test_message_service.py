@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conformance import signature_mismatches
+from databases import rows as db_rows
 from message_helpers import (
     BACKENDS,
     Delivery,
@@ -24,6 +25,7 @@ from message_helpers import (
     Files,
     Recorder,
     Rooms,
+    backend_url,
     caller,
     open_backend,
     send,
@@ -113,7 +115,7 @@ class Env:
 
 @pytest.fixture(params=BACKENDS)
 async def env(request: pytest.FixtureRequest, tmp_path: Path, transport: str) -> AsyncIterator[Env]:
-    url = sqlite_url(tmp_path, "message")
+    url = await backend_url(request, request.param, tmp_path)
     bus = MemoryLiveBus()
     users = Directory("ua", "ub", "uc", "ud")
     rooms = Rooms()
@@ -146,9 +148,9 @@ async def history(env: Env, who: Any, conv: str, **kw: Any) -> list[Message]:
     return (await env.svc.history(who, ops.History(conv=conv, **kw))).messages
 
 
-def rows(env: Env, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(env.path) as conn:
-        return conn.execute(sql, args).fetchall()
+async def rows(env: Env, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """The rows of ``sql`` (named ``:params``) on the service's database."""
+    return await db_rows(env.url, sql, params)
 
 
 # --- conversation ids -----------------------------------------------------------------
@@ -215,7 +217,7 @@ async def test_send_and_idempotent_resend(env: Env) -> None:
     assert (other.seq, other.dup) == (2, False)
     page = await history(env, A, AB)
     assert [(m.seq, m.from_, m.body) for m in page] == [(1, "ua", "hello"), (2, "ub", "mine")]
-    assert rows(env, "SELECT count(*) FROM messages") == [(2,)]
+    assert await rows(env, "SELECT count(*) FROM messages") == [(2,)]
     assert [m.seq for m in env.msgs()] == [1, 2]  # the dup published nothing
 
 
@@ -260,7 +262,7 @@ async def test_resend_unknown_to_the_cache_is_a_duplicate(env: Env) -> None:
     for _ in range(2):
         again = await env.svc.send(A, send(AB, "old", "once more"))
         assert (again.seq, again.ts, again.dup) == (1, first.ts, True)
-    assert rows(env, "SELECT count(*) FROM messages") == [(5,)]
+    assert await rows(env, "SELECT count(*) FROM messages") == [(5,)]
 
 
 async def test_concurrent_sends_are_gap_free_and_refusals_take_no_seq(env: Env) -> None:
@@ -567,15 +569,14 @@ async def test_mark_is_forward_only_clamped_and_publishes_receipts(env: Env) -> 
     [d] = env.deliveries
     assert d.event == Receipt(conv=ROOM, user="uc", seq=1, kind="read")
     assert sorted(d.users) == ["ua", "ub", "uc"]
-    assert rows(
-        env, "SELECT read_seq, recv_seq FROM markers WHERE conv = ? AND user_id = 'uc'", ROOM
-    ) == [(1, 1)]
+    marker = "SELECT read_seq, recv_seq FROM markers WHERE conv = :conv AND user_id = 'uc'"
+    assert await rows(env, marker, conv=ROOM) == [(1, 1)]
 
 
 async def test_mark_on_an_empty_conversation_is_a_no_op(env: Env) -> None:
     await env.svc.mark(A, AB, 5, "read")
     assert env.deliveries == []
-    assert rows(env, "SELECT count(*) FROM markers") == [(0,)]
+    assert await rows(env, "SELECT count(*) FROM markers") == [(0,)]
 
 
 async def _unread_world(env: Env) -> None:
@@ -659,7 +660,7 @@ async def test_typing_goes_to_the_others(env: Env) -> None:
     [d] = env.deliveries
     assert d.event == TypingEvent(conv=ROOM, user="uc")
     assert sorted(d.users) == ["ua", "ub", "uc"] and d.exclude_user == "uc"
-    assert rows(env, "SELECT count(*) FROM messages") == [(0,)]
+    assert await rows(env, "SELECT count(*) FROM messages") == [(0,)]
 
 
 # --- search ---------------------------------------------------------------------------
@@ -709,10 +710,11 @@ async def test_search(env: Env) -> None:
         await svc.search(A, ops.Search(query=q))
     assert found(await svc.search(A, ops.Search(query="fox OR dog"))) == []
     assert found(await svc.search(A, ops.Search(query="   "))) == []
-    if env.backend != "sqlite-like":  # FTS5 only: diacritics, and an index left intact
+    if env.backend != "sqlite-like":  # full-text indexes: diacritics
         await svc.send(C, send(ROOM, "c10", "Un café, s'il vous plaît"))
         assert found(await svc.search(A, ops.Search(query="CAFE"))) == [(ROOM, 2)]
-        rows(env, "INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    if env.backend in ("sqlite", "sqlite-async"):  # the FTS5 index left intact
+        await rows(env, "INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
 
 
 @pytest.mark.parametrize("proto", [MessageService, MemberDirectory])
@@ -804,7 +806,7 @@ async def test_direct_peers(env: Env) -> None:
     assert sorted(await env.svc.direct_peers(UserId("ua"))) == ["ub", "uc"]
     assert await env.svc.direct_peers(UserId("ub")) == ["ua"]
     assert await env.svc.direct_peers(UserId("ud")) == []
-    assert rows(env, "SELECT count(*) FROM direct_peers") == [(4,)]
+    assert await rows(env, "SELECT count(*) FROM direct_peers") == [(4,)]
     # The answers are cached, and kept in step when a direct conversation begins.
     await env.svc.send(D, send("d:ub:ud", "c5"))
     assert sorted(await env.svc.direct_peers(UserId("ub"))) == ["ua", "ud"]
@@ -856,6 +858,7 @@ async def test_flush_waits_for_everything_queued(env: Env) -> None:
     assert (await env.svc.send(A, send(AB, "after"))).seq == 31
 
 
+@pytest.mark.sqlite_only  # the refusal is an SQLite trigger
 async def test_failed_commit_fails_the_batch_and_takes_no_seq(env: Env) -> None:
     await env.svc.send(A, send(AB, "c1", "one"))
     with sqlite3.connect(env.path) as conn:  # a real database refusal, from outside

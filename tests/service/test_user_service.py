@@ -1,8 +1,9 @@
-"""The user service against a real SQLite file: accounts, tokens, blocks, presence.
+"""The user service against a real database: accounts, tokens, blocks, presence.
 
 Contract tests: each runs over the ``local`` and ``loopback`` transports
-(``transports.py``); in the loopback run every call is encoded and decoded by the
-serialising adapter.
+(``transports.py``) and on every selected database (``sqlite``, ``postgresql``,
+``mariadb``: ``tests/databases.py``); in the loopback run every call is encoded and
+decoded by the serialising adapter.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from argon2 import PasswordHasher, Type
 from conformance import signature_mismatches
+from databases import Databases, rows
 from sqlalchemy import create_engine
 from transports import local_only, through
 
@@ -72,8 +74,9 @@ Opener = Callable[..., Awaitable[LocalUserService]]
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return sqlite_url(tmp_path, "user")
+def url(databases: Databases) -> str:
+    """The user database of the test, on each selected dialect."""
+    return databases.url("user")
 
 
 @pytest.fixture
@@ -120,7 +123,8 @@ async def _rejected(awaitable: Awaitable[Any]) -> Unauthorized:
 # --- schema -----------------------------------------------------------------------------
 
 
-def test_migrations_match_the_store_schema(url: str) -> None:
+def test_migrations_match_the_store_schema(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path, "user")  # every dialect: test_migrations_dialects.py
     upgrade_sync(url, MIGRATIONS)
     upgrade_sync(url, MIGRATIONS)  # a second run is a no-op
     engine = create_engine(sync_url(url))
@@ -426,6 +430,21 @@ async def test_logout_reaches_tokens_read_from_the_database(open_service: Opener
 
 
 # --- update ---------------------------------------------------------------------------
+
+
+async def test_display_names_hold_any_text(open_service: Opener, url: str) -> None:
+    """NUL and the private-use escape of PostgreSQL's text codec are stored as given,
+    read back by a fresh service (no cache) and by SQL."""
+    names = ["nul\x00inside", "\ue000\ue001", "\x00", "emoji 😀 and ü"]
+    svc = await open_service()
+    users = [await svc.register(f"user{i}", PASSWORD, name) for i, name in enumerate(names)]
+    fresh = await open_service()
+    for user, name in zip(users, names, strict=True):
+        assert (await fresh.get_user(UserId(user.id))).display_name == name
+    stored = await rows(url, "SELECT display_name FROM users ORDER BY username")
+    assert [r[0] for r in stored] == names
+    found = await rows(url, "SELECT username FROM users WHERE display_name = :n", {"n": "\x00"})
+    assert found == [("user2",)]
 
 
 async def test_update_display_name(svc: LocalUserService) -> None:

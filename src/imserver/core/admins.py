@@ -1,6 +1,6 @@
-"""``imserver admin grant | revoke | list``: admin grants in the data directory.
+"""``imserver admin grant | revoke | list``: admin grants in the user database.
 
-The command opens the user service on the data directory of the configuration (its
+The command opens the user service on the database of the configuration (its
 migrations included, as ``imserver migrate`` does) and changes the grants through
 its API. SQLite in WAL mode lets it run beside a running server: a grant is one
 short transaction, and the server reads grants on every admin check, so the change
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imserver.services.user.service import open_user_service
-from imserver.storage.sql import sqlite_url
+from imserver.storage.databases import service_database
 from imserver.utils.config import Config
 
 
@@ -24,7 +24,7 @@ async def admin_command(config: Config, action: str, username: str | None) -> li
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     users = await open_user_service(
-        sqlite_url(data_dir, "user"),
+        service_database(config.storage, data_dir, "user").url,
         argon2_memory_kib=config.auth.argon2_memory_kib,
         argon2_time_cost=config.auth.argon2_time_cost,
         admins=config.admins,

@@ -1,7 +1,8 @@
 """The composition root of embedded mode: every service in one process.
 
-:func:`build_embedded` turns the configuration into running services — SQLite files
-under the data directory, the in-memory live bus, direct calls between services —
+:func:`build_embedded` turns the configuration into running services — their
+databases (by default SQLite files under the data directory; ``storage`` settings,
+:mod:`imserver.storage.databases`), the in-memory live bus, direct calls between services —
 and answers them as their interfaces (:class:`Embedded`). It is the one place that
 knows which implementation stands behind each interface; the process around it
 (listeners, the gateway, shutdown order) is :mod:`imserver.core.server`. A
@@ -29,6 +30,7 @@ service's presence records, which the gateway keeps.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +49,12 @@ from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.api import UserService
 from imserver.services.user.service import LocalUserService, open_user_service
 from imserver.storage.bus import LiveBus, MemoryLiveBus
-from imserver.storage.sql import sqlite_url
+from imserver.storage.databases import SERVICES, redacted, service_database
 from imserver.utils.config import Config
 from imserver.utils.errors import Unavailable
 from imserver.utils.metrics import PushMetrics
+
+logger = logging.getLogger(__name__)
 
 
 class _Discovery:
@@ -103,10 +107,16 @@ async def build_embedded(config: Config) -> Embedded:
     """Open every service's database (migrating it) and build the services."""
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    db = {name: service_database(config.storage, data_dir, name) for name in SERVICES}
+    for name, database in db.items():
+        lagging = database.read_url
+        replica = f" (lag-tolerant reads: {redacted(lagging)})" if lagging else ""
+        logger.info("%s database: %s%s", name, redacted(database.url), replica)
     discovery = _Discovery()
     bus = MemoryLiveBus()
     users = await open_user_service(
-        sqlite_url(data_dir, "user"),
+        db["user"].url,
+        read_url=db["user"].read_url,
         access_ttl=config.auth.access_ttl,
         refresh_ttl=config.auth.refresh_ttl,
         argon2_memory_kib=config.auth.argon2_memory_kib,
@@ -114,25 +124,27 @@ async def build_embedded(config: Config) -> Embedded:
         admins=config.admins,
     )
     rooms = await open_room_service(
-        sqlite_url(data_dir, "room"),
+        db["room"].url,
+        read_url=db["room"].read_url,
         users=users,
         messages=discovery.messages,
         max_room_size=config.rooms.max_size,
     )
     files = await open_file_service(
-        sqlite_url(data_dir, "file"),
+        db["file"].url,
         data_dir=data_dir,
         config=config.files,
         messages=discovery.messages,
     )
     notifications = await open_notification_service(
-        sqlite_url(data_dir, "notification"),
+        db["notification"].url,
         data_dir=data_dir,
         config=config.push,
         messages=discovery.messages,
     )
     messages = discovery.message = await open_message_service(
-        sqlite_url(data_dir, "message"),
+        db["message"].url,
+        read_url=db["message"].read_url,
         bus=bus,
         users=users,
         rooms=rooms,

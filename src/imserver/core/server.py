@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
 from imserver.core.embedded import Embedded, build_embedded
@@ -20,7 +21,8 @@ from imserver.network.tcp import serve_tcp
 from imserver.network.ws import WsEntry, serve_http
 from imserver.services.gateway.http_api import HttpApi, build_app
 from imserver.services.gateway.service import Gateway
-from imserver.storage.sql import sqlite_url, upgrade
+from imserver.storage.databases import redacted, service_database
+from imserver.storage.sql import upgrade
 from imserver.utils.config import Config
 from imserver.utils.metrics import Metrics
 
@@ -35,12 +37,20 @@ SERVICES_WITH_DATABASES = {
 }
 
 
-async def migrate(config: Config) -> None:
-    """Apply every service's pending migrations."""
+async def migrate(config: Config, url: str | None = None) -> list[str]:
+    """Apply every service's pending migrations; ``url`` stands for ``storage.url``.
+    Returns one line per service: its name and its database (password masked)."""
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    storage = config.storage
+    if url is not None:
+        storage = msgspec.structs.replace(storage, url=url)
+    lines = []
     for service, package in SERVICES_WITH_DATABASES.items():
-        await upgrade(sqlite_url(data_dir, service), package)
+        database = service_database(storage, data_dir, service).url
+        await upgrade(database, package)
+        lines.append(f"{service}\t{redacted(database)}")
+    return lines
 
 
 class Server:

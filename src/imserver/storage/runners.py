@@ -230,20 +230,25 @@ class SqlStore:
     :class:`~sqlalchemy.engine.Connection`, run by a :class:`Runner` in one hand-off.
 
     ``reads`` runs :meth:`_read`; ``writes`` (``reads`` when not given) runs
-    :meth:`_write`. ``name`` is how log lines and ``unavailable`` messages call the
-    database (``"user database"``).
+    :meth:`_write`; ``replica`` (``reads`` when not given) runs :meth:`_read_replica`,
+    the reads that tolerate lag. ``name`` is how log lines and ``unavailable``
+    messages call the database (``"user database"``).
     """
 
     name = "database"
 
-    def __init__(self, reads: Runner, writes: Runner | None = None) -> None:
+    def __init__(
+        self, reads: Runner, writes: Runner | None = None, *, replica: Runner | None = None
+    ) -> None:
         self._reads = reads
         self._writes = reads if writes is None else writes
+        self._replica = reads if replica is None else replica
 
     @classmethod
-    def on_engine(cls, engine: AsyncEngine) -> Self:
-        """A store on one async engine (any dialect): a pooled connection per operation."""
-        return cls(AsyncRunner(engine))
+    def on_engine(cls, engine: AsyncEngine, replica: AsyncEngine | None = None) -> Self:
+        """A store on one async engine (any dialect): a pooled connection per operation;
+        lag-tolerant reads on ``replica`` when given."""
+        return cls(AsyncRunner(engine), replica=None if replica is None else AsyncRunner(replica))
 
     @classmethod
     def with_writer_thread(cls, url: str, *, durable: bool = True) -> Self:
@@ -284,6 +289,17 @@ class SqlStore:
                 raise
             raise failure from exc
 
+    async def _read_replica(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` on the replica (the primary when there is none): a read
+        that may miss the latest writes."""
+        try:
+            return await self._replica.call(fn, *args)
+        except (SQLAlchemyError, OSError) as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, *args)`` in one transaction, committed when ``fn`` returns (rolled
         back when it raises); a storage failure, the commit's included, raises
@@ -302,6 +318,8 @@ class SqlStore:
 
     async def close(self) -> None:
         """Release every connection."""
+        if self._replica is not self._reads:
+            await self._replica.close()
         if self._writes is not self._reads:
             await self._writes.close()
         await self._reads.close()

@@ -25,6 +25,8 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from imserver.storage import pg_text
+
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",
@@ -53,10 +55,18 @@ def set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """Create an async engine; SQLite connections get the durability pragmas."""
+    """Create an async engine; SQLite connections get the durability pragmas,
+    PostgreSQL ones the NUL-escaping text codec (:mod:`imserver.storage.pg_text`),
+    MySQL/MariaDB ones ``READ COMMITTED``."""
+    if url.startswith(("mysql", "mariadb")):
+        # PostgreSQL's default; InnoDB's REPEATABLE READ takes gap locks on reads of
+        # missing rows, on which two lock-row transactions deadlock (storage/locks.py).
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
     engine = create_async_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", set_sqlite_pragmas)
+    elif engine.dialect.name == "postgresql":
+        pg_text.install(engine)
     return engine
 
 
@@ -69,7 +79,8 @@ def alembic_config(url: str, migrations_package: str) -> AlembicConfig:
     cfg = AlembicConfig()
     top, _, rest = migrations_package.partition(".")
     cfg.set_main_option("script_location", f"{top}:{rest.replace('.', '/')}")
-    cfg.set_main_option("sqlalchemy.url", sync_url(url))
+    # The ini syntax interpolates "%" (as in a URL-encoded password): doubled, it is itself.
+    cfg.set_main_option("sqlalchemy.url", sync_url(url).replace("%", "%%"))
     # One version table per service, so services may share a database (or schema).
     cfg.set_main_option("version_table", f"alembic_version_{rest.split('.')[-2]}")
     return cfg

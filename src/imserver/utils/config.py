@@ -73,9 +73,43 @@ class WsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Origins allowed to open the WebSocket; empty allows any (and requests without Origin)."""
 
 
+class DatabaseConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One service's database (``storage.<service>``); every field empty by default."""
+
+    url: str = ""
+    """SQLAlchemy URL of the service's database, e.g. ``postgresql+asyncpg://imserver@db/im``
+    or ``mysql+asyncmy://imserver@db/im``; empty: ``storage.url``, and without that the
+    SQLite file ``<data_dir>/<service>.db``."""
+    read_url: str = ""
+    """A replica for the reads that tolerate lag (directory, search, profile look-ups);
+    empty: every read goes to ``url``."""
+    password_file: str = ""
+    """A file holding the password of ``url`` and ``read_url`` (its content, stripped of
+    surrounding whitespace); empty: ``storage.password_file``, else the URL's own."""
+
+
 class StorageConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where each service keeps its data, and the message writer's group commit.
+
+    A URL with a password is best given through the environment
+    (``IMSERVER_STORAGE__URL``) or with the password in ``password_file``, not on a
+    command line, where other users of the machine can read it.
+    """
+
     batch_max: int = 512
     """Most messages committed in one group-commit transaction."""
+    url: str = ""
+    """Database URL of every service without a ``storage.<service>.url`` of its own;
+    empty: one SQLite file per service under ``data_dir``. Services may share one
+    database: their tables and migration version tables have distinct names."""
+    password_file: str = ""
+    """A file holding the password of ``url`` (and of the services' URLs without a
+    ``password_file`` of their own)."""
+    user: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    message: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    room: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    file: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    notification: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
 
 
 class RoomsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

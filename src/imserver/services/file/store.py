@@ -1,7 +1,7 @@
 """The file service's SQL store: one row per upload (file record).
 
-Portable SQLAlchemy Core only; the schema must match the Alembic history in
-``migrations/`` (a test compares them).
+Portable SQLAlchemy Core (the lock row's "insert or ignore" aside); the schema must
+match the Alembic history in ``migrations/`` (a test compares them).
 
 Invariants:
 
@@ -13,7 +13,9 @@ Invariants:
   invisible to downloads and to ``file_refs``, so no new message can start naming it
   while the clean-up makes sure no message already does.
 - Per-user usage is the sum of the sizes of the user's records (each upload counts,
-  deduplicated or not); the insert checks it in the same transaction.
+  deduplicated or not); the insert checks it in the same transaction, holding the
+  user's row of ``file_owner_locks`` (:mod:`imserver.storage.locks`), so that two
+  uploads of one user check the quota one at a time on every database.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from sqlalchemy import (
     update,
 )
 
+from imserver.storage.locks import lock_key
 from imserver.storage.runners import SqlStore
 from imserver.storage.statements import chunks
 from imserver.utils.ids import ConvId
@@ -68,6 +71,15 @@ files = Table(
     Index("ix_files_owner", "owner"),
     Index("ix_files_state_created", "state", "created"),
 )
+
+file_owner_locks = Table(
+    "file_owner_locks",
+    metadata,
+    Column("owner", String(ID_LEN), nullable=False),
+    PrimaryKeyConstraint("owner", name="pk_file_owner_locks"),
+)
+"""One row per user who has uploaded: the row an upload holds while it checks the
+user's quota (:func:`imserver.storage.locks.lock_key`)."""
 
 
 class _OverQuota(Exception):
@@ -132,11 +144,14 @@ class SqlFileStore(SqlStore):
         """Insert a record unless it takes its owner past ``quota`` bytes (0: no quota).
 
         Returns ``None`` when stored, else the owner's usage without it (and nothing
-        is stored). The insert comes first, so the sum is read under the write lock and
-        two concurrent uploads cannot both squeeze under the quota.
+        is stored). The owner's lock row is taken first, so the sum is read by one
+        upload of the owner at a time and two concurrent uploads cannot both squeeze
+        under the quota.
         """
 
         def run(conn: Connection) -> None:
+            if quota > 0:
+                lock_key(conn, file_owner_locks.c.owner, record.owner)
             conn.execute(insert(files).values(**msgspec.structs.asdict(record)))
             if quota > 0:
                 total = _usage(conn, record.owner)

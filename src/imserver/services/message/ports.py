@@ -42,6 +42,11 @@ class WriteTransaction(Protocol):
 class MessageStore(Protocol):
     """The message service's storage: one writer's transactions and the read queries."""
 
+    shared: bool
+    """Whether other processes may write the same database. The writer then takes
+    every conversation's last seq from the transaction (which locks it) instead of
+    its memory."""
+
     def begin(self) -> AbstractAsyncContextManager[WriteTransaction]:
         """One write transaction, rolled back unless committed."""
         ...

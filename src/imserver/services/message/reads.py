@@ -45,107 +45,103 @@ from imserver.storage.statements import CHUNK, DriverStatement, KeyLookup, chunk
 from imserver.utils.ids import ConvId, UserId
 
 
-class LastSeqLookup:
-    """The last seq of many conversations in one statement.
-
-    ``max(seq) ... GROUP BY conv`` reads every row of those conversations; a union
-    of one ``(SELECT max(seq) WHERE conv = ?)`` per conversation is one index probe
-    each. Sized and compiled like :class:`KeyLookup`.
-    """
+class ProbeUnion:
+    """Many keys in one statement: a ``UNION ALL`` of one ``SELECT`` per key, each an
+    index probe (a grouped query over the same rows would read them all). Statements
+    have a fixed number of parts per size class, the last one repeated to fill a
+    chunk, so each size is compiled once (as :class:`KeyLookup`). A subclass names
+    each part's parameters (:meth:`part`, :meth:`params`)."""
 
     SIZES = (1, 8, 64)
 
     def __init__(self) -> None:
         self._stmts: dict[int, DriverStatement] = {}
 
-    def _stmt(self, size: int) -> DriverStatement:
-        stmt = self._stmts.get(size)
-        if stmt is None:
-            c = messages.c
-            parts = [
-                select(
-                    cast(bindparam(f"c{i}", type_=String(200)), String(200)).label("conv"),
-                    select(func.max(c.seq))
-                    .where(c.conv == bindparam(f"c{i}", type_=String(200)))
-                    .scalar_subquery()
-                    .label("last"),
-                )
-                for i in range(size)
-            ]
-            stmt = DriverStatement(parts[0] if size == 1 else union_all(*parts))
-            self._stmts[size] = stmt
-        return stmt
+    def part(self, i: int) -> Any:
+        """The ``SELECT`` of the ``i``-th key, its parameters suffixed with ``i``."""
+        raise NotImplementedError
+
+    def params(self, i: int, key: Any) -> dict[str, Any]:
+        """The ``i``-th part's parameters for ``key``."""
+        raise NotImplementedError
+
+    def rows(self, conn: Connection, keys: Sequence[Any]) -> list[Any]:
+        """The rows of every part, the repeated ones included."""
+        found: list[Any] = []
+        for chunk in chunks(keys, self.SIZES[-1]):
+            size = next(n for n in self.SIZES if n >= len(chunk))
+            stmt = self._stmts.get(size)
+            if stmt is None:
+                parts = [self.part(i) for i in range(size)]
+                stmt = DriverStatement(parts[0] if size == 1 else union_all(*parts))
+                self._stmts[size] = stmt
+            values: dict[str, Any] = {}
+            for i in range(size):
+                values.update(self.params(i, chunk[min(i, len(chunk) - 1)]))
+            found.extend(stmt.execute(conn, values))
+        return found
+
+
+class LastSeqLookup(ProbeUnion):
+    """The last seq of many conversations: one ``(SELECT max(seq) WHERE conv = ?)``
+    per conversation."""
+
+    def part(self, i: int) -> Any:
+        c = messages.c
+        return select(
+            cast(bindparam(f"c{i}", type_=String(200)), String(200)).label("conv"),
+            select(func.max(c.seq))
+            .where(c.conv == bindparam(f"c{i}", type_=String(200)))
+            .scalar_subquery()
+            .label("last"),
+        )
+
+    def params(self, i: int, key: Any) -> dict[str, Any]:
+        return {f"c{i}": key}
 
     def fetch(self, conn: Connection, convs: Sequence[ConvId]) -> dict[ConvId, int]:
         """conv -> last seq (0 when it has no message)."""
         found = dict.fromkeys(convs, 0)
-        for chunk in chunks(convs, self.SIZES[-1]):
-            size = next(n for n in self.SIZES if n >= len(chunk))
-            padded = list(chunk) + [chunk[-1]] * (size - len(chunk))
-            params = {f"c{i}": conv for i, conv in enumerate(padded)}
-            for conv, last in self._stmt(size).execute(conn, params):
-                found[conv] = int(last or 0)
+        for conv, last in self.rows(conn, convs):
+            found[conv] = int(last or 0)
         return found
 
 
 _LAST_SEQS = LastSeqLookup()
 
 
-class UnreadCount:
-    """Unread messages of many (user, conv, read seq) triples in one statement: a
-    union of one ``(SELECT count(*) WHERE conv = ? AND seq > ? AND sender <> ? ...)``
-    per triple, each a range of the (conv, seq) index. Unread = past the read seq, not
-    sent by the user, of a type in :data:`UNREAD_TYPES`, not recalled. Sized and
-    compiled like :class:`KeyLookup`.
-    """
+class UnreadCount(ProbeUnion):
+    """Unread messages of many (user, conv, read seq) triples: one ``(SELECT count(*)
+    WHERE conv = ? AND seq > ? AND sender <> ? ...)`` per triple, each a range of the
+    (conv, seq) index. Unread = past the read seq, not sent by the user, of a type in
+    :data:`UNREAD_TYPES`, not recalled."""
 
-    SIZES = (1, 8, 64)
+    def part(self, i: int) -> Any:
+        c = messages.c
+        return select(
+            cast(bindparam(f"u{i}", type_=String(64)), String(64)).label("user_id"),
+            cast(bindparam(f"c{i}", type_=String(200)), String(200)).label("conv"),
+            select(func.count())
+            .where(
+                c.conv == bindparam(f"c{i}", type_=String(200)),
+                c.seq > bindparam(f"s{i}", type_=BigInteger),
+                c.sender != bindparam(f"u{i}", type_=String(64)),
+                c.type.in_([literal_column(f"'{t}'") for t in UNREAD_TYPES]),
+                c.recalled.is_(False),
+            )
+            .scalar_subquery()
+            .label("n"),
+        )
 
-    def __init__(self) -> None:
-        self._stmts: dict[int, DriverStatement] = {}
-
-    def _stmt(self, size: int) -> DriverStatement:
-        stmt = self._stmts.get(size)
-        if stmt is None:
-            c = messages.c
-            parts = [
-                select(
-                    cast(bindparam(f"u{i}", type_=String(64)), String(64)).label("user_id"),
-                    cast(bindparam(f"c{i}", type_=String(200)), String(200)).label("conv"),
-                    select(func.count())
-                    .where(
-                        c.conv == bindparam(f"c{i}", type_=String(200)),
-                        c.seq > bindparam(f"s{i}", type_=BigInteger),
-                        c.sender != bindparam(f"u{i}", type_=String(64)),
-                        c.type.in_([literal_column(f"'{t}'") for t in UNREAD_TYPES]),
-                        c.recalled.is_(False),
-                    )
-                    .scalar_subquery()
-                    .label("n"),
-                )
-                for i in range(size)
-            ]
-            stmt = DriverStatement(parts[0] if size == 1 else union_all(*parts))
-            self._stmts[size] = stmt
-        return stmt
+    def params(self, i: int, key: Any) -> dict[str, Any]:
+        user, conv, seq = key
+        return {f"u{i}": user, f"c{i}": conv, f"s{i}": seq}
 
     def fetch(
         self, conn: Connection, behind: Sequence[tuple[str, ConvId, int]]
-    ) -> list[tuple[str, ConvId, int]]:
-        """(user, conv, unread) of each (user, conv, read seq) of ``behind`` with any."""
-        found: list[tuple[str, ConvId, int]] = []
-        for chunk in chunks(behind, self.SIZES[-1]):
-            size = next(n for n in self.SIZES if n >= len(chunk))
-            params: dict[str, Any] = {}
-            for i in range(size):
-                user, conv, seq = chunk[i] if i < len(chunk) else ("", "", 0)
-                params.update({f"u{i}": user, f"c{i}": conv, f"s{i}": seq})
-            found.extend(
-                (user, conv, int(n))
-                for user, conv, n in self._stmt(size).execute(conn, params)
-                if n and user
-            )
-        return found
+    ) -> dict[tuple[str, ConvId], int]:
+        """(user, conv) -> unread, for each (user, conv, read seq) of ``behind`` with any."""
+        return {(user, conv): int(n) for user, conv, n in self.rows(conn, behind) if n}
 
 
 _UNREAD = UnreadCount()
@@ -273,7 +269,8 @@ def conv_states(conn: Connection, user: str, convs: Sequence[ConvId]) -> dict[Co
     marks = _markers(conn, user, convs)
     read = {cv: min(marks.get(cv, (0, 0))[0], last[cv]) for cv in convs}
     behind = [(cv, read[cv]) for cv in convs if read[cv] < last[cv]]
-    unread = {cv: n for _, cv, n in _UNREAD.fetch(conn, [(user, cv, seq) for cv, seq in behind])}
+    counts = _UNREAD.fetch(conn, [(user, cv, seq) for cv, seq in behind])
+    unread = {cv: n for (_, cv), n in counts.items()}
     mm = message_mentions.c
     mentioned: dict[ConvId, int] = {}
     for part in chunks(behind, CHUNK // 2):
@@ -324,7 +321,7 @@ def unread_totals(conn: Connection, wanted: Mapping[str, Sequence[ConvId]]) -> d
         if (seq := min(read.get((user, conv), 0), last[conv])) < last[conv]
     ]
     out = dict.fromkeys(wanted, 0)
-    for user, _, n in _UNREAD.fetch(conn, behind):
+    for (user, _), n in _UNREAD.fetch(conn, behind).items():
         out[user] += n
     return out
 

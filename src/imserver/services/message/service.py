@@ -543,8 +543,11 @@ async def open_message_service(
     max_body: int = 16384,
     max_meta: int = 8192,
     batch_max: int = 512,
+    read_url: str | None = None,
 ) -> LocalMessageService:
-    """Migrate the database at ``url``, open it and start the writer."""
+    """Migrate the database at ``url``, open it and start the writer. ``read_url``: a
+    replica that ``search`` reads from (history, ``convs`` and every read a write
+    depends on stay on ``url``)."""
     try:
         await sql.upgrade(url, MIGRATIONS)
     except IMError:
@@ -553,7 +556,7 @@ async def open_message_service(
         raise Unavailable("cannot migrate the message database") from exc
     engine = sql.make_engine(url)
     service = LocalMessageService(
-        SqlMessageStore.open(url, engine),
+        SqlMessageStore.open(url, engine, replica_url=read_url),
         bus=bus,
         users=users,
         rooms=rooms,

@@ -29,6 +29,7 @@ from imserver.services.message.reads import ConvState
 from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey, StoredMessage
 from imserver.services.message.search import MessageSearch, search_for_dialect
 from imserver.services.message.writes import KeyConflict, Loaded, WriteBatch
+from imserver.storage import sql
 from imserver.storage.failures import is_database_failure, unavailable
 from imserver.storage.runners import (
     AsyncRunner,
@@ -70,11 +71,17 @@ class WriteTx:
     rolled back)."""
 
     def __init__(
-        self, runner: Runner, search: MessageSearch, committed: Callable[[], None]
+        self,
+        runner: Runner,
+        search: MessageSearch,
+        committed: Callable[[], None],
+        *,
+        shared: bool = False,
     ) -> None:
         self._runner = runner
         self._search = search
         self._committed = committed
+        self._shared = shared
         self.done = False
 
     async def load(
@@ -85,9 +92,12 @@ class WriteTx:
         marker_keys: Sequence[MarkerKey],
     ) -> Loaded:
         """Open the transaction and read, in one step, the stored idempotency keys,
-        the last seqs of ``convs``, the targets and the markers the batch needs."""
+        the last seqs of ``convs`` (locking their counter rows first on a shared
+        database), the targets and the markers the batch needs."""
         try:
-            return await self._runner.call(writes.load, idem_keys, convs, target_keys, marker_keys)
+            return await self._runner.call(
+                writes.load, idem_keys, convs, target_keys, marker_keys, self._shared
+            )
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc) from exc
 
@@ -140,9 +150,14 @@ class SqlMessageStore(SqlStore):
         writes: Runner,
         search: MessageSearch,
         background_checkpoints: bool = False,
+        replica: Runner | None = None,
+        shared: bool = False,
     ) -> None:
-        super().__init__(reads, writes)
+        super().__init__(reads, writes, replica=replica)
         self._search = search
+        self.shared = shared
+        """Whether other processes may write this database: seqs then come from the
+        locked counter rows (:mod:`imserver.services.message.counters`)."""
         self._background_checkpoints = background_checkpoints
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._last_checkpoint = 0.0
@@ -172,24 +187,49 @@ class SqlMessageStore(SqlStore):
                 logger.warning("WAL checkpoint failed", exc_info=True)
 
     @classmethod
-    def open(cls, url: str, engine: AsyncEngine, *, read_threads: int = 2) -> SqlMessageStore:
+    def open(
+        cls,
+        url: str,
+        engine: AsyncEngine,
+        *,
+        read_threads: int = 2,
+        replica_url: str | None = None,
+    ) -> SqlMessageStore:
         """The store of the database at ``url``; ``engine`` is its async engine.
 
         SQLite gets synchronous engines of its own (``engine``, never connected, is
         left unused): the writer runs inline on the event loop (see
         :class:`InlineRunner`), readers on threads. Other dialects run on ``engine``.
+        ``replica_url``: a replica of the same database (same dialect) for search.
+        A server database is ``shared``: other message services may write it too.
         """
         search = search_for_dialect(engine.dialect.name)
+        replica: Runner | None = None
+        if replica_url is not None:
+            if replica_url.startswith("sqlite"):
+                replica = ThreadRunner(
+                    sqlite_engine(replica_url, writer=False), name="message-replica"
+                )
+            else:
+                replica = AsyncRunner(sql.make_engine(replica_url))
         if engine.dialect.name == "sqlite":
             reads: Runner = ThreadRunner(
                 sqlite_engine(url, writer=False), threads=read_threads, name="message-store"
             )
             writes: Runner = InlineRunner(sqlite_engine(url, writer=True))
-            return cls(reads=reads, writes=writes, search=search, background_checkpoints=True)
+            return cls(
+                reads=reads,
+                writes=writes,
+                search=search,
+                background_checkpoints=True,
+                replica=replica,
+            )
         return cls(
             reads=AsyncRunner(engine),
             writes=AsyncRunner(engine, pinned=True),
             search=search,
+            replica=replica,
+            shared=True,
         )
 
     def _failure(self, exc: SQLAlchemyError | OSError) -> Exception:
@@ -199,7 +239,7 @@ class SqlMessageStore(SqlStore):
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[WriteTx]:
         """One write transaction; rolled back unless :meth:`WriteTx.commit` succeeded."""
-        tx = WriteTx(self._writes, self._search, self.after_commit)
+        tx = WriteTx(self._writes, self._search, self.after_commit, shared=self.shared)
         try:
             yield tx
         finally:
@@ -268,4 +308,6 @@ class SqlMessageStore(SqlStore):
         """Matching messages of ``convs`` with id < ``before``, newest first."""
         if not convs:
             return []
-        return await self._read(reads.search, self._search, query, list(convs), before, limit)
+        return await self._read_replica(
+            reads.search, self._search, query, list(convs), before, limit
+        )

@@ -12,7 +12,11 @@ system notices all go through it):
    ``unavailable``/``internal`` and nothing of the batch is remembered.
 3. **Gap-free seqs.** Seqs are allocated inside the batch from a working copy of the
    per-conversation counters; the copy replaces the counters only after commit, so
-   a refused item or a failed commit consumes no seq.
+   a refused item or a failed commit consumes no seq. On a database other
+   processes may write too (PostgreSQL, MySQL/MariaDB: ``store.shared``), the
+   counters are read in each batch's transaction from rows it locks, never from
+   memory (:mod:`imserver.services.message.counters`), and invariant 1 holds per
+   conversation and batch instead of per process.
 4. **Idempotency is permanent.** (conv, sender, cid) is unique in the database; a
    repeat (also within one batch) stores nothing and answers the original seq/ts
    with ``dup: true``. Recent keys are answered from memory; a key memory does not
@@ -383,6 +387,7 @@ class MessageWriter:
         pre = list(pre)
         async with self._store.begin() as tx:
             state = await self._load_state(tx, batch, check_all=check_all)
+            loaded_last = dict(state.last)
             for i, item in enumerate(batch):
                 if item.answer is not None:
                     continue
@@ -434,6 +439,10 @@ class MessageWriter:
                         outbox.append((item, Msg.of(msg), msg.seq, before, change))
                         continue
                 item.answer = err
+            if self._store.shared:
+                state.write.counters = {
+                    conv: last for conv, last in state.last.items() if last != loaded_last[conv]
+                }
             await tx.commit(state.write)
         return state, outbox, pinned
 
@@ -482,7 +491,7 @@ class MessageWriter:
                 continue
             conv_id = item.conv.id
             if conv_id not in last:
-                cached = self._seqs.get(conv_id)
+                cached = None if self._store.shared else self._seqs.get(conv_id)
                 if cached is None:
                     last[conv_id] = 0
                     unknown_convs.append(conv_id)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, TypedDict
 import msgspec
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
+from imserver.services.message.counters import lock_seqs, store_seqs
 from imserver.services.message.reads import last_seqs
 from imserver.services.message.schema import (
     MESSAGE_COLUMNS,
@@ -110,6 +111,9 @@ class WriteBatch(msgspec.Struct, kw_only=True):
     """(conv, seq, emoji, user) -> the reaction's seq when present now, None when removed."""
     markers: dict[MarkerKey, tuple[int, int, bool]] = msgspec.field(default_factory=dict)
     """(conv, user) -> (read_seq, recv_seq, row already exists)."""
+    counters: dict[ConvId, int] = msgspec.field(default_factory=dict)
+    """conv -> its new last seq, for the counter rows of a shared database
+    (:mod:`imserver.services.message.counters`); empty otherwise."""
 
 
 def load(
@@ -118,14 +122,22 @@ def load(
     convs: Sequence[ConvId],
     target_keys: Sequence[MessageKey],
     marker_keys: Sequence[MarkerKey],
+    lock: bool = False,
 ) -> Loaded:
-    """Open the transaction and read what a batch needs in one step (see :class:`Loaded`)."""
+    """Open the transaction and read what a batch needs in one step (see :class:`Loaded`).
+
+    ``lock``: take the counter rows of ``convs`` first and read their last seqs from
+    them (a shared database: :mod:`imserver.services.message.counters`), so that all
+    the rest is read under those locks.
+    """
     if not conn.in_transaction():
         conn.begin()
+    last = lock_seqs(conn, convs) if lock else None
     existing = {
         (r.conv, r.sender, r.cid): (r.seq, r.ts) for r in _BY_IDEM_KEY.fetch(conn, idem_keys)
     }
-    last = last_seqs(conn, convs)
+    if last is None:
+        last = last_seqs(conn, convs)
     targets = {
         (r.conv, r.seq): Target(r.sender, r.type, bool(r.recalled))
         for r in _TARGETS.fetch(conn, target_keys)
@@ -200,6 +212,8 @@ def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
             delete(reactions).where(r.conv == bindparam("k_conv"), r.seq == bindparam("k_seq")),
             recalled,
         )
+    if batch.edits or batch.recalls:
+        search.index_changed(conn, batch.edits, batch.recalls)
     if batch.markers:
         m = markers.c
         updates = []
@@ -218,6 +232,7 @@ def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
             )
         if inserts:
             conn.execute(insert(markers), inserts)
+    store_seqs(conn, batch.counters)
 
 
 def commit(conn: Connection) -> None:

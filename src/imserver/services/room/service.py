@@ -520,15 +520,18 @@ async def open_room_service(
     users: UserDirectory,
     messages: Peer[MessageService],
     max_room_size: int = DEFAULT_MAX_ROOM_SIZE,
+    read_url: str | None = None,
 ) -> LocalRoomService:
     """Migrate the database at ``url`` to the latest schema and start the service on it.
 
     ``messages`` is asked for the message service on each use: that service is built
-    after this one, with this one as its room directory.
+    after this one, with this one as its room directory. ``read_url``: a replica the
+    public directory (``room.list``) is read from.
     """
     await upgrade(url, MIGRATIONS)
+    replica = make_engine(read_url) if read_url is not None else None
     return LocalRoomService(
-        SqlRoomStore.on_engine(make_engine(url)),
+        SqlRoomStore.on_engine(make_engine(url), replica),
         users=users,
         messages=messages,
         max_room_size=max_room_size,

@@ -1,6 +1,7 @@
 """The room service's SQL store: rooms, members with roles, invitations.
 
-Portable SQLAlchemy Core only, so the same code runs on SQLite, PostgreSQL and MySQL.
+Portable SQLAlchemy Core, so the same code runs on SQLite, PostgreSQL and MySQL/MariaDB,
+but for the directory's substring match (:func:`_contains`).
 The schema here must match the Alembic history in ``migrations/`` (a test compares
 them).
 
@@ -32,6 +33,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     ForeignKeyConstraint,
     Index,
@@ -42,6 +44,7 @@ from sqlalchemy import (
     Table,
     and_,
     delete,
+    func,
     insert,
     or_,
     select,
@@ -136,6 +139,19 @@ _ROOM_COLUMNS = (
     rooms.c.created,
     rooms.c.member_count,
 )
+
+
+def _contains(conn: Connection, folded: str) -> ColumnElement[bool]:
+    """``rooms.name_folded`` holds ``folded``, any text (NUL included) taken literally.
+
+    SQLite's ``LIKE`` stops reading its pattern at a NUL (``%<NUL>%`` would match
+    every name), so SQLite asks ``instr``, which compares whole values. Elsewhere
+    ``LIKE`` with ``%`` and ``_`` escaped; on PostgreSQL its pattern and the names
+    pass through the same NUL-escaping codec (:mod:`imserver.storage.pg_text`).
+    """
+    if conn.dialect.name == "sqlite":
+        return func.instr(rooms.c.name_folded, folded) > 0
+    return rooms.c.name_folded.contains(folded, autoescape=True)
 
 
 def _room(row: Sequence[Any]) -> RoomRecord:
@@ -402,8 +418,6 @@ class SqlRoomStore(SqlStore):
         ``after`` = (created, id); ``query`` matches a case-insensitive substring of the
         name, with ``%`` and ``_`` taken literally."""
         cond = [rooms.c.public.is_(True), rooms.c.member_count > 0]
-        if query:
-            cond.append(rooms.c.name_folded.contains(query.casefold(), autoescape=True))
         if after is not None:
             created, room_id = after
             cond.append(
@@ -412,14 +426,15 @@ class SqlRoomStore(SqlStore):
                     and_(rooms.c.created == created, rooms.c.id > room_id),
                 )
             )
-        stmt = (
-            select(*_ROOM_COLUMNS).where(*cond).order_by(rooms.c.created, rooms.c.id).limit(limit)
-        )
+        folded = query.casefold() if query else None
 
         def run(conn: Connection) -> list[RoomRecord]:
+            where = cond if folded is None else [*cond, _contains(conn, folded)]
+            stmt = select(*_ROOM_COLUMNS).where(*where)
+            stmt = stmt.order_by(rooms.c.created, rooms.c.id).limit(limit)
             return [_room(row) for row in conn.execute(stmt)]
 
-        return await self._read(run)
+        return await self._read_replica(run)
 
 
 def _set_role(conn: Connection, room: str, user: str, role: RoomRole) -> None:

@@ -523,11 +523,13 @@ async def open_user_service(
     argon2_memory_kib: int = 19456,
     argon2_time_cost: int = 2,
     admins: Iterable[str] = (),
+    read_url: str | None = None,
 ) -> LocalUserService:
     """Migrate the database at ``url`` to the latest schema and start the service on it.
 
     Stored hashes made with other argon2 parameters keep verifying; they are re-hashed
-    with the current ones at the next successful login.
+    with the current ones at the next successful login. ``read_url``: a replica the
+    user directory listing (``list_users``) is read from.
     """
     await upgrade(url, MIGRATIONS)
     hasher = default_hasher(argon2_memory_kib, argon2_time_cost)
@@ -535,7 +537,9 @@ async def open_user_service(
     # doubled latency would otherwise reveal that the username does not exist.
     dummy = await asyncio.to_thread(hasher.hash, secrets.token_urlsafe(32))
     return LocalUserService(
-        SqlUserStore.on_engine(make_engine(url)),
+        SqlUserStore.on_engine(
+            make_engine(url), make_engine(read_url) if read_url is not None else None
+        ),
         access_ttl=access_ttl,
         refresh_ttl=refresh_ttl,
         hasher=hasher,

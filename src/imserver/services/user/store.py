@@ -161,7 +161,7 @@ class SqlUserStore(SqlStore):
         def run(conn: Connection) -> list[UserId]:
             return [UserId(row[0]) for row in conn.execute(query)]
 
-        return await self._read(run)
+        return await self._read_replica(run)
 
     async def credentials(self, username: str) -> Credentials | None:
         """The account and password hash for a login attempt, or ``None``."""
