@@ -80,6 +80,7 @@ def _backup(config: Config, target: str, lock_timeout: float) -> int:
     manifest = backup(
         Path(config.data_dir),
         Path(target),
+        storage=config.storage,
         files_backend=config.files.backend,
         lock_timeout=lock_timeout,
         progress=print,

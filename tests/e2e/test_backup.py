@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from PIL import Image
 
 from imserver.client import Client, HttpClient
 
 if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at run time
     from conftest import Account, Clients, ServerFactory, ServerProcess
+
+# The backup of an embedded deployment: its servers keep their data in SQLite files.
+pytestmark = pytest.mark.sqlite_only
 
 Frame = dict[str, Any]
 DATABASES = ["file.db", "message.db", "notification.db", "room.db", "user.db"]
@@ -420,3 +424,35 @@ async def test_with_blobs_on_s3_the_backup_says_the_bucket_is_backed_up_apart(
     manifest = json.loads((backup / "manifest.json").read_text())
     assert manifest["files_backend"] == "s3"
     assert [e for e in manifest["entries"] if e["kind"] == "blob"] == []
+
+
+async def test_services_on_a_database_server_are_named_not_copied(tmp_path: Path) -> None:
+    """With ``storage.url`` on PostgreSQL only the notification store (SQLite only) is
+    in the data directory; the others are named, password masked, and not copied.
+    The backup connects to no server: nothing here needs one."""
+    data = tmp_path / "data"
+    assert (await imserver("migrate", "--data-dir", data))[0] == 0
+    for name in ("user.db", "message.db", "room.db", "file.db"):
+        (data / name).unlink()  # what a deployment on a server has: no such files
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret\n")
+    config = tmp_path / "imserver.toml"
+    config.write_text(
+        '[storage]\nurl = "postgresql://imserver@db.internal/imserver"\n'
+        f'password_file = "{secret}"\n'
+    )
+    backup = tmp_path / "backup"
+    code, out, err = await imserver("backup", backup, "--config", config, "--data-dir", data)
+    assert (code, err) == (0, "")
+    assert "s3cret" not in out
+    url = "postgresql+asyncpg://imserver:***@db.internal/imserver"
+    for service in ("user", "message", "room", "file"):
+        line = f"{service}: on {url}, not in this backup (back it up with the database's tools)"
+        assert line in out.splitlines()
+    assert "files/blobs: not in this backup (copy it after the file database's backup)" in out
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert "s3cret" not in json.dumps(manifest)
+    assert manifest["elsewhere"] == {s: url for s in ("user", "message", "room", "file")}
+    assert [e["path"] for e in manifest["entries"] if e["kind"] == "database"] == [
+        "notification.db"
+    ]

@@ -6,7 +6,10 @@ What a backup holds (``DIR/manifest.json`` lists every file with its size and SH
 - every service's SQLite database (``user.db``, ``message.db``, ``room.db``,
   ``file.db``, ``notification.db``), all as of one instant
   (:func:`imserver.storage.snapshot.snapshot`: SQLite's online backup API under read
-  transactions opened while every writer is held for a few milliseconds);
+  transactions opened while every writer is held for a few milliseconds). A service
+  whose ``storage`` URL names a PostgreSQL or MariaDB database is not copied (that
+  database is backed up with its own tools); the manifest names it under
+  ``elsewhere``, password masked;
 - the blobs (and thumbnails) of the local blob store that the copied ``file.db``
   names, under ``files/blobs``; with ``files.backend = "s3"`` the bucket is backed up
   by the object store's own means and the manifest says so;
@@ -50,18 +53,20 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import msgspec
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, make_url, select
 
 from imserver import __version__
 from imserver.core.server import SERVICES_WITH_DATABASES
 from imserver.services.file.service import blob_key, local_blob_root, thumb_key
-from imserver.services.file.store import files
+from imserver.services.file.store import files as file_records
 from imserver.services.notification.providers.vapid import key_path
+from imserver.storage.databases import redacted, service_database
 from imserver.storage.snapshot import LOCK_TIMEOUT, integrity, snapshot
+from imserver.utils.config import StorageConfig
 from imserver.utils.errors import BadRequest, Conflict, Internal, NotFound, Unavailable
 
 SERVICES = tuple(SERVICES_WITH_DATABASES)
-"""The services whose SQLite file ``<data_dir>/<service>.db`` a backup copies."""
+"""The services whose SQLite database a backup copies (as ``<service>.db``)."""
 MANIFEST = "manifest.json"
 FORMAT = 1
 """The manifest's format version; a restore refuses any other."""
@@ -97,6 +102,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     missing_blobs: list[str]
     """Keys named by a copied file record whose blob the clean-up deleted before it
     could be copied (module docstring); each belongs to an upload no message names."""
+    elsewhere: dict[str, str] = {}
+    """Service → the server database it uses (password masked): not in this backup."""
 
     @property
     def total_bytes(self) -> int:
@@ -166,7 +173,9 @@ def _blob_keys(file_db: Path) -> Iterator[str]:
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                select(files.c.sha256, files.c.thumb_mime).distinct().order_by(files.c.sha256)
+                select(file_records.c.sha256, file_records.c.thumb_mime)
+                .distinct()
+                .order_by(file_records.c.sha256)
             ).all()
     finally:
         engine.dispose()
@@ -183,11 +192,14 @@ def backup(
     data_dir: Path,
     target: Path,
     *,
+    storage: StorageConfig | None = None,
     files_backend: Literal["local", "s3"] = "local",
     lock_timeout: float = LOCK_TIMEOUT,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Back up the data directory into ``target`` (absent or empty); its manifest.
+    """Back up the SQLite databases of the deployment with this data directory and
+    ``storage`` settings (default: every service in ``data_dir``) into ``target``
+    (absent or empty); its manifest.
 
     ``not_found`` when ``data_dir`` is missing or holds no database, ``conflict`` when
     ``target`` exists and is not an empty directory, ``unavailable`` when the
@@ -196,8 +208,16 @@ def backup(
     """
     if not data_dir.is_dir():
         raise NotFound(f"no data directory at {data_dir}")
-    present = [s for s in SERVICES if (data_dir / f"{s}.db").is_file()]
-    if not present:
+    storage = storage or StorageConfig()
+    files: dict[str, Path] = {}
+    elsewhere: dict[str, str] = {}
+    for service in SERVICES:
+        url = service_database(storage, data_dir, service).url
+        if make_url(url).get_backend_name() != "sqlite":
+            elsewhere[service] = redacted(url)
+        elif (path := Path(str(make_url(url).database))).is_file():
+            files[service] = path
+    if not files:
         raise NotFound(f"{data_dir} holds no IMServer database (user.db, message.db, …)")
     if target.exists() and not _is_empty_dir(target):
         raise Conflict(f"backup target {target} is not an empty directory")
@@ -205,7 +225,7 @@ def backup(
     target.mkdir(parents=True, exist_ok=True)
     try:
         say = progress or (lambda _line: None)
-        return _fill(data_dir, target, present, files_backend, lock_timeout, say)
+        return _fill(data_dir, target, files, elsewhere, files_backend, lock_timeout, say)
     except BaseException:
         # A failed backup leaves nothing behind: the target was empty or absent.
         if created:
@@ -222,17 +242,20 @@ def backup(
 def _fill(
     data_dir: Path,
     target: Path,
-    present: list[str],
+    files: dict[str, Path],
+    elsewhere: dict[str, str],
     files_backend: Literal["local", "s3"],
     lock_timeout: float,
     say: Callable[[str], None],
 ) -> Manifest:
-    """Write the backup of ``present`` databases (and the rest) into the empty ``target``."""
+    """Write the backup of the SQLite ``files`` (service → path), the blobs and the
+    key into the empty ``target``."""
     entries: list[Entry] = []
+    present = list(files)
     try:
         # The message database last: its writer, the busiest, is held the shortest.
         order = sorted(present, key=lambda s: s == "message")
-        copies = {data_dir / f"{s}.db": target / f"{s}.db" for s in order}
+        copies = {files[s]: target / f"{s}.db" for s in order}
         instant = snapshot(copies, lock_timeout=lock_timeout)
     except (sqlite3.Error, TimeoutError) as exc:
         raise Unavailable(f"snapshot of {data_dir} failed: {exc}") from exc
@@ -246,6 +269,8 @@ def _fill(
         size, sha = _digest(path)
         entries.append(Entry(path=path.name, kind="database", size=size, sha256=sha))
         say(f"{path.name}: {size} bytes, integrity ok")
+    for service, url in elsewhere.items():
+        say(f"{service}: on {url}, not in this backup (back it up with the database's tools)")
 
     missing: list[str] = []
     if files_backend == "local" and "file" in present:
@@ -262,6 +287,8 @@ def _fill(
             entries.append(Entry(path=rel.as_posix(), kind="blob", size=size, sha256=sha))
             copied += 1
         say(f"files/blobs: {copied} blobs" + (f", {len(missing)} missing" if missing else ""))
+    elif files_backend == "local" and "file" in elsewhere:
+        say("files/blobs: not in this backup (copy it after the file database's backup)")
 
     key_file = key_path(data_dir)
     if key_file.is_file():
@@ -279,6 +306,7 @@ def _fill(
         entries=entries,
         integrity=checks,
         missing_blobs=missing,
+        elsewhere=elsewhere,
     )
     _fsync_tree(target)
     tmp = target / f".{MANIFEST}.tmp"
