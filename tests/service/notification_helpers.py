@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from databases import Databases
 from message_helpers import Directory, Rooms
 from transports import through
 
@@ -106,7 +107,7 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
 
 @asynccontextmanager
 async def open_world(
-    tmp_path: Path,
+    where: Path | Databases,
     transport: str,
     *,
     config: PushConfig = FAST,
@@ -115,8 +116,16 @@ async def open_world(
     users: tuple[str, ...] = ("alice", "bob", "carol"),
     send_timeout: float = 30.0,
 ) -> AsyncIterator[World]:
-    """Both services on SQLite files under ``tmp_path`` (reopenable: a restart), with
-    ``providers`` or else ``provider`` (a new :class:`RecordingProvider` by default)."""
+    """Both services on ``where``'s databases, or on SQLite files in the directory
+    ``where`` (reopenable: a restart), with ``providers`` or else ``provider`` (a new
+    :class:`RecordingProvider` by default)."""
+    if isinstance(where, Databases):
+        tmp_path = where.tmp_path
+        notification_url, message_url = where.url("notification"), where.url("message")
+    else:
+        tmp_path = where
+        notification_url = sqlite_url(where, "notification")
+        message_url = sqlite_url(where, "message")
     provider = provider or RecordingProvider()
     directory = Directory(*users)
     rooms = Rooms()
@@ -128,7 +137,7 @@ async def open_world(
         return holder["m"]
 
     local = await open_notification_service(
-        sqlite_url(tmp_path, "notification"),
+        notification_url,
         data_dir=tmp_path,
         config=config,
         messages=messages_peer,
@@ -137,7 +146,7 @@ async def open_world(
     )
     notifications = through(transport, NotificationService, local)
     local_messages = await open_message_service(
-        sqlite_url(tmp_path, "message"),
+        message_url,
         bus=MemoryLiveBus(),
         users=directory,
         rooms=rooms,

@@ -1,8 +1,7 @@
 """Every service's Alembic history on every database: from empty to head, from each
 earlier revision to head, and head matching the store's tables.
 
-Runs on the databases ``--databases`` selects (``tests/databases.py``). The
-notification store runs on SQLite only and is tested there by its own suite.
+Runs on the databases ``--databases`` selects (``tests/databases.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from imserver.services.file.store import metadata as file_metadata
 from imserver.services.message.counters import metadata as counters_metadata
 from imserver.services.message.schema import metadata as message_metadata
 from imserver.services.message.service import open_message_service
+from imserver.services.notification.schema import metadata as notification_metadata
 from imserver.services.room.store import metadata as room_metadata
 from imserver.services.user.schema import metadata as user_metadata
 from imserver.storage.bus import MemoryLiveBus
@@ -36,6 +36,7 @@ SERVICES: dict[str, tuple[str, MetaData]] = {
     "message": ("imserver.services.message.migrations", message_metadata),
     "room": ("imserver.services.room.migrations", room_metadata),
     "file": ("imserver.services.file.migrations", file_metadata),
+    "notification": ("imserver.services.notification.migrations", notification_metadata),
 }
 
 

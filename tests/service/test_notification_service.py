@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conformance import signature_mismatches
+from databases import Databases
 from message_helpers import Directory, send
 from notification_helpers import RecordingProvider, World, eventually, login, open_world
 from sqlalchemy import create_engine
@@ -103,8 +104,10 @@ def test_backoff_is_full_jitter_capped() -> None:
     assert backoff(3, 1.0, 300.0, 0.0) == 0.0
 
 
-async def test_offline_member_gets_one_push_with_badge(tmp_path: Path, transport: str) -> None:
-    async with open_world(tmp_path, transport) as w:
+async def test_offline_member_gets_one_push_with_badge(
+    databases: Databases, transport: str
+) -> None:
+    async with open_world(databases, transport) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         assert [r.device for r in await w.notifications.registrations(login("bob"))] == ["bob-1"]
         await w.messages.send(login("alice"), send(AB, "c1", "hello bob"))
@@ -135,8 +138,8 @@ async def test_offline_member_gets_one_push_with_badge(tmp_path: Path, transport
         assert (alice.due, alice.reason, alice.pushes) == (False, "sender", [])
 
 
-async def test_online_on_any_device_suppresses(tmp_path: Path, transport: str) -> None:
-    async with open_world(tmp_path, transport) as w:
+async def test_online_on_any_device_suppresses(databases: Databases, transport: str) -> None:
+    async with open_world(databases, transport) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         await w.notifications.device_online(login("bob", "2").user, "bob-2")
         await w.messages.send(login("alice"), send(AB, "c1"))
@@ -151,16 +154,16 @@ async def test_online_on_any_device_suppresses(tmp_path: Path, transport: str) -
         assert w.provider.pushes[0].seq == 2
 
 
-async def test_no_registration_is_explained(tmp_path: Path, transport: str) -> None:
-    async with open_world(tmp_path, transport) as w:
+async def test_no_registration_is_explained(databases: Databases, transport: str) -> None:
+    async with open_world(databases, transport) as w:
         await w.messages.send(login("alice"), send(AB, "c1"))
         await settle(w)
         bob = await trace_of(w, AB, 1, "bob")
         assert (bob.due, bob.reason) == (False, "no_registration")
 
 
-async def test_mute_until_and_unmute(tmp_path: Path, transport: str) -> None:
-    async with open_world(tmp_path, transport) as w:
+async def test_mute_until_and_unmute(databases: Databases, transport: str) -> None:
+    async with open_world(databases, transport) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         await w.messages.send(login("alice"), send(AB, "c0"))  # the conversation exists
         await settle(w)
@@ -179,8 +182,8 @@ async def test_mute_until_and_unmute(tmp_path: Path, transport: str) -> None:
         assert sum(p.count for p in w.provider.pushes) == 2
 
 
-async def test_levels_and_the_mention_override(tmp_path: Path, transport: str) -> None:
-    async with open_world(tmp_path, transport) as w:
+async def test_levels_and_the_mention_override(databases: Databases, transport: str) -> None:
+    async with open_world(databases, transport) as w:
         w.rooms.add("r1", "Room", "alice", "bob", "carol")
         conv = "r:r1"
         for user in ("bob", "carol"):
@@ -202,9 +205,11 @@ async def test_levels_and_the_mention_override(tmp_path: Path, transport: str) -
         assert (w.provider.pushes[0].user, w.provider.pushes[0].seq) == ("bob", 2)
 
 
-async def test_a_burst_of_50_is_one_push_with_count_50(tmp_path: Path, transport: str) -> None:
+async def test_a_burst_of_50_is_one_push_with_count_50(
+    databases: Databases, transport: str
+) -> None:
     config = PushConfig(collapse_delay=0.5, backoff_base=0.01, backoff_max=0.05)
-    async with open_world(tmp_path, transport, config=config) as w:
+    async with open_world(databases, transport, config=config) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         for i in range(50):
             w.messages.send(login("alice"), send(AB, f"c{i}", f"m{i}"))
@@ -220,9 +225,9 @@ async def test_a_burst_of_50_is_one_push_with_count_50(tmp_path: Path, transport
 
 
 async def test_read_on_one_device_clears_the_badge_on_the_other(
-    tmp_path: Path, transport: str
+    databases: Databases, transport: str
 ) -> None:
-    async with open_world(tmp_path, transport) as w:
+    async with open_world(databases, transport) as w:
         await w.notifications.register(login("bob", "1"), "test", {"token": "phone"})
         await w.notifications.register(login("bob", "2"), "test", {"token": "laptop"})
         await w.messages.send(login("alice"), send(AB, "c1"))
@@ -239,11 +244,11 @@ async def test_read_on_one_device_clears_the_badge_on_the_other(
 
 
 async def test_each_badge_is_the_unread_total_when_the_push_is_sent(
-    tmp_path: Path, transport: str
+    databases: Databases, transport: str
 ) -> None:
     bc = direct_conv("bob", "carol")
     config = PushConfig(collapse_delay=1.0, backoff_base=0.01, backoff_max=0.05)
-    async with open_world(tmp_path, transport, config=config) as w:
+    async with open_world(databases, transport, config=config) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         # bob: 2 unread from alice, 1 from carol; his own message and alice's recalled
         # one do not count. Both pushes are claimed after all of it (collapse delay).
@@ -268,9 +273,9 @@ async def test_each_badge_is_the_unread_total_when_the_push_is_sent(
         assert (last.conv, last.seq, last.count, last.badge) == (bc, 2, 1, 2)
 
 
-async def test_backoff_then_dead_letter(tmp_path: Path, transport: str) -> None:
+async def test_backoff_then_dead_letter(databases: Databases, transport: str) -> None:
     failing = RecordingProvider([Outcome(status="retry", code=503, detail="down")] * 10)
-    async with open_world(tmp_path, transport, provider=failing) as w:
+    async with open_world(databases, transport, provider=failing) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         await w.messages.send(login("alice"), send(AB, "c1"))
         await settle(w)
@@ -290,9 +295,9 @@ async def test_backoff_then_dead_letter(tmp_path: Path, transport: str) -> None:
         assert "imserver_push_dead_total 1.0" in text
 
 
-async def test_retry_after_is_honoured(tmp_path: Path, transport: str) -> None:
+async def test_retry_after_is_honoured(databases: Databases, transport: str) -> None:
     slow = RecordingProvider([Outcome(status="retry", code=429, retry_after=0.4)])
-    async with open_world(tmp_path, transport, provider=slow) as w:
+    async with open_world(databases, transport, provider=slow) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         await w.messages.send(login("alice"), send(AB, "c1"))
         await settle(w)
@@ -305,10 +310,10 @@ async def test_retry_after_is_honoured(tmp_path: Path, transport: str) -> None:
 
 @pytest.mark.parametrize(("status", "code"), [("gone", 410), ("failed", 400)])
 async def test_gone_removes_the_registration_failed_keeps_it(
-    tmp_path: Path, transport: str, status: str, code: int
+    databases: Databases, transport: str, status: str, code: int
 ) -> None:
     provider = RecordingProvider([Outcome(status=status, code=code)])  # type: ignore[arg-type]
-    async with open_world(tmp_path, transport, provider=provider) as w:
+    async with open_world(databases, transport, provider=provider) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         await w.messages.send(login("alice"), send(AB, "c1"))
         await settle(w)
@@ -319,9 +324,9 @@ async def test_gone_removes_the_registration_failed_keeps_it(
         assert len(left) == (0 if status == "gone" else 1)
 
 
-async def test_queue_bound_drops_the_oldest(tmp_path: Path, transport: str) -> None:
+async def test_queue_bound_drops_the_oldest(databases: Databases, transport: str) -> None:
     config = PushConfig(collapse_delay=30.0, queue_max=2)
-    async with open_world(tmp_path, transport, config=config) as w:
+    async with open_world(databases, transport, config=config) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         await w.notifications.register(login("carol"), "test", TOKEN)
         await w.messages.send(login("alice"), send(AB, "c1"))
@@ -341,8 +346,8 @@ async def test_queue_bound_drops_the_oldest(tmp_path: Path, transport: str) -> N
         assert "imserver_push_dropped_total 1.0" in text
 
 
-async def test_bad_input_is_refused_with_exact_codes(tmp_path: Path, transport: str) -> None:
-    async with open_world(tmp_path, transport) as w:
+async def test_bad_input_is_refused_with_exact_codes(databases: Databases, transport: str) -> None:
+    async with open_world(databases, transport) as w:
         with pytest.raises(BadRequest) as exc:
             await w.notifications.register(login("bob"), "apns", TOKEN)
         assert exc.value.field == "provider"
@@ -368,8 +373,8 @@ async def test_bad_input_is_refused_with_exact_codes(tmp_path: Path, transport: 
         assert getattr(unavailable.value, "code", None) == "unavailable"
 
 
-async def test_unregister_and_forget_device(tmp_path: Path, transport: str) -> None:
-    async with open_world(tmp_path, transport) as w:
+async def test_unregister_and_forget_device(databases: Databases, transport: str) -> None:
+    async with open_world(databases, transport) as w:
         await w.notifications.register(login("bob", "1"), "test", TOKEN)
         await w.notifications.register(login("bob", "2"), "test", TOKEN)
         await w.notifications.unregister(login("bob", "1"), "test")
@@ -378,11 +383,11 @@ async def test_unregister_and_forget_device(tmp_path: Path, transport: str) -> N
         assert await w.notifications.registrations(login("bob")) == []
 
 
-async def test_a_hanging_provider_does_not_slow_sends(tmp_path: Path, transport: str) -> None:
+async def test_a_hanging_provider_does_not_slow_sends(databases: Databases, transport: str) -> None:
     provider = RecordingProvider()
     provider.hang = asyncio.Event()
     config = PushConfig(collapse_delay=0.0, concurrency=2)
-    async with open_world(tmp_path, transport, provider=provider, config=config) as w:
+    async with open_world(databases, transport, provider=provider, config=config) as w:
         for user in ("bob", "carol"):
             await w.notifications.register(login(user), "test", TOKEN)
         started = time.monotonic()
@@ -400,12 +405,12 @@ def test_the_message_service_is_a_message_source() -> None:
     assert signature_mismatches(MessageSource, LocalMessageService) == []
 
 
-async def test_restart_delivers_each_waiting_key_exactly_once(tmp_path: Path) -> None:
+async def test_restart_delivers_each_waiting_key_exactly_once(databases: Databases) -> None:
     hanging = RecordingProvider()
     hanging.hang = asyncio.Event()
     config = PushConfig(collapse_delay=0.0, concurrency=1)
     ac = direct_conv("alice", "carol")
-    async with open_world(tmp_path, "local", provider=hanging, config=config) as w:
+    async with open_world(databases, "local", provider=hanging, config=config) as w:
         await w.notifications.register(login("bob"), "test", TOKEN)
         await w.notifications.register(login("carol"), "test", TOKEN)
         await w.messages.send(login("alice"), send(AB, "c1"))
@@ -427,7 +432,7 @@ async def test_restart_delivers_each_waiting_key_exactly_once(tmp_path: Path) ->
         assert (hanging.seen, w.local._worker._inflight["test"]) == ({}, 1)
     # Closed with one push in flight and one claimed: both are sent after the restart.
     receiver = RecordingProvider()
-    async with open_world(tmp_path, "local", provider=receiver, config=config) as w:
+    async with open_world(databases, "local", provider=receiver, config=config) as w:
         await eventually(lambda: w.local.stats.results[("test", "sent")] == 2)
         assert receiver.seen == {f"bob:bob-1:{AB}:1": 1, f"carol:carol-1:{ac}:1": 1}
         assert hanging.pushes == []
@@ -436,19 +441,19 @@ async def test_restart_delivers_each_waiting_key_exactly_once(tmp_path: Path) ->
             assert (job.state, [a.status for a in job.attempts]) == ("sent", ["sent"])
 
 
-async def test_catch_up_after_a_crash_between_the_two_commits(tmp_path: Path) -> None:
-    async with open_world(tmp_path, "local") as w:  # the first start sets the cursor
+async def test_catch_up_after_a_crash_between_the_two_commits(databases: Databases) -> None:
+    async with open_world(databases, "local") as w:  # the first start sets the cursor
         await w.notifications.register(login("bob"), "test", TOKEN)
     # The message is committed while the notification service never hears of it.
     messages = await open_message_service(
-        sqlite_url(tmp_path, "message"), bus=MemoryLiveBus(), users=Directory("alice", "bob")
+        databases.url("message"), bus=MemoryLiveBus(), users=Directory("alice", "bob")
     )
     try:
         await messages.send(login("alice"), send(AB, "c1", "while down"))
     finally:
         await messages.close()
     receiver = RecordingProvider()
-    async with open_world(tmp_path, "local", provider=receiver) as w:
+    async with open_world(databases, "local", provider=receiver) as w:
         await settle(w)
         await eventually(lambda: len(receiver.pushes) == 1)
         assert (receiver.pushes[0].seq, receiver.pushes[0].body) == (1, "while down")

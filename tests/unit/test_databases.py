@@ -26,12 +26,10 @@ def test_default_is_one_sqlite_file_per_service(tmp_path: Path) -> None:
         assert resolve(tmp_path, service) == (sqlite_url(tmp_path, service), None)
 
 
-def test_storage_url_applies_to_every_service_but_notification(tmp_path: Path) -> None:
+def test_storage_url_applies_to_every_service(tmp_path: Path) -> None:
     env = {"IMSERVER_STORAGE__URL": PG}
-    for service in ("user", "message", "room", "file"):
+    for service in ("user", "message", "room", "file", "notification"):
         assert resolve(tmp_path, service, **env) == (PG, None)
-    # The notification store stays on SQLite.
-    assert resolve(tmp_path, "notification", **env) == (sqlite_url(tmp_path, "notification"), None)
 
 
 def test_a_service_url_overrides_storage_url(tmp_path: Path) -> None:
@@ -67,6 +65,7 @@ def test_password_from_a_file(tmp_path: Path) -> None:
     own.write_text("other", encoding="utf-8")
     env["IMSERVER_STORAGE__ROOM__PASSWORD_FILE"] = str(own)
     assert resolve(tmp_path, "room", **env)[0] == "postgresql+asyncpg://im:other@db.example:5432/im"
+    del env["IMSERVER_STORAGE__URL"]
     assert resolve(tmp_path, "notification", **env)[0] == sqlite_url(tmp_path, "notification")
 
 
@@ -114,8 +113,3 @@ def test_urls_get_the_async_driver(given: str, normalised: str) -> None:
 def test_bad_urls_name_the_setting(given: str, error: str) -> None:
     with pytest.raises(BadRequest, match=error):
         normalise_url(given, "storage.url")
-
-
-def test_a_server_url_for_the_notification_store_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BadRequest, match=r"storage\.notification\.url: the notification store"):
-        resolve(tmp_path, "notification", IMSERVER_STORAGE__NOTIFICATION__URL=PG)

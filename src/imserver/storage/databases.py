@@ -2,9 +2,7 @@
 
 A service's database is, in order: ``storage.<service>.url``, then ``storage.url``,
 then the SQLite file ``<data_dir>/<service>.db`` (the embedded default). A
-``read_url`` names a replica for the reads that tolerate lag. The notification
-service's store runs on SQLite only for now: ``storage.url`` does not apply to it,
-and a server URL in ``storage.notification.url`` is refused.
+``read_url`` names a replica for the reads that tolerate lag.
 
 Credentials never have to be on a command line: a URL may come from the environment
 (``IMSERVER_STORAGE__URL``, ``IMSERVER_STORAGE__MESSAGE__URL``…) and its password
@@ -32,9 +30,6 @@ from imserver.utils.errors import BadRequest
 
 SERVICES = ("user", "message", "room", "file", "notification")
 """The services that own a database."""
-
-SQLITE_ONLY = frozenset({"notification"})
-"""Services whose store runs on SQLite only."""
 
 WITH_REPLICA_READS = frozenset({"user", "message", "room"})
 """Services with reads that tolerate lag: the user directory listing, message search,
@@ -117,15 +112,11 @@ def service_database(storage: StorageConfig, data_dir: Path, service: str) -> Se
     prefix = f"storage.{service}"
     if own.url:
         url, setting = own.url, f"{prefix}.url"
-    elif storage.url and service not in SQLITE_ONLY:
+    elif storage.url:
         url, setting = storage.url, "storage.url"
     else:
         url, setting = sqlite_url(data_dir, service), f"{prefix}.url"
     url = normalise_url(url, setting)
-    if service in SQLITE_ONLY and not url.startswith("sqlite"):
-        raise BadRequest(
-            f"invalid configuration: {setting}: the {service} store runs on SQLite only"
-        )
     password_file = own.password_file or storage.password_file
     password_setting = f"{prefix}.password_file" if own.password_file else "storage.password_file"
     if not url.startswith("sqlite"):

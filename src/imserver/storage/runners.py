@@ -132,21 +132,24 @@ class InlineRunner:
 class AsyncRunner:
     """An async engine; the functions run through ``AsyncConnection.run_sync``.
 
-    ``pinned`` as for :class:`ThreadRunner`.
+    ``pinned`` as for :class:`ThreadRunner`: calls then run one at a time, in the
+    order they come (as on the pinned thread), whichever task makes them.
     """
 
     def __init__(self, engine: AsyncEngine, *, pinned: bool = False) -> None:
         self._engine = engine
         self._pinned = pinned
         self._conn: AsyncConnection | None = None
+        self._turn = asyncio.Lock()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         if not self._pinned:
             async with self._engine.connect() as conn:
                 return await conn.run_sync(fn, *args)
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = await self._engine.connect()
-        return await self._conn.run_sync(fn, *args)
+        async with self._turn:
+            if self._conn is None or self._conn.closed or self._conn.invalidated:
+                self._conn = await self._engine.connect()
+            return await self._conn.run_sync(fn, *args)
 
     call_waiting = call
 
@@ -251,16 +254,20 @@ class SqlStore:
         return cls(AsyncRunner(engine), replica=None if replica is None else AsyncRunner(replica))
 
     @classmethod
-    def with_writer_thread(cls, url: str, *, durable: bool = True) -> Self:
-        """A store on the database at ``url`` whose writes never contend with each other.
+    def with_one_writer(cls, url: str, *, durable: bool = True) -> Self:
+        """A store on the database at ``url`` whose writes run one at a time, in the
+        order they are asked (its transactions never interleave, so none of them has
+        to lock rows against another).
 
         SQLite: every write runs on one thread through one pinned connection (so two
         writers of the store never wait on the file's lock, and a long write does not
         block the event loop), reads on a thread of their own; ``durable`` as for
-        :func:`sqlite_engine`. Other dialects: :meth:`on_engine`.
+        :func:`sqlite_engine`. Other dialects: writes through one pinned connection of
+        the async engine, reads on its pool.
         """
         if make_url(url).get_backend_name() != "sqlite":
-            return cls.on_engine(sql.make_engine(url))
+            engine = sql.make_engine(url)
+            return cls(AsyncRunner(engine), AsyncRunner(engine, pinned=True))
         name = cls.name.replace(" ", "-")
         return cls(
             ThreadRunner(sqlite_engine(url, writer=False), name=f"{name}-read"),

@@ -169,7 +169,8 @@ def _waiting(
     conn: Connection, reg: Registration, conv: str, kind: str
 ) -> Row[Any, Any, Any, Any] | None:
     """The push of ``kind`` for ``reg``'s device in ``conv`` that has not been sent yet
-    (a later message or read folds into it)."""
+    (a later read folds into a waiting ``read`` push; messages fold through
+    :class:`_Outbox`)."""
     j = push_jobs.c
     return conn.execute(
         select(j.id, j.key, j.count, j.seq).where(

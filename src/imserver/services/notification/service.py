@@ -427,7 +427,7 @@ async def open_notification_service(
         providers = await asyncio.to_thread(build_providers, config, data_dir)
     service = LocalNotificationService(
         # No commit here needs its own fsync (see "Durability" above).
-        SqlNotificationStore.with_writer_thread(url, durable=False),
+        SqlNotificationStore.with_one_writer(url, durable=False),
         providers,
         messages=messages,
         config=config,
