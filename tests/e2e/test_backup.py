@@ -427,32 +427,46 @@ async def test_with_blobs_on_s3_the_backup_says_the_bucket_is_backed_up_apart(
 
 
 async def test_services_on_a_database_server_are_named_not_copied(tmp_path: Path) -> None:
-    """With ``storage.url`` on PostgreSQL only the notification store (SQLite only) is
-    in the data directory; the others are named, password masked, and not copied.
+    """With ``storage.url`` on PostgreSQL and one service on an SQLite file of its own,
+    that file is copied (as ``room.db``) and the others are named, password masked.
     The backup connects to no server: nothing here needs one."""
     data = tmp_path / "data"
     assert (await imserver("migrate", "--data-dir", data))[0] == 0
-    for name in ("user.db", "message.db", "room.db", "file.db"):
+    own = tmp_path / "elsewhere" / "rooms.sqlite"
+    own.parent.mkdir()
+    (data / "room.db").rename(own)
+    for name in ("user.db", "message.db", "file.db", "notification.db"):
         (data / name).unlink()  # what a deployment on a server has: no such files
     secret = tmp_path / "db-password"
     secret.write_text("s3cret\n")
-    config = tmp_path / "imserver.toml"
-    config.write_text(
+    settings = (
         '[storage]\nurl = "postgresql://imserver@db.internal/imserver"\n'
         f'password_file = "{secret}"\n'
     )
+    config = tmp_path / "imserver.toml"
+    config.write_text(settings + f'[storage.room]\nurl = "sqlite:///{own}"\n')
     backup = tmp_path / "backup"
     code, out, err = await imserver("backup", backup, "--config", config, "--data-dir", data)
     assert (code, err) == (0, "")
     assert "s3cret" not in out
     url = "postgresql+asyncpg://imserver:***@db.internal/imserver"
-    for service in ("user", "message", "room", "file"):
+    servers = ("user", "message", "file", "notification")
+    for service in servers:
         line = f"{service}: on {url}, not in this backup (back it up with the database's tools)"
         assert line in out.splitlines()
     assert "files/blobs: not in this backup (copy it after the file database's backup)" in out
     manifest = json.loads((backup / "manifest.json").read_text())
     assert "s3cret" not in json.dumps(manifest)
-    assert manifest["elsewhere"] == {s: url for s in ("user", "message", "room", "file")}
-    assert [e["path"] for e in manifest["entries"] if e["kind"] == "database"] == [
-        "notification.db"
-    ]
+    assert manifest["elsewhere"] == dict.fromkeys(servers, url)
+    assert [e["path"] for e in manifest["entries"] if e["kind"] == "database"] == ["room.db"]
+    assert tree(backup)["room.db"] != b""
+
+    # Every service on the server: nothing for this command to copy.
+    config.write_text(settings)
+    assert await imserver("backup", tmp_path / "b2", "--config", config, "--data-dir", data) == (
+        1,
+        "",
+        "imserver: every service's database is on a database server: back them up with "
+        "its tools (docs/operations.md)\n",
+    )
+    assert not (tmp_path / "b2").exists()

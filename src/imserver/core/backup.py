@@ -217,6 +217,11 @@ def backup(
             elsewhere[service] = redacted(url)
         elif (path := Path(str(make_url(url).database))).is_file():
             files[service] = path
+    if not files and len(elsewhere) == len(SERVICES):
+        raise NotFound(
+            "every service's database is on a database server: back them up with its "
+            "tools (docs/operations.md)"
+        )
     if not files:
         raise NotFound(f"{data_dir} holds no IMServer database (user.db, message.db, …)")
     if target.exists() and not _is_empty_dir(target):
