@@ -3,6 +3,8 @@
 imserver serve   [--config FILE] [--data-dir DIR] [--host H] [--http-port N] [--tcp-port N]
 imserver migrate [--config FILE] [--data-dir DIR] [--url URL]
 imserver admin   grant USERNAME | revoke USERNAME | list  [--config FILE] [--data-dir DIR]
+imserver backup  TARGET [--lock-timeout S] [--config FILE] [--data-dir DIR]
+imserver restore BACKUP [--config FILE] [--data-dir DIR]
 imserver --version
 """
 
@@ -14,6 +16,7 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from imserver import __version__
@@ -51,7 +54,58 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("username")
         common(p)
     common(actions.add_parser("list", help="the admins: the setting's and the granted"))
+    backup = sub.add_parser(
+        "backup", help="copy the data directory into an empty TARGET (server running or not)"
+    )
+    backup.add_argument("target", help="the backup directory (absent or empty)")
+    backup.add_argument(
+        "--lock-timeout",
+        dest="lock_timeout",
+        type=float,
+        default=30.0,
+        help="seconds to keep trying for the databases' locks (30)",
+    )
+    common(backup)
+    restore = sub.add_parser(
+        "restore", help="restore the BACKUP directory into an empty data directory"
+    )
+    restore.add_argument("source", metavar="backup", help="a directory `imserver backup` wrote")
+    common(restore)
     return parser
+
+
+def _backup(config: Config, target: str, lock_timeout: float) -> int:
+    from imserver.core.backup import backup
+
+    manifest = backup(
+        Path(config.data_dir),
+        Path(target),
+        storage=config.storage,
+        files_backend=config.files.backend,
+        lock_timeout=lock_timeout,
+        progress=print,
+    )
+    for key in manifest.missing_blobs:
+        print(f"blob {key} deleted by the clean-up before it was copied (no message names it)")
+    if manifest.files_backend == "s3":
+        print(f"blobs are in the S3 bucket {config.files.s3_bucket!r}: back it up separately")
+    print(
+        f"backup of {manifest.source} as of {manifest.snapshot_at} written to {target}: "
+        f"{manifest.count('database')} databases, {manifest.count('blob')} blobs, "
+        f"{manifest.total_bytes} bytes"
+    )
+    return 0
+
+
+def _restore(config: Config, source: str) -> int:
+    from imserver.core.backup import restore
+
+    manifest = restore(Path(source), Path(config.data_dir))
+    print(
+        f"restored the backup of {manifest.snapshot_at} into {config.data_dir}: "
+        f"{len(manifest.entries)} files, {manifest.total_bytes} bytes"
+    )
+    return 0
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -119,5 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print(line)
         return 0
+    if args.command in ("backup", "restore"):
+        try:
+            if args.command == "backup":
+                return _backup(config, args.target, args.lock_timeout)
+            return _restore(config, args.source)
+        except (IMError, OSError) as exc:
+            print(f"imserver: {exc}", file=sys.stderr)
+            return 1
     asyncio.run(_serve(config))
     return 0

@@ -537,6 +537,11 @@ class LocalFileService:
         await self._store.close()
 
 
+def local_blob_root(data_dir: Path) -> Path:
+    """The directory of the ``local`` blob backend under ``data_dir``."""
+    return data_dir / "files" / "blobs"
+
+
 async def open_blob_store(cfg: FilesConfig, data_dir: Path) -> BlobStore:
     """The blob store ``files.backend`` names."""
     if cfg.backend == "s3":
@@ -548,7 +553,7 @@ async def open_blob_store(cfg: FilesConfig, data_dir: Path) -> BlobStore:
             secret_key=cfg.s3_secret_key,
             prefix=cfg.s3_prefix,
         )
-    return LocalBlobStore(data_dir / "files" / "blobs")
+    return LocalBlobStore(local_blob_root(data_dir))
 
 
 async def open_file_service(

@@ -30,6 +30,11 @@ KEY_FILE = "vapid_private.pem"
 """The private key's file name under ``<data_dir>/notification/``."""
 
 
+def key_path(data_dir: str | Path) -> Path:
+    """Where the private key of the deployment with this data directory is stored."""
+    return Path(data_dir) / "notification" / KEY_FILE
+
+
 @dataclass(frozen=True, slots=True)
 class VapidKeys:
     """The server's VAPID signing key and what clients need of it."""
@@ -57,9 +62,8 @@ def load_vapid_keys(data_dir: str | Path) -> VapidKeys:
 
     Blocking file I/O: call it once at start-up.
     """
-    directory = Path(data_dir) / "notification"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / KEY_FILE
+    path = key_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         _create(path)
     private_key = _read(path)
