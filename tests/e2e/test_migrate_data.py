@@ -18,11 +18,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import alembic.command
+import databases as dbs
 import pytest
 from databases import ServerDatabase, ServerDatabases, rows
 from PIL import Image
 
 from imserver.client import Client, ClientError, HttpClient
+from imserver.services.message.service import MIGRATIONS as MESSAGE_MIGRATIONS
+from imserver.storage.sql import alembic_config, sqlite_url
+from imserver.testing.process import toml_dumps
 
 if TYPE_CHECKING:  # the harness is reached through fixtures, never imported at run time
     from conftest import ServerProcess
@@ -445,3 +450,73 @@ async def test_verify_only_finds_a_copy_that_differs(
     assert lines[("message", "messages")] == ["5", "5", "DIFFERS"]
     assert lines[("message", "conv_seqs")] == ["1", "0", "DIFFERS"]
     assert lines[("message", "markers")][-1] == "ok"
+
+
+async def test_a_service_of_its_own_database_and_an_older_data_directory(
+    server_factory: Any, target: ServerDatabase, tmp_path: Path
+) -> None:
+    tag = target.dialect[:2]
+    server: ServerProcess = server_factory()
+    alice = await account(server, f"alice_o_{tag}")
+    bob = await account(server, f"bob_o_{tag}")
+    dm = Client.direct_conv(alice.user_id, bob.user_id)
+    for i in range(3):
+        await alice.send_message(dm, f"message {i}")
+    before = await full_history(bob, dm)
+    await alice.close()
+    await bob.close()
+    server.stop()
+    # The message database as an older IMServer left it (these revisions change
+    # nothing on SQLite but the version).
+    message_db = sqlite_url(server.data_dir, "message")
+    await asyncio.to_thread(
+        alembic.command.downgrade, alembic_config(message_db, MESSAGE_MIGRATIONS), "message_0003"
+    )
+    assert await rows(message_db, "SELECT version_num FROM alembic_version_message") == [
+        ("message_0003",)
+    ]
+
+    messages = dbs.create_database(target.dialect, "move")
+    try:
+        settings = {"storage": {"message": {"url": messages.url}}}
+        config = tmp_path / "move.toml"
+        config.write_text(toml_dumps(settings))
+        status, out, err = await migrate_data(
+            "--config", str(config), "--from", str(server.data_dir), "--to", target.url
+        )
+        assert status == 0, err
+        migrated = dict(
+            line.split("\t")[1:3] for line in out.splitlines() if line.startswith("migrated\t")
+        )
+        assert migrated["message"].endswith(f"/{messages.name}?charset=utf8mb4") or migrated[
+            "message"
+        ].endswith(f"/{messages.name}")
+        assert target.name in migrated["user"] and target.name in migrated["room"]
+        assert await rows(message_db, "SELECT version_num FROM alembic_version_message") == [
+            ("message_0005",)
+        ]
+        assert await rows(messages.url, "SELECT count(*) FROM messages") == [(3,)]
+        assert await rows(target.url, "SELECT count(*) FROM users") == [(2,)]
+        assert await table_count(target, "messages") == 0  # only in its own database
+
+        take_out_moved_files(server.data_dir, tmp_path / "old-sqlite")
+        server.start({"storage": {"url": target.url, "message": {"url": messages.url}}})
+        bob = await account_login(server, f"bob_o_{tag}", "laptop")
+        try:
+            assert await full_history(bob, dm) == before
+            assert (await bob.send_message(dm, "next"))["seq"] == 4
+        finally:
+            await bob.close()
+        server.stop()
+    finally:
+        dbs.drop_database(messages)
+
+
+async def table_count(target: ServerDatabase, name: str) -> int:
+    schema = "'public'" if target.dialect == "postgresql" else "DATABASE()"
+    [(n,)] = await rows(
+        target.url,
+        "SELECT count(*) FROM information_schema.tables "
+        f"WHERE table_schema = {schema} AND table_name = '{name}'",
+    )
+    return int(n)
