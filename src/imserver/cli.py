@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         help="database URL of the services, instead of storage.url (storage.<service>.url "
         "still applies; a password is better kept in the environment or a password_file)",
     )
-    move.add_argument("--batch", type=int, default=1000, help="rows per batch (1000)")
+    move.add_argument("--batch", type=_at_least_one, default=1000, help="rows per batch (1000)")
     move.add_argument(
         "--verify-only", action="store_true", help="compare a copy made before; copy nothing"
     )
@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         common(p)
     common(actions.add_parser("list", help="the admins: the setting's and the granted"))
     return parser
+
+
+def _at_least_one(value: str) -> int:
+    """An argparse type: an integer of 1 or more (``migrate-data --batch``)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return number
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -385,6 +385,28 @@ async def test_what_is_refused_before_anything_is_copied(
         "storage.url, storage.user.url) naming a PostgreSQL or MySQL/MariaDB database"
     )
 
+    # A server that does not answer: nothing is copied.
+    status, out, err = await migrate_data(
+        "--from", str(server.data_dir), "--to", "postgresql://postgres@127.0.0.1:9/nowhere"
+    )
+    assert (status, out) == (1, "")
+    line = error_line(err)
+    assert line.startswith("imserver: migrate-data: the target's migrations failed: ")
+    assert line.endswith("; nothing was copied")
+
+    status, _, err = await migrate_data("--from", str(server.data_dir), "--batch", "0")
+    assert status == 2
+    assert "argument --batch: 0 is not 1 or more" in err
+
+    # A file that is not a SQLite database.
+    (server.data_dir / "room.db").write_bytes(b"not a database, " * 512)
+    status, out, err = await migrate_data("--from", str(server.data_dir), "--to", url)
+    assert (status, out) == (2, "")
+    assert error_line(err) == (
+        f"imserver: migrate-data: {server.data_dir.resolve() / 'room.db'} cannot be read: "
+        "file is not a database"
+    )
+
 
 async def test_a_data_directory_in_use_is_refused(
     server_factory: Any, target: ServerDatabase
@@ -520,3 +542,30 @@ async def table_count(target: ServerDatabase, name: str) -> int:
         f"WHERE table_schema = {schema} AND table_name = '{name}'",
     )
     return int(n)
+
+
+@pytest.mark.parametrize("server", ["mariadb"])
+async def test_a_mariadb_database_that_ignores_case_is_refused(
+    server: str, server_databases: ServerDatabases, server_factory: Any
+) -> None:
+    database = await server_databases.get(server)
+    await dbs.admin(
+        "mariadb",
+        [
+            f"DROP DATABASE {database.name}",
+            f"CREATE DATABASE {database.name} CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci",
+        ],
+    )
+    try:
+        source: ServerProcess = server_factory()
+        source.stop()
+        status, out, err = await migrate_data("--from", str(source.data_dir), "--to", database.url)
+        assert (status, out) == (2, "")
+        assert error_line(err) == (
+            "imserver: migrate-data: the database's collation is utf8mb4_general_ci: "
+            "IMServer needs a binary utf8mb4 one (CREATE DATABASE ... CHARACTER SET "
+            "utf8mb4 COLLATE utf8mb4_bin)"
+        )
+        assert await rows(database.url, "SHOW TABLES") == []
+    finally:
+        await server_databases.empty(database)

@@ -19,9 +19,10 @@ The order of a move:
 
 ``--verify-only`` runs steps 1, 2 and 5 on a target already copied.
 
-Exit statuses: 0 copied and verified; 1 the copy failed (a database error); 2 a bad
-configuration or target, or no data at ``--from``; 3 the source is in use; 4 the
-target is not empty; 5 the verification found a difference.
+Exit statuses: 0 copied and verified; 1 a database failed (the target's migrations,
+the copy or the verification); 2 a bad configuration or target, or no readable data
+at ``--from``; 3 the source is in use; 4 the target is not empty; 5 the
+verification found a difference.
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ from rich.progress import (
 from sqlalchemy import Connection, make_url, pool
 from sqlalchemy.exc import SQLAlchemyError
 
-from imserver.core.datamove.refusals import BadTarget, CopyDiffers, MoveRefused, TargetNotEmpty
+from imserver.core.datamove.refusals import (
+    BadTarget,
+    CopyDiffers,
+    DatabaseFailed,
+    MoveRefused,
+    TargetNotEmpty,
+)
 from imserver.core.datamove.source import SourceDir
 from imserver.core.datamove.tables import TABLES, copy_table, count, filled, finish, unknown_tables
 from imserver.core.datamove.verify import Check, checks
 from imserver.storage.databases import SERVICES, redacted, service_database
+from imserver.storage.migration_env import WrongCollation
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.config import Config
 from imserver.utils.errors import IMError
@@ -185,8 +193,8 @@ def _report(results: list[Check], out: TextIO) -> None:
 async def migrate_data(config: Config, move: Move, out: TextIO) -> list[Check]:
     """Run the move (module docstring); the verification's results.
 
-    Raises :class:`MoveRefused` (its ``status`` is the exit status), ``IMError`` for a
-    bad configuration, ``SQLAlchemyError``/``OSError`` when a database fails.
+    Raises :class:`MoveRefused` (its ``status`` is the exit status; a database that
+    fails is :class:`DatabaseFailed`), ``IMError`` for a bad configuration.
     """
     urls = targets(config, move)
     src = SourceDir.find(move.source, COPIED, LEFT)
@@ -205,9 +213,25 @@ async def migrate_data(config: Config, move: Move, out: TextIO) -> list[Check]:
                     f"{', '.join(extra)}"
                 )
         if not move.verify_only:
-            await _prepare_targets(urls, out)
-            await _copy(src, urls, move.batch)
-        results = await _verify(src, urls, move.batch)
+            try:
+                await _prepare_targets(urls, out)
+            except WrongCollation as exc:
+                raise BadTarget(str(exc)) from None
+            except DATABASE_ERRORS as exc:
+                raise DatabaseFailed(
+                    f"the target's migrations failed: {_brief(exc)}; nothing was copied"
+                ) from exc
+            try:
+                await _copy(src, urls, move.batch)
+            except DATABASE_ERRORS as exc:
+                raise DatabaseFailed(
+                    f"the copy failed: {_brief(exc)}; the target may be partly filled: "
+                    "empty its databases and run again"
+                ) from exc
+        try:
+            results = await _verify(src, urls, move.batch)
+        except DATABASE_ERRORS as exc:
+            raise DatabaseFailed(f"the verification could not run: {_brief(exc)}") from exc
     finally:
         src.release()
     _report(results, out)
@@ -239,10 +263,14 @@ def run(config: Config, move: Move, out: TextIO, err: TextIO) -> int:
         return fail(exc.status, str(exc))
     except IMError as exc:
         return fail(2, str(exc))
-    except (SQLAlchemyError, OSError) as exc:
-        return fail(
-            1,
-            f"the copy failed: {exc}; the target may be partly filled: empty its "
-            "databases and run again",
-        )
     return 0
+
+
+DATABASE_ERRORS = (SQLAlchemyError, OSError)
+
+
+def _brief(exc: BaseException) -> str:
+    """The driver's own words for a database failure (SQLAlchemy adds the statement)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__

@@ -9,8 +9,14 @@ class MoveRefused(Exception):
     status = 1
 
 
+class DatabaseFailed(MoveRefused):
+    """A database failed while the move ran (unreachable, a statement refused)."""
+
+    status = 1
+
+
 class SourceMissing(MoveRefused):
-    """``--from`` names no IMServer data directory."""
+    """``--from`` names no IMServer data directory, or one whose files cannot be read."""
 
     status = 2
 

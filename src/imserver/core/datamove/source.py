@@ -20,7 +20,7 @@ from pathlib import Path
 
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, pool, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 from imserver.core.datamove.refusals import SourceInUse, SourceMissing
 from imserver.storage.sql import alembic_config, sqlite_url, upgrade
@@ -93,10 +93,15 @@ class SourceDir:
             conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").all()
         except OperationalError as exc:
             conn.close()
-            raise SourceInUse(
-                f"{self.path} is in use: {service}.db is open in another process "
-                f"({exc.orig}); stop the server first"
-            ) from None
+            if "locked" in str(exc.orig) or "busy" in str(exc.orig):
+                raise SourceInUse(
+                    f"{self.path} is in use: {service}.db is open in another process "
+                    f"({exc.orig}); stop the server first"
+                ) from None
+            raise SourceMissing(f"{self.file(service)} cannot be read: {exc.orig}") from None
+        except DatabaseError as exc:  # not a database at all
+            conn.close()
+            raise SourceMissing(f"{self.file(service)} cannot be read: {exc.orig}") from None
         return conn
 
     def hold(self) -> None:

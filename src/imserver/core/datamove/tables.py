@@ -81,7 +81,8 @@ def copy_table(
     """Copy every row of ``table`` from ``source`` to ``target``, ``batch`` rows per
     committed transaction (see the module docstring for the search index)."""
     key = list(table.primary_key.columns)
-    rows = source.execution_options(yield_per=batch).execute(select(table).order_by(*key))
+    ordered = select(table).order_by(*key)
+    rows = source.execute(ordered, execution_options={"yield_per": batch})
     search = search_for_dialect(target.dialect.name) if table is messages else None
     for part in rows.partitions():
         values = [dict(row._mapping) for row in part]

@@ -67,7 +67,7 @@ def sums(rows: Iterable[Row]) -> Sums:
 
 
 def _rows(conn: Connection, statement: Executable, batch: int) -> Iterable[Row]:
-    result = conn.execution_options(yield_per=batch).execute(statement)
+    result = conn.execute(statement, execution_options={"yield_per": batch})
     for part in result.partitions():
         yield from (tuple(row) for row in part)
 
