@@ -7,8 +7,10 @@ connection to the file closed (an idle server's included), so a server running o
 the directory is refused, and a server started during the move cannot open it. The
 move reads the files inside those transactions: one consistent snapshot of each.
 
-Before the files are held, their schemas are brought to this version's head (as
-``imserver serve`` would at start-up), so the copy reads the tables it knows.
+Once the directory is known to be unused, the schemas of the files an older IMServer
+left are brought to this version's head (as ``imserver serve`` would at start-up;
+the files are let go for it and held again after), so the copy reads the tables it
+knows.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ LOCK_TIMEOUT = 2.0
 def _connect(path: Path) -> sqlite3.Connection:
     # mode=rw: a missing file is an error, never a new empty database.
     return sqlite3.connect(
-        f"file:{path}?mode=rw",
+        f"{path.resolve().as_uri()}?mode=rw",  # as_uri: '?', '#' and '%' in names escaped
         uri=True,
         timeout=LOCK_TIMEOUT,
         isolation_level=None,
