@@ -156,6 +156,8 @@ class World:
         first = await alice.send_message(dm, "the quick brown fox", cid="dm-1")
         self.sent["dm-first"] = (dm, "dm-1", first["seq"])
         await bob.send_message(dm, "un café, s'il vous plaît", cid="dm-2")
+        # U+0000, which PostgreSQL stores escaped, and a four-byte character (utf8mb4).
+        await bob.send_message(dm, "nul\u0000inside \U0001f98a and \ue000", cid="dm-nul")
         typo = await alice.send_message(dm, "some wrong words", cid="dm-3")
         await alice.request(
             "edit", {"conv": dm, "cid": "dm-4", "target": typo["seq"], "body": "edited words here"}
@@ -224,7 +226,7 @@ class World:
         room, _, _ = self.sent["room-last"]
         assert self.searches[("alice", "quick")] == [(dm, first)]
         assert self.searches[("bob", "cafe")] == [(dm, first + 1)]
-        assert self.searches[("alice", "edited words")] == [(dm, first + 2)]
+        assert self.searches[("alice", "edited words")] == [(dm, first + 3)]
         assert self.searches[("bob", "recalled")] == []
         assert len(self.searches[("alice", "zèbre")]) == 100
         assert self.searches[("carol", "zèbre")] == []  # invited, not a member
@@ -239,6 +241,7 @@ class World:
             "🦊": [self.clients["bob"].user_id],
         }
         assert any(m.get("recalled") for m in history)
+        assert any(m["body"] == "nul\u0000inside \U0001f98a and \ue000" for m in history)
         assert any(m.get("edited") for m in history)
         assert {c["conv"][:2] for c in self.convs["carol"]} == {"r:", "s:"}
 
