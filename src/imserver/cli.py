@@ -48,13 +48,18 @@ def _parser() -> argparse.ArgumentParser:
         "migrate-data", help="copy a SQLite data directory to a database server, and verify it"
     )
     move.add_argument("--config", help="TOML configuration file (default: $IMSERVER_CONFIG)")
-    move.add_argument("--from", dest="source", required=True, help="the SQLite data directory")
+    move.add_argument(
+        "--from", dest="source", metavar="DIR", required=True, help="the SQLite data directory"
+    )
     move.add_argument(
         "--to",
+        metavar="URL",
         help="database URL of the services, instead of storage.url (storage.<service>.url "
         "still applies; a password is better kept in the environment or a password_file)",
     )
-    move.add_argument("--batch", type=_at_least_one, default=1000, help="rows per batch (1000)")
+    move.add_argument(
+        "--batch", type=_at_least_one, default=1000, metavar="N", help="rows per batch (1000)"
+    )
     move.add_argument(
         "--verify-only", action="store_true", help="compare a copy made before; copy nothing"
     )
