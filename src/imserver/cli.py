@@ -2,6 +2,7 @@
 
 imserver serve   [--config FILE] [--data-dir DIR] [--host H] [--http-port N] [--tcp-port N]
 imserver migrate [--config FILE] [--data-dir DIR] [--url URL]
+imserver migrate-data --from DIR [--to URL] [--batch N] [--verify-only] [--config FILE]
 imserver admin   grant USERNAME | revoke USERNAME | list  [--config FILE] [--data-dir DIR]
 imserver backup  TARGET [--lock-timeout S] [--config FILE] [--data-dir DIR]
 imserver restore BACKUP [--config FILE] [--data-dir DIR]
@@ -45,6 +46,27 @@ def _parser() -> argparse.ArgumentParser:
         help="database URL of the services, instead of storage.url (a password is better "
         "kept in the environment, IMSERVER_STORAGE__URL, or in storage.password_file)",
     )
+    # --- migrate-data (docs/operations.md, "Moving from SQLite to a database server")
+    move = sub.add_parser(
+        "migrate-data", help="copy a SQLite data directory to a database server, and verify it"
+    )
+    move.add_argument("--config", help="TOML configuration file (default: $IMSERVER_CONFIG)")
+    move.add_argument(
+        "--from", dest="source", metavar="DIR", required=True, help="the SQLite data directory"
+    )
+    move.add_argument(
+        "--to",
+        metavar="URL",
+        help="database URL of the services, instead of storage.url (storage.<service>.url "
+        "still applies; a password is better kept in the environment or a password_file)",
+    )
+    move.add_argument(
+        "--batch", type=_at_least_one, default=1000, metavar="N", help="rows per batch (1000)"
+    )
+    move.add_argument(
+        "--verify-only", action="store_true", help="compare a copy made before; copy nothing"
+    )
+    # --- end of migrate-data
     admin = sub.add_parser(
         "admin", help="grant, revoke or list admin rights (server running or not)"
     )
@@ -108,10 +130,20 @@ def _restore(config: Config, source: str) -> int:
     return 0
 
 
+def _at_least_one(value: str) -> int:
+    """An argparse type: an integer of 1 or more (``migrate-data --batch``)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return number
+
+
 def _config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
         key: getattr(args, key, None) for key in ("data_dir", "host", "http_port", "tcp_port")
     }
+    if args.command == "migrate-data":  # the data directory is the one moved
+        overrides["data_dir"] = args.source
     return load_config(args.config, overrides=overrides)
 
 
@@ -162,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         for line in lines:
             print(f"  {line}")
         return 0
+    if args.command == "migrate-data":
+        # The report says what was migrated and copied; Alembic's log lines (some
+        # written when it is imported) would come between the progress bars.
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+        from pathlib import Path
+
+        from imserver.core.datamove.command import Move, run
+
+        move = Move(Path(args.source), args.to, args.batch, args.verify_only)
+        return run(config, move, sys.stdout, sys.stderr)
     if args.command == "admin":
         from imserver.core.admins import admin_command
 

@@ -26,7 +26,9 @@ report. ``IMSERVER_E2E_SERVE_ARGS`` adds arguments to every ``imserver serve`` (
 running the suite against other deployments' settings). ``IMS_E2E_DATABASE``
 (``postgresql`` or ``mariadb``; ``sqlite`` by default) puts every server's data on that
 database server, a fresh database per server (``tests/databases.py``); tests marked
-``sqlite_only`` (they read the SQLite files) are then deselected.
+``sqlite_only`` (they read the SQLite files) are then deselected, as are those
+marked ``sqlite_source`` (they start from a SQLite data directory and choose their
+servers' databases themselves: one run is enough).
 
 Server logs are checked after every test: a traceback or an ``ERROR``/``CRITICAL``
 record that any server (the session's shared one included) wrote while the test ran
@@ -83,7 +85,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.e2e)
-            if not on_sqlite and item.get_closest_marker("sqlite_only"):
+            if not on_sqlite and (
+                item.get_closest_marker("sqlite_only") or item.get_closest_marker("sqlite_source")
+            ):
                 dropped.append(item)
                 continue
         keep.append(item)
