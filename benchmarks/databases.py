@@ -30,6 +30,7 @@ import contextlib
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -189,6 +190,15 @@ def server_processes(dialect: str) -> list[int]:
     return out
 
 
+def serves_run(title: str, database: str) -> bool:
+    """Whether the PostgreSQL process titled ``title`` works for a run on ``database``:
+    a backend connected to it, or one of the server's own processes (not a client
+    backend of another database)."""
+    if not _PG_BACKEND.search(title):
+        return True
+    return f" {database} " in f"{title} "
+
+
 def _title(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -217,8 +227,7 @@ class DatabaseMeter:
             if self.db.dialect != "postgresql":
                 ours += cpu
                 continue
-            title = _title(pid)
-            if not _PG_BACKEND.search(title) or f" {self.db.name} " in title:
+            if serves_run(_title(pid), self.db.name):
                 ours += cpu
         out = {"ours": ours, "all": every}
         if self.db.dialect == "postgresql":
@@ -241,6 +250,19 @@ class DatabaseMeter:
         finally:
             await pg.close()
         return int(value or 0)
+
+
+def idle_rate(meter: harness.DatabaseSampler | None, seconds: float = 2.0) -> float | None:
+    """The database server's CPU (``ours``, % of one core) over ``seconds`` while this
+    run sends nothing: the work of others on a shared server, which the figures of
+    the run include (all of it on MariaDB). ``None`` on SQLite."""
+    if meter is None:
+        return None
+    a = meter.sample()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    b = meter.sample()
+    return 100.0 * (b["ours"] - a["ours"]) / (time.monotonic() - t0)
 
 
 def per_message(
@@ -283,7 +305,9 @@ def add_rows(report: harness.Report, figures: dict[str, Any], unit: str = "messa
     """The database server's rows of a results table, from :func:`per_message`."""
     if figures.get("db_pct") is None:
         return
-    report.add("DB server CPU (% of one core)", f"{figures['db_pct']:.0f}%")
+    idle = figures.get("db_idle_pct")
+    before = f" (before the load: {idle:.0f}%)" if idle is not None else ""
+    report.add("DB server CPU (% of one core)", f"{figures['db_pct']:.0f}%{before}")
     ours, every = figures.get("db_us_per_msg"), figures.get("db_all_us_per_msg")
     if ours is not None:
         shown = f"{ours:.1f}" + (f" (all its processes {every:.1f})" if every != ours else "")
@@ -309,7 +333,10 @@ def floor_after(
     if batch is not None and batch >= 1:
         sizes.add(round(batch))
     harness.console.print("[dim]database floor ...[/dim]")
+    idle = idle_rate(DatabaseMeter(db))
     rows = dbfloor.run_floor(db, sorted(sizes))
+    for row in rows:
+        row["db_idle_pct"] = idle if idle is not None else float("nan")
     dbfloor.print_floor(db, rows)
     return rows
 
@@ -322,8 +349,10 @@ __all__ = [
     "add_rows",
     "floor_after",
     "fresh_database",
+    "idle_rate",
     "meter",
     "per_message",
     "server_processes",
+    "serves_run",
     "settings",
 ]

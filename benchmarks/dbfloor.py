@@ -10,7 +10,8 @@ the message writer does on a server (:mod:`imserver.services.message.counters`):
    FOR UPDATE``);
 2. insert the rows (asyncpg's pipelined ``executemany``; asyncmy's multi-row
    ``INSERT``), on MariaDB with the folded words in ``search_text`` (PostgreSQL
-   computes its ``tsvector`` column itself);
+   computes its ``tsvector`` column itself); ``--search update`` writes them as the
+   store does instead: the rows read back after the insert and one ``UPDATE`` each;
 3. write the new last seqs back in one statement;
 4. commit.
 
@@ -24,6 +25,7 @@ in a fresh one (the message migrations applied first)::
 
     .venv/bin/python -m benchmarks.dbfloor --db postgresql
     .venv/bin/python -m benchmarks.dbfloor --db mariadb --batch 32 128 --seconds 5
+    .venv/bin/python -m benchmarks.dbfloor --db mariadb --search update
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ MY_INSERT: Final = (
     "INSERT INTO messages (conv, seq, sender, ts, type, body, cid, edited, recalled, "
     "search_text) VALUES (%s, %s, %s, %s, 'text', %s, %s, 0, 0, %s)"
 )
+MY_INSERT_BARE: Final = (
+    "INSERT INTO messages (conv, seq, sender, ts, type, body, cid, edited, recalled) "
+    "VALUES (%s, %s, %s, %s, 'text', %s, %s, 0, 0)"
+)
+MY_NEW: Final = "SELECT id, body FROM messages WHERE id > %s AND type = 'text' AND recalled = 0"
+MY_SET_TEXT: Final = "UPDATE messages SET search_text = %s WHERE id = %s"
 MY_STORE: Final = (
     "INSERT INTO conv_seqs (conv, last_seq) VALUES (%s, %s) "
     "ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq)"
@@ -125,7 +133,11 @@ async def _pg_loop(
 
 
 async def _my_loop(
-    db: databases.RunDatabase, sizes: Sequence[int], seconds: float, meter: Any
+    db: databases.RunDatabase,
+    sizes: Sequence[int],
+    seconds: float,
+    meter: Any,
+    search: str = "insert",
 ) -> list[dict[str, float]]:
     import asyncmy
 
@@ -149,8 +161,16 @@ async def _my_loop(
                 out = []
                 for conv, sender, ts, body, cid in batch:
                     last[conv] += 1
-                    out.append((conv, last[conv], sender, ts, body, cid, fold(body)))
-                await cur.executemany(MY_INSERT, out)
+                    out.append((conv, last[conv], sender, ts, body, cid))
+                if search == "insert":
+                    await cur.executemany(MY_INSERT, [(*row, fold(row[4])) for row in out])
+                else:
+                    await cur.execute("SELECT COALESCE(MAX(id), 0) FROM messages")
+                    ((after,),) = await cur.fetchall()
+                    await cur.executemany(MY_INSERT_BARE, out)
+                    await cur.execute(MY_NEW, (after,))
+                    new = await cur.fetchall()
+                    await cur.executemany(MY_SET_TEXT, [(fold(b), i) for i, b in new])
                 await cur.executemany(MY_STORE, [(c, last[c]) for c in convs])
             await conn.commit()
         except BaseException:
@@ -185,12 +205,21 @@ async def _measure(one: Any, size: int, seconds: float, meter: Any) -> dict[str,
 
 
 def run_floor(
-    db: databases.RunDatabase, sizes: Sequence[int] = BATCHES, seconds: float = 3.0
+    db: databases.RunDatabase,
+    sizes: Sequence[int] = BATCHES,
+    seconds: float = 3.0,
+    search: str = "insert",
 ) -> list[dict[str, float]]:
-    """The floor in ``db`` (whose message tables exist), one row per batch size."""
+    """The floor in ``db`` (whose message tables exist), one row per batch size.
+    ``search`` (MariaDB): ``insert`` puts the folded words in the ``INSERT``;
+    ``update`` writes them as the store does today, reading the new rows back and
+    updating ``search_text`` one statement per row after the insert."""
     meter = databases.DatabaseMeter(db)
-    loop = _pg_loop if db.dialect == "postgresql" else _my_loop
-    result: list[dict[str, float]] = databases.run_blocking(loop(db, sizes, seconds, meter))
+    if db.dialect == "postgresql":
+        coro = _pg_loop(db, sizes, seconds, meter)
+    else:
+        coro = _my_loop(db, sizes, seconds, meter, search)
+    result: list[dict[str, float]] = databases.run_blocking(coro)
     return result
 
 
@@ -203,6 +232,9 @@ def print_floor(db: databases.RunDatabase, floor: Sequence[dict[str, float]]) ->
     harness.console.print(
         f"{'batch':>6} {'rows/s':>10} {'client µs/row':>14} {'db µs/row':>10} {'db all µs/row':>14}"
     )
+    idle = floor[0].get("db_idle_pct") if floor else None
+    if idle is not None:
+        harness.console.print(f"(the database server before the floor: {idle:.0f}% of a core)")
     for row in floor:
         harness.console.print(
             f"{row['batch']:>6.0f} {row['rows_per_s']:>10,.0f} {row['client_us_per_row']:>14.1f} "
@@ -218,11 +250,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--db", choices=("postgresql", "mariadb"), required=True)
     parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--seconds", type=float, default=3.0, help="per batch size")
+    parser.add_argument(
+        "--search",
+        choices=("insert", "update"),
+        default="insert",
+        help="MariaDB: search_text in the INSERT (default), or one UPDATE per row after "
+        "it, as the message store writes it",
+    )
     args = parser.parse_args(argv)
     with databases.fresh_database(args.db, "floor") as db:
         assert db is not None
         upgrade_sync(db.url, "imserver.services.message.migrations")
-        floor = run_floor(db, args.batch, args.seconds)
+        floor = run_floor(db, args.batch, args.seconds, args.search)
     print_floor(db, floor)
     return 0
 

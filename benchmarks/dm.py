@@ -638,6 +638,7 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> int:
             )
             for w, chunk in enumerate(_split(pairs, procs))
         ]
+        db_idle = databases.idle_rate(server.database)
         pool = harness.WorkerPool(worker_main, specs)
         pool.start()
         try:
@@ -683,6 +684,8 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> int:
             "steal_pct": harness.steal_percent(a, b),
             **databases.per_message(a, b, acked_w),
         }
+        if db_idle is not None:
+            cpu["db_idle_pct"] = db_idle
     floor = databases.floor_after(args, db, cpu.get("msgs_per_commit"))
 
     # verification

@@ -451,6 +451,7 @@ def _run_size_on(
             progress_every=0.25,
             drain_timeout=args.drain_timeout,
         )
+        db_idle = databases.idle_rate(server.database)
         rpool = harness.WorkerPool(receiver_main, rspecs)
         spool = harness.WorkerPool(sender_main, [sspec])
         rpool.start()
@@ -496,6 +497,8 @@ def _run_size_on(
             )
     expected = acked * listeners_n
     db_figures = databases.per_message(a, b, sres["acked_window"])
+    if db_figures:
+        db_figures["db_idle_pct"] = db_idle
     floor = databases.floor_after(args, db, db_figures.get("msgs_per_commit"))
     delivered = sum(r["delivered"] for r in rres)
     if delivered != expected:
