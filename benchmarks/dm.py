@@ -50,7 +50,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from benchmarks import harness
+from benchmarks import databases, harness
 from benchmarks.harness import Timeline
 from imserver.client import (
     Client,
@@ -92,7 +92,8 @@ def default_procs() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dm`` sub-command's options."""
+    """The ``dm`` sub-command's options (with ``--db`` and ``--floor``)."""
+    databases.add_arguments(parser)
     parser.add_argument(
         "--pairs",
         type=int,
@@ -576,8 +577,16 @@ def run(args: argparse.Namespace) -> int:
     """Run the scenario; returns the exit status (0 = ran and verified)."""
     if args.pairs < 1 or args.window < 1 or args.procs < 1 or args.duration <= 0:
         raise SystemExit("--pairs, --window, --procs and --duration must be positive")
+    with databases.fresh_database(args.db) as db:
+        return _run(args, db)
+
+
+def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> int:
     procs = min(args.procs, args.pairs)
-    config = harness.merge_config(SERVER_CONFIG, harness.parse_settings(args.set))
+    config = harness.merge_config(
+        harness.merge_config(SERVER_CONFIG, databases.settings(db)),
+        harness.parse_settings(args.set),
+    )
     stamp = harness.timestamp()
     report = harness.Report(title=f"dm: persisted direct messages ({stamp})")
     failures = report.failures
@@ -589,7 +598,9 @@ def run(args: argparse.Namespace) -> int:
     }
     profile: dict[str, Any] | None = None
 
-    with harness.ServerProcess(config, keep_dir=args.keep_data) as server:
+    with harness.ServerProcess(
+        config, keep_dir=args.keep_data, database=databases.meter(db)
+    ) as server:
         harness.console.print(
             f"[dim]server pid {server.pid} on {server.http_url} / tcp {server.tcp_port}, "
             f"data in {server.data_dir}; registering {2 * args.pairs} users ...[/dim]"
@@ -627,6 +638,7 @@ def run(args: argparse.Namespace) -> int:
             )
             for w, chunk in enumerate(_split(pairs, procs))
         ]
+        db_idle = databases.idle_rate(server.database)
         pool = harness.WorkerPool(worker_main, specs)
         pool.start()
         try:
@@ -670,7 +682,11 @@ def run(args: argparse.Namespace) -> int:
             "clients_pct_each": [harness.cpu_percent(a, b, [p]) for p in worker_pids],
             "machine_pct": harness.machine_percent(a, b),
             "steal_pct": harness.steal_percent(a, b),
+            **databases.per_message(a, b, acked_w),
         }
+        if db_idle is not None:
+            cpu["db_idle_pct"] = db_idle
+    floor = databases.floor_after(args, db, cpu.get("msgs_per_commit"))
 
     # verification
     pair_checks = [c for r in results for c in r["pairs"]]
@@ -704,6 +720,7 @@ def run(args: argparse.Namespace) -> int:
         )
         per_msg = cpu["server_us_per_msg"]
         r.add("server CPU per message (µs)", f"{per_msg:.1f}" if per_msg else "-")
+        databases.add_rows(r, cpu)
         r.add(
             "server busiest threads",
             ", ".join(f"{name} {pct:.0f}%" for name, pct in cpu["server_threads_pct"][:3]),
@@ -731,6 +748,7 @@ def run(args: argparse.Namespace) -> int:
 
     loops = sorted({info["loop"] for info in ready})
     r.config = [
+        ("database", args.db),
         ("transport / codec", f"{args.transport} / {args.codec}"),
         ("pairs / window", f"{args.pairs} / {args.window} ({args.pairs * args.window} in flight)"),
         ("rate", f"{args.rate:,.0f} msgs/s (paced)" if args.rate > 0 else "full speed"),
@@ -756,6 +774,7 @@ def run(args: argparse.Namespace) -> int:
         "memory": memory,
         "totals": totals,
     }
+    out["database"] = {"dialect": args.db, "floor": floor}
     out["verification"] = {"ok": not failures, "failures": failures, "pairs": pair_checks}
     out["workers"] = [
         {k: v for k, v in res.items() if k not in ("ack_ns", "dlv_ns", "pairs")} for res in results
@@ -820,14 +839,18 @@ def _drive(
             t = time.monotonic_ns()
             series.sample(t, live.acked, live.delivered)
             if snap_a is None and t >= measure:
-                snap_a = harness.take_snapshot(pids, threads_of=server.pid)
+                snap_a = harness.take_snapshot(
+                    pids, threads_of=server.pid, database=server.database
+                )
                 if args.profile:
                     out = harness.RESULTS_DIR / f"{SCENARIO}-{stamp}-server.speedscope.json"
                     profiler = harness.PySpy(server.pid, args.duration, out)
                     profiler.start()
             # Not elif: one slow turn of this loop can pass both marks.
             if snap_a is not None and snap_b is None and t >= end:
-                snap_b = harness.take_snapshot(pids, threads_of=server.pid)
+                snap_b = harness.take_snapshot(
+                    pids, threads_of=server.pid, database=server.database
+                )
             phase = (
                 "start"
                 if t < start

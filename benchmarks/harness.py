@@ -50,7 +50,7 @@ from multiprocessing.connection import wait as wait_connections
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -109,6 +109,15 @@ def parse_settings(items: Iterable[str]) -> dict[str, Any]:
 # --- the server process -----------------------------------------------------------------
 
 
+class DatabaseSampler(Protocol):
+    """Counters of the database server a benchmark's server uses (CPU seconds...),
+    read with each :func:`take_snapshot` (:class:`benchmarks.databases.DatabaseMeter`)."""
+
+    def sample(self) -> dict[str, float]:
+        """The counters now."""
+        ...
+
+
 class ServerProcess(process.ServerProcess):
     """:class:`imserver.testing.process.ServerProcess` in a temporary directory of its own.
 
@@ -123,8 +132,10 @@ class ServerProcess(process.ServerProcess):
         *,
         host: str = HOST,
         keep_dir: bool = False,
+        database: DatabaseSampler | None = None,
     ) -> None:
-        """``config`` is written to the server's TOML file; ``keep_dir`` keeps the data."""
+        """``config`` is written to the server's TOML file; ``keep_dir`` keeps the data;
+        ``database`` meters the database server it uses, if not SQLite."""
         super().__init__(
             Path(tempfile.mkdtemp(prefix="imserver-bench-")),
             config,
@@ -133,6 +144,7 @@ class ServerProcess(process.ServerProcess):
             stop_timeout=STOP_TIMEOUT,
         )
         self.keep_dir = keep_dir
+        self.database = database
 
     def cleanup(self) -> None:
         """Kill the server if it still runs and remove its directory (unless kept)."""
@@ -426,11 +438,17 @@ class CpuSnapshot:
     machine_busy: float
     machine_total: float
     machine_steal: float
+    database: dict[str, float] = field(default_factory=dict)
+    """The database server's counters (:class:`DatabaseSampler`); empty on SQLite."""
 
 
-def take_snapshot(pids: Iterable[int], threads_of: int | None = None) -> CpuSnapshot:
+def take_snapshot(
+    pids: Iterable[int],
+    threads_of: int | None = None,
+    database: DatabaseSampler | None = None,
+) -> CpuSnapshot:
     """CPU seconds of ``pids`` (0.0 for a process that is gone) and of the threads of
-    ``threads_of``, with the machine's counters."""
+    ``threads_of``, with the machine's counters and those of ``database``."""
     procs: dict[int, float] = {}
     system: dict[int, float] = {}
     for pid in pids:
@@ -442,7 +460,8 @@ def take_snapshot(pids: Iterable[int], threads_of: int | None = None) -> CpuSnap
         system[pid] = sys_s
     threads = thread_cpu_seconds(threads_of) if threads_of is not None else {}
     busy, total, steal = machine_cpu()
-    return CpuSnapshot(time.monotonic(), procs, system, threads, busy, total, steal)
+    db = database.sample() if database is not None else {}
+    return CpuSnapshot(time.monotonic(), procs, system, threads, busy, total, steal, db)
 
 
 def cpu_percent(a: CpuSnapshot, b: CpuSnapshot, pids: Iterable[int]) -> float:

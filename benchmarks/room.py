@@ -37,7 +37,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from benchmarks import harness
+from benchmarks import databases, harness
 from benchmarks.harness import Timeline
 from benchmarks.wsrecv import Event, Receiver, connect_receiver
 from imserver.client import Client, Frame, HttpClient, IMClientError
@@ -69,7 +69,8 @@ def default_procs() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``room`` sub-command's options."""
+    """The ``room`` sub-command's options (with ``--db`` and ``--floor``)."""
+    databases.add_arguments(parser)
     parser.add_argument(
         "--members",
         default="1000",
@@ -400,12 +401,21 @@ async def _setup_room(http_url: str, accounts: Sequence[harness.Account]) -> str
 
 
 def _run_size(args: argparse.Namespace, size: int, stamp: str) -> dict[str, Any]:
+    with databases.fresh_database(args.db) as db:
+        return _run_size_on(args, size, stamp, db)
+
+
+def _run_size_on(
+    args: argparse.Namespace, size: int, stamp: str, db: databases.RunDatabase | None
+) -> dict[str, Any]:
     config = harness.merge_config(
         harness.merge_config(SERVER_CONFIG, {"rooms": {"max_size": max(10_000, size)}}),
-        harness.parse_settings(args.set),
+        harness.merge_config(databases.settings(db), harness.parse_settings(args.set)),
     )
     failures: list[str] = []
-    with harness.ServerProcess(config, keep_dir=args.keep_data) as server:
+    with harness.ServerProcess(
+        config, keep_dir=args.keep_data, database=databases.meter(db)
+    ) as server:
         harness.console.print(
             f"[dim]{size} members: server pid {server.pid} on {server.http_url}; "
             f"registering {size} users and filling the room ...[/dim]"
@@ -441,6 +451,7 @@ def _run_size(args: argparse.Namespace, size: int, stamp: str) -> dict[str, Any]
             progress_every=0.25,
             drain_timeout=args.drain_timeout,
         )
+        db_idle = databases.idle_rate(server.database)
         rpool = harness.WorkerPool(receiver_main, rspecs)
         spool = harness.WorkerPool(sender_main, [sspec])
         rpool.start()
@@ -485,6 +496,10 @@ def _run_size(args: argparse.Namespace, size: int, stamp: str) -> dict[str, Any]
                 + (f", closed: {r['closed']}" if r["closed"] else "")
             )
     expected = acked * listeners_n
+    db_figures = databases.per_message(a, b, sres["acked_window"])
+    if db_figures:
+        db_figures["db_idle_pct"] = db_idle
+    floor = databases.floor_after(args, db, db_figures.get("msgs_per_commit"))
     delivered = sum(r["delivered"] for r in rres)
     if delivered != expected:
         failures.append(f"delivered {delivered:,} != acked x receivers {expected:,}")
@@ -502,6 +517,7 @@ def _run_size(args: argparse.Namespace, size: int, stamp: str) -> dict[str, Any]
         "clients_pct": harness.cpu_percent(a, b, client_pids),
         "machine_pct": harness.machine_percent(a, b),
         "steal_pct": harness.steal_percent(a, b),
+        "database": {"dialect": args.db, **db_figures, "floor": floor},
         "memory": memory,
         "totals": {"acked": acked, "delivered": delivered, "expected": expected},
         "exit_code": exit_code,
@@ -566,14 +582,18 @@ def _drive(
             t = time.monotonic_ns()
             series.sample(t, acked_now, sum(delivered_now.values()))
             if snap_a is None and t >= measure:
-                snap_a = harness.take_snapshot(pids, threads_of=server.pid)
+                snap_a = harness.take_snapshot(
+                    pids, threads_of=server.pid, database=server.database
+                )
                 if args.profile:
                     out = harness.RESULTS_DIR / f"{SCENARIO}-{stamp}-{size}-server.speedscope.json"
                     profiler = harness.PySpy(server.pid, args.duration, out)
                     profiler.start()
             # Not elif: one slow turn of this loop can pass both marks.
             if snap_a is not None and snap_b is None and t >= end:
-                snap_b = harness.take_snapshot(pids, threads_of=server.pid)
+                snap_b = harness.take_snapshot(
+                    pids, threads_of=server.pid, database=server.database
+                )
             phase = "warmup" if t < measure else "measure" if t < end else "drain"
             status.update(
                 phase,
@@ -636,6 +656,9 @@ def run(args: argparse.Namespace) -> int:
             f"{n:,} members: server CPU, per delivery",
             f"{res['server_pct']:.0f}% of a core, " + (f"{per:.2f} µs" if per else "-"),
         )
+        sub = harness.Report(title="")
+        databases.add_rows(sub, res["database"])
+        report.rows.extend((f"{n:,} members: {name}", value) for name, value in sub.rows)
         report.add(
             f"{n:,} members: client CPU / machine busy",
             f"{res['clients_pct']:.0f}% of a core / {res['machine_pct']:.0f}% of "
@@ -651,6 +674,7 @@ def run(args: argparse.Namespace) -> int:
         )
         report.failures.extend(f"{n} members: {f}" for f in res["failures"])
     report.config = [
+        ("database", args.db),
         ("senders / window", f"{args.senders} / {args.window}"),
         ("rate", f"{args.rate:,.0f} msgs/s (paced)" if args.rate > 0 else "full speed"),
         ("receiver procs", str(args.procs)),
