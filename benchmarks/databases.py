@@ -25,20 +25,20 @@ run reports how many messages the writer committed per transaction.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
 import secrets
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy.engine import make_url
 
 from benchmarks import harness
+from imserver.testing import servers
+from imserver.testing.servers import run_blocking
 
 DIALECTS: Final = ("sqlite", "postgresql", "mariadb")
 SERVERS: Final = {
@@ -94,48 +94,9 @@ class RunDatabase:
         return {"storage": {"url": self.url}}
 
 
-def run_blocking(coro: Any) -> Any:
-    """Run ``coro`` to completion on a loop of its own, from any thread."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
 async def admin(dialect: str, statements: list[str], *, database: str | None = None) -> None:
     """Run ``statements`` as the server's administrator (in ``database``, if given)."""
-    url = make_url(SERVERS[dialect])
-    if dialect == "postgresql":
-        import asyncpg
-
-        pg = await asyncpg.connect(
-            host=url.host,
-            port=url.port,
-            user=url.username,
-            password=url.password,
-            database=database or url.database,
-            timeout=5,
-        )
-        try:
-            for statement in statements:
-                await pg.execute(statement)
-        finally:
-            await pg.close()
-        return
-    import asyncmy
-
-    my = await asyncmy.connect(
-        host=url.host or "127.0.0.1",
-        port=url.port or 3306,
-        user=url.username or "root",
-        password=url.password or "",
-        database=database,
-        connect_timeout=5,
-    )
-    try:
-        async with my.cursor() as cur:
-            for statement in statements:
-                await cur.execute(statement)
-    finally:
-        my.close()
+    await servers.admin(SERVERS[dialect], statements, database=database)
 
 
 @contextlib.contextmanager
@@ -149,25 +110,15 @@ def fresh_database(dialect: str, label: str = "bench") -> Iterator[RunDatabase |
     if dialect not in SERVERS:
         raise ValueError(f"unknown database {dialect!r}: choose from {DIALECTS}")
     name = f"imserver_{label}_{os.getpid()}_{secrets.token_hex(4)}"
-    create = f"CREATE DATABASE {name}"
-    if dialect == "mariadb":
-        create += " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-    server = make_url(SERVERS[dialect])
     try:
-        run_blocking(admin(dialect, [create]))
+        run_blocking(admin(dialect, [servers.create_statement(dialect, name)]))
     except (OSError, TimeoutError, ImportError) as exc:
-        shown = server.render_as_string(hide_password=True)
+        shown = make_url(SERVERS[dialect]).render_as_string(hide_password=True)
         raise RuntimeError(f"{dialect} server not reachable at {shown}: {exc}") from exc
-    url = server.set(database=name)
-    if dialect == "postgresql":
-        url = url.set(query={})
     try:
-        yield RunDatabase(dialect, name, url.render_as_string(hide_password=False))
+        yield RunDatabase(dialect, name, servers.database_url(SERVERS[dialect], name))
     finally:
-        drop = f"DROP DATABASE IF EXISTS {name}"
-        if dialect == "postgresql":
-            drop += " WITH (FORCE)"
-        run_blocking(admin(dialect, [drop]))
+        run_blocking(admin(dialect, [servers.drop_statement(dialect, name)]))
 
 
 # --- the database server's CPU ----------------------------------------------------------

@@ -26,11 +26,9 @@ reason, except under ``CI=true``, where they fail.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +38,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 
 from imserver.storage.sql import make_engine, sqlite_url
+from imserver.testing import servers
+from imserver.testing.servers import run_blocking
 
 T = TypeVar("T")
 
@@ -87,46 +87,7 @@ def unavailable(reason: str) -> None:
 
 async def admin(dialect: str, statements: list[str]) -> None:
     """Run ``statements`` as the server's administrator (outside any test database)."""
-    url = make_url(SERVERS[dialect])
-    if dialect == "postgresql":
-        import asyncpg
-
-        pg = await asyncpg.connect(
-            host=url.host,
-            port=url.port,
-            user=url.username,
-            password=url.password,
-            database=url.database,
-            timeout=5,
-        )
-        try:
-            for statement in statements:
-                await pg.execute(statement)
-        finally:
-            await pg.close()
-        return
-    import asyncmy
-
-    my = await asyncmy.connect(
-        host=url.host or "127.0.0.1",
-        port=url.port or 3306,
-        user=url.username or "root",
-        password=url.password or "",
-        connect_timeout=5,
-    )
-    try:
-        async with my.cursor() as cur:
-            for statement in statements:
-                await cur.execute(statement)
-    finally:
-        my.close()
-
-
-def run_blocking(coro: Any) -> Any:
-    """Run ``coro`` to completion from synchronous code, even inside a running event
-    loop (in a thread of its own, with a loop of its own)."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    await servers.admin(SERVERS[dialect], statements)
 
 
 E2E_ENV = "IMS_E2E_DATABASE"
@@ -144,25 +105,16 @@ def create_database(dialect: str, label: str) -> ServerDatabase:
     """A fresh database on ``dialect``'s server, for one end-to-end server (blocking);
     a missing server skips (fails under ``CI=true``)."""
     name = f"imserver_{label}_{os.getpid()}_{secrets.token_hex(4)}"
-    create = f"CREATE DATABASE {name}"
-    if dialect == "mariadb":
-        create += " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
     try:
-        run_blocking(admin(dialect, [create]))
+        run_blocking(admin(dialect, [servers.create_statement(dialect, name)]))
     except (OSError, TimeoutError, ImportError) as exc:
         unavailable(f"{dialect} server not reachable: {exc}")
-    url = make_url(SERVERS[dialect]).set(database=name)
-    if dialect == "postgresql":
-        url = url.set(query={})
-    return ServerDatabase(dialect, name, url.render_as_string(hide_password=False))
+    return ServerDatabase(dialect, name, servers.database_url(SERVERS[dialect], name))
 
 
 def drop_database(db: ServerDatabase) -> None:
     """Drop a database of :func:`create_database` (blocking)."""
-    drop = f"DROP DATABASE IF EXISTS {db.name}"
-    if db.dialect == "postgresql":
-        drop += " WITH (FORCE)"
-    run_blocking(admin(db.dialect, [drop]))
+    run_blocking(admin(db.dialect, [servers.drop_statement(db.dialect, db.name)]))
 
 
 @dataclass
@@ -188,61 +140,33 @@ class ServerDatabases:
         if found is not None:
             return found
         name = f"imserver_test_{os.getpid()}_{secrets.token_hex(4)}"
-        create = f"CREATE DATABASE {name}"
-        if dialect == "mariadb":
-            create += " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
         try:
-            await admin(dialect, [create])
+            await admin(dialect, [servers.create_statement(dialect, name)])
         except (OSError, TimeoutError, ImportError) as exc:
             server = make_url(SERVERS[dialect]).render_as_string(hide_password=True)
             self.missing[dialect] = f"{dialect} server not reachable at {server}: {exc}"
             unavailable(self.missing[dialect])
-        url = make_url(SERVERS[dialect]).set(database=name)
-        if dialect == "postgresql":
-            url = url.set(query={})
-        made = ServerDatabase(dialect, name, url.render_as_string(hide_password=False))
+        made = ServerDatabase(dialect, name, servers.database_url(SERVERS[dialect], name))
         self.created[dialect] = made
         return made
 
     async def empty(self, db: ServerDatabase) -> None:
         """Drop everything in ``db`` (the state a test starts from)."""
         if db.dialect == "postgresql":
-            await _admin_in(db, ["DROP SCHEMA public CASCADE", "CREATE SCHEMA public"])
+            await servers.admin(
+                SERVERS["postgresql"],
+                ["DROP SCHEMA public CASCADE", "CREATE SCHEMA public"],
+                database=db.name,
+            )
             return
         await admin(
-            "mariadb",
-            [
-                f"DROP DATABASE {db.name}",
-                f"CREATE DATABASE {db.name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
-            ],
+            "mariadb", [f"DROP DATABASE {db.name}", servers.create_statement("mariadb", db.name)]
         )
 
     async def drop_all(self) -> None:
         for db in self.created.values():
-            drop = f"DROP DATABASE IF EXISTS {db.name}"
-            if db.dialect == "postgresql":
-                drop += " WITH (FORCE)"
-            await admin(db.dialect, [drop])
+            await admin(db.dialect, [servers.drop_statement(db.dialect, db.name)])
         self.created.clear()
-
-
-async def _admin_in(db: ServerDatabase, statements: list[str]) -> None:
-    import asyncpg
-
-    url = make_url(db.url)
-    pg = await asyncpg.connect(
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        password=url.password,
-        database=db.name,
-        timeout=5,
-    )
-    try:
-        for statement in statements:
-            await pg.execute(statement)
-    finally:
-        await pg.close()
 
 
 @dataclass
