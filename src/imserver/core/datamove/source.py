@@ -48,9 +48,8 @@ class SourceDir:
 
     path: Path
     copied: tuple[str, ...]
-    """The services whose databases are copied (all present, or :class:`SourceMissing`)."""
-    held: tuple[str, ...] = ()
-    """Every service database present, held while the move runs (copied or not)."""
+    """The services whose databases are copied (all present, or :class:`SourceMissing`),
+    held while the move runs."""
     _engines: dict[str, Engine] = field(default_factory=dict)
     _conns: dict[str, Connection] = field(default_factory=dict)
 
@@ -64,7 +63,7 @@ class SourceDir:
         missing = [f"{name}.db" for name in copied if not (path / f"{name}.db").is_file()]
         if missing:
             raise SourceMissing(f"{path} holds no IMServer data (missing: {', '.join(missing)})")
-        return cls(path.resolve(), copied, copied)
+        return cls(path.resolve(), copied)
 
     def file(self, service: str) -> Path:
         """The SQLite file of ``service``."""
@@ -109,7 +108,7 @@ class SourceDir:
         """Hold every database of the directory exclusively (:class:`SourceInUse` if a
         process has one open), until :meth:`release`."""
         try:
-            for service in self.held:
+            for service in self.copied:
                 self._conns[service] = self._hold(service)
         except BaseException:
             self.release()
