@@ -143,6 +143,11 @@ class EtcdClient:
         done = await self._call("delete", key.encode())
         return int(done.header.revision)
 
+    async def compact(self, revision: int) -> None:
+        """Discard the history before ``revision`` (operators and tests; etcd's own
+        auto-compaction does this in production)."""
+        await self._call("compact", revision)
+
     async def grant(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; its id."""
         lease = await self._call("lease", ttl)

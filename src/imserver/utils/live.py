@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 
@@ -114,7 +114,9 @@ def parse_value(name: str, value: Any) -> Any:
     try:
         return msgspec.convert(value, entry.type, strict=True)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid value {value!r} for {name}: {exc}") from None
+        choices = get_args(entry.type) if get_origin(entry.type) is Literal else ()
+        hint = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+        raise BadRequest(f"invalid value {value!r} for {name}: {exc}{hint}") from None
 
 
 def decode_value(name: str, raw: bytes) -> Any:
