@@ -103,3 +103,20 @@ def test_a_bucket_reads_its_limits_at_each_op() -> None:
     live.apply("limits.rate_burst", 1)
     assert bucket.take(now=t0 + 100.0) == 0.0  # refilled to the new burst of 1 only
     assert bucket.take(now=t0 + 100.0) == 0.25
+
+
+def test_the_etcd_settings() -> None:
+    config = load_config(
+        environ={
+            "IMSERVER_ETCD__ENDPOINTS": '["http://10.0.0.5:2379", "http://10.0.0.6:2379"]',
+            "IMSERVER_ETCD__LEASE_TTL": "6",
+            "IMSERVER_ETCD__BREAKER_FAILURES": "3",
+        }
+    )
+    etcd = config.etcd
+    assert etcd.endpoints == ["http://10.0.0.5:2379", "http://10.0.0.6:2379"]
+    assert (etcd.prefix, etcd.lease_ttl, etcd.breaker_failures) == ("/imserver", 6, 3)
+    assert (etcd.breaker_cooldown, etcd.breaker_probes, etcd.request_timeout) == (5.0, 1, 3.0)
+    assert Config().etcd.endpoints == []  # no etcd unless asked for
+    with pytest.raises(BadRequest, match=r"Expected `int` <= 60 - at `\$\.etcd\.lease_ttl`"):
+        load_config(environ={"IMSERVER_ETCD__LEASE_TTL": "61"})

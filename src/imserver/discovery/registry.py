@@ -125,6 +125,9 @@ class Registration:
                     logger.warning("cannot renew %s, retrying: %s", self.key, exc)
                     failing = True
                 await asyncio.sleep(backoff.next())
+            except Exception:  # a bug or an answer not foreseen: keep the instance registered
+                logger.exception("keep-alive of %s failed; trying again", self.key)
+                await asyncio.sleep(backoff.next())
 
     async def stop(self) -> None:
         """Stop renewing and revoke the lease (the key goes at once); a failure to

@@ -141,3 +141,7 @@ class PrefixWatch:
                     )
                     down_since_logged = True
                 await asyncio.sleep(self._backoff.next())
+            except Exception:  # a bug or an answer not foreseen: the mirror must go on
+                self.connected = False
+                logger.exception("watch of %s failed; trying again", self.prefix)
+                await asyncio.sleep(self._backoff.next())
