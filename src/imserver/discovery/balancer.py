@@ -30,6 +30,7 @@ import msgspec
 from imserver.discovery.breaker import STATE_VALUES, Breaker, BreakerPolicy, State
 from imserver.discovery.etcd import Entry, EtcdClient
 from imserver.discovery.registry import Instance, services_prefix
+from imserver.discovery.upstream import Upstream
 from imserver.discovery.watch import PrefixWatch
 from imserver.utils.errors import Unavailable
 from imserver.utils.metrics import DiscoveryMetrics
@@ -224,3 +225,8 @@ class ServiceUpstream:
         """Stop watching and close every channel."""
         await self.watch.stop()
         await self.balancer.close()
+
+
+def as_upstream(upstream: ServiceUpstream) -> Upstream:
+    """``upstream`` as the interface the gRPC clients take (mypy checks the fit)."""
+    return upstream
