@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
 
 from imserver.core.embedded import Embedded, build_embedded
-from imserver.discovery.config_centre import ConfigCentre
-from imserver.discovery.etcd import EtcdClient
 from imserver.network.http import app_runner
 from imserver.network.listener import Admission, Listener, system_backlog
 from imserver.network.tcp import serve_tcp
@@ -32,6 +31,10 @@ from imserver.storage.sql import upgrade
 from imserver.utils.config import Config
 from imserver.utils.live import LiveSettings
 from imserver.utils.metrics import Metrics
+
+if TYPE_CHECKING:  # imported when [etcd] endpoints is set: gRPC stays out of the rest
+    from imserver.discovery.config_centre import ConfigCentre
+    from imserver.discovery.etcd import EtcdClient
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,9 @@ class Server:
             )
 
     async def _watch_config(self) -> None:
+        from imserver.discovery.config_centre import ConfigCentre
+        from imserver.discovery.etcd import EtcdClient
+
         etcd = self.config.etcd
         self._etcd = EtcdClient(etcd.endpoints, timeout=etcd.request_timeout)
         centre = self.config_centre = ConfigCentre(
