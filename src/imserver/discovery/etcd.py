@@ -118,12 +118,13 @@ class EtcdClient:
 
     async def get(self, key: str) -> tuple[Entry | None, int]:
         """The entry at ``key`` (None when absent) and the store's revision."""
-        found = await self._call("get_prefix", key.encode())
-        # get_prefix answers a header even when the key is absent (get answers None).
+        # A range of one key ([key, key + NUL)): unlike aetcd's get, it answers the
+        # store's revision even when the key is absent.
+        raw = key.encode()
+        found = await self._call("get_range", raw, raw + b"\0")
         entry = None
         for kv in found:
-            if kv.key == key.encode():
-                entry = Entry(kv.key.decode(), kv.value, kv.mod_revision)
+            entry = Entry(kv.key.decode(), kv.value, kv.mod_revision)
         return entry, int(found.header.revision)
 
     async def get_prefix(self, prefix: str) -> tuple[list[Entry], int]:
