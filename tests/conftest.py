@@ -10,6 +10,9 @@ from pathlib import Path
 import databases as dbs
 import pytest
 from disks import SmallDisk, small_disk
+from etcd_server import etcd
+
+__all__ = ["etcd"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -6,7 +6,11 @@ imserver migrate-data --from DIR [--to URL] [--batch N] [--verify-only] [--confi
 imserver admin   grant USERNAME | revoke USERNAME | list  [--config FILE] [--data-dir DIR]
 imserver backup  TARGET [--lock-timeout S] [--config FILE] [--data-dir DIR]
 imserver restore BACKUP [--config FILE] [--data-dir DIR]
+imserver config  get NAME | set NAME VALUE | list  [--etcd URL] [--config FILE]
 imserver --version
+
+``imserver config`` exits with 0 on success, 2 on a usage error or a name or value
+it refuses (unknown, static, ill-typed), 1 when etcd cannot be reached.
 """
 
 from __future__ import annotations
@@ -93,6 +97,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("source", metavar="backup", help="a directory `imserver backup` wrote")
     common(restore)
+    # --- config (docs/operations.md, "The config centre")
+    conf = sub.add_parser(
+        "config", help="read or change the dynamic settings stored in etcd (applied live)"
+    )
+    conf_actions = conf.add_subparsers(dest="action", required=True)
+
+    def etcd_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML configuration file (default: $IMSERVER_CONFIG)")
+        p.add_argument(
+            "--etcd",
+            metavar="URL",
+            action="append",
+            help="an etcd endpoint, instead of [etcd] endpoints (repeatable)",
+        )
+        p.add_argument("--prefix", help="the key prefix, instead of [etcd] prefix")
+
+    p = conf_actions.add_parser("get", help="the value of NAME stored in etcd")
+    p.add_argument("name")
+    etcd_options(p)
+    p = conf_actions.add_parser("set", help="store VALUE (JSON, or a bare string) for NAME")
+    p.add_argument("name")
+    p.add_argument("value")
+    etcd_options(p)
+    etcd_options(conf_actions.add_parser("list", help="every dynamic setting and its value"))
     return parser
 
 
@@ -138,6 +166,26 @@ def _at_least_one(value: str) -> int:
     return number
 
 
+def _config_command(config: Config, args: argparse.Namespace) -> int:
+    from imserver.discovery.config_command import run_config_command
+
+    etcd = config.etcd
+    endpoints = args.etcd or etcd.endpoints
+    prefix = args.prefix or etcd.prefix
+    return asyncio.run(
+        run_config_command(
+            endpoints,
+            prefix,
+            args.action,
+            getattr(args, "name", None),
+            getattr(args, "value", None),
+            request_timeout=etcd.request_timeout,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    )
+
+
 def _config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
         key: getattr(args, key, None) for key in ("data_dir", "host", "http_port", "tcp_port")
@@ -181,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "config":
+        return _config_command(config, args)
     _install_uvloop()
     if args.command == "migrate":
         from imserver.core.server import migrate

@@ -52,6 +52,7 @@ from imserver.storage.bus import LiveBus, MemoryLiveBus
 from imserver.storage.databases import SERVICES, redacted, service_database
 from imserver.utils.config import Config
 from imserver.utils.errors import Unavailable
+from imserver.utils.live import LiveSettings
 from imserver.utils.metrics import PushMetrics
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,12 @@ class Embedded:
             await service.close()
 
 
-async def build_embedded(config: Config) -> Embedded:
-    """Open every service's database (migrating it) and build the services."""
+async def build_embedded(config: Config, live: LiveSettings | None = None) -> Embedded:
+    """Open every service's database (migrating it) and build the services.
+
+    ``live``: the dynamic settings the services read per request (the config
+    centre changes them); without it, a fixed copy of the configuration's."""
+    live = LiveSettings(config) if live is None else live
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     db = {name: service_database(config.storage, data_dir, name) for name in SERVICES}
@@ -128,13 +133,15 @@ async def build_embedded(config: Config) -> Embedded:
         read_url=db["room"].read_url,
         users=users,
         messages=discovery.messages,
-        max_room_size=config.rooms.max_size,
+        max_room_size=live.room_max_size,
     )
     files = await open_file_service(
         db["file"].url,
         data_dir=data_dir,
         config=config.files,
         messages=discovery.messages,
+        max_size=live.upload_max_size,
+        quota=live.upload_quota,
     )
     notifications = await open_notification_service(
         db["notification"].url,

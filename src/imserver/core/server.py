@@ -4,12 +4,17 @@ the gateway in front of them, the listeners, and the order of shutdown.
 Shutdown order (SIGINT/SIGTERM): stop accepting connections; refuse new writes;
 commit and acknowledge every write already queued; send ``closed {shutdown}`` to
 every session and wait (bounded) for their queues to flush; close the databases.
+
+With ``[etcd] endpoints`` set, the process watches the dynamic settings in etcd
+(:class:`~imserver.discovery.config_centre.ConfigCentre`) from before the services
+are built, so the stored values are in force from the first request.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
@@ -24,7 +29,12 @@ from imserver.services.gateway.service import Gateway
 from imserver.storage.databases import redacted, service_database
 from imserver.storage.sql import upgrade
 from imserver.utils.config import Config
+from imserver.utils.live import LiveSettings
 from imserver.utils.metrics import Metrics
+
+if TYPE_CHECKING:  # imported when [etcd] endpoints is set: gRPC stays out of the rest
+    from imserver.discovery.config_centre import ConfigCentre
+    from imserver.discovery.etcd import EtcdClient
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +69,10 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.live = LiveSettings(config)
+        """The dynamic settings in force (docs/operations.md, "The config centre")."""
+        self._etcd: EtcdClient | None = None
+        self.config_centre: ConfigCentre | None = None
         self.gateway: Gateway | None = None
         self.services: Embedded | None = None
         self._runner: web.AppRunner | None = None
@@ -74,7 +88,9 @@ class Server:
         """Open the stores, build the services and start listening."""
         cfg = self.config
         data_dir = Path(cfg.data_dir)
-        services = self.services = await build_embedded(cfg)
+        if cfg.etcd.endpoints:
+            await self._watch_config()
+        services = self.services = await build_embedded(cfg, self.live)
         self.metrics.push = services.push_metrics
         gateway = self.gateway = Gateway(
             cfg,
@@ -85,6 +101,7 @@ class Server:
             notifications=services.notifications,
             bus=services.bus,
             metrics=self.metrics,
+            live=self.live,
         )
         gateway.start()
         app, self._api = build_app(gateway, services.files)
@@ -122,6 +139,27 @@ class Server:
                 budget.high,
             )
 
+    async def _watch_config(self) -> None:
+        from imserver.discovery.config_centre import ConfigCentre
+        from imserver.discovery.etcd import EtcdClient
+
+        etcd = self.config.etcd
+        self._etcd = EtcdClient(etcd.endpoints, timeout=etcd.request_timeout)
+        centre = self.config_centre = ConfigCentre(
+            self._etcd,
+            self.live,
+            prefix=etcd.prefix,
+            metrics=self.metrics.discovery,
+            retry_max=etcd.retry_max,
+        )
+        centre.start()
+        if not await centre.wait_synced(etcd.request_timeout):
+            logger.warning(
+                "etcd did not answer within %s s: starting on the configured settings; "
+                "the stored ones apply once it answers",
+                etcd.request_timeout,
+            )
+
     async def stop(self) -> None:
         """Shut down gracefully; nothing acknowledged is lost."""
         if self._api is not None:
@@ -144,4 +182,8 @@ class Server:
             await self._runner.cleanup()
         if self.services is not None:
             await self.services.close()
+        if self.config_centre is not None:
+            await self.config_centre.stop()
+        if self._etcd is not None:
+            await self._etcd.close()
         logger.info("imserver stopped")

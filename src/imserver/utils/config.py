@@ -219,6 +219,36 @@ class PushConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     apns: ApnsConfig = msgspec.field(default_factory=ApnsConfig)
 
 
+class EtcdConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """etcd: the config centre (and, in the distributed mode, service discovery).
+
+    With no ``endpoints`` the server uses no etcd: every setting comes from the
+    configuration. The breaker settings govern the circuit breaker each client keeps
+    per instance of a service it calls (docs/operations.md, "Discovery").
+    """
+
+    endpoints: list[str] = msgspec.field(default_factory=list)
+    """Client URLs of the etcd members, e.g. ``["http://10.0.0.5:2379"]``; a request
+    goes to the first that answers."""
+    prefix: str = "/imserver"
+    """The key prefix of this deployment: ``<prefix>/services/...`` (the registry) and
+    ``<prefix>/config/...`` (the dynamic settings)."""
+    lease_ttl: Annotated[int, msgspec.Meta(ge=2, le=60)] = 10
+    """Seconds an instance's registration outlives its last keep-alive (it is renewed
+    every third of it): a crashed instance leaves the registry within this time."""
+    request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 3.0
+    """Seconds one request to etcd may take before the member counts as unreachable."""
+    retry_max: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Longest pause, in seconds, between attempts to reach etcd while it is down
+    (the pauses double from 0.1 s up to this)."""
+    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] = 5
+    """Consecutive failed calls after which an instance's breaker opens."""
+    breaker_cooldown: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Seconds an open breaker refuses calls before it lets probes through."""
+    breaker_probes: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Calls a half-open breaker lets through; all must succeed to close it."""
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every setting of ``imserver serve``."""
 
@@ -242,6 +272,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
     files: FilesConfig = msgspec.field(default_factory=FilesConfig)
     push: PushConfig = msgspec.field(default_factory=PushConfig)
+    etcd: EtcdConfig = msgspec.field(default_factory=EtcdConfig)
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -251,7 +282,7 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _setting_type(path: list[str]) -> Any:
+def setting_type(path: list[str]) -> Any:
     """The declared type of the setting at ``path``, or None when there is no such setting."""
     typ: Any = Config
     for part in path:
@@ -280,7 +311,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         value = _parse_env_value(raw)
         # TOML parsing turns "2024" or "true" into a number or a boolean, which a string
         # setting would then reject: there, anything but a TOML string is the raw text.
-        if not isinstance(value, str) and _setting_type(path) is str:
+        if not isinstance(value, str) and setting_type(path) is str:
             value = raw
         node[path[-1]] = value
     return tree

@@ -71,6 +71,21 @@ class PushMetrics:
         self.depth: dict[str, int] = {}
 
 
+class DiscoveryMetrics:
+    """Circuit breakers and the config centre (event-loop thread only): each breaker's
+    state by (service, instance), its transitions by (service, instance, from, to),
+    the etcd revision of the newest dynamic setting applied and the changes applied
+    or ignored by setting name."""
+
+    def __init__(self) -> None:
+        self.breaker_state: dict[tuple[str, str], int] = {}
+        """0 closed, 1 half-open, 2 open."""
+        self.breaker_transitions: Counter[tuple[str, str, str, str]] = Counter()
+        self.config_revision = 0
+        self.config_changes: Counter[tuple[str, str]] = Counter()
+        """(name, ``applied`` or ``ignored``)."""
+
+
 class Metrics(Collector):
     """The server's metric values and their Prometheus exposition."""
 
@@ -87,6 +102,7 @@ class Metrics(Collector):
         self.bus_gaps = Count()
         self.push: PushMetrics | None = None
         """The notification service's counters, when it runs in this process."""
+        self.discovery = DiscoveryMetrics()
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -165,6 +181,39 @@ class Metrics(Collector):
 
         if self.push is not None:
             yield from self._push_families(self.push)
+        yield from self._discovery_families(self.discovery)
+
+    @staticmethod
+    def _discovery_families(disc: DiscoveryMetrics) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "imserver_breaker_state",
+            "Circuit breaker of each instance called: 0 closed, 1 half-open, 2 open",
+            labels=["service", "instance"],
+        )
+        for (service, instance), value in sorted(disc.breaker_state.items()):
+            state.add_metric([service, instance], value)
+        yield state
+        moves = CounterMetricFamily(
+            "imserver_breaker_transitions",
+            "Circuit breaker state changes",
+            labels=["service", "instance", "from_state", "to_state"],
+        )
+        for labels, value in sorted(disc.breaker_transitions.items()):
+            moves.add_metric(list(labels), value)
+        yield moves
+        yield GaugeMetricFamily(
+            "imserver_config_revision",
+            "etcd revision of the newest dynamic setting applied (0: none)",
+            value=disc.config_revision,
+        )
+        changes = CounterMetricFamily(
+            "imserver_config_changes",
+            "Dynamic setting changes seen in etcd, applied or ignored (ill-typed, unknown)",
+            labels=["name", "result"],
+        )
+        for (name, result), value in sorted(disc.config_changes.items()):
+            changes.add_metric([name, result], value)
+        yield changes
 
     @staticmethod
     def _push_families(push: PushMetrics) -> Iterator[Metric]:

@@ -66,6 +66,7 @@ from imserver.utils.clock import now_ms
 from imserver.utils.config import FilesConfig
 from imserver.utils.errors import IMError, NotFound, TooLarge, Unavailable
 from imserver.utils.ids import ConvId, FileId, UserId, random_id
+from imserver.utils.live import Live, cell
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +241,8 @@ class LocalFileService:
         *,
         messages: Peer[MemberDirectory],
         tmp_dir: Path,
-        max_size: int = 20 * 1024 * 1024,
-        quota: int = 1024 * 1024 * 1024,
+        max_size: int | Live[int] = 20 * 1024 * 1024,
+        quota: int | Live[int] = 1024 * 1024 * 1024,
         orphan_grace: float = 86400.0,
         cleanup_interval: float = 3600.0,
         clock: Callable[[], int] = now_ms,
@@ -249,8 +250,8 @@ class LocalFileService:
         self._store = store
         self.blobs = blobs
         self.tmp_dir = tmp_dir
-        self.max_size = max_size
-        self.quota = quota
+        self._max_size = cell(max_size)
+        self._quota = cell(quota)
         self._grace_ms = int(orphan_grace * 1000)
         self._interval = cleanup_interval
         self._clock = clock
@@ -266,6 +267,16 @@ class LocalFileService:
             self._cleaner = asyncio.get_running_loop().create_task(
                 self._cleanup_loop(), name="file-cleanup"
             )
+
+    @property
+    def max_size(self) -> int:
+        """The largest upload in force (``files.max_size``, a dynamic setting)."""
+        return self._max_size.value
+
+    @property
+    def quota(self) -> int:
+        """The quota per user in force (``files.quota_per_user``, a dynamic setting)."""
+        return self._quota.value
 
     @property
     def messages(self) -> MemberDirectory:
@@ -557,13 +568,21 @@ async def open_blob_store(cfg: FilesConfig, data_dir: Path) -> BlobStore:
 
 
 async def open_file_service(
-    url: str, *, data_dir: Path, config: FilesConfig, messages: Peer[MemberDirectory]
+    url: str,
+    *,
+    data_dir: Path,
+    config: FilesConfig,
+    messages: Peer[MemberDirectory],
+    max_size: Live[int] | None = None,
+    quota: Live[int] | None = None,
 ) -> LocalFileService:
     """Migrate the database at ``url``, open the blob store, build the service and
     start its clean-up task.
 
     Temporary upload files live in ``<data_dir>/files/tmp`` (beside the local blob
     directory, so storing one is a rename); leftovers of a crash are removed here.
+    ``max_size`` and ``quota``: the live cells of the dynamic limits, else the fixed
+    values of ``config``.
     """
     await upgrade(url, MIGRATIONS)
     tmp_dir = data_dir / "files" / "tmp"
@@ -581,8 +600,8 @@ async def open_file_service(
         blobs,
         messages=messages,
         tmp_dir=tmp_dir,
-        max_size=config.max_size,
-        quota=config.quota_per_user,
+        max_size=config.max_size if max_size is None else max_size,
+        quota=config.quota_per_user if quota is None else quota,
         orphan_grace=config.orphan_grace,
         cleanup_interval=config.cleanup_interval,
     )

@@ -10,7 +10,7 @@ their own: live sessions are the :class:`SessionBinder`'s.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from imserver.protocol import ops
@@ -63,7 +63,7 @@ class Handlers:
         broadcasts: BroadcastService,
         sessions: SessionBinder,
         server_info: ServerInfo,
-        limits: Limits,
+        limits: Callable[[], Limits],
         heartbeat: int,
         notifications: NotificationService | None = None,
     ) -> None:
@@ -75,6 +75,7 @@ class Handlers:
         self.sessions = sessions
         self.server_info = server_info
         self.limits = limits
+        """The limits in force, for ``hello`` (the rate limits are dynamic settings)."""
         self.heartbeat = heartbeat
 
     def router(self) -> Router:
@@ -151,7 +152,7 @@ class Handlers:
             server=self.server_info,
             session=session.id if session is not None else new_session_id(),
             heartbeat=self.heartbeat,
-            limits=self.limits,
+            limits=self.limits(),
         )
 
     async def register(self, ctx: OpContext, op: ops.Register) -> ops.UserData:

@@ -2,7 +2,9 @@
 
 Each op takes one token; tokens refill at ``per_s`` per second up to ``burst``. A
 refused op is answered ``rate_limited`` with ``retry_after`` = the seconds until one
-token is back, and is not executed at all.
+token is back, and is not executed at all. Both limits are dynamic settings
+(``limits.rate_per_s``, ``limits.rate_burst``): a bucket reads their live cells at
+each op, so a change applies to every connection from its next op.
 """
 
 from __future__ import annotations
@@ -10,31 +12,42 @@ from __future__ import annotations
 import time
 
 from imserver.utils.errors import RateLimited
+from imserver.utils.live import Live, cell
 
 
 class TokenBucket:
     """A token bucket read against the monotonic clock."""
 
-    __slots__ = ("_stamp", "_tokens", "burst", "per_s")
+    __slots__ = ("_burst", "_per_s", "_stamp", "_tokens")
 
-    def __init__(self, per_s: float, burst: int) -> None:
-        self.per_s = per_s
-        self.burst = burst
-        self._tokens = float(burst)
+    def __init__(self, per_s: float | Live[float], burst: int | Live[int]) -> None:
+        self._per_s = cell(per_s)
+        self._burst = cell(burst)
+        self._tokens = float(self._burst.value)
         self._stamp = time.monotonic()
+
+    @property
+    def per_s(self) -> float:
+        return self._per_s.value
+
+    @property
+    def burst(self) -> int:
+        return self._burst.value
 
     def take(self, now: float | None = None) -> float:
         """Take one token. Returns 0.0 on success, else the seconds to wait for one."""
         t = time.monotonic() if now is None else now
-        tokens = self._tokens + (t - self._stamp) * self.per_s
-        if tokens > self.burst:
-            tokens = float(self.burst)
+        per_s = self._per_s.value
+        burst = self._burst.value
+        tokens = self._tokens + (t - self._stamp) * per_s
+        if tokens > burst:
+            tokens = float(burst)
         self._stamp = t
         if tokens >= 1.0:
             self._tokens = tokens - 1.0
             return 0.0
         self._tokens = tokens
-        return (1.0 - tokens) / self.per_s if self.per_s > 0 else float("inf")
+        return (1.0 - tokens) / per_s if per_s > 0 else float("inf")
 
     def check(self, now: float | None = None) -> RateLimited | None:
         """Take one token; the ``rate_limited`` answer when there was none (every

@@ -17,6 +17,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+import msgspec
+
 from imserver import __version__
 from imserver.network.handler import Connection, Link
 from imserver.protocol.events import PresenceEvent
@@ -35,6 +37,7 @@ from imserver.storage.bus import LiveBus, Publication, user_channel
 from imserver.utils.config import Config
 from imserver.utils.errors import Conflict, Forbidden, IMError, Unavailable
 from imserver.utils.ids import LoginId, RoomId, UserId
+from imserver.utils.live import Live, LiveSettings
 from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,10 @@ class Gateway:
         bus: LiveBus,
         metrics: Metrics,
         notifications: NotificationService | None = None,
+        live: LiveSettings | None = None,
     ) -> None:
+        """``live``: the dynamic settings in force (the rate limits); without it the
+        configuration's values hold for the gateway's life."""
         self.config = config
         self.users = users
         self.messages = messages
@@ -69,7 +75,9 @@ class Gateway:
         self.draining = False
         self.server_info = ServerInfo(name=config.server_name, version=__version__)
         lim = config.limits
-        self.limits = Limits(
+        self._rate_per_s = live.rate_per_s if live is not None else Live(lim.rate_per_s)
+        self._rate_burst = live.rate_burst if live is not None else Live(lim.rate_burst)
+        self._limits = Limits(
             max_frame=lim.max_frame,
             max_body=lim.max_body,
             max_meta=lim.max_meta,
@@ -92,13 +100,24 @@ class Gateway:
             metrics,
             bad_frames=lim.bad_frames,
             send_queue_bytes=lim.send_queue_bytes,
-            rate_per_s=lim.rate_per_s,
-            rate_burst=lim.rate_burst,
+            rate_per_s=self._rate_per_s,
+            rate_burst=self._rate_burst,
             shutdown_grace=config.shutdown_grace,
         )
         self.flusher = self.edge.flusher
         self._sweeper: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
+
+    def limits(self) -> Limits:
+        """The limits in force, as ``hello`` announces them (the rate limits are
+        dynamic settings: rebuilt when they changed)."""
+        rate = self._limits.rate
+        per_s, burst = self._rate_per_s.value, self._rate_burst.value
+        if rate.per_s != per_s or rate.burst != burst:
+            self._limits = msgspec.structs.replace(
+                self._limits, rate=RateLimits(per_s=per_s, burst=burst)
+            )
+        return self._limits
 
     # --- lifecycle -----------------------------------------------------------------
 

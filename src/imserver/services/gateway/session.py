@@ -43,6 +43,7 @@ from imserver.services.caller import Caller
 from imserver.services.gateway.ratelimit import TokenBucket
 from imserver.utils.errors import BadRequest, HelloRequired, IMError, Internal, Unauthorized
 from imserver.utils.ids import SessionId, new_session_id
+from imserver.utils.live import Live, cell
 from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,8 @@ class Edge:
         *,
         bad_frames: int,
         send_queue_bytes: int,
-        rate_per_s: float,
-        rate_burst: int,
+        rate_per_s: float | Live[float],
+        rate_burst: int | Live[int],
         shutdown_grace: float,
     ) -> None:
         self.call = call
@@ -175,8 +176,8 @@ class Edge:
         self.flusher = Flusher()
         self.bad_frames = bad_frames
         self.send_queue_bytes = send_queue_bytes
-        self.rate_per_s = rate_per_s
-        self.rate_burst = rate_burst
+        self.rate_per_s = cell(rate_per_s)
+        self.rate_burst = cell(rate_burst)
         self.shutdown_grace = shutdown_grace
 
     def new_bucket(self) -> TokenBucket:

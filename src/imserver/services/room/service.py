@@ -86,6 +86,7 @@ from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.errors import BadRequest, Conflict, Forbidden, IMError, NotFound, Unavailable
 from imserver.utils.ids import RoomId, UserId, new_room_id
+from imserver.utils.live import Live, cell
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +115,22 @@ class LocalRoomService:
         *,
         users: UserDirectory,
         messages: Peer[MessageService],
-        max_room_size: int = DEFAULT_MAX_ROOM_SIZE,
+        max_room_size: int | Live[int] = DEFAULT_MAX_ROOM_SIZE,
         clock: Callable[[], int] = now_ms,
     ) -> None:
-        if max_room_size < 1:
+        self._max_size = cell(max_room_size)
+        if self._max_size.value < 1:
             raise ValueError("max_room_size must be at least 1")
         self._store = store
         self._users = users
         self._messages = messages
-        self._max = max_room_size
         self._clock = clock
         self._loaded = LoadedRooms(store, clock)
+
+    @property
+    def _max(self) -> int:
+        """The room size limit in force (``rooms.max_size``, a dynamic setting)."""
+        return self._max_size.value
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -519,7 +525,7 @@ async def open_room_service(
     *,
     users: UserDirectory,
     messages: Peer[MessageService],
-    max_room_size: int = DEFAULT_MAX_ROOM_SIZE,
+    max_room_size: int | Live[int] = DEFAULT_MAX_ROOM_SIZE,
     read_url: str | None = None,
 ) -> LocalRoomService:
     """Migrate the database at ``url`` to the latest schema and start the service on it.
