@@ -37,8 +37,8 @@ from typing import Any, Final
 from sqlalchemy.engine import make_url
 
 from benchmarks import harness
-from imserver.testing import servers
-from imserver.testing.servers import run_blocking
+from imserver.storage import servers
+from imserver.storage.servers import run_blocking
 
 DIALECTS: Final = ("sqlite", "postgresql", "mariadb")
 SERVERS: Final = {

@@ -37,9 +37,9 @@ import pytest
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 
+from imserver.storage import servers
+from imserver.storage.servers import run_blocking
 from imserver.storage.sql import make_engine, sqlite_url
-from imserver.testing import servers
-from imserver.testing.servers import run_blocking
 
 T = TypeVar("T")
 

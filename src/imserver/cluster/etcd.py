@@ -1,71 +1,123 @@
-"""A single-member etcd for a local cluster or a test: Debian's ``etcd-server``
-package, on loopback ports of its own, with its data in a directory of its own.
+"""A real etcd server on free ports: the local cluster's (``imserver cluster``), and
+through :mod:`imserver.testing.etcd` the tests'.
 
-:class:`LocalEtcd` starts it in the foreground as a child process in its own
-process group, waits until ``GET /health`` answers ``"health": "true"``, and stops
-it (SIGTERM, then SIGKILL). :meth:`LocalEtcd.start` again reuses the data
-directory and the ports, so a test can stop etcd and bring the same one back.
+:class:`EtcdServer` owns a directory: the member's data (``data/``) and its log
+(``etcd.log``, appended across restarts). :meth:`EtcdServer.start` picks two free
+ports (client and peer), runs ``etcd`` in a process group of its own and waits until
+``/health`` answers ``true``; :meth:`EtcdServer.stop` ends it (SIGTERM, then SIGKILL
+after a timeout). A stopped server starts again on the same ports and the same data,
+which is how a test takes etcd away and brings it back.
+
+The binary comes from Debian's ``etcd-server`` package. :func:`etcd_binary` finds it
+on the ``PATH`` or in ``/usr/bin``, and installs the package with ``apt-get`` when it
+is missing and the process may (root); it raises :class:`EtcdMissing` with the reason
+otherwise. Whether that is a skip or a failure is the caller's choice (the tests fail
+under ``CI=true``, see ``tests/etcd_server.py``).
+
+Debian's package starts a system service on the default ports (2379/2380) where an
+init system runs; the tests never use it, and :func:`etcd_binary` stops it when its
+own installation started it.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Final
 
 from imserver.cluster.ports import free_ports
 
-START_TIMEOUT = 20.0
+HOST: Final = "127.0.0.1"
+
+START_TIMEOUT: Final = 20.0
+STOP_TIMEOUT: Final = 10.0
+PACKAGE: Final = "etcd-server"
+
+
+class EtcdMissing(RuntimeError):
+    """No etcd binary, and it cannot be installed here; the message says why."""
 
 
 class EtcdError(RuntimeError):
-    """etcd is missing or did not become healthy."""
+    """etcd did not start or stop as asked; the message ends with its log's tail."""
 
 
-def binary() -> str | None:
-    """The etcd executable (Debian: package ``etcd-server``), or None."""
-    return shutil.which("etcd")
+def _find() -> str | None:
+    found = shutil.which("etcd")
+    if found is None and os.access("/usr/bin/etcd", os.X_OK):
+        found = "/usr/bin/etcd"
+    return found
 
 
-class LocalEtcd:
-    """One etcd member on ``host``, its data under ``root``."""
+def etcd_binary() -> str:
+    """The path of the ``etcd`` binary, installing Debian's ``etcd-server`` when it is
+    missing and this process may; :class:`EtcdMissing` with the reason otherwise."""
+    found = _find()
+    if found is not None:
+        return found
+    if shutil.which("apt-get") is None:
+        raise EtcdMissing(f"etcd is not installed and there is no apt-get to install {PACKAGE}")
+    if os.geteuid() != 0:
+        raise EtcdMissing(f"etcd is not installed; install it with `apt-get install {PACKAGE}`")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    steps = (["apt-get", "update"], ["apt-get", "install", "-y", PACKAGE])
+    for step in steps:
+        done = subprocess.run(step, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0 and step[1] == "install":
+            raise EtcdMissing(f"`{' '.join(step)}` failed: {done.stderr.strip()[-500:]}")
+    # The package's own service may have started on 2379; nothing here uses it.
+    if shutil.which("systemctl") is not None:
+        subprocess.run(["systemctl", "stop", "etcd"], capture_output=True, check=False)
+    found = _find()
+    if found is None:
+        raise EtcdMissing(f"{PACKAGE} was installed but no etcd binary was found")
+    return found
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", name: str = "imserver") -> None:
+
+class EtcdServer:
+    """One etcd member in a directory of its own (see the module docstring)."""
+
+    def __init__(self, root: Path, *, host: str = HOST) -> None:
         self.root = root
         self.host = host
-        self.name = name
-        self.client_port, self.peer_port = free_ports(2, host)
+        self.client_port = 0
+        self.peer_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """The client URL (``http://host:port``)."""
+        """The client URL, ``http://host:port``."""
         return f"http://{self.host}:{self.client_port}"
 
     @property
     def log_path(self) -> Path:
-        """Where etcd's output goes."""
         return self.root / "etcd.log"
 
     @property
-    def pid(self) -> int | None:
-        """The running process's id."""
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
-    def command(self) -> list[str]:
-        """The etcd command line."""
-        exe = binary()
-        if exe is None:
-            raise EtcdError("etcd is not installed (Debian: apt-get install etcd-server)")
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start etcd (on new free ports the first time, the same ports after) and wait
+        until it is healthy; :class:`EtcdError` if it is not within ``timeout`` s."""
+        if self.running:
+            raise RuntimeError("etcd already running")
+        binary = etcd_binary()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.client_port:
+            self.client_port, self.peer_port = free_ports(2, self.host)
         peer = f"http://{self.host}:{self.peer_port}"
-        return [
-            exe,
+        command = [
+            binary,
             "--name",
-            self.name,
+            "default",
             "--data-dir",
             str(self.root / "data"),
             "--listen-client-urls",
@@ -77,44 +129,70 @@ class LocalEtcd:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"{self.name}={peer}",
-            "--initial-cluster-state",
-            "new",
-            # Revisions of the registry and the config keys pile up; keep an hour.
-            "--auto-compaction-retention",
-            "1",
+            f"default={peer}",
         ]
-
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start etcd and wait until it is healthy."""
-        self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, stdout=log, stderr=log, cwd=self.root, start_new_session=True
             )
+        self._started(self.proc)
         deadline = time.monotonic() + timeout
-        while not self.healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise EtcdError(f"etcd did not become healthy:\n{tail}")
-            time.sleep(0.1)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EtcdError(f"etcd exited with code {self.proc.returncode}\n{self.tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise EtcdError(f"etcd not healthy after {timeout} s\n{self.tail()}")
 
     def healthy(self) -> bool:
-        """Whether ``GET /health`` answers healthy now."""
+        """Whether ``GET /health`` answers ``"health":"true"``."""
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-                return bool(json.load(resp).get("health") == "true")
-        except (OSError, urllib.error.URLError, ValueError):
+                return b'"true"' in resp.read()
+        except (OSError, urllib.error.URLError):
             return False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop etcd (SIGTERM, then SIGKILL after ``timeout``)."""
-        if self.proc is None or self.proc.poll() is not None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM and wait; killed with its group after ``timeout`` seconds."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
             return
-        self.proc.terminate()
+        proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
+        self._ended(proc)
+
+    def kill(self) -> None:
+        """SIGKILL etcd's process group at once."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        self._ended(proc)
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's id."""
+        return self.proc.pid if self.running and self.proc is not None else None
+
+    def _started(self, proc: subprocess.Popen[bytes]) -> None:
+        """A hook: the process ``proc`` was spawned."""
+
+    def _ended(self, proc: subprocess.Popen[bytes]) -> None:
+        """A hook: the process ``proc`` was stopped or killed."""
+
+    def tail(self, size: int = 4000) -> str:
+        """The end of etcd's log."""
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return "(no etcd log)"
+        return data[-size:].decode(errors="replace")

@@ -41,7 +41,7 @@ from pathlib import Path
 import msgspec
 
 from imserver.cluster import haproxy
-from imserver.cluster.etcd import LocalEtcd
+from imserver.cluster.etcd import EtcdServer
 from imserver.cluster.haproxy import Backend, Frontend, Haproxy
 from imserver.cluster.ports import free_ports
 
@@ -262,7 +262,7 @@ async def _prepare_database(spec: ClusterSpec) -> None:
     from sqlalchemy.engine import make_url
 
     from imserver.core.server import migrate
-    from imserver.testing.servers import admin, create_statement
+    from imserver.storage.servers import admin, create_statement
     from imserver.utils.config import load_config
 
     url = make_url(spec.database)
@@ -286,7 +286,7 @@ def up(root: Path, spec: ClusterSpec, progress: Callable[[str], None] = print) -
     root.mkdir(parents=True, exist_ok=True)
     if (root / STATE_FILE).exists():
         raise ClusterError(f"a cluster is already up in {root} (imserver cluster down first)")
-    etcd = LocalEtcd(root / "etcd", spec.host)
+    etcd = EtcdServer(root / "etcd", host=spec.host)
     etcd.start()
     assert etcd.pid is not None
     progress(f"etcd        {etcd.url}")

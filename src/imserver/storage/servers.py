@@ -1,6 +1,6 @@
-"""Fresh databases on a local PostgreSQL or MariaDB server, made and dropped by its
-administrator: what the tests (``tests/databases.py``) and the benchmarks
-(``benchmarks/databases.py``) both run on.
+"""Databases on a PostgreSQL or MariaDB server, made and dropped by its administrator:
+the fresh databases the tests (``tests/databases.py``) and the benchmarks
+(``benchmarks/databases.py``) run on, and the local cluster's (``imserver cluster``).
 
 A database is created ``CHARACTER SET utf8mb4 COLLATE utf8mb4_bin`` on MariaDB (ids
 and usernames compare byte for byte, as the migrations require) and dropped ``WITH
