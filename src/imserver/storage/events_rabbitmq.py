@@ -51,6 +51,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.exceptions import AMQPError
+from pamqp.common import FieldValue
 
 from imserver.storage.events import Delivery, EventStreamDown, Handler, OutgoingEvent
 
@@ -59,7 +60,7 @@ logger = logging.getLogger(__name__)
 ATTEMPT_HEADER = "x-attempt"
 ERROR_HEADER = "x-error"
 CONTENT_TYPE = "application/msgpack"
-QUORUM = {"x-queue-type": "quorum"}
+QUORUM: dict[str, FieldValue] = {"x-queue-type": "quorum"}
 
 
 class Topology:
@@ -112,7 +113,9 @@ class Topology:
         return exchange
 
 
-def _message(body: bytes, event_id: str, key: str, attempt: int, **headers: Any) -> aio_pika.Message:
+def _message(
+    body: bytes, event_id: str, key: str, attempt: int, **headers: Any
+) -> aio_pika.Message:
     return aio_pika.Message(
         body,
         message_id=event_id,
@@ -166,7 +169,7 @@ class RabbitEventStream:
     async def _connect(self) -> Any:
         try:
             connection = await aio_pika.connect(self._url, timeout=self._timeout)
-        except (OSError, AMQPError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, AMQPError) as exc:
             raise EventStreamDown(f"RabbitMQ unreachable: {exc!r}") from exc
         self._connections.add(connection)
         return connection
@@ -205,7 +208,7 @@ class RabbitEventStream:
                 )
             except EventStreamDown:
                 raise
-            except (OSError, AMQPError, asyncio.TimeoutError, RuntimeError) as exc:
+            except (TimeoutError, OSError, AMQPError, RuntimeError) as exc:
                 if self._publisher is not None:
                     await self._drop(self._publisher[0])
                     self._publisher = None
@@ -234,29 +237,10 @@ class RabbitEventStream:
     ) -> None:
         delay = self._reconnect[0]
         while not self._closed:
-            connection = None
             try:
-                connection = await self._connect()
-                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                connection.close_callbacks.add(
-                    lambda *_: lost.done() or lost.set_result(None)
-                )
-                channel = await connection.channel(publisher_confirms=True)
-                await channel.set_qos(prefetch_count=self._prefetch)
-                await self.topology.declare(channel, {group: patterns})
-                queue = await channel.get_queue(self.topology.queue(group), ensure=False)
-
-                async def on_message(message: AbstractIncomingMessage) -> None:
-                    await self._handle(channel, group, handler, message)
-
-                await queue.consume(on_message)
-                if not ready.done():
-                    ready.set_result(None)
+                await self._session(group, patterns, handler, ready)
                 delay = self._reconnect[0]
-                await lost
             except asyncio.CancelledError:
-                if connection is not None:
-                    await self._drop(connection)
                 raise
             except Exception as exc:
                 if not ready.done():
@@ -265,11 +249,41 @@ class RabbitEventStream:
                     )
                     return
                 logger.warning("event consumer %s lost RabbitMQ: %r; reconnecting", group, exc)
-            if connection is not None:
-                await self._drop(connection)
             if not self._closed:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._reconnect[1])
+
+    async def _session(
+        self,
+        group: str,
+        patterns: tuple[str, ...],
+        handler: Handler,
+        ready: asyncio.Future[None],
+    ) -> None:
+        """One connection of a consumer: declare, consume, return when it is lost."""
+        connection = await self._connect()
+        try:
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def on_close(*_: Any) -> None:
+                if not lost.done():
+                    lost.set_result(None)
+
+            connection.close_callbacks.add(on_close)
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=self._prefetch)
+            await self.topology.declare(channel, {group: patterns})
+            queue = await channel.get_queue(self.topology.queue(group), ensure=False)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                await self._handle(channel, group, handler, message)
+
+            await queue.consume(on_message)
+            if not ready.done():
+                ready.set_result(None)
+            await lost
+        finally:
+            await self._drop(connection)
 
     async def _handle(
         self,
@@ -278,7 +292,8 @@ class RabbitEventStream:
         handler: Handler,
         message: AbstractIncomingMessage,
     ) -> None:
-        attempt = int((message.headers or {}).get(ATTEMPT_HEADER) or 1)  # type: ignore[call-overload]
+        raw = (message.headers or {}).get(ATTEMPT_HEADER)
+        attempt = raw if isinstance(raw, int) and raw > 0 else 1
         delivery = Delivery(
             id=message.message_id or "",
             key=message.type or message.routing_key or "",
@@ -316,11 +331,17 @@ class RabbitEventStream:
             target = self.topology.dead_queue(group)
         else:
             logger.warning(
-                "event %s (%s) failed (attempt %d): %s", delivery.id, delivery.key, delivery.attempt, error
+                "event %s (%s) failed (attempt %d): %s",
+                delivery.id,
+                delivery.key,
+                delivery.attempt,
+                error,
             )
             step = min(delivery.attempt, len(self.topology.backoff))
             target = self.topology.retry_queue(group, step)
-        attempt = delivery.attempt if target == self.topology.dead_queue(group) else delivery.attempt + 1
+        attempt = (
+            delivery.attempt if target == self.topology.dead_queue(group) else delivery.attempt + 1
+        )
         await channel.default_exchange.publish(
             _message(delivery.body, delivery.id, delivery.key, attempt, **{ERROR_HEADER: error}),
             target,

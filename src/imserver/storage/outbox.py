@@ -48,6 +48,7 @@ from sqlalchemy import (
     String,
     Table,
     delete,
+    func,
     select,
 )
 from sqlalchemy.dialects import mysql
@@ -189,7 +190,9 @@ class OutboxRelay:
                 if isinstance(exc, EventStreamDown):
                     logger.warning("outbox %s: %s; retrying in %.1fs", self._table.name, exc, delay)
                 else:
-                    logger.exception("outbox %s relay failed; retrying in %.1fs", self._table.name, delay)
+                    logger.exception(
+                        "outbox %s relay failed; retrying in %.1fs", self._table.name, delay
+                    )
                 # Full jitter: instances that lost the broker together do not return together.
                 await self._sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._backoff[1])
@@ -234,7 +237,7 @@ class OutboxRelay:
 
     async def pending(self) -> int:
         """Rows waiting in the outbox."""
-        from sqlalchemy import func
-
         async with self._engine.connect() as conn:
-            return int((await conn.execute(select(func.count()).select_from(self._table))).scalar_one())
+            return int(
+                (await conn.execute(select(func.count()).select_from(self._table))).scalar_one()
+            )

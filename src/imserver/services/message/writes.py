@@ -25,6 +25,7 @@ from imserver.services.message.schema import (
     message_files,
     message_mentions,
     messages,
+    outbox,
     reactions,
 )
 from imserver.services.message.search import MessageSearch
@@ -97,7 +98,7 @@ class WriteBatch(msgspec.Struct, kw_only=True):
 
     Applied in this order: messages (and their search index), mentions, file
     references, direct peers, edits, recalls (which also blank the recalled message's edit rows and
-    drop its reactions), reaction changes, markers.
+    drop its reactions), reaction changes, markers, counters, outbox events.
     """
 
     messages: list[tuple[Any, ...]] = msgspec.field(default_factory=list)
@@ -114,6 +115,8 @@ class WriteBatch(msgspec.Struct, kw_only=True):
     counters: dict[ConvId, int] = msgspec.field(default_factory=dict)
     """conv -> its new last seq, for the counter rows of a shared database
     (:mod:`imserver.services.message.counters`); empty otherwise."""
+    events: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    """Outbox rows (``message.stored`` events) when the event stream is on."""
 
 
 def load(
@@ -233,6 +236,8 @@ def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
         if inserts:
             conn.execute(insert(markers), inserts)
     store_seqs(conn, batch.counters)
+    if batch.events:
+        conn.execute(insert(outbox), batch.events)
 
 
 def commit(conn: Connection) -> None:
