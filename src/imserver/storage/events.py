@@ -103,8 +103,8 @@ class EventSubscriber(Protocol):
         """Consume, from now until :meth:`close`, the events whose routing key
         matches one of ``patterns`` (topic patterns: ``message.*``), through the
         group's durable queue: each event reaches one instance of the group. Returns
-        once the queue exists and is bound (the first connection); reconnects with
-        backoff on its own afterwards."""
+        after the first attempt to connect (the queue then exists and is bound when
+        the broker answered); reconnects with backoff on its own as long as it must."""
 
     async def close(self) -> None:
         """Stop consuming and disconnect (unacknowledged events return to the queue)."""

@@ -218,8 +218,8 @@ class RabbitEventStream:
 
     async def subscribe(self, group: str, patterns: Sequence[str], handler: Handler) -> None:
         """Consume the group's queue (see :class:`~imserver.storage.events.EventSubscriber`).
-        The first connection is made here (``EventStreamDown`` when it fails); later
-        losses are reconnected in the background."""
+        Returns after the first connection attempt; a failed one, like every later
+        loss, is retried in the background with backoff."""
         self._groups.setdefault(group, tuple(patterns))
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(
@@ -243,11 +243,9 @@ class RabbitEventStream:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # A broker down at start is waited for like one lost later.
                 if not ready.done():
-                    ready.set_exception(
-                        exc if isinstance(exc, EventStreamDown) else EventStreamDown(repr(exc))
-                    )
-                    return
+                    ready.set_result(None)
                 logger.warning("event consumer %s lost RabbitMQ: %r; reconnecting", group, exc)
             if not self._closed:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
@@ -355,14 +353,19 @@ class RabbitEventStream:
         with contextlib.suppress(Exception):
             await connection.close()
 
-    async def close(self) -> None:
-        """Stop every consumer and close every connection."""
+    async def close_consumers(self) -> None:
+        """Stop every consumer: their unacknowledged events return to the queues."""
         self._closed = True
         for task in self._consumers:
             task.cancel()
         for task in self._consumers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._consumers.clear()
+
+    async def close(self) -> None:
+        """Stop every consumer and close every connection."""
+        await self.close_consumers()
         for connection in list(self._connections):
             await self._drop(connection)
         self._publisher = None
