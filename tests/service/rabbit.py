@@ -90,3 +90,58 @@ async def drain(queue_name: str, *, wait: float = 0.0) -> list[AbstractIncomingM
             idle = 0.0
             await message.ack()
             got.append(message)
+
+
+class Forwarder:
+    """A TCP forwarder on a loopback port of its own, in front of the broker: stopping
+    it cuts every connection through it and refuses new ones (a network loss between
+    a client and the broker, the broker itself untouched); starting it again listens
+    on the same port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5672) -> None:
+        self._target = (host, port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.connections = 0
+        """Connections accepted since the first start."""
+
+    @property
+    def url(self) -> str:
+        """The AMQP URL through the forwarder."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and cut every open connection."""
+        assert self._server is not None
+        self._server.close()
+        self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            # One side gone: the whole connection goes, as with a lost route.
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.discard(writer)
+        self._writers.discard(up_writer)

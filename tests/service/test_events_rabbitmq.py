@@ -48,7 +48,9 @@ async def test_topology_is_declared_exactly(prefix: str) -> None:
     async with connection:
         channel = await connection.channel()
         # The same declarations again are accepted: same type, durability, arguments.
-        await channel.declare_exchange(f"{prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        await channel.declare_exchange(
+            f"{prefix}.events", aio_pika.ExchangeType.TOPIC, durable=True
+        )
         quorum = {"x-queue-type": "quorum"}
         await channel.declare_queue(f"{prefix}.push", durable=True, arguments=quorum)
         await channel.declare_queue(f"{prefix}.push.dead", durable=True, arguments=quorum)
@@ -65,8 +67,12 @@ async def test_topology_is_declared_exactly(prefix: str) -> None:
             )
         # Anything else is refused by the broker: the declared ones are exactly these.
         wrong = [
-            lambda ch: ch.declare_exchange(f"{prefix}.events", aio_pika.ExchangeType.DIRECT, durable=True),
-            lambda ch: ch.declare_exchange(f"{prefix}.events", aio_pika.ExchangeType.TOPIC, durable=False),
+            lambda ch: ch.declare_exchange(
+                f"{prefix}.events", aio_pika.ExchangeType.DIRECT, durable=True
+            ),
+            lambda ch: ch.declare_exchange(
+                f"{prefix}.events", aio_pika.ExchangeType.TOPIC, durable=False
+            ),
             lambda ch: ch.declare_queue(
                 f"{prefix}.push", durable=True, arguments={"x-queue-type": "classic"}
             ),
