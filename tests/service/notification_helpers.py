@@ -29,7 +29,7 @@ from imserver.services.notification.service import (
 )
 from imserver.storage.bus import MemoryLiveBus
 from imserver.storage.outbox import EventPublisher, OutboxRelay
-from imserver.storage.sql import make_engine, sqlite_url
+from imserver.storage.sql import sqlite_url
 from imserver.utils.config import PushConfig
 from imserver.utils.errors import BadRequest, Unavailable
 from imserver.utils.ids import LoginId, UserId
@@ -171,9 +171,7 @@ async def open_world(
     relay = None
     if publisher is not None:
         assert local_messages.outbox is not None
-        relay = OutboxRelay(
-            make_engine(message_url), local_messages.outbox, publisher, backoff=relay_backoff
-        )
+        relay = OutboxRelay(message_url, local_messages.outbox, publisher, backoff=relay_backoff)
         relay.start()
     try:
         yield World(

@@ -190,3 +190,39 @@ async def test_broker_unreachable_then_back(databases: Databases, prefix: str) -
         await consumer_side.close()
         await relay_side.close()
         await forwarder.stop()
+
+
+async def test_the_relay_and_the_writer_share_the_database_under_load(
+    databases: Databases, prefix: str
+) -> None:
+    """Batches commit while the relay deletes what it published, many times over:
+    every send is acked, and every message is consumed once (on SQLite the relay's
+    transactions run on a thread of their own, never waiting for the event loop that
+    the message writer holds while it waits for the write lock)."""
+    events = stream(rabbit.URL, prefix)
+    try:
+        async with open_world(databases, "local", publisher=events) as w:
+            consumer = Counting(w)
+            await events.subscribe(GROUP, PATTERNS, consumer)
+            alice = login("alice")
+            convs = [direct_conv("alice", other) for other in ("bob", "carol")]
+            total = 0
+            for wave in range(20):
+                acks = await asyncio.gather(
+                    *(
+                        w.messages.send(
+                            alice, ops.Send(conv=conv, cid=f"w{wave}-{i}", type="text", body="x")
+                        )
+                        for i in range(50)
+                        for conv in convs
+                    )
+                )
+                assert not any(a.dup for a in acks)
+                total += len(acks)
+            await eventually(lambda: len(consumer.handled) >= total, within=60)
+            assert w.relay is not None and await w.relay.pending() == 0
+            assert sorted(consumer.handled) == sorted(
+                (conv, seq) for conv in convs for seq in range(1, total // 2 + 1)
+            )
+    finally:
+        await events.close()

@@ -22,7 +22,6 @@ from imserver.services.notification import events as notification_events
 from imserver.services.notification.service import LocalNotificationService
 from imserver.storage.events import EventSubscriber
 from imserver.storage.outbox import EventPublisher, Outbox, OutboxRelay
-from imserver.storage.sql import make_engine
 from imserver.utils.config import EventsConfig
 
 logger = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ async def start_events(
     await notification_events.consume_message_events(notifications, stream)
     relays = {}
     for name, (url, outbox) in outboxes.items():
-        relay = OutboxRelay(make_engine(url), outbox, stream)
+        relay = OutboxRelay(url, outbox, stream)
         relay.start()
         relays[name] = relay
     logger.info("event stream: RabbitMQ, exchange %s.events", config.prefix)

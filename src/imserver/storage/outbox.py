@@ -21,7 +21,10 @@ order; two relays running turns at once may interleave theirs, which consumers
 accept (no consumer relies on the order of distinct events: ``message.stored``
 carries its seq). **SQLite** has one process per database: the relay reads a page,
 publishes it and deletes it in a second short transaction, so that no transaction
-is held open across the broker's round trip (the message writer would wait for it).
+is held open across the broker's round trip (the message writer would wait for it);
+both run on a thread of the relay's own, with a synchronous connection, because
+the message writer takes SQLite's write lock on the event loop's thread and a
+relay transaction that needed the loop to commit would wait for it forever.
 
 The table's name carries the service's name, so services sharing one database (one
 ``storage.url`` for all) keep separate outboxes; each service's Alembic history
@@ -52,9 +55,12 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from imserver.storage.events import Event, EventStreamDown, OutgoingEvent, encode_event
+from imserver.storage.runners import ThreadRunner, in_transaction, sqlite_engine
+from imserver.storage.sql import make_engine
 from imserver.utils.clock import now_ms
 
 logger = logging.getLogger(__name__)
@@ -139,15 +145,23 @@ class OutboxRelay:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        url: str,
         outbox: Outbox,
         publisher: EventPublisher,
         *,
         batch: int = 256,
         backoff: tuple[float, float] = (0.2, 10.0),
     ) -> None:
-        self._engine = engine
         self._table = outbox.table
+        self._sqlite: ThreadRunner | None = None
+        self._engine: AsyncEngine | None = None
+        if make_url(url).get_backend_name() == "sqlite":
+            # Its own thread and connection: a transaction holding SQLite's write lock
+            # must never wait for the event loop, which the message writer (inline on
+            # the loop) may be blocking while it waits for that very lock.
+            self._sqlite = ThreadRunner(sqlite_engine(url, writer=True), name="outbox-relay")
+        else:
+            self._engine = make_engine(url)
         self._publisher = publisher
         self._batch = batch
         self._backoff = backoff
@@ -178,7 +192,10 @@ class OutboxRelay:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._engine.dispose()
+        if self._sqlite is not None:
+            await self._sqlite.close()
+        if self._engine is not None:
+            await self._engine.dispose()
 
     async def _run(self) -> None:
         delay = self._backoff[0]
@@ -208,27 +225,32 @@ class OutboxRelay:
 
     async def turn(self) -> int:
         """Publish and delete up to ``batch`` rows, oldest first; the rows moved."""
-        t = self._table.c
-        query = select(t.id, t.event_id, t.key, t.body).order_by(t.id).limit(self._batch)
-        async with self._engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                async with conn.begin():
-                    rows = (await conn.execute(query)).all()
+        if self._sqlite is not None:
+            rows = await self._sqlite.call(in_transaction, self._page, False)
+            if not rows:
+                return 0
+            await self._publish(rows)
+            await self._sqlite.call(in_transaction, self._delete, [r.id for r in rows])
+        else:
+            assert self._engine is not None
+            async with self._engine.connect() as conn, conn.begin():
+                rows = await conn.run_sync(self._page, True)
                 if not rows:
                     return 0
                 await self._publish(rows)
-                async with conn.begin():
-                    await conn.execute(delete(self._table).where(t.id.in_([r.id for r in rows])))
-            else:
-                async with conn.begin():
-                    locked = query.with_for_update(skip_locked=True)
-                    rows = (await conn.execute(locked)).all()
-                    if not rows:
-                        return 0
-                    await self._publish(rows)
-                    await conn.execute(delete(self._table).where(t.id.in_([r.id for r in rows])))
+                await conn.run_sync(self._delete, [r.id for r in rows])
         self.published += len(rows)
         return len(rows)
+
+    def _page(self, conn: Connection, lock: bool) -> list[Any]:
+        t = self._table.c
+        query = select(t.id, t.event_id, t.key, t.body).order_by(t.id).limit(self._batch)
+        if lock:
+            query = query.with_for_update(skip_locked=True)
+        return list(conn.execute(query).all())
+
+    def _delete(self, conn: Connection, ids: list[int]) -> None:
+        conn.execute(delete(self._table).where(self._table.c.id.in_(ids)))
 
     async def _publish(self, rows: Sequence[Any]) -> None:
         await self._publisher.publish(
@@ -237,7 +259,12 @@ class OutboxRelay:
 
     async def pending(self) -> int:
         """Rows waiting in the outbox."""
+
+        def count(conn: Connection) -> int:
+            return int(conn.execute(select(func.count()).select_from(self._table)).scalar_one())
+
+        if self._sqlite is not None:
+            return await self._sqlite.call(count)
+        assert self._engine is not None
         async with self._engine.connect() as conn:
-            return int(
-                (await conn.execute(select(func.count()).select_from(self._table))).scalar_one()
-            )
+            return await conn.run_sync(count)
