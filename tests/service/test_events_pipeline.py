@@ -18,6 +18,8 @@ from sqlalchemy import select
 from imserver.protocol import ops
 from imserver.protocol.convs import direct_conv
 from imserver.services.message.api import CommittedMessage, MessageStored
+from imserver.services.message.schema import outbox as message_outbox
+from imserver.services.message.service import MIGRATIONS as MESSAGE_MIGRATIONS
 from imserver.services.notification.events import GROUP, PATTERNS, MessageStoredConsumer
 from imserver.services.notification.schema import push_decisions
 from imserver.storage.events import (
@@ -28,8 +30,10 @@ from imserver.storage.events import (
     encode_event,
 )
 from imserver.storage.events_rabbitmq import RabbitEventStream
-from imserver.storage.sql import make_engine
+from imserver.storage.outbox import Outbox, OutboxRelay
+from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
+from imserver.utils.ids import ConvId
 
 BACKOFF = (0.2,)
 TOKEN = {"token": "bob-phone"}
@@ -226,3 +230,51 @@ async def test_the_relay_and_the_writer_share_the_database_under_load(
             )
     finally:
         await events.close()
+
+
+async def test_two_relays_on_one_server_database_publish_each_row_once(
+    databases: Databases, prefix: str
+) -> None:
+    """Two instances' relays on the same outbox (``FOR UPDATE SKIP LOCKED``): every
+    row is published by one of them, once, and the outbox empties."""
+    if databases.dialect == "sqlite":
+        pytest.skip("SQLite: one process, so one relay, per database")
+    url = databases.url("message")
+    await upgrade(url, MESSAGE_MIGRATIONS)
+    outbox = Outbox(message_outbox)
+    events = [
+        MessageStored(
+            message=CommittedMessage(
+                conv=ConvId("d:a:b"), seq=seq, ts=seq, sender="a", type="text", body=""
+            )
+        )
+        for seq in range(1, 3001)
+    ]
+    engine = make_engine(url)
+    async with engine.begin() as conn:
+        rows = [outbox.row(MESSAGE_STORED, e) for e in events]
+        await conn.run_sync(outbox.insert, rows)
+    await engine.dispose()
+    consumer_side = stream(rabbit.URL, prefix)
+    got: list[str] = []
+
+    async def record(delivery: Delivery) -> None:
+        got.append(delivery.id)
+
+    await consumer_side.subscribe(GROUP, PATTERNS, record)
+    sides = [stream(rabbit.URL, prefix) for _ in range(2)]
+    relays = [OutboxRelay(url, outbox, side, batch=50) for side in sides]
+    try:
+        for relay in relays:
+            relay.start()
+        await eventually(lambda: len(got) >= len(events), within=60)
+        await eventually(lambda: sum(r.published for r in relays) == len(events), within=10)
+        assert await relays[0].pending() == 0
+        assert all(r.published > 0 for r in relays)  # both took turns
+        assert sorted(got) == sorted(e.id for e in events)
+    finally:
+        for relay in relays:
+            await relay.close()
+        for side in sides:
+            await side.close()
+        await consumer_side.close()

@@ -50,6 +50,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    bindparam,
     delete,
     func,
     select,
@@ -264,7 +265,14 @@ class OutboxRelay:
         return list(conn.execute(query).all())
 
     def _delete(self, conn: Connection, ids: list[int]) -> None:
-        conn.execute(delete(self._table).where(self._table.c.id.in_(ids)))
+        t = self._table
+        if conn.dialect.name in ("mysql", "mariadb"):
+            # One primary-key look-up per row: InnoDB answers an IN list with a range
+            # scan whose locks reach the rows another relay holds, and two relays then
+            # deadlock (and one publishes its page again).
+            conn.execute(delete(t).where(t.c.id == bindparam("k")), [{"k": i} for i in ids])
+            return
+        conn.execute(delete(t).where(t.c.id.in_(ids)))
 
     async def _publish(self, rows: Sequence[Any]) -> None:
         await self._publisher.publish(
