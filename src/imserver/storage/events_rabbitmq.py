@@ -46,9 +46,9 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractRobustConnection,
 )
 from aiormq.exceptions import AMQPError
 from pamqp.common import FieldValue
@@ -158,7 +158,7 @@ class RabbitEventStream:
         self._groups = dict(groups or {})
         self._timeout = timeout
         self._reconnect = reconnect
-        self._publisher: tuple[AbstractRobustConnection, AbstractExchange] | None = None
+        self._publisher: tuple[AbstractConnection, AbstractExchange] | None = None
         self._publish_lock = asyncio.Lock()
         self._consumers: list[asyncio.Task[None]] = []
         self._connections: set[Any] = set()
