@@ -50,7 +50,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from benchmarks import databases, harness
+from benchmarks import databases, harness, outbox
 from benchmarks.harness import Timeline
 from imserver.client import (
     Client,
@@ -92,8 +92,9 @@ def default_procs() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dm`` sub-command's options (with ``--db`` and ``--floor``)."""
+    """The ``dm`` sub-command's options (with ``--db``, ``--floor`` and ``--outbox-ab``)."""
     databases.add_arguments(parser)
+    outbox.add_arguments(parser)
     parser.add_argument(
         "--pairs",
         type=int,
@@ -577,11 +578,18 @@ def run(args: argparse.Namespace) -> int:
     """Run the scenario; returns the exit status (0 = ran and verified)."""
     if args.pairs < 1 or args.window < 1 or args.procs < 1 or args.duration <= 0:
         raise SystemExit("--pairs, --window, --procs and --duration must be positive")
+    if getattr(args, "outbox_ab", 0) > 0:
+        return outbox.compare(args, _run_fresh)
+    return _run_fresh(args)[0]
+
+
+def _run_fresh(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    """One run on a fresh database: the exit status and the results."""
     with databases.fresh_database(args.db) as db:
         return _run(args, db)
 
 
-def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> int:
+def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[int, dict[str, Any]]:
     procs = min(args.procs, args.pairs)
     config = harness.merge_config(
         harness.merge_config(SERVER_CONFIG, databases.settings(db)),
@@ -784,7 +792,7 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> int:
     path = harness.write_results(SCENARIO, out, stamp)
     harness.print_report(report, profile)
     harness.console.print(f"results: {path}")
-    return 1 if failures else 0
+    return (1 if failures else 0), out
 
 
 _PCTS: Final = ("p50_ms", "p99_ms", "p99.9_ms")

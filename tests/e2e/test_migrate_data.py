@@ -461,7 +461,7 @@ async def test_verify_only_finds_a_copy_that_differs(
     status, out, err = await migrate_data("--from", source, "--to", target.url, "--verify-only")
     assert status == 0, err
     assert "migrated" not in out  # nothing applied, nothing copied
-    assert "verified: 25 checks, " in out
+    assert "verified: 28 checks, " in out  # 25 + the three outboxes
 
     await rows(target.url, "UPDATE messages SET body = 'tampered' WHERE seq = 2")
     await rows(target.url, "DELETE FROM conv_seqs")
@@ -518,7 +518,7 @@ async def test_a_service_of_its_own_database_and_an_older_data_directory(
         ].endswith(f"/{messages.name}")
         assert target.name in migrated["user"] and target.name in migrated["room"]
         assert await rows(message_db, "SELECT version_num FROM alembic_version_message") == [
-            ("message_0005",)
+            ("message_0006",)
         ]
         assert await rows(messages.url, "SELECT count(*) FROM messages") == [(3,)]
         assert await rows(target.url, "SELECT count(*) FROM users") == [(2,)]

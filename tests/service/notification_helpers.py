@@ -28,6 +28,7 @@ from imserver.services.notification.service import (
     open_notification_service,
 )
 from imserver.storage.bus import MemoryLiveBus
+from imserver.storage.outbox import EventPublisher, OutboxRelay
 from imserver.storage.sql import sqlite_url
 from imserver.utils.config import PushConfig
 from imserver.utils.errors import BadRequest, Unavailable
@@ -94,6 +95,10 @@ class World:
     provider: RecordingProvider
     rooms: Rooms
     users: Directory
+    relay: OutboxRelay | None = None
+    """The message outbox's relay, when the event stream is on."""
+    message_url: str = ""
+    notification_url: str = ""
 
 
 async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
@@ -115,10 +120,18 @@ async def open_world(
     providers: Providers | None = None,
     users: tuple[str, ...] = ("alice", "bob", "carol"),
     send_timeout: float = 30.0,
+    publisher: EventPublisher | None = None,
+    relay_backoff: tuple[float, float] = (0.05, 0.5),
 ) -> AsyncIterator[World]:
     """Both services on ``where``'s databases, or on SQLite files in the directory
     ``where`` (reopenable: a restart), with ``providers`` or else ``provider`` (a new
-    :class:`RecordingProvider` by default)."""
+    :class:`RecordingProvider` by default).
+
+    With ``publisher`` the event stream is on, as ``build_embedded`` wires it: the
+    message service writes ``message.stored`` into its outbox, a relay
+    (``World.relay``) publishes it through ``publisher``, and the notification
+    service takes no commit listener call and runs no catch-up; the test subscribes
+    its consumer itself."""
     if isinstance(where, Databases):
         tmp_path = where.tmp_path
         notification_url, message_url = where.url("notification"), where.url("message")
@@ -143,6 +156,7 @@ async def open_world(
         messages=messages_peer,
         providers=providers or Providers(by_name={provider.name: provider}),
         send_timeout=send_timeout,
+        catch_up=publisher is None,
     )
     notifications = through(transport, NotificationService, local)
     local_messages = await open_message_service(
@@ -150,9 +164,15 @@ async def open_world(
         bus=MemoryLiveBus(),
         users=directory,
         rooms=rooms,
-        listener=notifications,
+        listener=notifications if publisher is None else None,
+        events=publisher is not None,
     )
     holder["m"] = through(transport, MessageService, local_messages)
+    relay = None
+    if publisher is not None:
+        assert local_messages.outbox is not None
+        relay = OutboxRelay(message_url, local_messages.outbox, publisher, backoff=relay_backoff)
+        relay.start()
     try:
         yield World(
             messages=holder["m"],
@@ -162,7 +182,12 @@ async def open_world(
             provider=provider,
             rooms=rooms,
             users=directory,
+            relay=relay,
+            message_url=message_url,
+            notification_url=notification_url,
         )
     finally:
         await local_messages.close()
+        if relay is not None:
+            await relay.close()
         await local.close()

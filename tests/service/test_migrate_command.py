@@ -17,9 +17,9 @@ from imserver.storage.sql import sqlite_url
 
 HEADS = {
     "user": "user_0002",
-    "message": "message_0005",
-    "room": "room_0001",
-    "file": "file_0002",
+    "message": "message_0006",
+    "room": "room_0002",
+    "file": "file_0003",
     "notification": "notification_0002",
 }
 

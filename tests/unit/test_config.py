@@ -267,3 +267,35 @@ def test_wrong_type_in_file_is_bad_request(tmp_path: Path) -> None:
     with pytest.raises(BadRequest) as info:
         load_config(write_toml(tmp_path, 'http_port = "x"\n'), environ={})
     assert "http_port" in info.value.message
+
+
+def test_events_settings() -> None:
+    config = load_config(environ={})
+    assert config.events.backend == "none"
+    assert (config.events.prefetch, config.events.max_attempts) == (256, 5)
+    config = load_config(
+        environ={
+            "IMSERVER_EVENTS__BACKEND": "rabbitmq",
+            "IMSERVER_EVENTS__URL": "amqp://u:p@rabbit/im",
+            "IMSERVER_EVENTS__BACKOFF": "[0.5, 2]",
+        }
+    )
+    assert (config.events.backend, config.events.url) == ("rabbitmq", "amqp://u:p@rabbit/im")
+    assert config.events.backoff == [0.5, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("events", "path"),
+    [
+        ({"backend": "kafka"}, "$.events.backend"),
+        ({"backoff": []}, "$.events.backoff"),
+        ({"backoff": [1.0, 0]}, "$.events.backoff[1]"),
+        ({"max_attempts": 0}, "$.events.max_attempts"),
+        ({"prefetch": 0}, "$.events.prefetch"),
+    ],
+)
+def test_bad_events_settings_are_bad_request(events: dict[str, object], path: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        load_config(environ={}, overrides={"events": events})
+    assert info.value.code == "bad_request"
+    assert "invalid configuration: " in str(info.value) and path in str(info.value)

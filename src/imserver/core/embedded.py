@@ -24,6 +24,12 @@ exists, which no call can meet: nothing calls the services before
 file services themselves. In a distributed mode the same lookup answers a gRPC client
 of an instance found in the service registry.
 
+With ``[events] backend = "rabbitmq"`` the message, room and file services write
+their events into outboxes, and :mod:`imserver.core.events` starts the relays and
+the notification service's consumer: the message service is then built without its
+commit listener, and the notification service without its start-up catch-up. Off
+(the default), nothing of the event stream is built or imported.
+
 The room service needs no link to the gateway: who is online comes from the user
 service's presence records, which the gateway keeps.
 """
@@ -34,6 +40,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from imserver.core.events import EventsRuntime, start_events
 from imserver.services.file.api import FileService
 from imserver.services.file.service import LocalFileService, open_file_service
 from imserver.services.message.api import MessageService
@@ -91,6 +98,8 @@ class Embedded:
         LocalFileService,
         LocalUserService,
     ]
+    events: EventsRuntime | None = None
+    """The event stream's relays and consumer (None: ``[events] backend = "none"``)."""
 
     async def drain(self) -> None:
         """Commit and acknowledge every write already queued (the first step of a
@@ -99,9 +108,15 @@ class Embedded:
 
     async def close(self) -> None:
         """Stop the message writer (after its queue), then the notification service
-        (after storing what the writer handed it), and release every store."""
+        (after storing what the writer handed it), and release every store. With the
+        event stream: its consumer stops before the notification service, its relays
+        after the producing services."""
+        if self.events is not None:
+            await self.events.close_consumers()
         for service in self._closers:
             await service.close()
+        if self.events is not None:
+            await self.events.close()
 
 
 async def build_embedded(config: Config, live: LiveSettings | None = None) -> Embedded:
@@ -119,6 +134,7 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         logger.info("%s database: %s%s", name, redacted(database.url), replica)
     discovery = _Discovery()
     bus = MemoryLiveBus()
+    events = config.events.backend != "none"
     users = await open_user_service(
         db["user"].url,
         read_url=db["user"].read_url,
@@ -134,6 +150,7 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         users=users,
         messages=discovery.messages,
         max_room_size=live.room_max_size,
+        events=events,
     )
     files = await open_file_service(
         db["file"].url,
@@ -142,12 +159,14 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         messages=discovery.messages,
         max_size=live.upload_max_size,
         quota=live.upload_quota,
+        events=events,
     )
     notifications = await open_notification_service(
         db["notification"].url,
         data_dir=data_dir,
         config=config.push,
         messages=discovery.messages,
+        catch_up=not events,
     )
     messages = discovery.message = await open_message_service(
         db["message"].url,
@@ -156,11 +175,23 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         users=users,
         rooms=rooms,
         files=files,
-        listener=notifications,
+        listener=None if events else notifications,
         max_body=config.limits.max_body,
         max_meta=config.limits.max_meta,
         batch_max=config.storage.batch_max,
+        events=events,
     )
+    runtime = None
+    if events:
+        outboxes = {}
+        for name, outbox in (
+            ("message", messages.outbox),
+            ("room", rooms.outbox),
+            ("file", files.outbox),
+        ):
+            assert outbox is not None
+            outboxes[name] = (db[name].url, outbox)
+        runtime = await start_events(config.events, outboxes=outboxes, notifications=notifications)
     return Embedded(
         users=users,
         messages=messages,
@@ -174,4 +205,5 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         push_metrics=notifications.stats,
         _local_messages=messages,
         _closers=(messages, notifications, rooms, files, users),
+        events=runtime,
     )

@@ -249,6 +249,35 @@ class EtcdConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Calls a half-open breaker lets through; all must succeed to close it."""
 
 
+_Delays = Annotated[list[Annotated[float, msgspec.Meta(gt=0)]], msgspec.Meta(min_length=1)]
+
+
+class EventsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The durable event stream (``message.stored``, room membership changes, file
+    events): off by default, where the notification service takes the message
+    writer's commits by a direct call."""
+
+    backend: Literal["none", "rabbitmq"] = "none"
+    """``none``: no event stream. ``rabbitmq``: the message, room and file services
+    write their events into an outbox table in the transaction of each change, a
+    relay publishes them to RabbitMQ, and the notification service consumes
+    ``message.stored`` from its own queue."""
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """The broker's AMQP URL (a vhost is its path: ``amqp://user:pass@host/vhost``)."""
+    prefix: str = "imserver"
+    """Prefix of the exchange (``<prefix>.events``) and of every queue."""
+    prefetch: Annotated[int, msgspec.Meta(ge=1)] = 256
+    """Unacknowledged events a consumer holds at once."""
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    """Deliveries of one event to a consumer group before it is dead-lettered
+    (``<prefix>.<group>.dead``)."""
+    backoff: Annotated[list[Annotated[float, msgspec.Meta(gt=0)]], msgspec.Meta(min_length=1)] = (
+        msgspec.field(default_factory=lambda: [1.0, 5.0, 30.0, 120.0])
+    )
+    """Seconds before each retry of a failed event (the last repeats); one delay queue
+    per entry."""
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every setting of ``imserver serve``."""
 
@@ -273,6 +302,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     files: FilesConfig = msgspec.field(default_factory=FilesConfig)
     push: PushConfig = msgspec.field(default_factory=PushConfig)
     etcd: EtcdConfig = msgspec.field(default_factory=EtcdConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -44,8 +44,33 @@ from typing import Protocol
 import msgspec
 
 from imserver.services.message.api import FileRef
+from imserver.storage.events import Event
 from imserver.utils.errors import BadRequest, TooLarge
 from imserver.utils.ids import ConvId, UserId
+
+
+class FileStored(Event, frozen=True, kw_only=True):
+    """The ``file.stored`` event (version 1): an upload's record was committed.
+    Published through the file database's outbox when the event stream is on."""
+
+    file_id: str
+    conv: ConvId
+    owner: str
+    name: str
+    size: int
+    mime: str
+    sha256: str
+    ts: int
+
+
+class FileDeleted(Event, frozen=True, kw_only=True):
+    """The ``file.deleted`` event (version 1): a file record was deleted (by the
+    clean-up, or an upload undone)."""
+
+    file_id: str
+    conv: ConvId
+    owner: str
+    ts: int
 
 
 class FileInfo(msgspec.Struct, frozen=True, kw_only=True):

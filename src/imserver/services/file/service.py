@@ -61,6 +61,7 @@ from imserver.services.file.store import DOOMED, KEPT, NEW, FileRecord, SqlFileS
 from imserver.services.message.api import FileRef
 from imserver.services.peers import Peer
 from imserver.storage.failures import unavailable
+from imserver.storage.outbox import Outbox
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.config import FilesConfig
@@ -487,7 +488,9 @@ class LocalFileService:
                 saved = await messages.referenced_files(doomed)
                 if saved:
                     await self._store.set_state(list(saved), KEPT, was=(DOOMED,))
-                shas = await self._store.delete_doomed([i for i in doomed if i not in saved])
+                shas = await self._store.delete_doomed(
+                    [i for i in doomed if i not in saved], self._clock()
+                )
                 deleted += len(shas)
                 for sha in dict.fromkeys(shas):
                     async with self._lock(sha):
@@ -537,6 +540,11 @@ class LocalFileService:
         except Exception as exc:
             raise Unavailable("blob store unreachable") from exc
 
+    @property
+    def outbox(self) -> Outbox | None:
+        """Where file events wait for the relay (None: the event stream is off)."""
+        return self._store.outbox
+
     async def close(self) -> None:
         """Stop the clean-up task, release the blob store and the database."""
         if self._cleaner is not None:
@@ -575,9 +583,12 @@ async def open_file_service(
     messages: Peer[MemberDirectory],
     max_size: Live[int] | None = None,
     quota: Live[int] | None = None,
+    events: bool = False,
 ) -> LocalFileService:
     """Migrate the database at ``url``, open the blob store, build the service and
-    start its clean-up task.
+    start its clean-up task. ``events``: write ``file.stored``/``file.deleted`` events
+    into the outbox, in the record's transaction (the service's ``outbox``; a relay
+    publishes them).
 
     Temporary upload files live in ``<data_dir>/files/tmp`` (beside the local blob
     directory, so storing one is a rename); leftovers of a crash are removed here.
@@ -595,8 +606,11 @@ async def open_file_service(
 
     await asyncio.to_thread(clear_tmp)
     blobs = await open_blob_store(config, data_dir)
+    store = SqlFileStore.on_engine(make_engine(url))
+    if events:
+        store.with_outbox()
     service = LocalFileService(
-        SqlFileStore.on_engine(make_engine(url)),
+        store,
         blobs,
         messages=messages,
         tmp_dir=tmp_dir,

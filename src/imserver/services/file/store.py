@@ -40,7 +40,10 @@ from sqlalchemy import (
     update,
 )
 
+from imserver.services.file.api import FileDeleted, FileStored
+from imserver.storage.events import FILE_DELETED, FILE_STORED
 from imserver.storage.locks import lock_key
+from imserver.storage.outbox import Outbox, outbox_table
 from imserver.storage.runners import SqlStore
 from imserver.storage.statements import chunks
 from imserver.utils.ids import ConvId
@@ -80,6 +83,11 @@ file_owner_locks = Table(
 )
 """One row per user who has uploaded: the row an upload holds while it checks the
 user's quota (:func:`imserver.storage.locks.lock_key`)."""
+
+outbox = outbox_table(metadata, "file")
+"""``file.stored``/``file.deleted`` events waiting for the relay
+(:mod:`imserver.storage.outbox`), written in the record's transaction when the event
+stream is on."""
 
 
 class _OverQuota(Exception):
@@ -136,6 +144,36 @@ class SqlFileStore(SqlStore):
 
     name = "file database"
 
+    outbox: Outbox | None = None
+    """Set (:meth:`with_outbox`) when the event stream is on: inserting and deleting
+    a record then inserts its event in the same transaction."""
+
+    def with_outbox(self) -> SqlFileStore:
+        """Turn the outbox on (before the store is used); returns the store."""
+        self.outbox = Outbox(outbox)
+        return self
+
+    def _deleted(self, conn: Connection, gone: Sequence[Any], now: int) -> None:
+        """The ``file.deleted`` events of the records ``gone`` (id, conv, owner rows)."""
+        if self.outbox is not None and gone:
+            self.outbox.insert(
+                conn,
+                [
+                    self.outbox.row(
+                        FILE_DELETED,
+                        FileDeleted(file_id=r[0], conv=ConvId(r[1]), owner=r[2], ts=now),
+                    )
+                    for r in gone
+                ],
+            )
+
+    async def _write_events(self, fn: Any, *args: Any) -> Any:
+        """:meth:`_write`, then wake the relay when the outbox is on."""
+        result = await self._write(fn, *args)
+        if self.outbox is not None:
+            self.outbox.committed()
+        return result
+
     async def usage(self, owner: str) -> int:
         """Bytes the user's records add up to."""
         return await self._read(_usage, owner)
@@ -157,9 +195,21 @@ class SqlFileStore(SqlStore):
                 total = _usage(conn, record.owner)
                 if total > quota:
                     raise _OverQuota(total - record.size)  # rolls the insert back
+            if self.outbox is not None:
+                event = FileStored(
+                    file_id=record.id,
+                    conv=record.conv,
+                    owner=record.owner,
+                    name=record.name,
+                    size=record.size,
+                    mime=record.mime,
+                    sha256=record.sha256,
+                    ts=record.created,
+                )
+                self.outbox.insert(conn, [self.outbox.row(FILE_STORED, event)])
 
         try:
-            await self._write(run)
+            await self._write_events(run)
         except _OverQuota as over:
             return over.usage
         return None
@@ -223,26 +273,33 @@ class SqlFileStore(SqlStore):
 
         await self._write(run)
 
-    async def delete_doomed(self, ids: Sequence[str]) -> list[str]:
+    async def delete_doomed(self, ids: Sequence[str], now: int = 0) -> list[str]:
         """Delete the doomed records among ``ids``; returns their content hashes."""
+        c = files.c
 
         def run(conn: Connection) -> list[str]:
             shas: list[str] = []
             for chunk in chunks(ids):
-                cond = (files.c.id.in_(chunk), files.c.state == DOOMED)
-                shas.extend(r[0] for r in conn.execute(select(files.c.sha256).where(*cond)))
+                cond = (c.id.in_(chunk), c.state == DOOMED)
+                gone = conn.execute(select(c.id, c.conv, c.owner, c.sha256).where(*cond)).all()
+                shas.extend(r[3] for r in gone)
                 conn.execute(delete(files).where(*cond))
+                self._deleted(conn, gone, now)
             return shas
 
-        return await self._write(run)
+        result: list[str] = await self._write_events(run)
+        return result
 
-    async def delete(self, file_id: str) -> None:
+    async def delete(self, file_id: str, now: int = 0) -> None:
         """Delete one record whatever its state (an upload undone)."""
+        c = files.c
 
         def run(conn: Connection) -> None:
-            conn.execute(delete(files).where(files.c.id == file_id))
+            gone = conn.execute(select(c.id, c.conv, c.owner).where(c.id == file_id)).all()
+            conn.execute(delete(files).where(c.id == file_id))
+            self._deleted(conn, gone, now)
 
-        await self._write(run)
+        await self._write_events(run)
 
 
 def _usage(conn: Connection, owner: str) -> int:

@@ -28,6 +28,7 @@ import msgspec
 from imserver.protocol import ops
 from imserver.protocol.models import ConvSummary, ReceiptKind, User
 from imserver.services.caller import Caller
+from imserver.storage.events import Event
 from imserver.utils.ids import ConvId, RoomId, UserId
 
 
@@ -146,6 +147,15 @@ class ReadMoved(msgspec.Struct, frozen=True, kw_only=True):
 
 PREVIEW_CHARS = 200
 """Characters of a body a :class:`CommittedMessage` carries."""
+
+
+class MessageStored(Event, frozen=True, kw_only=True):
+    """The ``message.stored`` event (version 1): a message the writer committed,
+    published through the message database's outbox when the event stream is on.
+    Consumers that need idempotency have (``message.conv``, ``message.seq``), unique
+    per stored message, besides the event ``id``."""
+
+    message: CommittedMessage
 
 
 class CommitListener(Protocol):

@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 
 from imserver.protocol.models import Message
+from imserver.storage.outbox import outbox_table
 from imserver.utils.ids import ConvId
 
 # --- schema -------------------------------------------------------------------------
@@ -119,6 +120,10 @@ message_files = Table(
     Column("seq", BigInteger, nullable=False),
     PrimaryKeyConstraint("file_id", "conv", "seq", name="pk_message_files"),
 )
+
+outbox = outbox_table(metadata, "message")
+"""``message.stored`` events waiting for the relay (:mod:`imserver.storage.outbox`),
+written in the batch's transaction when the event stream is on."""
 
 UNREAD_TYPES = ("text", "image", "file", "custom", "system")
 """Message types that count as unread (edits, recalls and reactions do not)."""

@@ -24,6 +24,7 @@ from imserver.protocol.cursors import decode_search_cursor, encode_search_cursor
 from imserver.protocol.events import TypingEvent
 from imserver.protocol.models import ConvKind, ConvSummary, ReceiptKind
 from imserver.services.caller import Caller
+from imserver.services.message import schema
 from imserver.services.message.api import (
     CommitListener,
     CommittedMessage,
@@ -47,6 +48,7 @@ from imserver.services.message.store import SqlMessageStore
 from imserver.services.message.writer import MessageWriter, publish_conv
 from imserver.storage import sql
 from imserver.storage.bus import LiveBus, Publication
+from imserver.storage.outbox import Outbox
 from imserver.utils.errors import BadRequest, Forbidden, IMError, NotFound, TooLarge, Unavailable
 from imserver.utils.ids import ConvId, RoomId, UserId, random_id
 
@@ -84,6 +86,7 @@ class LocalMessageService:
         rooms: RoomDirectory | None = None,
         files: FileDirectory | None = None,
         listener: CommitListener | None = None,
+        outbox: Outbox | None = None,
         max_body: int = 16384,
         max_meta: int = 8192,
         batch_max: int = 512,
@@ -103,8 +106,12 @@ class LocalMessageService:
             membership=self._membership,
             files=files,
             listener=listener,
+            outbox=outbox,
             batch_max=batch_max,
         )
+        self.outbox = outbox
+        """Where the writer's ``message.stored`` events wait for the relay (None: the
+        event stream is off)."""
 
     def start(self) -> None:
         """Start the writer task (on the running loop)."""
@@ -544,10 +551,13 @@ async def open_message_service(
     max_meta: int = 8192,
     batch_max: int = 512,
     read_url: str | None = None,
+    events: bool = False,
 ) -> LocalMessageService:
     """Migrate the database at ``url``, open it and start the writer. ``read_url``: a
     replica that ``search`` reads from (history, ``convs`` and every read a write
-    depends on stay on ``url``)."""
+    depends on stay on ``url``). ``events``: write a ``message.stored`` event per
+    stored message into the outbox, in the batch's transaction (the service's
+    ``outbox``; a relay publishes it)."""
     try:
         await sql.upgrade(url, MIGRATIONS)
     except IMError:
@@ -562,6 +572,7 @@ async def open_message_service(
         rooms=rooms,
         files=files,
         listener=listener,
+        outbox=Outbox(schema.outbox) if events else None,
         max_body=max_body,
         max_meta=max_meta,
         batch_max=batch_max,

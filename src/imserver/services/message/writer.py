@@ -59,6 +59,7 @@ from imserver.services.message.api import (
     FileDirectory,
     FileRef,
     Members,
+    MessageStored,
     ReadMoved,
     UserDirectory,
 )
@@ -79,6 +80,8 @@ from imserver.services.message.queued import (
 from imserver.services.message.schema import IdemKey, MarkerKey, MessageKey
 from imserver.services.message.writes import KeyConflict, Loaded
 from imserver.storage.bus import LiveBus, Publication, user_channel
+from imserver.storage.events import MESSAGE_STORED
+from imserver.storage.outbox import Outbox
 from imserver.utils.clock import now_ms
 from imserver.utils.errors import BadRequest, Forbidden, IMError, Internal, Unavailable
 from imserver.utils.ids import ConvId, RoomId, UserId
@@ -102,6 +105,20 @@ def _change(before: Members, after: Members) -> _Change:
     joined = tuple(u for u in after.users if u not in before.set)
     left = tuple(u for u in before.users if u not in after.set)
     return joined, left
+
+
+def _committed(event: Msg, before: Members) -> CommittedMessage:
+    """A stored message as a commit listener and a ``message.stored`` event carry it."""
+    return CommittedMessage(
+        conv=event.conv,
+        seq=event.seq,
+        ts=event.ts,
+        sender=event.from_,
+        type=event.type,
+        body=event.body[:PREVIEW_CHARS],
+        mentions=tuple(event.mentions or ()),
+        members=before.users,
+    )
 
 
 async def publish_conv(bus: LiveBus, conv: ConvRef, publication: Publication) -> None:
@@ -133,10 +150,12 @@ class MessageWriter:
         membership: Membership,
         files: FileDirectory | None = None,
         listener: CommitListener | None = None,
+        outbox: Outbox | None = None,
         batch_max: int = 512,
     ) -> None:
         self._store = store
         self._listener = listener
+        self._outbox = outbox
         self._bus = bus
         self._users = users
         self._membership = membership
@@ -329,6 +348,8 @@ class MessageWriter:
                 await self._publish_notices(item, event, before, change)
         if self._listener is not None and outbox:
             await self._tell_listener(self._listener, outbox)
+        if state.write.events and self._outbox is not None:
+            self._outbox.committed()
         for item in batch:
             item.settle()
 
@@ -340,18 +361,7 @@ class MessageWriter:
         reads: list[ReadMoved] = []
         for item, event, _seq, before, _change in outbox:
             if isinstance(event, Msg):
-                stored.append(
-                    CommittedMessage(
-                        conv=event.conv,
-                        seq=event.seq,
-                        ts=event.ts,
-                        sender=event.from_,
-                        type=event.type,
-                        body=event.body[:PREVIEW_CHARS],
-                        mentions=tuple(event.mentions or ()),
-                        members=before.users,
-                    )
-                )
+                stored.append(_committed(event, before))
             elif isinstance(event, Receipt) and event.kind == "read":
                 login = item.login if isinstance(item, MarkWrite) else ""
                 reads.append(
@@ -439,6 +449,14 @@ class MessageWriter:
                         outbox.append((item, Msg.of(msg), msg.seq, before, change))
                         continue
                 item.answer = err
+            if self._outbox is not None:
+                # In the batch's own transaction: the events commit with the messages.
+                row = self._outbox.row
+                state.write.events = [
+                    row(MESSAGE_STORED, MessageStored(message=_committed(event, before)))
+                    for _item, event, _seq, before, _change in outbox
+                    if isinstance(event, Msg)
+                ]
             if self._store.shared:
                 state.write.counters = {
                     conv: last for conv, last in state.last.items() if last != loaded_last[conv]

@@ -25,9 +25,11 @@ from imserver.services.message.schema import (
     message_files,
     message_mentions,
     messages,
+    outbox,
     reactions,
 )
 from imserver.services.message.search import MessageSearch
+from imserver.storage.outbox import OUTBOX_COLUMNS
 from imserver.storage.statements import DriverStatement, KeyLookup
 from imserver.utils.ids import ConvId
 
@@ -46,6 +48,7 @@ _MARKERS = KeyLookup(
 
 _INSERT_MESSAGES = DriverStatement(insert(messages), MESSAGE_COLUMNS)
 _MAX_ID = DriverStatement(select(func.max(messages.c.id)))
+_INSERT_OUTBOX = DriverStatement(insert(outbox), OUTBOX_COLUMNS)
 
 
 class Target(NamedTuple):
@@ -97,7 +100,7 @@ class WriteBatch(msgspec.Struct, kw_only=True):
 
     Applied in this order: messages (and their search index), mentions, file
     references, direct peers, edits, recalls (which also blank the recalled message's edit rows and
-    drop its reactions), reaction changes, markers.
+    drop its reactions), reaction changes, markers, counters, outbox events.
     """
 
     messages: list[tuple[Any, ...]] = msgspec.field(default_factory=list)
@@ -114,6 +117,9 @@ class WriteBatch(msgspec.Struct, kw_only=True):
     counters: dict[ConvId, int] = msgspec.field(default_factory=dict)
     """conv -> its new last seq, for the counter rows of a shared database
     (:mod:`imserver.services.message.counters`); empty otherwise."""
+    events: list[tuple[str, str, bytes, int]] = msgspec.field(default_factory=list)
+    """Outbox rows (``message.stored`` events, :data:`OUTBOX_COLUMNS`) when the event
+    stream is on."""
 
 
 def load(
@@ -233,6 +239,8 @@ def write(conn: Connection, batch: WriteBatch, search: MessageSearch) -> None:
         if inserts:
             conn.execute(insert(markers), inserts)
     store_seqs(conn, batch.counters)
+    if batch.events:
+        _INSERT_OUTBOX.executemany(conn, batch.events)
 
 
 def commit(conn: Connection) -> None:

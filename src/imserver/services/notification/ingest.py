@@ -88,7 +88,13 @@ def ingest(conn: Connection, plan: IngestPlan) -> IngestResult:
                     select(d.seq).where(d.conv == conv, d.seq.in_(seqs)).distinct()
                 ).scalars()
             )
-        msgs = [m for m in msgs if (m.conv, m.seq) not in done]
+        # A repeat within the run (an event delivered twice, both queued) counts once.
+        kept: list[CommittedMessage] = []
+        for m in msgs:
+            if (m.conv, m.seq) not in done:
+                done.add((m.conv, m.seq))
+                kept.append(m)
+        msgs = kept
     users = sorted({u for m in msgs for u in m.members} | {r.user for r in plan.reads})
     regs = _registrations_of(conn, users, plan.providers)
     settings = _settings_of(conn, {(u, m.conv) for m in msgs for u in m.members})

@@ -80,6 +80,11 @@ CURSOR_INTERVAL_MS = 1000
 a catch-up then reads at most this much more than it must (the overlap is skipped)."""
 
 
+_Handed = tuple[Sequence[CommittedMessage], Sequence[ReadMoved], "asyncio.Future[None] | None"]
+"""A run handed to the ingest: its messages, read moves, and the future of a
+:meth:`LocalNotificationService.take` waiting for its commit."""
+
+
 class LocalNotificationService:
     """The notification service in this process (see the module docstring)."""
 
@@ -92,6 +97,7 @@ class LocalNotificationService:
         config: PushConfig,
         send_timeout: float = 30.0,
         rand: random.Random | None = None,
+        catch_up: bool = True,
     ) -> None:
         self._store = store
         self._providers = providers
@@ -104,7 +110,8 @@ class LocalNotificationService:
         possibly some who no longer have, until the next start): only they, and the
         sender, get a decision row, so a message to a large room of users without
         push costs a set lookup per member, not a row."""
-        self._queue: deque[tuple[Sequence[CommittedMessage], Sequence[ReadMoved]]] = deque()
+        self._queue: deque[_Handed] = deque()
+        self._catch_up_on = catch_up
         self._queued = 0
         self._ingested = 0
         self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -164,9 +171,26 @@ class LocalNotificationService:
         """Queue a committed batch for the ingest task; answers at once."""
         if self._closed:
             return
-        self._queue.append((messages, reads))
+        self._queue.append((messages, reads, None))
         self._queued += 1
         self._ingest_wake.set()
+
+    async def take(self, messages: Sequence[CommittedMessage]) -> None:
+        """Ingest ``messages`` (``message.stored`` events) and answer once they are
+        stored; raise if the ingest failed (the event stream then retries them).
+
+        Queued with everything else, so the events a consumer holds at once are
+        stored in one transaction. A repeat of a stored message is skipped: its
+        decisions exist (one row per (conv, seq, member) that could be pushed), and a
+        message without any writes nothing either way.
+        """
+        if self._closed:
+            raise Unavailable("notification service is closed")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((messages, (), done))
+        self._queued += 1
+        self._ingest_wake.set()
+        await done
 
     async def settle(self) -> None:
         """Answer once every batch handed over before the call is stored."""
@@ -194,7 +218,8 @@ class LocalNotificationService:
             self._registered |= await self._store.registered_users()
         except Exception:
             logger.exception("push registrations could not be loaded")
-        await self._catch_up()
+        if self._catch_up_on:
+            await self._catch_up()
         self._caught_up.set()
         self._wake_settlers()
         dedupe = True  # the live events queued during the catch-up may overlap it
@@ -206,11 +231,20 @@ class LocalNotificationService:
                 self._queue.clear()
                 messages = [m for batch in taken for m in batch[0]]
                 reads = [r for batch in taken for r in batch[1]]
+                waiting = [batch[2] for batch in taken if batch[2] is not None]
                 try:
-                    await self._ingest(messages, reads, dedupe=dedupe)
+                    # Events of the stream can be redelivered: always look for repeats.
+                    await self._ingest(messages, reads, dedupe=dedupe or bool(waiting))
                     dedupe = False
-                except Exception:
+                except Exception as exc:
                     logger.exception("push ingest of %d messages failed", len(messages))
+                    for fut in waiting:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for fut in waiting:
+                        if not fut.done():
+                            fut.set_result(None)
                 self._ingested += len(taken)
                 self._wake_settlers()
             if self._closed and not self._queue:
@@ -418,10 +452,13 @@ async def open_notification_service(
     messages: Peer[MessageSource],
     providers: Providers | None = None,
     send_timeout: float = 30.0,
+    catch_up: bool = True,
 ) -> LocalNotificationService:
     """Migrate the database at ``url``, build the providers ``config`` enables (or
     take ``providers``), build the service and start its tasks. ``send_timeout``:
-    seconds one provider call may take before it counts as a ``retry``."""
+    seconds one provider call may take before it counts as a ``retry``.
+    ``catch_up=False`` when the messages come from the event stream (:meth:`take`),
+    which keeps what is not yet ingested: no start-up catch-up is needed."""
     await upgrade(url, MIGRATIONS)
     if providers is None:
         providers = await asyncio.to_thread(build_providers, config, data_dir)
@@ -432,6 +469,7 @@ async def open_notification_service(
         messages=messages,
         config=config,
         send_timeout=send_timeout,
+        catch_up=catch_up,
     )
     service.start()
     return service

@@ -39,12 +39,13 @@ op                    who
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from imserver.protocol import ops
 from imserver.protocol.models import PresenceInfo, Room, User
 from imserver.services.caller import Caller
 from imserver.services.message.api import RoomDirectory
+from imserver.storage.events import Event
 from imserver.utils.ids import RoomId, UserId
 
 SYSTEM_EVENTS = ("created", "joined", "left", "invited", "kicked", "role", "updated")
@@ -52,6 +53,20 @@ SYSTEM_EVENTS = ("created", "joined", "left", "invited", "kicked", "role", "upda
 (who did it), ``user`` (to whom, for membership events), ``role`` (for ``role`` and for
 an ownership hand-over: ``{"event": "role", "role": "owner"}``) and ``changes`` (the
 fields an ``updated`` set)."""
+
+
+class MemberChanged(Event, frozen=True, kw_only=True):
+    """The ``room.member_changed`` event (version 1): ``user`` joined, left, was kicked
+    from ``room`` or got a new role, by ``by``, at ``ts`` ms. Published through the
+    room database's outbox when the event stream is on."""
+
+    room: RoomId
+    user: str
+    change: Literal["join", "leave", "kick", "role"]
+    role: str | None
+    """The user's role after the change; None once no longer a member."""
+    by: str
+    ts: int
 
 
 class UserDirectory(Protocol):

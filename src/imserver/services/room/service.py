@@ -82,6 +82,7 @@ from imserver.services.room.loaded import (
     still_live,
 )
 from imserver.services.room.store import MemberRecord, RoomRecord, SqlRoomStore
+from imserver.storage.outbox import Outbox
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.errors import BadRequest, Conflict, Forbidden, IMError, NotFound, Unavailable
@@ -380,7 +381,7 @@ class LocalRoomService:
             target = await self._member_role(st, user, names)
             if RANK[target] >= RANK[role]:
                 raise Forbidden(f"the {role} cannot kick the {target} {names[user]}")
-            await self._store.remove_member(room, user, self._clock(), None)
+            await self._store.remove_member(room, user, self._clock(), None, by=caller.user)
             roles = {u: r for u, r in st.roles.items() if u != user}
             members = Members.of(roles, st.members.version + 1)
             try:
@@ -411,7 +412,7 @@ class LocalRoomService:
             current = await self._member_role(st, user, names)
             if current == new_role:
                 return
-            await self._store.set_role(room, user, new_role)
+            await self._store.set_role(room, user, new_role, by=caller.user, now=self._clock())
             replace(st, {**st.roles, user: new_role})
             await self._post(
                 room,
@@ -482,6 +483,12 @@ class LocalRoomService:
         """user -> rooms joined or invited to (from the database, one read)."""
         return await self._store.listed_rooms(list(users))
 
+    @property
+    def outbox(self) -> Outbox | None:
+        """Where ``room.member_changed`` events wait for the relay (None: the event
+        stream is off)."""
+        return self._store.outbox
+
     async def check(self) -> None:
         """Raise ``unavailable`` if the room database cannot be reached."""
         try:
@@ -527,17 +534,23 @@ async def open_room_service(
     messages: Peer[MessageService],
     max_room_size: int | Live[int] = DEFAULT_MAX_ROOM_SIZE,
     read_url: str | None = None,
+    events: bool = False,
 ) -> LocalRoomService:
     """Migrate the database at ``url`` to the latest schema and start the service on it.
 
     ``messages`` is asked for the message service on each use: that service is built
     after this one, with this one as its room directory. ``read_url``: a replica the
-    public directory (``room.list``) is read from.
+    public directory (``room.list``) is read from. ``events``: write a
+    ``room.member_changed`` event per membership change into the outbox, in the
+    change's transaction (the store's ``outbox``; a relay publishes it).
     """
     await upgrade(url, MIGRATIONS)
     replica = make_engine(read_url) if read_url is not None else None
+    store = SqlRoomStore.on_engine(make_engine(url), replica)
+    if events:
+        store.with_outbox()
     return LocalRoomService(
-        SqlRoomStore.on_engine(make_engine(url), replica),
+        store,
         users=users,
         messages=messages,
         max_room_size=max_room_size,

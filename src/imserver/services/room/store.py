@@ -26,7 +26,7 @@ Invariants the service relies on:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from sqlalchemy import (
@@ -53,6 +53,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from imserver.protocol.models import RoomRole
+from imserver.services.room.api import MemberChanged
+from imserver.storage.events import ROOM_MEMBER_CHANGED
+from imserver.storage.outbox import Outbox, outbox_table
 from imserver.storage.runners import SqlStore
 from imserver.storage.statements import chunks
 from imserver.utils.ids import RoomId
@@ -108,6 +111,11 @@ invitations = Table(
     ForeignKeyConstraint(["room_id"], ["rooms.id"], name="fk_invitations_room_id_rooms"),
     Index("ix_invitations_user_id", "user_id"),
 )
+
+
+outbox = outbox_table(metadata, "room")
+"""``room.member_changed`` events waiting for the relay (:mod:`imserver.storage.outbox`),
+written in the membership change's transaction when the event stream is on."""
 
 
 class RoomRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -172,6 +180,26 @@ class SqlRoomStore(SqlStore):
 
     name = "room database"
 
+    outbox: Outbox | None = None
+    """Set (:meth:`with_outbox`) when the event stream is on: every membership change
+    then inserts its ``room.member_changed`` events in its own transaction."""
+
+    def with_outbox(self) -> SqlRoomStore:
+        """Turn the outbox on (before the store is used); returns the store."""
+        self.outbox = Outbox(outbox)
+        return self
+
+    def _changed(self, conn: Connection, events: list[MemberChanged]) -> None:
+        if self.outbox is not None:
+            self.outbox.insert(conn, [self.outbox.row(ROOM_MEMBER_CHANGED, e) for e in events])
+
+    async def _changing(self, fn: Any, *args: Any) -> Any:
+        """:meth:`_write` for a membership change: the relay is woken after its commit."""
+        result = await self._write(fn, *args)
+        if self.outbox is not None:
+            self.outbox.committed()
+        return result
+
     # --- rooms ------------------------------------------------------------------------
 
     async def create_room(self, room: RoomRecord, joined: Sequence[str], now: int) -> None:
@@ -206,8 +234,22 @@ class SqlRoomStore(SqlStore):
                     for i, user in enumerate(everyone)
                 ],
             )
+            self._changed(
+                conn,
+                [
+                    MemberChanged(
+                        room=RoomId(room.id),
+                        user=user,
+                        change="join",
+                        role="owner" if i == 0 else "member",
+                        by=room.owner,
+                        ts=now,
+                    )
+                    for i, user in enumerate(everyone)
+                ],
+            )
 
-        await self._write(run)
+        await self._changing(run)
 
     async def load(self, room: str) -> tuple[RoomRecord, list[MemberRecord]] | None:
         """A room and its members in join order, or ``None`` if it never existed."""
@@ -287,14 +329,26 @@ class SqlRoomStore(SqlStore):
                     invitations.c.room_id == room, invitations.c.user_id == user
                 )
             )
+            self._changed(
+                conn,
+                [
+                    MemberChanged(
+                        room=RoomId(room), user=user, change="join", role="member", by=user, ts=now
+                    )
+                ],
+            )
             return order
 
-        return await self._write(run)
+        result: int | None = await self._changing(run)
+        return result
 
-    async def remove_member(self, room: str, user: str, now: int, new_owner: str | None) -> int:
+    async def remove_member(
+        self, room: str, user: str, now: int, new_owner: str | None, *, by: str | None = None
+    ) -> int:
         """Remove ``user``; ``new_owner`` (a member) becomes the owner in the same
         transaction. Returns the members left; removing the last one empties the room
-        and drops its invitations. Removing a non-member changes nothing."""
+        and drops its invitations. Removing a non-member changes nothing. ``by``: the
+        member who kicked ``user`` (None: ``user`` left)."""
 
         def run(conn: Connection) -> int:
             gone = conn.execute(
@@ -303,9 +357,26 @@ class SqlRoomStore(SqlStore):
             if gone.rowcount == 0:
                 return int(conn.scalar(select(rooms.c.member_count).where(rooms.c.id == room)) or 0)
             values: dict[str, Any] = {"member_count": rooms.c.member_count - 1}
+            change: Literal["leave", "kick"] = "leave" if by is None else "kick"
+            events = [
+                MemberChanged(
+                    room=RoomId(room), user=user, change=change, role=None, by=by or user, ts=now
+                )
+            ]
             if new_owner is not None:
                 values["owner"] = new_owner
                 _set_role(conn, room, new_owner, "owner")
+                events.append(
+                    MemberChanged(
+                        room=RoomId(room),
+                        user=new_owner,
+                        change="role",
+                        role="owner",
+                        by=user,
+                        ts=now,
+                    )
+                )
+            self._changed(conn, events)
             conn.execute(update(rooms).where(rooms.c.id == room).values(**values))
             left = int(conn.scalar(select(rooms.c.member_count).where(rooms.c.id == room)) or 0)
             if left == 0:
@@ -313,11 +384,26 @@ class SqlRoomStore(SqlStore):
                 conn.execute(delete(invitations).where(invitations.c.room_id == room))
             return left
 
-        return await self._write(run)
+        result: int = await self._changing(run)
+        return result
 
-    async def set_role(self, room: str, user: str, role: RoomRole) -> None:
-        """Change a member's role."""
-        await self._write(_set_role, room, user, role)
+    async def set_role(
+        self, room: str, user: str, role: RoomRole, *, by: str = "", now: int = 0
+    ) -> None:
+        """Change a member's role (``by``: the member who changed it)."""
+
+        def run(conn: Connection) -> None:
+            _set_role(conn, room, user, role)
+            self._changed(
+                conn,
+                [
+                    MemberChanged(
+                        room=RoomId(room), user=user, change="role", role=role, by=by, ts=now
+                    )
+                ],
+            )
+
+        await self._changing(run)
 
     async def members_page(self, room: str, after: int, limit: int) -> list[MemberRecord]:
         """Up to ``limit`` members with join order > ``after``, in join order."""

@@ -1,0 +1,163 @@
+"""``dm --outbox-ab N``: the cost of the durable event stream, off against on, in one run.
+
+Runs the ``dm`` scenario ``2 N`` times, alternating ``[events] backend = "none"`` and
+``"rabbitmq"`` (off, on, off, on, …; a fresh database each time), and prints the
+median of each side's figures: acked messages per second, the server's CPU per
+message (the relay's and the consumer's included: they run in the server process),
+the ack latency, and the broker's CPU per message (the RabbitMQ node's ``beam.smp``
+process, when this user can read its ``/proc`` entry). With the stream on, every
+stored message is also an outbox row inserted in its batch's transaction, published
+with a confirm, deleted, and consumed by the notification service.
+
+Each "on" run has an exchange and queues of its own (a random prefix) on the broker
+at ``$IMS_BENCH_RABBITMQ`` (``amqp://guest:guest@127.0.0.1:5672/``), deleted after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import statistics
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from benchmarks import harness
+
+URL: Final = os.environ.get("IMS_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
+BACKOFF: Final = [1.0, 5.0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--outbox-ab`` option of ``dm``."""
+    parser.add_argument(
+        "--outbox-ab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N times with the event stream off and N times on (RabbitMQ outbox, "
+        "relay, consumer), alternating, and print the medians side by side",
+    )
+
+
+def _broker_pid() -> int | None:
+    try:
+        found = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True)
+    except OSError:
+        return None
+    pids = [int(p) for p in found.stdout.split()]
+    return pids[0] if len(pids) == 1 else None
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _delete_topology(prefix: str) -> None:
+    import aio_pika
+
+    from imserver.storage.events_rabbitmq import Topology
+
+    topology = Topology(prefix, BACKOFF)
+    connection = await aio_pika.connect(URL, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        group = "notification"
+        for name in (
+            topology.queue(group),
+            topology.dead_queue(group),
+            *(topology.retry_queue(group, s) for s in range(1, len(BACKOFF) + 1)),
+        ):
+            await channel.queue_delete(name)
+        await channel.exchange_delete(topology.exchange)
+
+
+def compare(
+    args: argparse.Namespace, run_once: Callable[[argparse.Namespace], tuple[int, dict[str, Any]]]
+) -> int:
+    """Alternate ``run_once`` with the stream off and on; print the medians."""
+    sides: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    status = 0
+    broker = _broker_pid()
+    base_set = list(args.set)
+    for round_no in range(args.outbox_ab):
+        for side in ("off", "on"):
+            harness.console.print(f"[bold]outbox A/B: round {round_no + 1}, stream {side}[/bold]")
+            prefix = f"imsbench{secrets.token_hex(4)}"
+            extra = (
+                [
+                    'events.backend="rabbitmq"',
+                    f'events.url="{URL}"',
+                    f'events.prefix="{prefix}"',
+                    f"events.backoff={BACKOFF}",
+                ]
+                if side == "on"
+                else []
+            )
+            args.set = base_set + extra
+            before = _cpu_seconds(broker)
+            try:
+                code, out = run_once(args)
+            finally:
+                if side == "on":
+                    harness.run_async(_delete_topology(prefix))
+            after = _cpu_seconds(broker)
+            status = status or code
+            res = out["results"]
+            cpu = res["cpu"]
+            acked = res["totals"]["acked"]
+            sides[side].append(
+                {
+                    "acked_per_s": res["acked_per_s"],
+                    "server_us": cpu.get("server_us_per_msg") or float("nan"),
+                    "ack_p50": res["ack_latency"].get("p50_ms", float("nan")),
+                    "ack_p99": res["ack_latency"].get("p99_ms", float("nan")),
+                    # The broker's CPU over the whole run (its set-up and drain too),
+                    # per message acked in the whole run.
+                    "broker_us": (
+                        1e6 * (after - before) / acked
+                        if before is not None and after is not None and acked
+                        else float("nan")
+                    ),
+                }
+            )
+    args.set = base_set
+    _print(args, sides)
+    return status
+
+
+def _print(args: argparse.Namespace, sides: dict[str, list[dict[str, float]]]) -> None:
+    def med(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in sides[side])
+
+    rows = [
+        ("acked msgs/s", "acked_per_s", "{:,.0f}"),
+        ("server CPU per message (µs)", "server_us", "{:.1f}"),
+        ("RabbitMQ CPU per message (µs)", "broker_us", "{:.1f}"),
+        ("ack latency p50 (ms)", "ack_p50", "{:.2f}"),
+        ("ack latency p99 (ms)", "ack_p99", "{:.2f}"),
+    ]
+    n = len(sides["off"])
+    harness.console.print(
+        f"\n[bold]dm, event stream off vs on (RabbitMQ outbox), median of {n} each, "
+        f"database {args.db}[/bold]"
+    )
+    print("| | stream off | stream on | on / off |")
+    print("|---|---:|---:|---:|")
+    for label, key, fmt in rows:
+        off, on = med("off", key), med("on", key)
+        # The broker idles at about 1 µs per message's worth: no ratio to speak of.
+        meaningful = off == off and on == on and off and key != "broker_us"
+        ratio = f"{on / off:.2f}" if meaningful else "-"
+        print(f"| {label} | {fmt.format(off)} | {fmt.format(on)} | {ratio} |")
+    for side in ("off", "on"):
+        each = ", ".join(f"{r['acked_per_s']:,.0f}/s {r['server_us']:.1f} µs" for r in sides[side])
+        print(f"runs, stream {side}: {each}")
