@@ -180,6 +180,7 @@ class RedisLiveBus:
             raise Unavailable(f"redis unreachable: {exc}") from exc
         loop = asyncio.get_running_loop()
         self._pub = pub
+        self._attach(sub, report_lost=False)
         self._publisher = loop.create_task(self._publish_loop(pub), name="redis-bus-publisher")
         self._subscriber = loop.create_task(self._subscribe_loop(sub), name="redis-bus-subscriber")
         await self.settle()
@@ -334,13 +335,11 @@ class RedisLiveBus:
 
     async def _subscribe_loop(self, conn: AbstractConnection) -> None:
         backoff = _Backoff()
-        first = True
         while True:
             try:
-                await self._serve_subscriber(conn, report_lost=not first)
+                await self._serve_subscriber(conn)
             except _FAILURES as exc:
                 logger.warning("live bus subscriber connection lost: %s", exc)
-            first = False
             self._sub = None
             self._commands.clear()
             self._release_pongs()
@@ -356,10 +355,12 @@ class RedisLiveBus:
                 self.reconnects += 1
                 logger.info("live bus subscriber reconnected")
                 break
+            self._attach(conn, report_lost=True)
 
-    async def _serve_subscriber(self, conn: AbstractConnection, *, report_lost: bool) -> None:
-        """Subscribe every channel with handlers on ``conn``, then read and dispatch
-        until it breaks; after a reconnect, report the channels once they are back."""
+    def _attach(self, conn: AbstractConnection, *, report_lost: bool) -> None:
+        """Make ``conn`` the subscriber connection: queue a subscription of every
+        channel with handlers, and after a reconnect a PING whose answer reports them
+        lost (they are subscribed again by then)."""
         self._sub = conn
         channels = list(self._names)
         if channels:
@@ -371,6 +372,9 @@ class RedisLiveBus:
             self._pongs.append(resubscribed)
             self._commands.append((b"PING",))
         self._commands_ready.set()
+
+    async def _serve_subscriber(self, conn: AbstractConnection) -> None:
+        """Send the queued commands on ``conn`` and read and dispatch until it breaks."""
         writer = asyncio.get_running_loop().create_task(self._write_commands(conn))
         # The reader waits on the socket: a failed write must break its wait.
         writer.add_done_callback(lambda task: self._writer_done(task, conn))
