@@ -108,7 +108,9 @@ async def test_live_events_and_presence_cross_between_two_processes(
     a.kill()
 
     async def offline() -> None:
-        while await presence_of(bob, alice.user_id) != "offline":
+        while True:
+            if await presence_of(bob, alice.user_id) == "offline":
+                return
             await asyncio.sleep(HEARTBEAT)
 
     await asyncio.wait_for(offline(), timeout=10 * TTL)
