@@ -65,6 +65,10 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 """Seconds between reconnection attempts: doubled from the first to the last, with jitter."""
 
+REPLY_TIMEOUT = 10.0
+"""Seconds the replies of one pipeline may take before the connection is taken for
+dead."""
+
 _FAILURES = (RedisError, OSError, TimeoutError, EOFError)
 """What a broken or refused connection raises."""
 
@@ -79,6 +83,17 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True):
     exclude_user: str | None
     joined: tuple[str, ...]
     left: tuple[str, ...]
+
+
+def _packed_publishes(batch: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """``PUBLISH channel data`` for each pair, in the protocol's own encoding (the
+    generic packer costs more than the rest of a publication's path)."""
+    parts: list[bytes] = []
+    for key, data in batch:
+        parts.append(
+            b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(data), data)
+        )
+    return b"".join(parts)
 
 
 def connection_pool(url: str) -> ConnectionPool:
@@ -137,7 +152,9 @@ class RedisLiveBus:
         self._outbox: deque[tuple[bytes, bytes]] = deque()
         self._outbox_ready = asyncio.Event()
         self._outbox_sent = asyncio.Event()
-        """Set after each pipeline (close() waits on it for the outbox to empty)."""
+        """Set after each pipeline (:meth:`drained` waits on it)."""
+        self._in_flight = 0
+        """Publications of the pipeline awaiting its replies."""
         self._publisher: asyncio.Task[None] | None = None
         self._pub: AbstractConnection | None = None
         """The publisher connection (up or reconnecting)."""
@@ -191,9 +208,7 @@ class RedisLiveBus:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
-                while self._outbox and self._publisher is not None and not self._publisher.done():
-                    self._outbox_sent.clear()
-                    await self._outbox_sent.wait()
+                await self.drained()
         self._closed = True
         for task in (self._publisher, self._subscriber):
             if task is not None:
@@ -233,6 +248,13 @@ class RedisLiveBus:
         self._outbox.append((self._prefix + channel.encode(), data))
         self._outbox_ready.set()
 
+    async def drained(self) -> None:
+        """Wait until Redis has answered every publication queued before (or
+        dropped it: the connection broke under its pipeline)."""
+        while (self._outbox or self._in_flight) and not self._closed:
+            self._outbox_sent.clear()
+            await self._outbox_sent.wait()
+
     async def _publish_loop(self, conn: AbstractConnection) -> None:
         backoff = _Backoff()
         while True:
@@ -261,17 +283,21 @@ class RedisLiveBus:
                 continue
             count = min(len(outbox), PIPELINE_MAX)
             batch = [outbox.popleft() for _ in range(count)]
+            self._in_flight = count
             try:
-                commands = conn.pack_commands([(b"PUBLISH", key, data) for key, data in batch])
-                await conn.send_packed_command(commands, check_health=False)
-                for _ in batch:
-                    await conn.read_response()
+                await conn.send_packed_command(_packed_publishes(batch), check_health=False)
+                # One deadline for the pipeline's replies, not one timer per reply.
+                async with asyncio.timeout(REPLY_TIMEOUT):
+                    for _ in batch:
+                        await conn.read_response(timeout=math.inf)
             except BaseException:
                 # Some of it may have been delivered: never sent again (at most once).
                 self.dropped += count
                 raise
+            finally:
+                self._in_flight = 0
+                self._outbox_sent.set()
             self.published += count
-            self._outbox_sent.set()
 
     # --- subscribing ------------------------------------------------------------------
 
