@@ -14,6 +14,8 @@ from etcd_server import etcd
 
 __all__ = ["etcd"]
 
+from imserver.testing import redis as redis_testing
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     dbs.add_option(parser)
@@ -92,3 +94,39 @@ def disk(tmp_path: Path) -> Iterator[SmallDisk]:
     ``disk.fill()`` makes it full, ``disk.free()`` gives the space back."""
     with small_disk(tmp_path / "disk") as mounted:
         yield mounted
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis (``IMS_TEST_REDIS``; ``127.0.0.1:6379`` by default). Where it
+    does not answer the test is skipped with the reason, except under ``CI=true``,
+    where it fails."""
+    url = redis_testing.shared_url()
+    why = redis_testing.reachable(url)
+    if why is not None:
+        dbs.unavailable(why)
+    return url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key and channel prefix of this test's own; its keys are deleted after it."""
+    prefix = redis_testing.unique_prefix()
+    yield prefix
+    redis_testing.delete_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[redis_testing.RedisServer]:
+    """A ``redis-server`` of this test's own on a free port, to break and restart (a
+    missing ``redis-server`` skips, and fails under ``CI=true``)."""
+    try:
+        server = redis_testing.RedisServer()
+    except FileNotFoundError as exc:
+        dbs.unavailable(str(exc))
+        raise
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

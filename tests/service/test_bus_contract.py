@@ -1,4 +1,4 @@
-"""The live bus's contract: one test body for every backend (``memory`` today).
+"""The live bus's contract: one test body for every backend (``memory``, ``redis``).
 
 What every backend promises (``imserver.storage.bus``): only subscribed channels
 are delivered; one publisher's publications arrive in publication order, on one
@@ -10,7 +10,12 @@ nor the other handlers.
 A networked backend delivers later than ``publish`` returns, so the tests wait for
 what they expect, and prove that something did NOT arrive by publishing a marker
 after it on a subscribed channel: once the marker is in, anything published before
-it would be too.
+it would be too. Its subscriptions take a round trip: a test awaits ``settle()``
+before it publishes to what it has just subscribed.
+
+The Redis runs use the machine's Redis with a channel prefix of their own, which is
+also the proof that the prefix keeps buses apart: every run publishes the same
+channel names.
 """
 
 from __future__ import annotations
@@ -22,14 +27,24 @@ import pytest
 
 from imserver.protocol.events import Msg, TypingEvent
 from imserver.storage.bus import LiveBus, MemoryLiveBus, Publication, room_channel, user_channel
+from imserver.storage.bus_redis import RedisLiveBus
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 
 @pytest.fixture(params=BACKENDS)
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[LiveBus]:
-    assert request.param == "memory"
-    yield MemoryLiveBus()
+    if request.param == "memory":
+        yield MemoryLiveBus()
+        return
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    redis_bus = RedisLiveBus(url, prefix=prefix)
+    await redis_bus.start()
+    try:
+        yield redis_bus
+    finally:
+        await redis_bus.close()
 
 
 class Inbox:
@@ -76,6 +91,7 @@ OTHER = room_channel("r:r2")
 async def test_only_subscribed_channels_are_delivered(bus: LiveBus) -> None:
     inbox = Inbox()
     bus.subscribe(ROOM, inbox)
+    await bus.settle()
     await bus.publish(OTHER, msg("r:r2", 1))
     await bus.publish(ROOM, msg("r:r1", 1))
     await marked(bus, inbox, ROOM)
@@ -87,6 +103,7 @@ async def test_publications_arrive_whole_and_in_order_with_their_positions(
 ) -> None:
     inbox = Inbox()
     bus.subscribe(ROOM, inbox)
+    await bus.settle()
     sent = [msg("r:r1", seq) for seq in range(1, 201)]
     typing = Publication(event=TypingEvent(conv="r:r1", user="ub"), conv="r:r1", exclude_user="ub")
     change = Publication(
@@ -114,6 +131,7 @@ async def test_one_publishers_order_holds_across_channels(bus: LiveBus) -> None:
     channels = [ROOM, OTHER, user_channel("ua"), user_channel("ub")]
     for channel in channels:
         bus.subscribe(channel, inbox)
+    await bus.settle()
     order = [(channels[i % 4], i) for i in range(200)]
     for channel, i in order:
         await bus.publish(channel, msg(channel, i + 1))
@@ -126,6 +144,7 @@ async def test_subscribing_twice_is_once_and_unsubscribing_stops(bus: LiveBus) -
     bus.subscribe(ROOM, inbox)
     bus.subscribe(ROOM, inbox)
     bus.subscribe(ROOM, witness)
+    await bus.settle()
     await bus.publish(ROOM, msg("r:r1", 1))
     await witness.until(lambda: len(witness.got) == 1)
     await marked(bus, witness, ROOM)
@@ -155,8 +174,11 @@ async def test_a_handler_may_change_subscriptions_while_it_handles_a_publication
 
     bus.subscribe(ROOM, hop)
     bus.subscribe(ROOM, inbox)
+    await bus.settle()
     await bus.publish(ROOM, msg("r:r1", 1))
     await bus.publish(ROOM, msg("r:r1", 2))
+    await inbox.until(lambda: len(inbox.got) == 3)
+    await bus.settle()  # hop's subscription of OTHER, made while it handled r1 1
     await bus.publish(OTHER, msg("r:r2", 1))
     await inbox.until(lambda: len(inbox.got) == 4)
     assert [(c, p.seq) for c, p in inbox.got] == [(ROOM, 1), (ROOM, 1), (ROOM, 2), (OTHER, 1)]
@@ -174,6 +196,7 @@ async def test_a_failing_handler_reaches_neither_the_publisher_nor_the_others(
 
     bus.subscribe(ROOM, broken)
     bus.subscribe(ROOM, inbox)
+    await bus.settle()
     await bus.publish(ROOM, msg("r:r1", 1))  # does not raise
     await bus.publish(ROOM, msg("r:r1", 2))
     await inbox.until(lambda: len(inbox.got) == 2)

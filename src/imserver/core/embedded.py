@@ -32,12 +32,22 @@ commit listener, and the notification service without its start-up catch-up. Off
 
 The room service needs no link to the gateway: who is online comes from the user
 service's presence records, which the gateway keeps.
+
+With ``live = "redis"`` the live bus, the user service's online set and the
+notification service's online devices are Redis's (:func:`live_backends`, which
+alone imports redis), under an instance id of this process: several embedded
+processes on one database then deliver live events to each other's clients and
+share presence.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imserver.core.events import EventsRuntime, start_events
@@ -47,6 +57,7 @@ from imserver.services.message.api import MessageService
 from imserver.services.message.service import LocalMessageService, open_message_service
 from imserver.services.notification.api import NotificationService
 from imserver.services.notification.broadcast import BroadcastService, LocalBroadcastService
+from imserver.services.notification.online import MemoryOnlineDevices, OnlineDevices
 from imserver.services.notification.service import (
     LocalNotificationService,
     open_notification_service,
@@ -54,6 +65,7 @@ from imserver.services.notification.service import (
 from imserver.services.room.api import RoomService
 from imserver.services.room.service import LocalRoomService, open_room_service
 from imserver.services.user.api import UserService
+from imserver.services.user.online import MemoryOnlineStore, OnlineStore
 from imserver.services.user.service import LocalUserService, open_user_service
 from imserver.storage.bus import LiveBus, MemoryLiveBus
 from imserver.storage.databases import SERVICES, redacted, service_database
@@ -100,6 +112,8 @@ class Embedded:
     ]
     events: EventsRuntime | None = None
     """The event stream's relays and consumer (None: ``[events] backend = "none"``)."""
+    _close_live: Callable[[], Awaitable[None]] | None = field(default=None)
+    """Closes a networked live bus, after the message writer that publishes on it."""
 
     async def drain(self) -> None:
         """Commit and acknowledge every write already queued (the first step of a
@@ -117,6 +131,48 @@ class Embedded:
             await service.close()
         if self.events is not None:
             await self.events.close()
+        if self._close_live is not None:
+            await self._close_live()
+
+
+@dataclass(frozen=True, eq=False)
+class LiveBackends:
+    """Where the live bus and presence live (the ``live`` setting)."""
+
+    bus: LiveBus
+    online: OnlineStore
+    devices: OnlineDevices
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+def instance_id() -> str:
+    """This process's id among the instances sharing a Redis: host, pid and a
+    random part (a restarted process is a new instance)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def live_backends(config: Config) -> LiveBackends:
+    """The live bus, the online set and the online devices ``config.live`` names:
+    in memory, or in Redis (imported only then) under a new :func:`instance_id`."""
+    if config.live == "memory":
+        return LiveBackends(MemoryLiveBus(), MemoryOnlineStore(), MemoryOnlineDevices())
+    from imserver.storage.bus_redis import RedisLiveBus
+    from imserver.storage.online_redis import RedisOnlineDevices, RedisOnlineStore
+
+    cfg = config.redis
+    instance = instance_id()
+    bus = RedisLiveBus(cfg.url, prefix=cfg.prefix, keepalive=cfg.heartbeat)
+    await bus.start()
+    online = RedisOnlineStore(
+        cfg.url, prefix=cfg.prefix, instance=instance, ttl=cfg.ttl, heartbeat=cfg.heartbeat
+    )
+    devices = RedisOnlineDevices(
+        cfg.url, prefix=cfg.prefix, instance=instance, ttl=cfg.ttl, heartbeat=cfg.heartbeat
+    )
+    online.start()
+    devices.start()
+    logger.info("live bus and presence: redis %s, instance %s", redacted(cfg.url), instance)
+    return LiveBackends(bus, online, devices, bus.close)
 
 
 async def build_embedded(config: Config, live: LiveSettings | None = None) -> Embedded:
@@ -133,7 +189,8 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         replica = f" (lag-tolerant reads: {redacted(lagging)})" if lagging else ""
         logger.info("%s database: %s%s", name, redacted(database.url), replica)
     discovery = _Discovery()
-    bus = MemoryLiveBus()
+    shared = await live_backends(config)
+    bus = shared.bus
     events = config.events.backend != "none"
     users = await open_user_service(
         db["user"].url,
@@ -143,6 +200,7 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         argon2_memory_kib=config.auth.argon2_memory_kib,
         argon2_time_cost=config.auth.argon2_time_cost,
         admins=config.admins,
+        online=shared.online,
     )
     rooms = await open_room_service(
         db["room"].url,
@@ -167,6 +225,7 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         config=config.push,
         messages=discovery.messages,
         catch_up=not events,
+        online=shared.devices,
     )
     messages = discovery.message = await open_message_service(
         db["message"].url,
@@ -206,4 +265,5 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         _local_messages=messages,
         _closers=(messages, notifications, rooms, files, users),
         events=runtime,
+        _close_live=shared.close,
     )

@@ -4,8 +4,8 @@ A broker in the shape of centrifuge's ``Broker``: publishers put a
 :class:`Publication` on a named channel; a gateway subscribes the channels its
 attached sessions need, and its handler (the gateway's hub) gets every publication
 of those channels with the channel's name. Embedded mode uses
-:class:`MemoryLiveBus`; a networked backend (Redis pub/sub) is the next one, and
-``tests/service/test_bus_contract.py`` is the contract both run.
+:class:`MemoryLiveBus`; several processes share :class:`~imserver.storage.bus_redis.RedisLiveBus`
+(Redis pub/sub), and ``tests/service/test_bus_contract.py`` is the contract both run.
 
 Channels:
 
@@ -45,13 +45,20 @@ Guarantees of every backend:
 * :meth:`LiveBus.subscribe` and :meth:`LiveBus.unsubscribe` are idempotent (a set of
   channels per handler; reference counting over sessions is the hub's) and take
   effect, for the memory backend, before they return; a networked backend may
-  take a round trip, and what is published meanwhile may be missed (a gap).
+  take a round trip, and what is published meanwhile may be missed.
+  :meth:`LiveBus.settle` answers once every earlier (un)subscription is in effect:
+  a gateway awaits it before it tells a client that its live events flow.
+* Losses a subscriber cannot see as a gap (its connection to the broker broke, so
+  whatever was published meanwhile on every channel is gone, the last message of a
+  conversation too) are reported to the :meth:`LiveBus.on_lost` listeners with the
+  channels concerned, once those channels are subscribed again. The memory
+  backend loses nothing and never calls them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -86,6 +93,11 @@ PublicationHandler = Callable[[str, Publication], None]
 subscribed channel."""
 
 
+LostHandler = Callable[[Sequence[str]], None]
+"""Called with subscribed channels whose publications may have been lost (the
+subscriptions are in effect again when it is called)."""
+
+
 def room_channel(conv: str) -> str:
     """The channel of a room conversation: its conversation id (``r:<room>``)."""
     return conv
@@ -107,6 +119,13 @@ class LiveBus(Protocol):
 
     def unsubscribe(self, channel: str, handler: PublicationHandler) -> None:
         """Stop calling ``handler`` for ``channel`` (no-op when not subscribed)."""
+
+    def on_lost(self, listener: LostHandler) -> None:
+        """Call ``listener`` whenever publications on subscribed channels may have
+        been lost, with those channels."""
+
+    async def settle(self) -> None:
+        """Answer once every subscribe and unsubscribe called before is in effect."""
 
 
 class MemoryLiveBus:
@@ -144,6 +163,12 @@ class MemoryLiveBus:
                 self._channels[channel] = rest
             else:
                 del self._channels[channel]
+
+    def on_lost(self, listener: LostHandler) -> None:
+        """Nothing is ever lost in one process: ``listener`` is never called."""
+
+    async def settle(self) -> None:
+        """(Un)subscribing takes effect at once: nothing to wait for."""
 
     def subscribed(self, channel: str) -> int:
         """How many handlers are subscribed to ``channel`` (for tests and metrics)."""

@@ -278,6 +278,25 @@ class EventsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     per entry."""
 
 
+class RedisConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The Redis of several processes (``live = "redis"``): the live bus between
+    gateways, presence and the online-session routing table."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "imserver:"
+    """Put before every channel and key: several clusters can share one Redis."""
+    heartbeat: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Seconds between an instance's refreshes of its presence entries (and between
+    the keep-alive pings of the bus's subscriber connection)."""
+    ttl: Annotated[float, msgspec.Meta(gt=0)] = 15.0
+    """Seconds an instance's presence entries outlive its last refresh: the users of
+    a process that died are offline within this time."""
+
+    def __post_init__(self) -> None:
+        if self.heartbeat >= self.ttl:
+            raise ValueError("redis.heartbeat must be below redis.ttl")
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every setting of ``imserver serve``."""
 
@@ -303,6 +322,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     push: PushConfig = msgspec.field(default_factory=PushConfig)
     etcd: EtcdConfig = msgspec.field(default_factory=EtcdConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+
+    live: Literal["memory", "redis"] = "memory"
+    """Where the live bus, presence and the online-session routing table live:
+    ``memory`` (one process) or ``redis`` (the ``[redis]`` settings; several
+    processes on one database)."""
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
 
 
 def _parse_env_value(raw: str) -> Any:

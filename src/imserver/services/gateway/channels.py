@@ -22,7 +22,11 @@ channel and the user's own:
 
 Gaps: a positioned publication (a stored message) that does not follow the last
 seq of its conversation on that channel means the bus lost (or repeated)
-publications; every local user that channel serves is handed to ``resync``.
+publications; every local user that channel serves is handed to ``resync``. A loss
+the positions cannot show (the bus's connection to its broker broke, so even the
+last message of a conversation may be gone) comes from the bus's ``on_lost``
+listener: once the channels are subscribed again, every local user they serve is
+handed to ``resync``, and their positions start afresh.
 
 This class knows users, not sessions: the hub turns users into sessions.
 """
@@ -30,7 +34,7 @@ This class knows users, not sessions: the hub turns users into sessions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from imserver.protocol.convs import room_conv
 from imserver.protocol.events import Msg
@@ -66,6 +70,9 @@ class Channels:
         """channel -> conversation -> last seq seen."""
         self.gaps = 0
         """Gaps seen on the live bus since start."""
+        self.losses = 0
+        """Times the live bus reported lost publications since start."""
+        bus.on_lost(self.on_lost)
 
     # --- users ------------------------------------------------------------------------
 
@@ -164,6 +171,24 @@ class Channels:
             self._room_notice(user, room_channel(conv), pub)
             return
         self._deliver((user,), pub)
+
+    def on_lost(self, channels: Sequence[str]) -> None:
+        """The bus may have lost publications of ``channels`` (the live bus's lost
+        listener): resync every local user they serve."""
+        users: dict[str, None] = {}
+        for channel in channels:
+            if channel not in self._rooms and channel not in self._user_channels:
+                continue  # another subscriber's
+            self._positions.pop(channel, None)
+            user = self._user_channels.get(channel)
+            if user is not None:
+                users[user] = None
+            for member in self._rooms.get(channel, ()):
+                users[member] = None
+        if users:
+            self.losses += 1
+            logger.warning("live bus lost publications: %d local users resync", len(users))
+            self._resync(list(users))
 
     def _room_notice(self, user: str, channel: str, pub: Publication) -> None:
         """A room message on ``user``'s own channel: an invitation, or a membership

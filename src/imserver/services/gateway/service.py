@@ -42,6 +42,9 @@ from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+SETTLE_TIMEOUT = 5.0
+"""Most seconds an authentication waits for the live bus's subscriptions."""
+
 
 class Gateway:
     """State shared by every session of one server process."""
@@ -174,7 +177,8 @@ class Gateway:
             user = session.caller.user
             try:
                 info = await self.users.set_offline(user)
-                await self._publish_presence(info)
+                if info.status == "offline":  # else online through another gateway
+                    await self._publish_presence(info)
             except Exception:
                 logger.exception("presence update for %s failed", user)
 
@@ -206,6 +210,11 @@ class Gateway:
             rooms = await self.rooms.rooms_of(identity.user)
         finally:
             self.hub.add_rooms(identity.user, rooms)
+        # A networked bus subscribes after a round trip: wait for it (bounded; a
+        # broker that does not answer is a loss the bus reports, which resyncs).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await self.bus.settle()
         # Re-binding an authenticated connection to another login session of the same
         # user keeps the user online throughout: only a first connection is news.
         if current is None:

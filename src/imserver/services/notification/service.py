@@ -22,7 +22,9 @@ with a clock that stepped back behind the cursor is not caught up.
 
 **Online.** The gateway reports each live session's device (login session) with
 ``device_online``/``device_offline``; a user with any is online and gets no push, and
-the trace names the devices.
+the trace names the devices. They are kept by an
+:class:`~imserver.services.notification.online.OnlineDevices`: in memory for one
+process, in Redis (every instance's) for several.
 
 **Worker.** :mod:`~imserver.services.notification.worker` sends the outbox: turns
 of one transaction each, claimed jobs prefetched per provider, retries with backoff,
@@ -42,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ from imserver.services.caller import Caller
 from imserver.services.message.api import CommittedMessage, ReadMoved
 from imserver.services.notification.api import MessageSource
 from imserver.services.notification.ingest import IngestPlan
+from imserver.services.notification.online import MemoryOnlineDevices, OnlineDevices
 from imserver.services.notification.providers.base import Provider, Registration
 from imserver.services.notification.registry import Providers, build_providers
 from imserver.services.notification.rules import LEVELS, pushes
@@ -98,13 +101,14 @@ class LocalNotificationService:
         send_timeout: float = 30.0,
         rand: random.Random | None = None,
         catch_up: bool = True,
+        online: OnlineDevices | None = None,
     ) -> None:
         self._store = store
         self._providers = providers
         self._messages = messages
         self._config = config
         self.stats = PushMetrics()
-        self._online: dict[str, Counter[str]] = {}
+        self._online: OnlineDevices = online or MemoryOnlineDevices()
         self._registered: set[str] = set()
         """Users who may have a registration (every one who has; after an unregister
         possibly some who no longer have, until the next start): only they, and the
@@ -158,6 +162,7 @@ class LocalNotificationService:
             except Exception:
                 logger.exception("closing push provider %s failed", provider.name)
         await self._store.close()
+        await self._online.close()
 
     async def check(self) -> None:
         """Raise ``unavailable`` if ``notification.db`` cannot be reached."""
@@ -315,7 +320,13 @@ class LocalNotificationService:
         if cursor is None and self._cursor_seen > max((m.ts for m in messages), default=0):
             cursor = self._cursor_seen
         users = {u for m in messages for u in m.members}
-        online = {u: tuple(sorted(self._online[u])) for u in users if self._online.get(u)}
+        try:
+            online = await self._online.devices(users)
+        except Unavailable as exc:
+            # Pushing to someone online costs a duplicate notification; not pushing
+            # to someone offline would lose one.
+            logger.warning("online devices unknown, every member taken as offline: %s", exc)
+            online = {}
         result = await self._store.ingest(
             IngestPlan(
                 messages=messages,
@@ -339,18 +350,11 @@ class LocalNotificationService:
 
     async def device_online(self, user: UserId, device: str) -> None:
         """A live session of ``device`` started."""
-        self._online.setdefault(user, Counter())[device] += 1
+        await self._online.add(user, device)
 
     async def device_offline(self, user: UserId, device: str) -> None:
         """A live session of ``device`` ended."""
-        devices = self._online.get(user)
-        if devices is None:
-            return
-        devices[device] -= 1
-        if devices[device] <= 0:
-            del devices[device]
-        if not devices:
-            del self._online[user]
+        await self._online.remove(user, device)
 
     # --- registrations and settings ------------------------------------------------
 
@@ -453,12 +457,14 @@ async def open_notification_service(
     providers: Providers | None = None,
     send_timeout: float = 30.0,
     catch_up: bool = True,
+    online: OnlineDevices | None = None,
 ) -> LocalNotificationService:
     """Migrate the database at ``url``, build the providers ``config`` enables (or
     take ``providers``), build the service and start its tasks. ``send_timeout``:
     seconds one provider call may take before it counts as a ``retry``.
     ``catch_up=False`` when the messages come from the event stream (:meth:`take`),
-    which keeps what is not yet ingested: no start-up catch-up is needed."""
+    which keeps what is not yet ingested: no start-up catch-up is needed. ``online``:
+    the online devices (in memory by default)."""
     await upgrade(url, MIGRATIONS)
     if providers is None:
         providers = await asyncio.to_thread(build_providers, config, data_dir)
@@ -470,6 +476,7 @@ async def open_notification_service(
         config=config,
         send_timeout=send_timeout,
         catch_up=catch_up,
+        online=online,
     )
     service.start()
     return service

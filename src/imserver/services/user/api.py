@@ -149,7 +149,9 @@ class UserService(Protocol):
         """Record that the user's first live session opened."""
 
     async def set_offline(self, user: UserId) -> PresenceInfo:
-        """Record that the user's last live session closed (``last_seen`` = now)."""
+        """Record that the user's last live session on a gateway closed (``last_seen``
+        = now); the status answered is ``online`` while another gateway instance still
+        holds a live session of the user."""
 
     async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
         """Presence of each known user among ``users``, in the order asked."""

@@ -1,6 +1,8 @@
 """Presence: who is online, and when each user was last seen.
 
-The online set is memory only (a restart means nobody is online). ``last_seen`` is
+The online set is an :class:`~imserver.services.user.online.OnlineStore`: in
+memory for one process (a restart means nobody is online), in Redis for several,
+where a user is online while any instance holds a live session. ``last_seen`` is
 cached, and written to the database in batches at most :data:`LAST_SEEN_FLUSH_S`
 after the disconnect (and on close), so a storm of reconnects costs one commit per
 interval, not one per disconnect. A crash loses at most that interval of
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from imserver.protocol.models import PresenceInfo
 from imserver.services.user.bounded import Bounded
+from imserver.services.user.online import OnlineStore
 from imserver.services.user.store import SqlUserStore
 from imserver.utils.errors import Unavailable
 from imserver.utils.ids import UserId
@@ -33,10 +36,10 @@ class Presence:
     """The online set and the ``last_seen`` cache of one user service, with the
     batched writer of ``last_seen`` to ``store``."""
 
-    def __init__(self, store: SqlUserStore, clock: Callable[[], int]) -> None:
+    def __init__(self, store: SqlUserStore, clock: Callable[[], int], online: OnlineStore) -> None:
         self._store = store
         self._clock = clock
-        self._online: set[UserId] = set()
+        self._online = online
         self._seen_pending: dict[UserId, int] = {}
         self._seen_flusher: asyncio.Task[None] | None = None
         self._seen_now = asyncio.Event()  # set by close(): flush without waiting
@@ -46,15 +49,17 @@ class Presence:
         """A new account: never seen, known without reading the database."""
         self._last_seen.put(user, None)
 
-    def set_online(self, user: UserId) -> PresenceInfo:
-        """Mark ``user`` online (their first live session opened)."""
-        self._online.add(user)
+    async def set_online(self, user: UserId) -> PresenceInfo:
+        """Mark ``user`` online (their first live session on a gateway opened)."""
+        await self._online.add(user)
         return PresenceInfo(user=user, status="online", last_seen=self._clock())
 
-    def set_offline(self, user: UserId) -> PresenceInfo:
-        """Mark ``user`` offline with ``last_seen`` = now, written with the next batch."""
+    async def set_offline(self, user: UserId) -> PresenceInfo:
+        """Their last live session on a gateway closed: offline with ``last_seen`` =
+        now, written with the next batch, unless another instance still holds one."""
         now = self._clock()
-        self._online.discard(user)
+        if await self._online.remove(user):
+            return PresenceInfo(user=user, status="online", last_seen=now)
         self._last_seen.put(user, now)
         self._seen_pending[user] = now
         if self._seen_flusher is None or self._seen_flusher.done():
@@ -93,7 +98,8 @@ class Presence:
         session closed, or ``None`` if they were never seen.
         """
         ids = list(known)
-        missing = [u for u in ids if u not in self._online and u not in self._last_seen]
+        online = await self._online.online(ids)
+        missing = [u for u in ids if u not in online and u not in self._last_seen]
         if missing:
             stored = await self._store.last_seen(missing)
             for uid in missing:
@@ -101,14 +107,16 @@ class Presence:
         now = self._clock()
         return [
             PresenceInfo(user=uid, status="online", last_seen=now)
-            if uid in self._online
+            if uid in online
             else PresenceInfo(user=uid, status="offline", last_seen=self._last_seen.get(uid))
             for uid in ids
         ]
 
     async def close(self) -> None:
-        """Write the pending ``last_seen`` values (a batch write in progress finishes)."""
+        """Write the pending ``last_seen`` values (a batch write in progress finishes)
+        and release the online set."""
         self._seen_now.set()
         if self._seen_flusher is not None:
             await self._seen_flusher
         await self._flush_seen()
+        await self._online.close()

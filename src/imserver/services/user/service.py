@@ -42,6 +42,7 @@ from imserver.services.user.api import (
     UpdateResult,
 )
 from imserver.services.user.bounded import Bounded
+from imserver.services.user.online import MemoryOnlineStore, OnlineStore
 from imserver.services.user.presence import Presence
 from imserver.services.user.schema import ACCESS, REFRESH
 from imserver.services.user.store import NewToken, SqlUserStore
@@ -107,6 +108,7 @@ class LocalUserService:
         clock: Callable[[], int] = now_ms,
         dummy_hash: str | None = None,
         admins: Iterable[str] = (),
+        online: OnlineStore | None = None,
     ) -> None:
         if access_ttl < 0 or refresh_ttl < 0:
             raise ValueError("token lifetimes must not be negative")
@@ -127,7 +129,7 @@ class LocalUserService:
         self._ids_by_name: Bounded[str, UserId] = Bounded(USER_CACHE_SIZE)
         self._blocks: Bounded[UserId, set[UserId]] = Bounded(BLOCK_CACHE_SIZE)
         self._block_loads: dict[UserId, asyncio.Task[set[UserId]]] = {}
-        self._presence = Presence(store, clock)
+        self._presence = Presence(store, clock, online or MemoryOnlineStore())
         self._last_purge = clock()
 
     # --- password hashing, off the event loop -----------------------------------------
@@ -436,12 +438,13 @@ class LocalUserService:
     async def set_online(self, user: UserId) -> PresenceInfo:
         """Mark the user online (their first live session opened)."""
         await self.get_user(user)
-        return self._presence.set_online(user)
+        return await self._presence.set_online(user)
 
     async def set_offline(self, user: UserId) -> PresenceInfo:
-        """Mark the user offline and store ``last_seen`` = now."""
+        """Mark the user offline and store ``last_seen`` = now; the answer says
+        ``online`` when another gateway instance still holds a live session."""
         await self.get_user(user)
-        return self._presence.set_offline(user)
+        return await self._presence.set_offline(user)
 
     async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
         """Presence of each known user among ``users``, in the order asked.
@@ -524,12 +527,14 @@ async def open_user_service(
     argon2_time_cost: int = 2,
     admins: Iterable[str] = (),
     read_url: str | None = None,
+    online: OnlineStore | None = None,
 ) -> LocalUserService:
     """Migrate the database at ``url`` to the latest schema and start the service on it.
 
     Stored hashes made with other argon2 parameters keep verifying; they are re-hashed
     with the current ones at the next successful login. ``read_url``: a replica the
-    user directory listing (``list_users``) is read from.
+    user directory listing (``list_users``) is read from. ``online``: the online set
+    (in memory by default).
     """
     await upgrade(url, MIGRATIONS)
     hasher = default_hasher(argon2_memory_kib, argon2_time_cost)
@@ -545,4 +550,5 @@ async def open_user_service(
         hasher=hasher,
         dummy_hash=dummy,
         admins=admins,
+        online=online,
     )
