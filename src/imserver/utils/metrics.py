@@ -175,7 +175,8 @@ class Metrics(Collector):
         )
         yield CounterMetricFamily(
             "imserver_bus_gaps",
-            "Positions missing on a live-bus channel; its sessions were closed with resync",
+            "Live-bus losses (missing positions, a broken broker connection); "
+            "the sessions concerned were closed with resync",
             value=self.bus_gaps.value,
         )
 
