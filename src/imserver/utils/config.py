@@ -219,6 +219,23 @@ class PushConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     apns: ApnsConfig = msgspec.field(default_factory=ApnsConfig)
 
 
+class RpcConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Calls between services over gRPC (the distributed mode): deadlines and retries."""
+
+    deadline: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Seconds a unary call may take, each attempt, before it fails ``unavailable``."""
+    stream_deadline: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    """Seconds a server-streaming call (a download's bytes) may take in all."""
+    upload_deadline: Annotated[float, msgspec.Meta(gt=0)] = 900.0
+    """Seconds a client-streaming call (an upload) may take in all."""
+    retry_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    """Attempts of an idempotent call that fails in transport (1: no retry)."""
+    retry_backoff: Annotated[float, msgspec.Meta(gt=0)] = 0.05
+    """Seconds of the first retry's backoff ceiling; it doubles per attempt."""
+    retry_backoff_max: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    """Seconds the backoff ceiling never exceeds."""
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every setting of ``imserver serve``."""
 
@@ -242,6 +259,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
     files: FilesConfig = msgspec.field(default_factory=FilesConfig)
     push: PushConfig = msgspec.field(default_factory=PushConfig)
+    rpc: RpcConfig = msgspec.field(default_factory=RpcConfig)
 
 
 def _parse_env_value(raw: str) -> Any:
