@@ -7,9 +7,11 @@ error the service raised (:mod:`imserver.rpc.status`). The shapes are those of t
 loopback:
 
 - **unary** (``async def``): awaited;
-- **future** (``def m(...) -> Awaitable[X]``): answers an :class:`asyncio.Future`
-  (a task running the call), so the gateway's done-callback path is the same as
-  over a local service;
+- **future** (``def m(...) -> Awaitable[X]``): answers an :class:`asyncio.Future`,
+  so the gateway's done-callback path is the same as over a local service. These
+  are the writes a service queues in call order (``send``…); they go on one ordered
+  stream per endpoint (the ``Writes`` RPC), so writes issued in an order are queued
+  in that order by the service, as in process;
 - **server streaming** (``-> AsyncIterator[X]``): an async iterator of the items,
   the call cancelled when the iterator is closed early;
 - **client streaming** (an ``AsyncIterable[X]`` parameter): the other arguments go
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import typing
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -32,12 +35,12 @@ from typing import Any, TypeVar
 import grpc
 
 from imserver.rpc.apis import service_of
-from imserver.rpc.codec import MethodCodec, method_codec
+from imserver.rpc.codec import MethodCodec, WritesCodec, method_codec, writes_codec
 from imserver.rpc.policy import CallPolicy, idempotent
-from imserver.rpc.status import error_from, is_transport_failure
-from imserver.rpc.upstream import Upstream
+from imserver.rpc.status import error_from, error_of_details, is_transport_failure
+from imserver.rpc.upstream import Endpoint, Upstream
 from imserver.services.loopback import protocol_methods
-from imserver.utils.errors import Unavailable
+from imserver.utils.errors import IMError, Unavailable
 
 P = TypeVar("P")
 
@@ -75,6 +78,89 @@ class _Callables:
         return found
 
 
+class _Writes:
+    """One ordered stream of future-shaped calls to one endpoint (the ``Writes`` RPC).
+
+    Calls are written in the order they are issued; results come back tagged with
+    their id, in any order. Each call has its own deadline (a timer); a failure of
+    the stream fails every call still waiting, and the next call opens a new
+    stream."""
+
+    def __init__(self, codec: WritesCodec, endpoint: Endpoint, policy: CallPolicy) -> None:
+        self._codec = codec
+        self._endpoint = endpoint
+        self._deadline = policy.deadline
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._pending: dict[int, tuple[str, asyncio.Future[Any], asyncio.TimerHandle]] = {}
+        self._ids = itertools.count(1)
+        self.broken = False
+        requests: Any = self._requests()
+        self._call: Any = endpoint.channel.stream_stream(codec.path)(requests)
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _requests(self) -> AsyncIterator[bytes]:
+        while (data := await self._queue.get()) is not None:
+            yield data
+
+    def submit(self, name: str, values: dict[str, Any]) -> asyncio.Future[Any]:
+        """Send one call; its future resolves with the result or the error."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        call_id = next(self._ids)
+        try:
+            data = self._codec.encode_call(call_id, name, values)
+        except Exception as exc:
+            future.set_exception(exc)
+            return future
+        timer = self._loop.call_later(self._deadline, self._expire, call_id)
+        self._pending[call_id] = (name, future, timer)
+        self._queue.put_nowait(data)
+        return future
+
+    def _expire(self, call_id: int) -> None:
+        entry = self._pending.pop(call_id, None)
+        if entry is not None and not entry[1].done():
+            self._endpoint.failed()
+            entry[1].set_exception(Unavailable("a service did not answer in time"))
+
+    async def _read(self) -> None:
+        error: IMError = Unavailable("a service closed its stream of writes")
+        transport = True
+        try:
+            async for data in self._call:
+                call_id, name, payload = self._codec.decode_result(data)
+                entry = self._pending.pop(call_id, None)
+                if entry is None:
+                    continue
+                entry[2].cancel()
+                future = entry[1]
+                self._endpoint.succeeded()
+                if future.done():
+                    continue
+                if name is None:
+                    future.set_exception(error_of_details(payload))
+                else:
+                    try:
+                        future.set_result(self._codec.methods[name].decode_response(payload))
+                    except Exception as exc:
+                        future.set_exception(exc)
+        except grpc.aio.AioRpcError as failure:
+            error = error_from(failure)
+            transport = is_transport_failure(failure)
+        except asyncio.CancelledError:
+            error = Unavailable("the stream of writes was cancelled")
+        finally:
+            self.broken = True
+            self._queue.put_nowait(None)
+            if self._pending and transport:
+                self._endpoint.failed()
+            for _, future, timer in self._pending.values():
+                timer.cancel()
+                if not future.done():
+                    future.set_exception(error)
+            self._pending.clear()
+
+
 class GrpcClient:
     """An object with a Protocol's methods, each a gRPC call (see the module
     docstring)."""
@@ -84,6 +170,8 @@ class GrpcClient:
         self.upstream = upstream
         self.policy = policy
         self._callables = _Callables()
+        self._writes_codec = writes_codec(proto)
+        self._writes: dict[str, _Writes] = {}
         api = _api_name(proto)
         for name, fn in protocol_methods(proto).items():
             codec = method_codec(proto, name)
@@ -122,13 +210,17 @@ class GrpcClient:
 
             return unary
         if shape == "future":
+            name = codec.method.name
 
             def future(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-                async def call() -> Any:
-                    request = codec.encode_request(bind(args, kwargs))
-                    return await self._unary(codec, request, retry)
-
-                return asyncio.ensure_future(call())
+                try:
+                    values = bind(args, kwargs)
+                    endpoint = self.upstream.pick()
+                except Exception as exc:
+                    refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                    refused.set_exception(exc)
+                    return refused
+                return self._writes_to(endpoint).submit(name, values)
 
             return future
         if shape == "server_stream":
@@ -145,6 +237,13 @@ class GrpcClient:
             return await self._client_stream(codec, values, items)
 
         return client_stream
+
+    def _writes_to(self, endpoint: Endpoint) -> _Writes:
+        writes = self._writes.get(endpoint.key)
+        if writes is None or writes.broken:
+            assert self._writes_codec is not None
+            writes = self._writes[endpoint.key] = _Writes(self._writes_codec, endpoint, self.policy)
+        return writes
 
     async def _unary(self, codec: MethodCodec, request: bytes, retry: bool) -> Any:
         attempts = self.policy.retry_attempts if retry else 1

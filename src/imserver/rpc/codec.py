@@ -15,8 +15,8 @@ from google.protobuf.message import Message as ProtoMessage
 
 from imserver.rpc.apis import service_of
 from imserver.rpc.convert import Decoder, Encoder, message_class
-from imserver.rpc.schema import Method, Scalar, Service
-from imserver.services.loopback import refused_request
+from imserver.rpc.schema import WRITE_ERROR, WRITES, Message, Method, Scalar, Service
+from imserver.services.loopback import protocol_methods, refused_request
 from imserver.utils.errors import BadRequest
 
 
@@ -37,15 +37,16 @@ class MethodCodec:
         self._fields = method.params
         self._result = method.result
         self._void = method.result is None or method.result is type(None)
-        self.part_cls: type[ProtoMessage] | None = None
+        self.part_cls: Any = None
         self._item_plain = False
         if method.stream_item is not None:
             self.part_cls = message_class(file, method.stream_item.name)
             item_field = method.stream_item.fields[1]
             self._item_name = item_field.name
             self._item_plain = isinstance(item_field.kind, Scalar)
-            self._part = Encoder(self.part_cls, method.stream_item)
-            self._part_read = Decoder(method.stream_item).read
+            items_only = Message(method.stream_item.name, [item_field])
+            self._part = Encoder(self.part_cls, items_only)
+            self._part_read = Decoder(items_only).read
             self._item_hint = method.stream_hint
 
     # --- requests ---
@@ -90,12 +91,28 @@ class MethodCodec:
             return b""
         return self._response.encode({"value": value}).SerializeToString()
 
-    def decode_response(self, data: bytes) -> Any:
-        """The result of a response."""
+    def decode_response(self, data: bytes | ProtoMessage) -> Any:
+        """The result of a response (its bytes, or the message nested in a write's)."""
         if self._void:
             return None
-        builtins = self._response_read(self.response_cls.FromString(data)).get("value")
-        return msgspec.convert(builtins, self._result)
+        message = self.response_cls.FromString(data) if isinstance(data, bytes) else data
+        return msgspec.convert(self._response_read(message).get("value"), self._result)
+
+    # --- the ordered writes (see WritesCodec) ---
+
+    def request_fields(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The request of ``values`` as the constructor input of a nested message."""
+        try:
+            return self._request.builtins(values)
+        except (TypeError, ValueError, OverflowError):
+            self.validate(values)
+            raise
+
+    def response_fields(self, value: Any) -> dict[str, Any]:
+        """A result as the constructor input of a nested message."""
+        if self._void:
+            return {}
+        return self._response.builtins({"value": value})
 
     # --- client-stream parts ---
 
@@ -103,7 +120,8 @@ class MethodCodec:
         """A client stream's first part: the call's other arguments."""
         assert self.part_cls is not None
         try:
-            return self.part_cls(args=self._request.encode(values))  # type: ignore[call-arg]
+            part: ProtoMessage = self.part_cls(args=self._request.encode(values))
+            return part
         except (TypeError, ValueError, OverflowError):
             self.validate(values)
             raise
@@ -112,7 +130,8 @@ class MethodCodec:
         """A client stream's item as a part."""
         assert self.part_cls is not None
         if self._item_plain:
-            return self.part_cls(**{self._item_name: item})
+            part: ProtoMessage = self.part_cls(**{self._item_name: item})
+            return part
         return self._part.encode({self._item_name: item})
 
     def decode_part(self, data: bytes) -> tuple[dict[str, Any] | None, Any]:
@@ -121,7 +140,7 @@ class MethodCodec:
         part = self.part_cls.FromString(data)
         which = part.WhichOneof("part")
         if which == "args":
-            return self.decode_request(part.args), None  # type: ignore[attr-defined]
+            return self.decode_request(part.args), None
         if which is None:
             raise BadRequest("empty stream part")
         if self._item_plain:
@@ -134,3 +153,59 @@ def method_codec(proto: type, name: str) -> MethodCodec:
     """The codec of method ``name`` of the API that serves ``proto`` (built once)."""
     service = service_of(proto)
     return MethodCodec(service, service.methods[name])
+
+
+class WritesCodec:
+    """The ordered writes of a service: its future-shaped calls on one stream, each
+    request and result tagged with the call's ``id`` (``schema.WRITES``)."""
+
+    def __init__(self, proto: type) -> None:
+        service = service_of(proto)
+        self.path = f"/{service.full_name}/{WRITES}"
+        self.request_cls = message_class(service.file, f"{WRITES}Request")
+        self.response_cls = message_class(service.file, f"{WRITES}Response")
+        self.methods = {m.name: method_codec(proto, m.name) for m in service.writes}
+
+    def encode_call(self, call_id: int, name: str, values: dict[str, Any]) -> bytes:
+        """One call of method ``name`` (``bad_request`` if ``values`` cannot be sent)."""
+        fields = self.methods[name].request_fields(values)
+        data: bytes = self.request_cls(id=call_id, **{name: fields}).SerializeToString()
+        return data
+
+    def decode_call(self, data: bytes) -> tuple[int, str | None, ProtoMessage | None]:
+        """``(id, method, request)`` of a call (``None`` for an unknown method)."""
+        message = self.request_cls.FromString(data)
+        name = message.WhichOneof("call")
+        if name is None or name not in self.methods:
+            return message.id, None, None
+        return message.id, name, getattr(message, name)
+
+    def encode_result(self, call_id: int, name: str, value: Any) -> bytes:
+        """The result of call ``call_id``."""
+        fields = self.methods[name].response_fields(value)
+        data: bytes = self.response_cls(id=call_id, **{name: fields}).SerializeToString()
+        return data
+
+    def encode_error(self, call_id: int, details: bytes) -> bytes:
+        """The failure of call ``call_id`` (an error's details, as MessagePack)."""
+        data: bytes = self.response_cls(id=call_id, **{WRITE_ERROR: details}).SerializeToString()
+        return data
+
+    def decode_result(self, data: bytes) -> tuple[int, str | None, Any]:
+        """``(id, method or None for an error, result message or error details)``."""
+        message = self.response_cls.FromString(data)
+        which = message.WhichOneof("result")
+        call_id: int = message.id
+        if which == WRITE_ERROR or which is None:
+            return call_id, None, getattr(message, WRITE_ERROR)
+        return call_id, which, getattr(message, which)
+
+
+@functools.cache
+def writes_codec(proto: type) -> WritesCodec | None:
+    """The ordered writes of the API serving ``proto``, if it has any."""
+    service = service_of(proto)
+    wanted = set(protocol_methods(proto))
+    if not any(m.name in wanted for m in service.writes):
+        return None
+    return WritesCodec(proto)

@@ -19,7 +19,6 @@ that breaks a constraint is refused as ``bad_request`` naming its field.
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable
 from operator import attrgetter
@@ -29,7 +28,7 @@ from typing import Any
 import msgspec
 from google.protobuf.message import Message as ProtoMessage
 
-from imserver.rpc.apis import COMMON, PACKAGE
+from imserver.rpc.apis import PACKAGE
 from imserver.rpc.schema import (
     Field,
     Kind,
@@ -58,10 +57,10 @@ def generated(file: str) -> ModuleType:
     return importlib.import_module(f"{PACKAGE}.generated.{file}_pb2")
 
 
-def message_class(file: str, name: str) -> type[ProtoMessage]:
-    """The generated class of message ``name`` of ``<file>.proto``."""
-    cls: type[ProtoMessage] = getattr(generated(file), name)
-    return cls
+def message_class(file: str, name: str) -> Any:
+    """The generated class of message ``name`` of ``<file>.proto`` (typed ``Any``:
+    its constructor takes the message's fields as keywords)."""
+    return getattr(generated(file), name)
 
 
 # --- to protobuf ---------------------------------------------------------------------
@@ -93,10 +92,7 @@ class _Fixes:
                 return None
             return lambda v: [item(x) for x in v]
         if isinstance(kind, MapOf):
-            value = self.kind(kind.value)
-            if value is None:
-                return None
-            return lambda v: {k: value(x) for k, x in v.items()}
+            return _entries(self.kind(kind.value))
         raise TypeError(kind)
 
     def struct(self, ref: MessageRef) -> Fix:
@@ -139,6 +135,12 @@ class _Fixes:
         return fix
 
 
+def _entries(fix: Fix) -> Fix:
+    if fix is None:
+        return lambda v: [{"key": k, "value": x} for k, x in v.items()]
+    return lambda v: [{"key": k, "value": fix(x)} for k, x in v.items()]
+
+
 def _unless_none(fix: Callable[[Any], Any]) -> Fix:
     return lambda v: None if v is None else fix(v)
 
@@ -177,10 +179,14 @@ class Encoder:
     def encode(self, values: dict[str, Any]) -> ProtoMessage:
         """The message of ``values`` (raises ``TypeError``/``ValueError`` for a value
         protobuf cannot hold, such as an int past 64 bits)."""
-        builtins = msgspec.to_builtins(values, builtin_types=(bytes,))
+        return self.cls(**self.builtins(values))
+
+    def builtins(self, values: dict[str, Any]) -> dict[str, Any]:
+        """What the constructor takes for ``values`` (to nest in another message)."""
+        builtins: dict[str, Any] = msgspec.to_builtins(values, builtin_types=(bytes,))
         if self._fix is not None:
             builtins = self._fix(builtins)
-        return self.cls(**builtins)
+        return builtins
 
 
 # --- from protobuf -------------------------------------------------------------------
@@ -215,8 +221,8 @@ class _Reads:
         if isinstance(kind, MapOf):
             value = self.kind(kind.value)
             if value is None:
-                return dict
-            return lambda c: {k: value(x) for k, x in c.items()}
+                return lambda c: {e.key: e.value for e in c}
+            return lambda c: {e.key: value(e.value) for e in c}
         raise TypeError(kind)
 
     def struct(self, ref: MessageRef) -> Read:
@@ -293,9 +299,3 @@ class Decoder:
 
     def __init__(self, message: Message) -> None:
         self.read = _READS.fields(message.fields)
-
-
-@functools.cache
-def common_message(name: str) -> type[ProtoMessage]:
-    """The generated class of a common message."""
-    return message_class(COMMON, name)

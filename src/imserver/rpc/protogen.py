@@ -28,7 +28,9 @@ from pathlib import Path
 
 from imserver.rpc.apis import COMMON, PACKAGE, Schema, schema
 from imserver.rpc.schema import (
+    WRITES,
     Kind,
+    MapOf,
     Message,
     MessageRef,
     Optional,
@@ -109,13 +111,13 @@ def type_of(kind: Kind, local: set[str]) -> str:
         return type_of(kind.inner, local)
     if isinstance(kind, Repeated):
         return type_of(kind.item, local)
-    return f"map<string, {type_of(kind.value, local)}>"
+    return kind.entry if kind.entry in local else _ref(kind.entry)
 
 
 def field_type(kind: Kind, local: set[str]) -> str:
     """The full type of a field of ``kind``: ``optional``/``repeated``/``map`` included."""
-    if isinstance(kind, Repeated):
-        return f"repeated {type_of(kind.item, local)}"
+    if isinstance(kind, Repeated | MapOf):
+        return f"repeated {type_of(kind, local)}"
     if isinstance(kind, Optional) and isinstance(kind.inner, Scalar | Packed):
         return f"optional {type_of(kind.inner, local)}"
     return type_of(kind, local)
@@ -133,17 +135,21 @@ def render_message(message: Message, package: str, lock: FieldLock, local: set[s
         lines.append("  }")
         present = {name for name, _, _ in message.oneof.variants}
     else:
+        for f in message.head:
+            proto_type = field_type(f.kind, local)
+            number = lock.number(qualified, f.name, proto_type)
+            lines.append(f"  {proto_type} {f.name} = {number};")
         indent = "  "
-        if message.part:
-            lines.append("  oneof part {")
+        if message.oneof_name:
+            lines.append(f"  oneof {message.oneof_name} {{")
             indent = "    "
         for f in message.fields:
             proto_type = field_type(f.kind, local)
             number = lock.number(qualified, f.name, proto_type)
             lines.append(f"{indent}{proto_type} {f.name} = {number};")
-        if message.part:
+        if message.oneof_name:
             lines.append("  }")
-        present = {f.name for f in message.fields}
+        present = {f.name for f in [*message.head, *message.fields]}
     for name, number in lock.retired(qualified, present):
         lines.append(f'  reserved {number};\n  reserved "{name}";')
     lines.append("}")
@@ -167,7 +173,7 @@ def render(the_schema: Schema, lock: FieldLock) -> dict[str, str]:
         local = {m.name for m in messages}
         body = [render_message(m, package, lock, local) for m in messages]
         for service in services:
-            body.append(_service(service.name, service.methods.values()))
+            body.append(_service(service.name, service.methods.values(), bool(service.writes)))
         files[f"{file}.proto"] = _file(package, [f"imserver/rpc/{COMMON}.proto"], body)
     return files
 
@@ -180,8 +186,10 @@ def _file(package: str, imports: list[str], body: list[str]) -> str:
     return "\n".join(head) + "\n" + "\n\n".join(body) + "\n"
 
 
-def _service(name: str, methods: object) -> str:
+def _service(name: str, methods: object, writes: bool) -> str:
     lines = [f"service {name} {{"]
+    if writes:
+        lines.append(f"  rpc {WRITES}(stream {WRITES}Request) returns (stream {WRITES}Response);")
     for m in methods:  # type: ignore[attr-defined]
         request = f"stream {m.rpc}Part" if m.shape == "client_stream" else m.request.name
         response = m.response.name

@@ -18,7 +18,9 @@ How a type hint becomes a protobuf field (:class:`Kind`):
 - a union of tagged structs (ops, events): a message with a ``oneof`` of its
   variants, each named by its tag.
 - ``list``, ``tuple``, ``set``, ``Sequence``, ``Iterable``: ``repeated``;
-  ``dict`` with ``str`` keys: ``map<string, …>``.
+  ``dict`` with ``str`` keys: ``repeated <Value>Entry {key, value}``, which is a
+  ``map<string, …>`` on the wire but keeps the order of the keys (a Python
+  ``map`` reader does not, and some answers are ordered).
 - ``X | None``, and any field with a default: proto3 ``optional`` (or a message
   field, which has presence), so ``None`` and an absent default stay apart.
 - anything holding ``Any`` (``send.meta``, a push target) and any other union:
@@ -107,9 +109,14 @@ class Repeated:
 
 @dataclass(frozen=True)
 class MapOf:
-    """A ``map<string, value>`` field."""
+    """A dict with ``str`` keys: a repeated ``entry`` message (``key``, ``value``).
+
+    On the wire that is exactly a ``map<string, value>``, but a Python reader of a
+    ``map`` loses the order of its keys, and some answers are ordered dicts
+    (``get_users`` answers in the order asked)."""
 
     value: Kind
+    entry: str
 
 
 @dataclass(frozen=True)
@@ -154,8 +161,10 @@ class Message:
     name: str
     fields: list[Field]
     oneof: UnionRef | None = None
-    part: bool = False
-    """The fields are one ``oneof part`` (a client stream's part: args, then items)."""
+    oneof_name: str | None = None
+    """The fields are one ``oneof`` of this name (a client stream's part, a call or
+    result of the ordered writes), after the ``head`` fields."""
+    head: list[Field] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,9 @@ class Service:
     package: str
     methods: dict[str, Method]
     messages: list[Message] = field(default_factory=list)
+    writes: list[Method] = field(default_factory=list)
+    """The future-shaped methods (writes whose order of issue is kept): they also
+    cross on one ordered stream, the ``Writes`` RPC."""
 
     @property
     def full_name(self) -> str:
@@ -260,7 +272,13 @@ class Registry:
         if origin in _DICTS:
             if _strip(args[0]) is not str:
                 return Packed(hint)
-            return MapOf(self._nested(self.kind(args[1])))
+            value = self._nested(self.kind(args[1]))
+            entry = _kind_name(value) + "Entry"
+            if entry not in self.messages:
+                self.messages[entry] = Message(
+                    entry, [Field("key", "key", Scalar("string")), Field("value", "value", value)]
+                )
+            return MapOf(value, entry)
         raise TypeError(f"no protobuf form for {hint!r}")
 
     def _union(self, hint: Any, args: tuple[Any, ...]) -> Kind:
@@ -364,7 +382,30 @@ def read_service(registry: Registry, proto: type, name: str, file: str, package:
     service = Service(proto, name, file, package, {})
     for method_name, fn in sorted(protocol_methods(proto).items()):
         service.methods[method_name] = _read_method(registry, service, method_name, fn)
+    service.writes = [m for m in service.methods.values() if m.shape == "future"]
+    if service.writes:
+        calls = [Field(m.name, m.name, _local(m.request.name)) for m in service.writes]
+        results = [Field(m.name, m.name, _local(m.response.name)) for m in service.writes]
+        results.append(Field(WRITE_ERROR, WRITE_ERROR, Scalar("bytes")))
+        head = [Field("id", "id", Scalar("uint64"))]
+        service.messages += [
+            Message(f"{WRITES}Request", calls, oneof_name="call", head=head),
+            Message(f"{WRITES}Response", results, oneof_name="result", head=head),
+        ]
     return service
+
+
+WRITES = "Writes"
+"""The RPC of a service's ordered writes (``stream WritesRequest`` →
+``stream WritesResponse``, matched by ``id``)."""
+WRITE_ERROR = "error"
+"""The result field of a write that failed: the error's details as MessagePack (the
+bytes a unary call carries in its trailing metadata)."""
+
+
+def _local(name: str) -> MessageRef:
+    """A message of the service's own file (no struct behind it)."""
+    return MessageRef(name, msgspec.Struct)
 
 
 def _read_method(registry: Registry, service: Service, name: str, fn: Any) -> Method:
@@ -406,12 +447,12 @@ def _read_method(registry: Registry, service: Service, name: str, fn: Any) -> Me
     service.messages.extend([request, response])
     stream_item: Message | None = None
     if stream_param is not None:
-        stream_item = Message(f"{rpc}Part", [], part=True)
+        stream_item = Message(f"{rpc}Part", [], oneof_name="part")
         kind = registry.kind(stream_hint)
         if not nestable(kind):
             raise TypeError(f"{service.name}.{name}: stream items must be one message or scalar")
         stream_item.fields = [
-            Field("args", "args", MessageRef(request.name, msgspec.Struct)),
+            Field("args", "args", _local(request.name)),
             Field(stream_param, stream_param, kind),
         ]
         service.messages.append(stream_item)

@@ -10,12 +10,20 @@ service), calls the local method, and encodes the result. An :class:`IMError` is
 answered with its status and details (:mod:`imserver.rpc.status`); any other
 exception is logged with its traceback and answered ``internal``.
 
+The future-shaped methods (``send``, ``edit``…: writes the local service queues in
+the order it is called) are also served on one bidirectional stream, ``Writes``:
+the calls of one client arrive in the order it issued them and are made in that
+order, so the order of a caller's concurrent writes survives the process boundary
+as it does in process (separate RPCs are dispatched in no set order).
+
 Requests and responses cross the handler as bytes (no serializer of grpc's): the
 decoding is ours, so a malformed request is our ``bad_request``, not gRPC's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,10 +31,11 @@ from typing import Any
 import grpc
 
 from imserver.rpc.apis import service_of
-from imserver.rpc.codec import MethodCodec, method_codec
-from imserver.rpc.status import status_of, trailers_of
+from imserver.rpc.codec import MethodCodec, WritesCodec, method_codec, writes_codec
+from imserver.rpc.schema import WRITES
+from imserver.rpc.status import details_bytes, status_of, trailers_of
 from imserver.services.loopback import protocol_methods
-from imserver.utils.errors import BadRequest, IMError, Internal
+from imserver.utils.errors import BadRequest, IMError, Internal, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +130,90 @@ def _client_stream(codec: MethodCodec, target: Callable[..., Any]) -> Any:
     return grpc.stream_unary_rpc_method_handler(handle)
 
 
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    # gRPC core cancels the calls of a burst past 1,000 that wait to be taken by the
+    # server (``max_pending_requests``); the asyncio server takes them one at a time,
+    # so a gateway's burst of sends would be answered ``cancelled``. Calls waiting
+    # here are bounded by their deadlines instead.
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+"""The options of every gRPC server of a service."""
+
+
+def make_server(*services: tuple[type, object]) -> grpc.aio.Server:
+    """A ``grpc.aio`` server serving each ``(Protocol, local)`` pair (ports are added
+    and the server started by the caller)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers([service_handler(proto, local) for proto, local in services])
+    return server
+
+
+def _writes(codec: WritesCodec, local: object) -> Any:
+    """The ordered writes: each call is made in the order it arrives on the stream
+    (so the local service queues them in that order), its result sent when its
+    future resolves, in whatever order that is."""
+    targets = {name: getattr(local, name, None) for name in codec.methods}
+
+    async def handle(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        state = {"pending": 0, "reading": 1}
+
+        def finished(call_id: int, name: str, done: asyncio.Future[Any]) -> None:
+            state["pending"] -= 1
+            if done.cancelled():
+                out.put_nowait(codec.encode_error(call_id, details_bytes(Unavailable("cancelled"))))
+            elif (exc := done.exception()) is not None:
+                out.put_nowait(codec.encode_error(call_id, details_bytes(_failure(exc, name))))
+            else:
+                try:
+                    out.put_nowait(codec.encode_result(call_id, name, done.result()))
+                except Exception as encode_failure:
+                    error = _failure(encode_failure, name)
+                    out.put_nowait(codec.encode_error(call_id, details_bytes(error)))
+            if not state["reading"] and not state["pending"]:
+                out.put_nowait(None)
+
+        async def read() -> None:
+            try:
+                async for data in requests:
+                    call_id, name, message = codec.decode_call(data)
+                    target = targets.get(name) if name else None
+                    if name is None or target is None:
+                        error = BadRequest("unknown write")
+                        out.put_nowait(codec.encode_error(call_id, details_bytes(error)))
+                        continue
+                    assert message is not None
+                    try:
+                        call = target(**codec.methods[name].decode_request(message))
+                    except Exception as exc:
+                        out.put_nowait(
+                            codec.encode_error(call_id, details_bytes(_failure(exc, name)))
+                        )
+                        continue
+                    state["pending"] += 1
+                    asyncio.ensure_future(call).add_done_callback(
+                        functools.partial(finished, call_id, name)
+                    )
+            finally:
+                state["reading"] = 0
+                if not state["pending"]:
+                    out.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+
+    return grpc.stream_stream_rpc_method_handler(handle)
+
+
 def service_handler(proto: type, local: object) -> grpc.GenericRpcHandler:
     """A generic handler serving ``local`` (an implementation of ``proto``)."""
     service = service_of(proto)
@@ -137,4 +230,7 @@ def service_handler(proto: type, local: object) -> grpc.GenericRpcHandler:
             handlers[codec.method.rpc] = _server_stream(codec, target)
         else:
             handlers[codec.method.rpc] = _client_stream(codec, target)
+    writes = writes_codec(proto)
+    if writes is not None:
+        handlers[WRITES] = _writes(writes, local)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

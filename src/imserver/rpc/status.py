@@ -66,9 +66,22 @@ _ENCODER = msgspec.msgpack.Encoder()
 _ERROR_DECODER = msgspec.msgpack.Decoder(ErrorData)
 
 
+def details_bytes(exc: IMError) -> bytes:
+    """The details of ``exc`` as they cross (never its ``rid``)."""
+    return _ENCODER.encode(error_data(exc))
+
+
+def error_of_details(details: bytes) -> IMError:
+    """The error whose details are ``details``."""
+    try:
+        return raise_error(_ERROR_DECODER.decode(details))
+    except msgspec.DecodeError:
+        return Internal("malformed error details from a service")
+
+
 def trailers_of(exc: IMError) -> tuple[tuple[str, bytes]]:
-    """The trailing metadata that carries ``exc`` (never its ``rid``)."""
-    return ((ERROR_KEY, _ENCODER.encode(error_data(exc))),)
+    """The trailing metadata that carries ``exc``."""
+    return ((ERROR_KEY, details_bytes(exc)),)
 
 
 def status_of(exc: IMError) -> grpc.StatusCode:
@@ -96,14 +109,11 @@ def error_from(error: grpc.aio.AioRpcError) -> IMError:
     """The :class:`IMError` a failed call raises on the client's side."""
     details = details_of(error)
     if details is not None:
-        try:
-            return raise_error(_ERROR_DECODER.decode(details))
-        except msgspec.DecodeError:
-            return Internal("malformed error details from a service")
-    code = CODE_OF_FOREIGN.get(error.code(), "internal")
-    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return error_of_details(details)
+    status = error.code()
+    code = CODE_OF_FOREIGN.get(status, "internal")
+    if status == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable("a service did not answer in time")
     if code == "unavailable":
-        return Unavailable("a service is unavailable")
-    cls = ERRORS_BY_CODE[code]
-    return cls(error.details() or code)
+        return Unavailable(f"a service is unavailable ({status.name.lower()})")
+    return ERRORS_BY_CODE[code](error.details() or code)

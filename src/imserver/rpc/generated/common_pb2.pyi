@@ -96,6 +96,29 @@ class User(_message.Message):
 Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
+class UserEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def value(self) -> Global___User: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: Global___User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserEntry: _TypeAlias = UserEntry  # noqa: Y015
+
+@_typing.final
 class LoginResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -344,37 +367,39 @@ class StringList(_message.Message):
 Global___StringList: _TypeAlias = StringList  # noqa: Y015
 
 @_typing.final
-class StringListMap(_message.Message):
+class StringListEntry(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class ValueEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> Global___StringList: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: Global___StringList | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
+    KEY_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
     @_builtins.property
-    def value(self) -> _containers.MessageMap[_builtins.str, Global___StringList]: ...
+    def value(self) -> Global___StringList: ...
     def __init__(
         self,
         *,
-        value: _abc.Mapping[_builtins.str, Global___StringList] | None = ...,
+        key: _builtins.str = ...,
+        value: Global___StringList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StringListEntry: _TypeAlias = StringListEntry  # noqa: Y015
+
+@_typing.final
+class StringListMap(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def value(self) -> _containers.RepeatedCompositeFieldContainer[Global___StringListEntry]: ...
+    def __init__(
+        self,
+        *,
+        value: _abc.Iterable[Global___StringListEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -529,6 +554,46 @@ class Members(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
 
 Global___Members: _TypeAlias = Members  # noqa: Y015
+
+@_typing.final
+class RoomPost(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
+    NOTIFY_FIELD_NUMBER: _builtins.int
+    CID_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    body: _builtins.str
+    meta: _builtins.bytes
+    cid: _builtins.str
+    @_builtins.property
+    def notify(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def members(self) -> Global___Members: ...
+    def __init__(
+        self,
+        *,
+        body: _builtins.str = ...,
+        meta: _builtins.bytes | None = ...,
+        notify: _abc.Iterable[_builtins.str] | None = ...,
+        cid: _builtins.str | None = ...,
+        members: Global___Members | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cid", b"_cid", "_meta", b"_meta", "cid", b"cid", "members", b"members", "meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cid", b"_cid", "_meta", b"_meta", "body", b"body", "cid", b"cid", "members", b"members", "meta", b"meta", "notify", b"notify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cid: _TypeAlias = _typing.Literal["cid"]  # noqa: Y015
+    _WhichOneofArgType__cid: _TypeAlias = _typing.Literal["_cid", b"_cid"]  # noqa: Y015
+    _WhichOneofReturnType__meta: _TypeAlias = _typing.Literal["meta"]  # noqa: Y015
+    _WhichOneofArgType__meta: _TypeAlias = _typing.Literal["_meta", b"_meta"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cid) -> _WhichOneofReturnType__cid | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__meta) -> _WhichOneofReturnType__meta | None: ...
+
+Global___RoomPost: _TypeAlias = RoomPost  # noqa: Y015
 
 @_typing.final
 class React(_message.Message):
@@ -743,6 +808,28 @@ class CommittedMessage(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__id) -> _WhichOneofReturnType__id | None: ...
 
 Global___CommittedMessage: _TypeAlias = CommittedMessage  # noqa: Y015
+
+@_typing.final
+class Int64Entry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Int64Entry: _TypeAlias = Int64Entry  # noqa: Y015
 
 @_typing.final
 class RoomCreate(_message.Message):
@@ -1039,6 +1126,29 @@ class FileRef(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__thumb_url) -> _WhichOneofReturnType__thumb_url | None: ...
 
 Global___FileRef: _TypeAlias = FileRef  # noqa: Y015
+
+@_typing.final
+class FileRefEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def value(self) -> Global___FileRef: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: Global___FileRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileRefEntry: _TypeAlias = FileRefEntry  # noqa: Y015
 
 @_typing.final
 class Blob(_message.Message):

@@ -25,15 +25,13 @@ _sym_db = _symbol_database.Default()
 from imserver.rpc.generated import common_pb2 as imserver_dot_rpc_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imserver/rpc/file.proto\x12\x11imserver.rpc.file\x1a\x19imserver/rpc/common.proto\"\x0e\n\x0c\x43heckRequest\"\x0f\n\rCheckResponse\"\x10\n\x0e\x43leanupRequest\" \n\x0f\x43leanupResponse\x12\r\n\x05value\x18\x01 \x01(\x03\"\x0e\n\x0c\x43loseRequest\"\x0f\n\rCloseResponse\"#\n\x0f\x46ileRefsRequest\x12\x10\n\x08\x66ile_ids\x18\x01 \x03(\t\"\x9d\x01\n\x10\x46ileRefsResponse\x12=\n\x05value\x18\x01 \x03(\x0b\x32..imserver.rpc.file.FileRefsResponse.ValueEntry\x1aJ\n\nValueEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.imserver.rpc.common.FileRef:\x02\x38\x01\"0\n\x0fOpenFileRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x02 \x01(\t\"<\n\x10OpenFileResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Blob\"1\n\x10OpenThumbRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x02 \x01(\t\">\n\x11OpenThumbResponse\x12)\n\x05value\x18\x01 \x01(\x0b\x32\x1a.imserver.rpc.common.Thumb\"6\n\x0bReadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\"\x1d\n\x0cReadResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\"g\n\rUploadRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04\x63onv\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\rdeclared_size\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_declared_size\">\n\x0eUploadResponse\x12,\n\x05value\x18\x01 \x01(\x0b\x32\x1d.imserver.rpc.common.FileInfo\"V\n\nUploadPart\x12\x30\n\x04\x61rgs\x18\x01 \x01(\x0b\x32 .imserver.rpc.file.UploadRequestH\x00\x12\x0e\n\x04\x62ody\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part2\x92\x05\n\x0b\x46ileService\x12J\n\x05\x43heck\x12\x1f.imserver.rpc.file.CheckRequest\x1a .imserver.rpc.file.CheckResponse\x12P\n\x07\x43leanup\x12!.imserver.rpc.file.CleanupRequest\x1a\".imserver.rpc.file.CleanupResponse\x12J\n\x05\x43lose\x12\x1f.imserver.rpc.file.CloseRequest\x1a .imserver.rpc.file.CloseResponse\x12S\n\x08\x46ileRefs\x12\".imserver.rpc.file.FileRefsRequest\x1a#.imserver.rpc.file.FileRefsResponse\x12S\n\x08OpenFile\x12\".imserver.rpc.file.OpenFileRequest\x1a#.imserver.rpc.file.OpenFileResponse\x12V\n\tOpenThumb\x12#.imserver.rpc.file.OpenThumbRequest\x1a$.imserver.rpc.file.OpenThumbResponse\x12I\n\x04Read\x12\x1e.imserver.rpc.file.ReadRequest\x1a\x1f.imserver.rpc.file.ReadResponse0\x01\x12L\n\x06Upload\x12\x1d.imserver.rpc.file.UploadPart\x1a!.imserver.rpc.file.UploadResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imserver/rpc/file.proto\x12\x11imserver.rpc.file\x1a\x19imserver/rpc/common.proto\"\x0e\n\x0c\x43heckRequest\"\x0f\n\rCheckResponse\"\x10\n\x0e\x43leanupRequest\" \n\x0f\x43leanupResponse\x12\r\n\x05value\x18\x01 \x01(\x03\"\x0e\n\x0c\x43loseRequest\"\x0f\n\rCloseResponse\"#\n\x0f\x46ileRefsRequest\x12\x10\n\x08\x66ile_ids\x18\x01 \x03(\t\"D\n\x10\x46ileRefsResponse\x12\x30\n\x05value\x18\x01 \x03(\x0b\x32!.imserver.rpc.common.FileRefEntry\"0\n\x0fOpenFileRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x02 \x01(\t\"<\n\x10OpenFileResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Blob\"1\n\x10OpenThumbRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07\x66ile_id\x18\x02 \x01(\t\">\n\x11OpenThumbResponse\x12)\n\x05value\x18\x01 \x01(\x0b\x32\x1a.imserver.rpc.common.Thumb\"6\n\x0bReadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\"\x1d\n\x0cReadResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\"g\n\rUploadRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04\x63onv\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x1a\n\rdeclared_size\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_declared_size\">\n\x0eUploadResponse\x12,\n\x05value\x18\x01 \x01(\x0b\x32\x1d.imserver.rpc.common.FileInfo\"V\n\nUploadPart\x12\x30\n\x04\x61rgs\x18\x01 \x01(\x0b\x32 .imserver.rpc.file.UploadRequestH\x00\x12\x0e\n\x04\x62ody\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part2\x92\x05\n\x0b\x46ileService\x12J\n\x05\x43heck\x12\x1f.imserver.rpc.file.CheckRequest\x1a .imserver.rpc.file.CheckResponse\x12P\n\x07\x43leanup\x12!.imserver.rpc.file.CleanupRequest\x1a\".imserver.rpc.file.CleanupResponse\x12J\n\x05\x43lose\x12\x1f.imserver.rpc.file.CloseRequest\x1a .imserver.rpc.file.CloseResponse\x12S\n\x08\x46ileRefs\x12\".imserver.rpc.file.FileRefsRequest\x1a#.imserver.rpc.file.FileRefsResponse\x12S\n\x08OpenFile\x12\".imserver.rpc.file.OpenFileRequest\x1a#.imserver.rpc.file.OpenFileResponse\x12V\n\tOpenThumb\x12#.imserver.rpc.file.OpenThumbRequest\x1a$.imserver.rpc.file.OpenThumbResponse\x12I\n\x04Read\x12\x1e.imserver.rpc.file.ReadRequest\x1a\x1f.imserver.rpc.file.ReadResponse0\x01\x12L\n\x06Upload\x12\x1d.imserver.rpc.file.UploadPart\x1a!.imserver.rpc.file.UploadResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imserver.rpc.file_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILEREFSRESPONSE_VALUEENTRY']._loaded_options = None
-  _globals['_FILEREFSRESPONSE_VALUEENTRY']._serialized_options = b'8\001'
   _globals['_CHECKREQUEST']._serialized_start=73
   _globals['_CHECKREQUEST']._serialized_end=87
   _globals['_CHECKRESPONSE']._serialized_start=89
@@ -48,28 +46,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSERESPONSE']._serialized_end=189
   _globals['_FILEREFSREQUEST']._serialized_start=191
   _globals['_FILEREFSREQUEST']._serialized_end=226
-  _globals['_FILEREFSRESPONSE']._serialized_start=229
-  _globals['_FILEREFSRESPONSE']._serialized_end=386
-  _globals['_FILEREFSRESPONSE_VALUEENTRY']._serialized_start=312
-  _globals['_FILEREFSRESPONSE_VALUEENTRY']._serialized_end=386
-  _globals['_OPENFILEREQUEST']._serialized_start=388
-  _globals['_OPENFILEREQUEST']._serialized_end=436
-  _globals['_OPENFILERESPONSE']._serialized_start=438
-  _globals['_OPENFILERESPONSE']._serialized_end=498
-  _globals['_OPENTHUMBREQUEST']._serialized_start=500
-  _globals['_OPENTHUMBREQUEST']._serialized_end=549
-  _globals['_OPENTHUMBRESPONSE']._serialized_start=551
-  _globals['_OPENTHUMBRESPONSE']._serialized_end=613
-  _globals['_READREQUEST']._serialized_start=615
-  _globals['_READREQUEST']._serialized_end=669
-  _globals['_READRESPONSE']._serialized_start=671
-  _globals['_READRESPONSE']._serialized_end=700
-  _globals['_UPLOADREQUEST']._serialized_start=702
-  _globals['_UPLOADREQUEST']._serialized_end=805
-  _globals['_UPLOADRESPONSE']._serialized_start=807
-  _globals['_UPLOADRESPONSE']._serialized_end=869
-  _globals['_UPLOADPART']._serialized_start=871
-  _globals['_UPLOADPART']._serialized_end=957
-  _globals['_FILESERVICE']._serialized_start=960
-  _globals['_FILESERVICE']._serialized_end=1618
+  _globals['_FILEREFSRESPONSE']._serialized_start=228
+  _globals['_FILEREFSRESPONSE']._serialized_end=296
+  _globals['_OPENFILEREQUEST']._serialized_start=298
+  _globals['_OPENFILEREQUEST']._serialized_end=346
+  _globals['_OPENFILERESPONSE']._serialized_start=348
+  _globals['_OPENFILERESPONSE']._serialized_end=408
+  _globals['_OPENTHUMBREQUEST']._serialized_start=410
+  _globals['_OPENTHUMBREQUEST']._serialized_end=459
+  _globals['_OPENTHUMBRESPONSE']._serialized_start=461
+  _globals['_OPENTHUMBRESPONSE']._serialized_end=523
+  _globals['_READREQUEST']._serialized_start=525
+  _globals['_READREQUEST']._serialized_end=579
+  _globals['_READRESPONSE']._serialized_start=581
+  _globals['_READRESPONSE']._serialized_end=610
+  _globals['_UPLOADREQUEST']._serialized_start=612
+  _globals['_UPLOADREQUEST']._serialized_end=715
+  _globals['_UPLOADRESPONSE']._serialized_start=717
+  _globals['_UPLOADRESPONSE']._serialized_end=779
+  _globals['_UPLOADPART']._serialized_start=781
+  _globals['_UPLOADPART']._serialized_end=867
+  _globals['_FILESERVICE']._serialized_start=870
+  _globals['_FILESERVICE']._serialized_end=1528
 # @@protoc_insertion_point(module_scope)

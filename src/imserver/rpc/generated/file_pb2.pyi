@@ -137,34 +137,13 @@ Global___FileRefsRequest: _TypeAlias = FileRefsRequest  # noqa: Y015
 class FileRefsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class ValueEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> _common_pb2.FileRef: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _common_pb2.FileRef | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     VALUE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def value(self) -> _containers.MessageMap[_builtins.str, _common_pb2.FileRef]: ...
+    def value(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.FileRefEntry]: ...
     def __init__(
         self,
         *,
-        value: _abc.Mapping[_builtins.str, _common_pb2.FileRef] | None = ...,
+        value: _abc.Iterable[_common_pb2.FileRefEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

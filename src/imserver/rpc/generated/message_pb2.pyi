@@ -430,6 +430,49 @@ class PostRoomSystemResponse(_message.Message):
 Global___PostRoomSystemResponse: _TypeAlias = PostRoomSystemResponse  # noqa: Y015
 
 @_typing.final
+class PostRoomSystemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROOM_FIELD_NUMBER: _builtins.int
+    POSTS_FIELD_NUMBER: _builtins.int
+    room: _builtins.str
+    @_builtins.property
+    def posts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.RoomPost]: ...
+    def __init__(
+        self,
+        *,
+        room: _builtins.str = ...,
+        posts: _abc.Iterable[_common_pb2.RoomPost] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["posts", b"posts", "room", b"room"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostRoomSystemsRequest: _TypeAlias = PostRoomSystemsRequest  # noqa: Y015
+
+@_typing.final
+class PostRoomSystemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def value(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SendData]: ...
+    def __init__(
+        self,
+        *,
+        value: _abc.Iterable[_common_pb2.SendData] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostRoomSystemsResponse: _TypeAlias = PostRoomSystemsResponse  # noqa: Y015
+
+@_typing.final
 class PostSystemRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -848,33 +891,13 @@ Global___UnreadTotalsRequest: _TypeAlias = UnreadTotalsRequest  # noqa: Y015
 class UnreadTotalsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class ValueEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.int
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.int = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     VALUE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def value(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def value(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Int64Entry]: ...
     def __init__(
         self,
         *,
-        value: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        value: _abc.Iterable[_common_pb2.Int64Entry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -913,3 +936,80 @@ class WriteBarrierResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WriteBarrierResponse: _TypeAlias = WriteBarrierResponse  # noqa: Y015
+
+@_typing.final
+class WritesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
+    REACT_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    SEND_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def edit(self) -> Global___EditRequest: ...
+    @_builtins.property
+    def react(self) -> Global___ReactRequest: ...
+    @_builtins.property
+    def recall(self) -> Global___RecallRequest: ...
+    @_builtins.property
+    def send(self) -> Global___SendRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        edit: Global___EditRequest | None = ...,
+        react: Global___ReactRequest | None = ...,
+        recall: Global___RecallRequest | None = ...,
+        send: Global___SendRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "react", b"react", "recall", b"recall", "send", b"send"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "id", b"id", "react", b"react", "recall", b"recall", "send", b"send"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["edit", "react", "recall", "send"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___WritesRequest: _TypeAlias = WritesRequest  # noqa: Y015
+
+@_typing.final
+class WritesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
+    REACT_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    SEND_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    error: _builtins.bytes
+    @_builtins.property
+    def edit(self) -> Global___EditResponse: ...
+    @_builtins.property
+    def react(self) -> Global___ReactResponse: ...
+    @_builtins.property
+    def recall(self) -> Global___RecallResponse: ...
+    @_builtins.property
+    def send(self) -> Global___SendResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        edit: Global___EditResponse | None = ...,
+        react: Global___ReactResponse | None = ...,
+        recall: Global___RecallResponse | None = ...,
+        send: Global___SendResponse | None = ...,
+        error: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["edit", b"edit", "error", b"error", "react", b"react", "recall", b"recall", "result", b"result", "send", b"send"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit", b"edit", "error", b"error", "id", b"id", "react", b"react", "recall", b"recall", "result", b"result", "send", b"send"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["edit", "react", "recall", "send", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___WritesResponse: _TypeAlias = WritesResponse  # noqa: Y015

@@ -25,15 +25,13 @@ _sym_db = _symbol_database.Default()
 from imserver.rpc.generated import common_pb2 as imserver_dot_rpc_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imserver/rpc/room.proto\x12\x11imserver.rpc.room\x1a\x19imserver/rpc/common.proto\"\x0e\n\x0c\x43heckRequest\"\x0f\n\rCheckResponse\"\x0e\n\x0c\x43loseRequest\"\x0f\n\rCloseResponse\"j\n\rCreateRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12,\n\x03req\x18\x02 \x01(\x0b\x32\x1f.imserver.rpc.common.RoomCreate\":\n\x0e\x43reateResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room\"G\n\nGetRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\"7\n\x0bGetResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room\"$\n\x14InvitationsOfRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"&\n\x15InvitationsOfResponse\x12\r\n\x05value\x18\x01 \x03(\t\"X\n\rInviteRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\"\x10\n\x0eInviteResponse\"H\n\x0bJoinRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\"8\n\x0cJoinResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room\"V\n\x0bKickRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\"\x0e\n\x0cKickResponse\"I\n\x0cLeaveRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"f\n\x0bListRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12*\n\x03req\x18\x02 \x01(\x0b\x32\x1d.imserver.rpc.common.RoomList\"@\n\x0cListResponse\x12\x30\n\x05value\x18\x01 \x01(\x0b\x32!.imserver.rpc.common.RoomListData\"#\n\x12ListedRoomsRequest\x12\r\n\x05users\x18\x01 \x03(\t\"\xa6\x01\n\x13ListedRoomsResponse\x12@\n\x05value\x18\x01 \x03(\x0b\x32\x31.imserver.rpc.room.ListedRoomsResponse.ValueEntry\x1aM\n\nValueEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.imserver.rpc.common.StringList:\x02\x38\x01\"l\n\x0eMembersRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12-\n\x03req\x18\x02 \x01(\x0b\x32 .imserver.rpc.common.RoomMembers\"F\n\x0fMembersResponse\x12\x33\n\x05value\x18\x01 \x01(\x0b\x32$.imserver.rpc.common.RoomMembersData\"\"\n\x12RoomMembersRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"B\n\x13RoomMembersResponse\x12+\n\x05value\x18\x01 \x01(\x0b\x32\x1c.imserver.rpc.common.Members\"-\n\x0fRoomRoleRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"0\n\x10RoomRoleResponse\x12\x12\n\x05value\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_value\" \n\x10RoomTitleRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\"\n\x11RoomTitleResponse\x12\r\n\x05value\x18\x01 \x01(\t\"\x1e\n\x0eRoomsOfRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\" \n\x0fRoomsOfResponse\x12\r\n\x05value\x18\x01 \x03(\t\"g\n\x0eSetRoleRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\x11\n\x0fSetRoleResponse\"j\n\rUpdateRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12,\n\x03req\x18\x02 \x01(\x0b\x32\x1f.imserver.rpc.common.RoomUpdate\":\n\x0eUpdateResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room2\xc2\x0b\n\x0bRoomService\x12J\n\x05\x43heck\x12\x1f.imserver.rpc.room.CheckRequest\x1a .imserver.rpc.room.CheckResponse\x12J\n\x05\x43lose\x12\x1f.imserver.rpc.room.CloseRequest\x1a .imserver.rpc.room.CloseResponse\x12M\n\x06\x43reate\x12 .imserver.rpc.room.CreateRequest\x1a!.imserver.rpc.room.CreateResponse\x12\x44\n\x03Get\x12\x1d.imserver.rpc.room.GetRequest\x1a\x1e.imserver.rpc.room.GetResponse\x12\x62\n\rInvitationsOf\x12\'.imserver.rpc.room.InvitationsOfRequest\x1a(.imserver.rpc.room.InvitationsOfResponse\x12M\n\x06Invite\x12 .imserver.rpc.room.InviteRequest\x1a!.imserver.rpc.room.InviteResponse\x12G\n\x04Join\x12\x1e.imserver.rpc.room.JoinRequest\x1a\x1f.imserver.rpc.room.JoinResponse\x12G\n\x04Kick\x12\x1e.imserver.rpc.room.KickRequest\x1a\x1f.imserver.rpc.room.KickResponse\x12J\n\x05Leave\x12\x1f.imserver.rpc.room.LeaveRequest\x1a .imserver.rpc.room.LeaveResponse\x12G\n\x04List\x12\x1e.imserver.rpc.room.ListRequest\x1a\x1f.imserver.rpc.room.ListResponse\x12\\\n\x0bListedRooms\x12%.imserver.rpc.room.ListedRoomsRequest\x1a&.imserver.rpc.room.ListedRoomsResponse\x12P\n\x07Members\x12!.imserver.rpc.room.MembersRequest\x1a\".imserver.rpc.room.MembersResponse\x12\\\n\x0bRoomMembers\x12%.imserver.rpc.room.RoomMembersRequest\x1a&.imserver.rpc.room.RoomMembersResponse\x12S\n\x08RoomRole\x12\".imserver.rpc.room.RoomRoleRequest\x1a#.imserver.rpc.room.RoomRoleResponse\x12V\n\tRoomTitle\x12#.imserver.rpc.room.RoomTitleRequest\x1a$.imserver.rpc.room.RoomTitleResponse\x12P\n\x07RoomsOf\x12!.imserver.rpc.room.RoomsOfRequest\x1a\".imserver.rpc.room.RoomsOfResponse\x12P\n\x07SetRole\x12!.imserver.rpc.room.SetRoleRequest\x1a\".imserver.rpc.room.SetRoleResponse\x12M\n\x06Update\x12 .imserver.rpc.room.UpdateRequest\x1a!.imserver.rpc.room.UpdateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imserver/rpc/room.proto\x12\x11imserver.rpc.room\x1a\x19imserver/rpc/common.proto\"\x0e\n\x0c\x43heckRequest\"\x0f\n\rCheckResponse\"\x0e\n\x0c\x43loseRequest\"\x0f\n\rCloseResponse\"j\n\rCreateRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12,\n\x03req\x18\x02 \x01(\x0b\x32\x1f.imserver.rpc.common.RoomCreate\":\n\x0e\x43reateResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room\"G\n\nGetRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\"7\n\x0bGetResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room\"$\n\x14InvitationsOfRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"&\n\x15InvitationsOfResponse\x12\r\n\x05value\x18\x01 \x03(\t\"X\n\rInviteRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\"\x10\n\x0eInviteResponse\"H\n\x0bJoinRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\"8\n\x0cJoinResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room\"V\n\x0bKickRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\"\x0e\n\x0cKickResponse\"I\n\x0cLeaveRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"f\n\x0bListRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12*\n\x03req\x18\x02 \x01(\x0b\x32\x1d.imserver.rpc.common.RoomList\"@\n\x0cListResponse\x12\x30\n\x05value\x18\x01 \x01(\x0b\x32!.imserver.rpc.common.RoomListData\"#\n\x12ListedRoomsRequest\x12\r\n\x05users\x18\x01 \x03(\t\"J\n\x13ListedRoomsResponse\x12\x33\n\x05value\x18\x01 \x03(\x0b\x32$.imserver.rpc.common.StringListEntry\"l\n\x0eMembersRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12-\n\x03req\x18\x02 \x01(\x0b\x32 .imserver.rpc.common.RoomMembers\"F\n\x0fMembersResponse\x12\x33\n\x05value\x18\x01 \x01(\x0b\x32$.imserver.rpc.common.RoomMembersData\"\"\n\x12RoomMembersRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"B\n\x13RoomMembersResponse\x12+\n\x05value\x18\x01 \x01(\x0b\x32\x1c.imserver.rpc.common.Members\"-\n\x0fRoomRoleRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"0\n\x10RoomRoleResponse\x12\x12\n\x05value\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_value\" \n\x10RoomTitleRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\"\n\x11RoomTitleResponse\x12\r\n\x05value\x18\x01 \x01(\t\"\x1e\n\x0eRoomsOfRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\" \n\x0fRoomsOfResponse\x12\r\n\x05value\x18\x01 \x03(\t\"g\n\x0eSetRoleRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"\x11\n\x0fSetRoleResponse\"j\n\rUpdateRequest\x12+\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1b.imserver.rpc.common.Caller\x12,\n\x03req\x18\x02 \x01(\x0b\x32\x1f.imserver.rpc.common.RoomUpdate\":\n\x0eUpdateResponse\x12(\n\x05value\x18\x01 \x01(\x0b\x32\x19.imserver.rpc.common.Room2\xc2\x0b\n\x0bRoomService\x12J\n\x05\x43heck\x12\x1f.imserver.rpc.room.CheckRequest\x1a .imserver.rpc.room.CheckResponse\x12J\n\x05\x43lose\x12\x1f.imserver.rpc.room.CloseRequest\x1a .imserver.rpc.room.CloseResponse\x12M\n\x06\x43reate\x12 .imserver.rpc.room.CreateRequest\x1a!.imserver.rpc.room.CreateResponse\x12\x44\n\x03Get\x12\x1d.imserver.rpc.room.GetRequest\x1a\x1e.imserver.rpc.room.GetResponse\x12\x62\n\rInvitationsOf\x12\'.imserver.rpc.room.InvitationsOfRequest\x1a(.imserver.rpc.room.InvitationsOfResponse\x12M\n\x06Invite\x12 .imserver.rpc.room.InviteRequest\x1a!.imserver.rpc.room.InviteResponse\x12G\n\x04Join\x12\x1e.imserver.rpc.room.JoinRequest\x1a\x1f.imserver.rpc.room.JoinResponse\x12G\n\x04Kick\x12\x1e.imserver.rpc.room.KickRequest\x1a\x1f.imserver.rpc.room.KickResponse\x12J\n\x05Leave\x12\x1f.imserver.rpc.room.LeaveRequest\x1a .imserver.rpc.room.LeaveResponse\x12G\n\x04List\x12\x1e.imserver.rpc.room.ListRequest\x1a\x1f.imserver.rpc.room.ListResponse\x12\\\n\x0bListedRooms\x12%.imserver.rpc.room.ListedRoomsRequest\x1a&.imserver.rpc.room.ListedRoomsResponse\x12P\n\x07Members\x12!.imserver.rpc.room.MembersRequest\x1a\".imserver.rpc.room.MembersResponse\x12\\\n\x0bRoomMembers\x12%.imserver.rpc.room.RoomMembersRequest\x1a&.imserver.rpc.room.RoomMembersResponse\x12S\n\x08RoomRole\x12\".imserver.rpc.room.RoomRoleRequest\x1a#.imserver.rpc.room.RoomRoleResponse\x12V\n\tRoomTitle\x12#.imserver.rpc.room.RoomTitleRequest\x1a$.imserver.rpc.room.RoomTitleResponse\x12P\n\x07RoomsOf\x12!.imserver.rpc.room.RoomsOfRequest\x1a\".imserver.rpc.room.RoomsOfResponse\x12P\n\x07SetRole\x12!.imserver.rpc.room.SetRoleRequest\x1a\".imserver.rpc.room.SetRoleResponse\x12M\n\x06Update\x12 .imserver.rpc.room.UpdateRequest\x1a!.imserver.rpc.room.UpdateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imserver.rpc.room_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTEDROOMSRESPONSE_VALUEENTRY']._loaded_options = None
-  _globals['_LISTEDROOMSRESPONSE_VALUEENTRY']._serialized_options = b'8\001'
   _globals['_CHECKREQUEST']._serialized_start=73
   _globals['_CHECKREQUEST']._serialized_end=87
   _globals['_CHECKRESPONSE']._serialized_start=89
@@ -76,38 +74,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRESPONSE']._serialized_end=1119
   _globals['_LISTEDROOMSREQUEST']._serialized_start=1121
   _globals['_LISTEDROOMSREQUEST']._serialized_end=1156
-  _globals['_LISTEDROOMSRESPONSE']._serialized_start=1159
-  _globals['_LISTEDROOMSRESPONSE']._serialized_end=1325
-  _globals['_LISTEDROOMSRESPONSE_VALUEENTRY']._serialized_start=1248
-  _globals['_LISTEDROOMSRESPONSE_VALUEENTRY']._serialized_end=1325
-  _globals['_MEMBERSREQUEST']._serialized_start=1327
-  _globals['_MEMBERSREQUEST']._serialized_end=1435
-  _globals['_MEMBERSRESPONSE']._serialized_start=1437
-  _globals['_MEMBERSRESPONSE']._serialized_end=1507
-  _globals['_ROOMMEMBERSREQUEST']._serialized_start=1509
-  _globals['_ROOMMEMBERSREQUEST']._serialized_end=1543
-  _globals['_ROOMMEMBERSRESPONSE']._serialized_start=1545
-  _globals['_ROOMMEMBERSRESPONSE']._serialized_end=1611
-  _globals['_ROOMROLEREQUEST']._serialized_start=1613
-  _globals['_ROOMROLEREQUEST']._serialized_end=1658
-  _globals['_ROOMROLERESPONSE']._serialized_start=1660
-  _globals['_ROOMROLERESPONSE']._serialized_end=1708
-  _globals['_ROOMTITLEREQUEST']._serialized_start=1710
-  _globals['_ROOMTITLEREQUEST']._serialized_end=1742
-  _globals['_ROOMTITLERESPONSE']._serialized_start=1744
-  _globals['_ROOMTITLERESPONSE']._serialized_end=1778
-  _globals['_ROOMSOFREQUEST']._serialized_start=1780
-  _globals['_ROOMSOFREQUEST']._serialized_end=1810
-  _globals['_ROOMSOFRESPONSE']._serialized_start=1812
-  _globals['_ROOMSOFRESPONSE']._serialized_end=1844
-  _globals['_SETROLEREQUEST']._serialized_start=1846
-  _globals['_SETROLEREQUEST']._serialized_end=1949
-  _globals['_SETROLERESPONSE']._serialized_start=1951
-  _globals['_SETROLERESPONSE']._serialized_end=1968
-  _globals['_UPDATEREQUEST']._serialized_start=1970
-  _globals['_UPDATEREQUEST']._serialized_end=2076
-  _globals['_UPDATERESPONSE']._serialized_start=2078
-  _globals['_UPDATERESPONSE']._serialized_end=2136
-  _globals['_ROOMSERVICE']._serialized_start=2139
-  _globals['_ROOMSERVICE']._serialized_end=3613
+  _globals['_LISTEDROOMSRESPONSE']._serialized_start=1158
+  _globals['_LISTEDROOMSRESPONSE']._serialized_end=1232
+  _globals['_MEMBERSREQUEST']._serialized_start=1234
+  _globals['_MEMBERSREQUEST']._serialized_end=1342
+  _globals['_MEMBERSRESPONSE']._serialized_start=1344
+  _globals['_MEMBERSRESPONSE']._serialized_end=1414
+  _globals['_ROOMMEMBERSREQUEST']._serialized_start=1416
+  _globals['_ROOMMEMBERSREQUEST']._serialized_end=1450
+  _globals['_ROOMMEMBERSRESPONSE']._serialized_start=1452
+  _globals['_ROOMMEMBERSRESPONSE']._serialized_end=1518
+  _globals['_ROOMROLEREQUEST']._serialized_start=1520
+  _globals['_ROOMROLEREQUEST']._serialized_end=1565
+  _globals['_ROOMROLERESPONSE']._serialized_start=1567
+  _globals['_ROOMROLERESPONSE']._serialized_end=1615
+  _globals['_ROOMTITLEREQUEST']._serialized_start=1617
+  _globals['_ROOMTITLEREQUEST']._serialized_end=1649
+  _globals['_ROOMTITLERESPONSE']._serialized_start=1651
+  _globals['_ROOMTITLERESPONSE']._serialized_end=1685
+  _globals['_ROOMSOFREQUEST']._serialized_start=1687
+  _globals['_ROOMSOFREQUEST']._serialized_end=1717
+  _globals['_ROOMSOFRESPONSE']._serialized_start=1719
+  _globals['_ROOMSOFRESPONSE']._serialized_end=1751
+  _globals['_SETROLEREQUEST']._serialized_start=1753
+  _globals['_SETROLEREQUEST']._serialized_end=1856
+  _globals['_SETROLERESPONSE']._serialized_start=1858
+  _globals['_SETROLERESPONSE']._serialized_end=1875
+  _globals['_UPDATEREQUEST']._serialized_start=1877
+  _globals['_UPDATEREQUEST']._serialized_end=1983
+  _globals['_UPDATERESPONSE']._serialized_start=1985
+  _globals['_UPDATERESPONSE']._serialized_end=2043
+  _globals['_ROOMSERVICE']._serialized_start=2046
+  _globals['_ROOMSERVICE']._serialized_end=3520
 # @@protoc_insertion_point(module_scope)

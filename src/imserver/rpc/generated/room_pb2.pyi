@@ -436,34 +436,13 @@ Global___ListedRoomsRequest: _TypeAlias = ListedRoomsRequest  # noqa: Y015
 class ListedRoomsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class ValueEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> _common_pb2.StringList: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _common_pb2.StringList | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     VALUE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def value(self) -> _containers.MessageMap[_builtins.str, _common_pb2.StringList]: ...
+    def value(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StringListEntry]: ...
     def __init__(
         self,
         *,
-        value: _abc.Mapping[_builtins.str, _common_pb2.StringList] | None = ...,
+        value: _abc.Iterable[_common_pb2.StringListEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -297,34 +297,13 @@ Global___GetUsersRequest: _TypeAlias = GetUsersRequest  # noqa: Y015
 class GetUsersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class ValueEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> _common_pb2.User: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _common_pb2.User | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     VALUE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def value(self) -> _containers.MessageMap[_builtins.str, _common_pb2.User]: ...
+    def value(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UserEntry]: ...
     def __init__(
         self,
         *,
-        value: _abc.Mapping[_builtins.str, _common_pb2.User] | None = ...,
+        value: _abc.Iterable[_common_pb2.UserEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

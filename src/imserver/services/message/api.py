@@ -148,6 +148,16 @@ PREVIEW_CHARS = 200
 """Characters of a body a :class:`CommittedMessage` carries."""
 
 
+class RoomPost(msgspec.Struct, frozen=True, kw_only=True):
+    """One system message of :meth:`MessageService.post_room_systems`."""
+
+    body: str
+    meta: dict[str, Any] | None = None
+    notify: tuple[UserId, ...] = ()
+    cid: str | None = None
+    members: Members | None = None
+
+
 class CommitListener(Protocol):
     """What the message writer tells another service after each commit (the
     notification service implements it).
@@ -226,6 +236,14 @@ class MessageService(Protocol):
         membership change: the room's members from this message's seq on — messages
         before it reach the old members, it and everything after reach the new ones;
         the room directory then answers this list's ``version`` or a later one."""
+
+    async def post_room_systems(
+        self, room: RoomId, posts: Sequence[RoomPost]
+    ) -> list[ops.SendData]:
+        """Store several system messages of ``r:<room>`` (each as
+        :meth:`post_room_system` would), in the order of ``posts``, queued at once so
+        they share commits; resolves after the last commit. One call, because the
+        order of concurrent calls is not kept across a process boundary."""
 
     async def check_member(self, user: UserId, conv: ConvId) -> None:
         """Raise unless ``user`` may read ``conv`` now: ``bad_request`` for a malformed
