@@ -17,14 +17,17 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the ``loopback`` and ``grpc`` runs of ``local_only`` tests (deselected, not
-    skipped)."""
+    """Drop the ``loopback`` and ``grpc`` runs of ``local_only`` tests and the ``grpc``
+    runs of ``in_step`` tests (deselected, not skipped)."""
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
         params = callspec.params if callspec is not None else {}
-        if item.get_closest_marker("local_only") and params.get("transport") not in (None, "local"):
+        transport = params.get("transport")
+        if item.get_closest_marker("local_only") and transport not in (None, "local"):
+            dropped.append(item)
+        elif item.get_closest_marker("in_step") and transport == "grpc":
             dropped.append(item)
         else:
             keep.append(item)

@@ -36,6 +36,12 @@ TRANSPORTS = ["local", "loopback", "grpc"]
 local_only = pytest.mark.local_only
 """The test looks inside the local implementation: it runs over ``local`` only."""
 
+in_step = pytest.mark.in_step
+"""The test observes the callee pulling a caller's stream in step with the caller
+(a temporary file exists by the time the caller's third chunk is asked for). Over
+gRPC the client sends ahead of the server, as far as HTTP/2 flow control lets it,
+so there is no such step: the test has no ``grpc`` run."""
+
 
 class _Served:
     """One local object behind its own gRPC server, and a client of it."""

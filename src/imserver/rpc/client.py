@@ -91,7 +91,7 @@ class _Writes:
         self._endpoint = endpoint
         self._deadline = policy.deadline
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._pending: dict[int, tuple[str, asyncio.Future[Any], asyncio.TimerHandle]] = {}
         self._ids = itertools.count(1)
         self.broken = False
@@ -100,21 +100,30 @@ class _Writes:
         self._reader = asyncio.ensure_future(self._read())
 
     async def _requests(self) -> AsyncIterator[bytes]:
-        while (data := await self._queue.get()) is not None:
-            yield data
+        """The calls, those issued since the last message in one message."""
+        queue = self._queue
+        while (first := await queue.get()) is not None:
+            calls = [first]
+            while not queue.empty():
+                call = queue.get_nowait()
+                if call is None:
+                    yield self._codec.encode_calls(calls)
+                    return
+                calls.append(call)
+            yield self._codec.encode_calls(calls)
 
     def submit(self, name: str, values: dict[str, Any]) -> asyncio.Future[Any]:
         """Send one call; its future resolves with the result or the error."""
         future: asyncio.Future[Any] = self._loop.create_future()
         call_id = next(self._ids)
         try:
-            data = self._codec.encode_call(call_id, name, values)
+            call = self._codec.call(call_id, name, values)
         except Exception as exc:
             future.set_exception(exc)
             return future
         timer = self._loop.call_later(self._deadline, self._expire, call_id)
         self._pending[call_id] = (name, future, timer)
-        self._queue.put_nowait(data)
+        self._queue.put_nowait(call)
         return future
 
     def _expire(self, call_id: int) -> None:
@@ -128,22 +137,22 @@ class _Writes:
         transport = True
         try:
             async for data in self._call:
-                call_id, name, payload = self._codec.decode_result(data)
-                entry = self._pending.pop(call_id, None)
-                if entry is None:
-                    continue
-                entry[2].cancel()
-                future = entry[1]
                 self._endpoint.succeeded()
-                if future.done():
-                    continue
-                if name is None:
-                    future.set_exception(error_of_details(payload))
-                else:
-                    try:
-                        future.set_result(self._codec.methods[name].decode_response(payload))
-                    except Exception as exc:
-                        future.set_exception(exc)
+                for call_id, name, payload in self._codec.decode_results(data):
+                    entry = self._pending.pop(call_id, None)
+                    if entry is None:
+                        continue
+                    entry[2].cancel()
+                    future = entry[1]
+                    if future.done():
+                        continue
+                    if name is None:
+                        future.set_exception(error_of_details(payload))
+                    else:
+                        try:
+                            future.set_result(self._codec.methods[name].decode_response(payload))
+                        except Exception as exc:
+                            future.set_exception(exc)
         except grpc.aio.AioRpcError as failure:
             error = error_from(failure)
             transport = is_transport_failure(failure)
@@ -203,6 +212,15 @@ class GrpcClient:
             return values
 
         shape = codec.method.shape
+        name = codec.method.name
+        ordered = self._writes_codec is not None and name in self._writes_codec.methods
+        if shape == "unary" and ordered:
+
+            async def ordered_unary(*args: Any, **kwargs: Any) -> Any:
+                values = bind(args, kwargs)
+                return await self._writes_to(self.upstream.pick()).submit(name, values)
+
+            return ordered_unary
         if shape == "unary":
 
             async def unary(*args: Any, **kwargs: Any) -> Any:
@@ -210,7 +228,6 @@ class GrpcClient:
 
             return unary
         if shape == "future":
-            name = codec.method.name
 
             def future(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
                 try:

@@ -156,8 +156,9 @@ def method_codec(proto: type, name: str) -> MethodCodec:
 
 
 class WritesCodec:
-    """The ordered writes of a service: its future-shaped calls on one stream, each
-    request and result tagged with the call's ``id`` (``schema.WRITES``)."""
+    """The ordered writes of a service (``schema.WRITES``): its writes on one stream,
+    the calls a client issued in one loop turn in one message, each call and result
+    tagged with the call's ``id``."""
 
     def __init__(self, proto: type) -> None:
         service = service_of(proto)
@@ -166,39 +167,50 @@ class WritesCodec:
         self.response_cls = message_class(service.file, f"{WRITES}Response")
         self.methods = {m.name: method_codec(proto, m.name) for m in service.writes}
 
-    def encode_call(self, call_id: int, name: str, values: dict[str, Any]) -> bytes:
+    def call(self, call_id: int, name: str, values: dict[str, Any]) -> dict[str, Any]:
         """One call of method ``name`` (``bad_request`` if ``values`` cannot be sent)."""
-        fields = self.methods[name].request_fields(values)
-        data: bytes = self.request_cls(id=call_id, **{name: fields}).SerializeToString()
+        return {"id": call_id, name: self.methods[name].request_fields(values)}
+
+    def encode_calls(self, calls: list[dict[str, Any]]) -> bytes:
+        """One message of calls, in order."""
+        data: bytes = self.request_cls(calls=calls).SerializeToString()
         return data
 
-    def decode_call(self, data: bytes) -> tuple[int, str | None, ProtoMessage | None]:
-        """``(id, method, request)`` of a call (``None`` for an unknown method)."""
-        message = self.request_cls.FromString(data)
-        name = message.WhichOneof("call")
-        if name is None or name not in self.methods:
-            return message.id, None, None
-        return message.id, name, getattr(message, name)
+    def decode_calls(self, data: bytes) -> list[tuple[int, str | None, Any]]:
+        """``(id, method, request)`` of each call (``None`` for an unknown method)."""
+        out: list[tuple[int, str | None, Any]] = []
+        for call in self.request_cls.FromString(data).calls:
+            name = call.WhichOneof("call")
+            if name is None or name not in self.methods:
+                out.append((call.id, None, None))
+            else:
+                out.append((call.id, name, getattr(call, name)))
+        return out
 
-    def encode_result(self, call_id: int, name: str, value: Any) -> bytes:
+    def result(self, call_id: int, name: str, value: Any) -> dict[str, Any]:
         """The result of call ``call_id``."""
-        fields = self.methods[name].response_fields(value)
-        data: bytes = self.response_cls(id=call_id, **{name: fields}).SerializeToString()
-        return data
+        return {"id": call_id, name: self.methods[name].response_fields(value)}
 
-    def encode_error(self, call_id: int, details: bytes) -> bytes:
+    @staticmethod
+    def error(call_id: int, details: bytes) -> dict[str, Any]:
         """The failure of call ``call_id`` (an error's details, as MessagePack)."""
-        data: bytes = self.response_cls(id=call_id, **{WRITE_ERROR: details}).SerializeToString()
+        return {"id": call_id, WRITE_ERROR: details}
+
+    def encode_results(self, results: list[dict[str, Any]]) -> bytes:
+        """One message of results."""
+        data: bytes = self.response_cls(results=results).SerializeToString()
         return data
 
-    def decode_result(self, data: bytes) -> tuple[int, str | None, Any]:
+    def decode_results(self, data: bytes) -> list[tuple[int, str | None, Any]]:
         """``(id, method or None for an error, result message or error details)``."""
-        message = self.response_cls.FromString(data)
-        which = message.WhichOneof("result")
-        call_id: int = message.id
-        if which == WRITE_ERROR or which is None:
-            return call_id, None, getattr(message, WRITE_ERROR)
-        return call_id, which, getattr(message, which)
+        out: list[tuple[int, str | None, Any]] = []
+        for result in self.response_cls.FromString(data).results:
+            which = result.WhichOneof("result")
+            if which == WRITE_ERROR or which is None:
+                out.append((result.id, None, getattr(result, WRITE_ERROR)))
+            else:
+                out.append((result.id, which, getattr(result, which)))
+        return out
 
 
 @functools.cache

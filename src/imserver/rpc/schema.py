@@ -205,8 +205,10 @@ class Service:
     methods: dict[str, Method]
     messages: list[Message] = field(default_factory=list)
     writes: list[Method] = field(default_factory=list)
-    """The future-shaped methods (writes whose order of issue is kept): they also
-    cross on one ordered stream, the ``Writes`` RPC."""
+    """The methods that act on the service's queue of writes, whose order of issue
+    is kept: the future-shaped ones (``send``…) and ``close`` (which drains the
+    queue). They also cross on one ordered stream, the ``Writes`` RPC, the calls of
+    one loop turn in one message."""
 
     @property
     def full_name(self) -> str:
@@ -383,21 +385,27 @@ def read_service(registry: Registry, proto: type, name: str, file: str, package:
     for method_name, fn in sorted(protocol_methods(proto).items()):
         service.methods[method_name] = _read_method(registry, service, method_name, fn)
     service.writes = [m for m in service.methods.values() if m.shape == "future"]
+    if service.writes and "close" in service.methods:
+        service.writes.append(service.methods["close"])
     if service.writes:
         calls = [Field(m.name, m.name, _local(m.request.name)) for m in service.writes]
         results = [Field(m.name, m.name, _local(m.response.name)) for m in service.writes]
         results.append(Field(WRITE_ERROR, WRITE_ERROR, Scalar("bytes")))
         head = [Field("id", "id", Scalar("uint64"))]
         service.messages += [
-            Message(f"{WRITES}Request", calls, oneof_name="call", head=head),
-            Message(f"{WRITES}Response", results, oneof_name="result", head=head),
+            Message("WriteCall", calls, oneof_name="call", head=head),
+            Message("WriteResult", results, oneof_name="result", head=head),
+            Message(f"{WRITES}Request", [Field("calls", "calls", Repeated(_local("WriteCall")))]),
+            Message(
+                f"{WRITES}Response", [Field("results", "results", Repeated(_local("WriteResult")))]
+            ),
         ]
     return service
 
 
 WRITES = "Writes"
 """The RPC of a service's ordered writes (``stream WritesRequest`` →
-``stream WritesResponse``, matched by ``id``)."""
+``stream WritesResponse``, each a list of calls or results matched by ``id``)."""
 WRITE_ERROR = "error"
 """The result field of a write that failed: the error's details as MessagePack (the
 bytes a unary call carries in its trailing metadata)."""

@@ -152,56 +152,62 @@ def make_server(*services: tuple[type, object]) -> grpc.aio.Server:
 
 
 def _writes(codec: WritesCodec, local: object) -> Any:
-    """The ordered writes: each call is made in the order it arrives on the stream
-    (so the local service queues them in that order), its result sent when its
-    future resolves, in whatever order that is."""
+    """The ordered writes: the calls of each message are made in order as it
+    arrives (so the local service queues them in the order the client issued them);
+    the results that resolve in one loop turn go back in one message."""
     targets = {name: getattr(local, name, None) for name in codec.methods}
 
     async def handle(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
         out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        ready: list[dict[str, Any]] = []
         state = {"pending": 0, "reading": 1}
+
+        def flush() -> None:
+            out.put_nowait(codec.encode_results(ready[:]))
+            ready.clear()
+            if not state["reading"] and not state["pending"]:
+                out.put_nowait(None)
+
+        def answer(entry: dict[str, Any]) -> None:
+            if not ready:
+                loop.call_soon(flush)
+            ready.append(entry)
 
         def finished(call_id: int, name: str, done: asyncio.Future[Any]) -> None:
             state["pending"] -= 1
             if done.cancelled():
-                out.put_nowait(codec.encode_error(call_id, details_bytes(Unavailable("cancelled"))))
+                answer(codec.error(call_id, details_bytes(Unavailable("cancelled"))))
             elif (exc := done.exception()) is not None:
-                out.put_nowait(codec.encode_error(call_id, details_bytes(_failure(exc, name))))
+                answer(codec.error(call_id, details_bytes(_failure(exc, name))))
             else:
                 try:
-                    out.put_nowait(codec.encode_result(call_id, name, done.result()))
+                    answer(codec.result(call_id, name, done.result()))
                 except Exception as encode_failure:
-                    error = _failure(encode_failure, name)
-                    out.put_nowait(codec.encode_error(call_id, details_bytes(error)))
-            if not state["reading"] and not state["pending"]:
-                out.put_nowait(None)
+                    answer(codec.error(call_id, details_bytes(_failure(encode_failure, name))))
 
         async def read() -> None:
             try:
                 async for data in requests:
-                    call_id, name, message = codec.decode_call(data)
-                    target = targets.get(name) if name else None
-                    if name is None or target is None:
-                        error = BadRequest("unknown write")
-                        out.put_nowait(codec.encode_error(call_id, details_bytes(error)))
-                        continue
-                    assert message is not None
-                    try:
-                        call = target(**codec.methods[name].decode_request(message))
-                    except Exception as exc:
-                        out.put_nowait(
-                            codec.encode_error(call_id, details_bytes(_failure(exc, name)))
+                    for call_id, name, message in codec.decode_calls(data):
+                        target = targets.get(name) if name else None
+                        if name is None or target is None:
+                            answer(codec.error(call_id, details_bytes(BadRequest("unknown write"))))
+                            continue
+                        try:
+                            call = target(**codec.methods[name].decode_request(message))
+                        except Exception as exc:
+                            answer(codec.error(call_id, details_bytes(_failure(exc, name))))
+                            continue
+                        state["pending"] += 1
+                        asyncio.ensure_future(call).add_done_callback(
+                            functools.partial(finished, call_id, name)
                         )
-                        continue
-                    state["pending"] += 1
-                    asyncio.ensure_future(call).add_done_callback(
-                        functools.partial(finished, call_id, name)
-                    )
             finally:
                 state["reading"] = 0
-                if not state["pending"]:
+                if not state["pending"] and not ready:
                     out.put_nowait(None)
 
         reader = asyncio.ensure_future(read())

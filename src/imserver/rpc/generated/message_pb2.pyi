@@ -938,7 +938,7 @@ class WriteBarrierResponse(_message.Message):
 Global___WriteBarrierResponse: _TypeAlias = WriteBarrierResponse  # noqa: Y015
 
 @_typing.final
-class WritesRequest(_message.Message):
+class WriteCall(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -946,6 +946,7 @@ class WritesRequest(_message.Message):
     REACT_FIELD_NUMBER: _builtins.int
     RECALL_FIELD_NUMBER: _builtins.int
     SEND_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def edit(self) -> Global___EditRequest: ...
@@ -955,6 +956,8 @@ class WritesRequest(_message.Message):
     def recall(self) -> Global___RecallRequest: ...
     @_builtins.property
     def send(self) -> Global___SendRequest: ...
+    @_builtins.property
+    def close(self) -> Global___CloseRequest: ...
     def __init__(
         self,
         *,
@@ -963,19 +966,20 @@ class WritesRequest(_message.Message):
         react: Global___ReactRequest | None = ...,
         recall: Global___RecallRequest | None = ...,
         send: Global___SendRequest | None = ...,
+        close: Global___CloseRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "react", b"react", "recall", b"recall", "send", b"send"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "close", b"close", "edit", b"edit", "react", b"react", "recall", b"recall", "send", b"send"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "id", b"id", "react", b"react", "recall", b"recall", "send", b"send"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "close", b"close", "edit", b"edit", "id", b"id", "react", b"react", "recall", b"recall", "send", b"send"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["edit", "react", "recall", "send"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["edit", "react", "recall", "send", "close"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
-Global___WritesRequest: _TypeAlias = WritesRequest  # noqa: Y015
+Global___WriteCall: _TypeAlias = WriteCall  # noqa: Y015
 
 @_typing.final
-class WritesResponse(_message.Message):
+class WriteResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -983,6 +987,7 @@ class WritesResponse(_message.Message):
     REACT_FIELD_NUMBER: _builtins.int
     RECALL_FIELD_NUMBER: _builtins.int
     SEND_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     error: _builtins.bytes
@@ -994,6 +999,8 @@ class WritesResponse(_message.Message):
     def recall(self) -> Global___RecallResponse: ...
     @_builtins.property
     def send(self) -> Global___SendResponse: ...
+    @_builtins.property
+    def close(self) -> Global___CloseResponse: ...
     def __init__(
         self,
         *,
@@ -1002,14 +1009,55 @@ class WritesResponse(_message.Message):
         react: Global___ReactResponse | None = ...,
         recall: Global___RecallResponse | None = ...,
         send: Global___SendResponse | None = ...,
+        close: Global___CloseResponse | None = ...,
         error: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["edit", b"edit", "error", b"error", "react", b"react", "recall", b"recall", "result", b"result", "send", b"send"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "edit", b"edit", "error", b"error", "react", b"react", "recall", b"recall", "result", b"result", "send", b"send"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit", b"edit", "error", b"error", "id", b"id", "react", b"react", "recall", b"recall", "result", b"result", "send", b"send"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "edit", b"edit", "error", b"error", "id", b"id", "react", b"react", "recall", b"recall", "result", b"result", "send", b"send"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["edit", "react", "recall", "send", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["edit", "react", "recall", "send", "close", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___WriteResult: _TypeAlias = WriteResult  # noqa: Y015
+
+@_typing.final
+class WritesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteCall]: ...
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___WriteCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WritesRequest: _TypeAlias = WritesRequest  # noqa: Y015
+
+@_typing.final
+class WritesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___WriteResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WritesResponse: _TypeAlias = WritesResponse  # noqa: Y015
