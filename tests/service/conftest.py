@@ -25,9 +25,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         params = callspec.params if callspec is not None else {}
         transport = params.get("transport")
-        if item.get_closest_marker("local_only") and transport not in (None, "local"):
-            dropped.append(item)
-        elif item.get_closest_marker("in_step") and transport == "grpc":
+        off_local = item.get_closest_marker("local_only") and transport not in (None, "local")
+        off_grpc = item.get_closest_marker("in_step") and transport == "grpc"
+        if off_local or off_grpc:
             dropped.append(item)
         else:
             keep.append(item)
