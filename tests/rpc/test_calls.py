@@ -250,3 +250,79 @@ def test_backoff_is_full_jitter_under_a_doubling_capped_ceiling() -> None:
         draws = [policy.backoff(retry, rand) for _ in range(200)]
         assert all(0.0 <= d <= ceiling for d in draws)
         assert max(draws) > ceiling * 0.9 and min(draws) < ceiling * 0.1
+
+
+class Writer:
+    """A message service whose sends answer when the test says."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[str, asyncio.Future[Any]]] = []
+        self._want = 0
+        self._arrived = asyncio.Event()
+
+    def send(self, caller: Any, req: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queued.append((req.cid, future))
+        if len(self.queued) >= self._want:
+            self._arrived.set()
+        return future
+
+    async def until(self, count: int) -> None:
+        """Return once ``count`` sends have arrived."""
+        self._want = count
+        while len(self.queued) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+
+def _send(cid: str) -> Any:
+    from imserver.protocol import ops
+    from imserver.utils.ids import ConvId
+
+    return ops.Send(conv=ConvId("d:a:b"), cid=cid, type="text", body="x")
+
+
+async def test_writes_reach_the_service_in_the_order_issued_and_answer_out_of_order() -> None:
+    from imserver.protocol import ops
+    from imserver.services.caller import Caller
+    from imserver.services.message.api import MessageService
+
+    local = Writer()
+    async with serving((MessageService, local)) as address:
+        upstream = InTurn(address)
+        client = grpc_client(MessageService, upstream, FAST)
+        caller = Caller(UserId("a"), LoginId("l"))
+        futures = [client.send(caller, _send(f"c{i}")) for i in range(200)]
+        await local.until(200)
+        assert [cid for cid, _ in local.queued] == [f"c{i}" for i in range(200)]
+        for seq, (cid, future) in reversed(list(enumerate(local.queued, 1))):
+            if seq == 7:
+                future.set_exception(errors.Forbidden("blocked", field="conv"))
+            else:
+                future.set_result(ops.SendData(conv="d:a:b", seq=seq, ts=1, cid=cid, dup=False))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert isinstance(results[6], errors.Forbidden) and results[6].field == "conv"
+        assert [r.seq for i, r in enumerate(results) if i != 6] == [
+            s for s in range(1, 201) if s != 7
+        ]
+        await upstream.close()
+
+
+async def test_a_write_past_its_deadline_and_the_writes_of_a_lost_stream_are_unavailable() -> None:
+    from imserver.services.caller import Caller
+    from imserver.services.message.api import MessageService
+
+    local = Writer()
+    caller = Caller(UserId("a"), LoginId("l"))
+    async with serving((MessageService, local)) as address:
+        upstream = InTurn(address)
+        client = grpc_client(MessageService, upstream, CallPolicy(deadline=0.2))
+        with pytest.raises(Unavailable, match="did not answer in time"):
+            await client.send(caller, _send("late"))
+        assert upstream.endpoints[0].failures == 1
+        waiting = client.send(caller, _send("lost"))
+        await local.until(2)
+    # The server stopped with the write unanswered.
+    with pytest.raises(Unavailable):
+        await waiting
+    await upstream.close()
