@@ -219,4 +219,4 @@ def test_a_tagged_union_becomes_a_oneof_of_its_variants() -> None:
         ("send", "send"),
         ("edit", "edit"),
     ]
-    assert kind.inner.name == "OpUnion" and kind.inner.tag_field == "op"
+    assert kind.inner.name == "SendEditUnion" and kind.inner.tag_field == "op"

@@ -66,10 +66,19 @@ def message_class(file: str, name: str) -> Any:
 # --- to protobuf ---------------------------------------------------------------------
 
 
-class _Fixes:
-    """The per-kind fixes, memoised by message name (structs may be recursive)."""
+def _common(name: str) -> Message:
+    from imserver.rpc.apis import schema
 
-    def __init__(self) -> None:
+    return next(m for m in schema().common if m.name == name)
+
+
+class Fixes:
+    """The per-kind fixes, memoised by message name (structs may be recursive).
+    ``message_of`` finds a struct's message by name (the APIs' common messages by
+    default)."""
+
+    def __init__(self, message_of: Callable[[str], Message] = _common) -> None:
+        self._message_of = message_of
         self._structs: dict[str, Fix] = {}
 
     def kind(self, kind: Kind) -> Fix:
@@ -101,9 +110,7 @@ class _Fixes:
         # A recursive struct refers to itself through this slot until it is built.
         slot: list[Fix] = [None]
         self._structs[ref.name] = lambda v: _apply(slot[0], v)
-        from imserver.rpc.apis import schema
-
-        message = next(m for m in schema().common if m.name == ref.name)
+        message = self._message_of(ref.name)
         fix = self.fields(message.fields, _dropped(ref.struct, message))
         slot[0] = fix
         self._structs[ref.name] = fix
@@ -165,21 +172,22 @@ def _dropped(struct: type[msgspec.Struct], message: Message) -> frozenset[str]:
     return frozenset(names - {f.name for f in message.fields})
 
 
-_FIXES = _Fixes()
+_FIXES = Fixes()
 
 
 class Encoder:
     """Builds one message class from a dict of values (a request's arguments, or a
     response's ``{"value": result}``)."""
 
-    def __init__(self, cls: type[ProtoMessage], message: Message) -> None:
+    def __init__(self, cls: Any, message: Message, fixes: Fixes = _FIXES) -> None:
         self.cls = cls
-        self._fix = _FIXES.fields(message.fields)
+        self._fix = fixes.fields(message.fields)
 
     def encode(self, values: dict[str, Any]) -> ProtoMessage:
         """The message of ``values`` (raises ``TypeError``/``ValueError`` for a value
         protobuf cannot hold, such as an int past 64 bits)."""
-        return self.cls(**self.builtins(values))
+        message: ProtoMessage = self.cls(**self.builtins(values))
+        return message
 
     def builtins(self, values: dict[str, Any]) -> dict[str, Any]:
         """What the constructor takes for ``values`` (to nest in another message)."""
@@ -192,10 +200,11 @@ class Encoder:
 # --- from protobuf -------------------------------------------------------------------
 
 
-class _Reads:
-    """The per-kind readers, memoised by message name."""
+class Reads:
+    """The per-kind readers, memoised by message name (see :class:`Fixes`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, message_of: Callable[[str], Message] = _common) -> None:
+        self._message_of = message_of
         self._structs: dict[str, Read] = {}
 
     def kind(self, kind: Kind) -> Read | None:
@@ -230,9 +239,7 @@ class _Reads:
             return self._structs[ref.name]
         slot: list[Read] = []
         self._structs[ref.name] = lambda m: slot[0](m)
-        from imserver.rpc.apis import schema
-
-        message = next(m for m in schema().common if m.name == ref.name)
+        message = self._message_of(ref.name)
         read = self.fields(message.fields)
         slot.append(read)
         self._structs[ref.name] = read
@@ -291,11 +298,11 @@ def _always(kind: Kind) -> bool:
     return not isinstance(kind, Optional | Wrapper | MessageRef | UnionRef)
 
 
-_READS = _Reads()
+_READS = Reads()
 
 
 class Decoder:
     """Reads one message class into the builtins of its fields."""
 
-    def __init__(self, message: Message) -> None:
-        self.read = _READS.fields(message.fields)
+    def __init__(self, message: Message, reads: Reads = _READS) -> None:
+        self.read = reads.fields(message.fields)

@@ -34,6 +34,7 @@ lists) is wrapped in a message of one field ``value``, named after what it holds
 from __future__ import annotations
 
 import collections.abc
+import hashlib
 import inspect
 import re
 import types
@@ -298,14 +299,14 @@ class Registry:
         return Packed(hint)
 
     def _tagged(self, structs: list[Any], infos: list[Any]) -> UnionRef:
-        bases = [set(s.__mro__) for s in structs]
-        common = [b for b in structs[0].__mro__ if all(b in m for m in bases)]
-        base = common[0] if common and common[0] is not msgspec.Struct else None
-        name = f"{base.__name__}Union" if base else "Union" + "".join(s.__name__ for s in structs)
-        if name in self.messages and self.messages[name].oneof is not None:
-            found = self.messages[name].oneof
-            assert found is not None
-            return found
+        # Named by its variants, so two unions of one base never share a message.
+        name = "".join(s.__name__ for s in structs) + "Union"
+        if len(name) > 60:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+            name = f"{structs[0].__mro__[1].__name__}Union{digest}"
+        found = self.messages.get(name)
+        if found is not None and found.oneof is not None:
+            return found.oneof
         variants = tuple(
             (_tag_name(info.tag), info.tag, self.struct(s))
             for s, info in zip(structs, infos, strict=True)
