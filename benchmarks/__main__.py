@@ -16,6 +16,8 @@ Scenarios (one sub-command each):
   :mod:`benchmarks.authstorm`, :mod:`benchmarks.mixed`).
 - ``broadcast`` -- an admin's ``notice.broadcast`` to 10,000 users (:mod:`benchmarks.broadcast`).
 - ``push`` -- offline push, from a message to a signed webhook request (:mod:`benchmarks.push`).
+- ``rpc`` -- a call between services over gRPC against the same call in process
+  (:mod:`benchmarks.rpc`).
 - ``baselines`` -- the reference echo/fan-out server, nats-server and a bare SQLite
   group-commit loop (:mod:`benchmarks.baselines`).
 
@@ -47,6 +49,7 @@ from benchmarks import (
     mixed,
     push,
     room,
+    rpc,
     suite,
 )
 
@@ -60,6 +63,7 @@ SCENARIOS: Final[dict[str, tuple[ModuleType, str]]] = {
     "mixed": (mixed, "a blend of DMs, room messages, typing, read receipts, history"),
     "broadcast": (broadcast, "an admin's notice.broadcast to every user: seconds, notices/s"),
     "push": (push, "offline push, message to signed webhook request: pushes/s, latency"),
+    "rpc": (rpc, "a call between services over gRPC against a local call: CPU, p50/p99"),
 }
 
 

@@ -32,7 +32,7 @@ from conformance import signature_mismatches
 from databases import Databases
 from PIL import Image
 from sqlalchemy import create_engine
-from transports import through
+from transports import in_step, through
 
 from imserver.services.file.api import FileService, MemberDirectory, QuotaExceeded
 from imserver.services.file.blobs import BlobStore, LocalBlobStore, S3BlobStore
@@ -321,6 +321,7 @@ async def test_concurrent_uploads_cannot_squeeze_past_the_quota(open_service: Op
         assert await svc.blobs.exists(blob_key(sha)) == any(s.sha256 == sha for s in stored)
 
 
+@in_step
 async def test_aborted_upload_leaves_nothing(svc: Served) -> None:
     seen: list[Path] = []
 

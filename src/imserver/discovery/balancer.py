@@ -30,8 +30,8 @@ import msgspec
 from imserver.discovery.breaker import STATE_VALUES, Breaker, BreakerPolicy, State
 from imserver.discovery.etcd import Entry, EtcdClient
 from imserver.discovery.registry import Instance, services_prefix
-from imserver.discovery.upstream import Upstream
 from imserver.discovery.watch import PrefixWatch
+from imserver.rpc.upstream import Upstream
 from imserver.utils.errors import Unavailable
 from imserver.utils.metrics import DiscoveryMetrics
 

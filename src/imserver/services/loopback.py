@@ -130,7 +130,7 @@ def _cross_error(exc: BaseException) -> IMError:
     return raise_error(msgspec.msgpack.decode(_ENCODER.encode(data), type=ErrorData))
 
 
-def _refused(exc: msgspec.ValidationError) -> BadRequest:
+def refused_request(exc: msgspec.ValidationError) -> BadRequest:
     """The ``bad_request`` of a request that does not validate, naming the innermost
     field of the path msgspec reports."""
     text = str(exc)
@@ -198,7 +198,7 @@ class _Method:
         try:
             decoded = self.request_decoder.decode(_ENCODER.encode(self.request(**values)))
         except msgspec.ValidationError as exc:
-            raise _refused(exc) from None
+            raise refused_request(exc) from None
         out = {f: getattr(decoded, f) for f in self.request.__struct_fields__}
         for name, stream in streams.items():
             out[name] = _ClientStream(stream, self.streams[name])

@@ -297,6 +297,23 @@ class RedisConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("redis.heartbeat must be below redis.ttl")
 
 
+class RpcConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Calls between services over gRPC (the distributed mode): deadlines and retries."""
+
+    deadline: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    """Seconds a unary call may take, each attempt, before it fails ``unavailable``."""
+    stream_deadline: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    """Seconds a server-streaming call (a download's bytes) may take in all."""
+    upload_deadline: Annotated[float, msgspec.Meta(gt=0)] = 900.0
+    """Seconds a client-streaming call (an upload) may take in all."""
+    retry_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    """Attempts of an idempotent call that fails in transport (1: no retry)."""
+    retry_backoff: Annotated[float, msgspec.Meta(gt=0)] = 0.05
+    """Seconds of the first retry's backoff ceiling; it doubles per attempt."""
+    retry_backoff_max: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    """Seconds the backoff ceiling never exceeds."""
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every setting of ``imserver serve``."""
 
@@ -328,6 +345,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``memory`` (one process) or ``redis`` (the ``[redis]`` settings; several
     processes on one database)."""
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    rpc: RpcConfig = msgspec.field(default_factory=RpcConfig)
 
 
 def _parse_env_value(raw: str) -> Any:

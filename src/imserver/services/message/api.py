@@ -158,6 +158,16 @@ class MessageStored(Event, frozen=True, kw_only=True):
     message: CommittedMessage
 
 
+class RoomPost(msgspec.Struct, frozen=True, kw_only=True):
+    """One system message of :meth:`MessageService.post_room_systems`."""
+
+    body: str
+    meta: dict[str, Any] | None = None
+    notify: tuple[UserId, ...] = ()
+    cid: str | None = None
+    members: Members | None = None
+
+
 class CommitListener(Protocol):
     """What the message writer tells another service after each commit (the
     notification service implements it).
@@ -236,6 +246,14 @@ class MessageService(Protocol):
         membership change: the room's members from this message's seq on — messages
         before it reach the old members, it and everything after reach the new ones;
         the room directory then answers this list's ``version`` or a later one."""
+
+    async def post_room_systems(
+        self, room: RoomId, posts: Sequence[RoomPost]
+    ) -> list[ops.SendData]:
+        """Store several system messages of ``r:<room>`` (each as
+        :meth:`post_room_system` would), in the order of ``posts``, queued at once so
+        they share commits; resolves after the last commit. One call, because the
+        order of concurrent calls is not kept across a process boundary."""
 
     async def check_member(self, user: UserId, conv: ConvId) -> None:
         """Raise unless ``user`` may read ``conv`` now: ``bad_request`` for a malformed

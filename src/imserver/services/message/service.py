@@ -31,6 +31,7 @@ from imserver.services.message.api import (
     FileDirectory,
     Members,
     RoomDirectory,
+    RoomPost,
     UserDirectory,
 )
 from imserver.services.message.lru import LRU
@@ -320,20 +321,38 @@ class LocalMessageService:
         starts answering the new list (the room service installs a list of this
         ``version`` once the post has resolved).
         """
+        return await self._queue_room_system(
+            room, RoomPost(body=body, meta=meta, notify=tuple(notify), cid=cid, members=members)
+        )
+
+    async def post_room_systems(
+        self, room: RoomId, posts: Sequence[RoomPost]
+    ) -> list[ops.SendData]:
+        """Store several system messages of ``r:<room>`` in this order (see the API)."""
+        futures = [self._queue_room_system(room, post) for post in posts]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if not isinstance(r, BaseException)]
+
+    def _queue_room_system(self, room: RoomId, post: RoomPost) -> asyncio.Future[ops.SendData]:
+        """Queue one system message of ``r:<room>`` now (the order of calls is the
+        order of the queue); the future resolves after its commit."""
         fut = self._new_future()
         self._writer.enqueue(
             SystemWrite(
                 conv=parse_conv(room_conv(room)),
                 user=SYSTEM_SENDER,
                 future=fut,
-                cid=cid or random_id("sys-"),
-                body=body,
-                meta=meta,
-                notify=tuple(notify),
-                members=members,
+                cid=post.cid or random_id("sys-"),
+                body=post.body,
+                meta=post.meta,
+                notify=post.notify,
+                members=post.members,
             )
         )
-        return await fut
+        return fut
 
     async def mark(self, caller: Caller, conv: ConvId, seq: int, kind: ReceiptKind) -> None:
         """Move the caller's read or recv watermark forward and publish a ``receipt``.

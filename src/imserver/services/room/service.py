@@ -71,7 +71,7 @@ from imserver.protocol.cursors import (
 )
 from imserver.protocol.models import Room, RoomMember, RoomRole
 from imserver.services.caller import Caller
-from imserver.services.message.api import Members, MessageService
+from imserver.services.message.api import Members, MessageService, RoomPost
 from imserver.services.peers import Peer
 from imserver.services.room.api import UserDirectory
 from imserver.services.room.loaded import (
@@ -165,6 +165,16 @@ class LocalRoomService:
             logger.exception("system message of room %s failed", room)
             raise Unavailable("the message service is unavailable") from exc
 
+    async def _post_many(self, room: RoomId, posts: list[RoomPost]) -> None:
+        """Store system messages of ``room`` in this order and wait for their commits."""
+        try:
+            await self._messages().post_room_systems(room, posts)
+        except IMError:
+            raise
+        except Exception as exc:
+            logger.exception("system messages of room %s failed", room)
+            raise Unavailable("the message service is unavailable") from exc
+
     async def _online(self, users: Sequence[str]) -> set[str]:
         """Those of ``users`` the user service's presence records show online."""
         if not users:
@@ -209,18 +219,16 @@ class LocalRoomService:
         async with st.lock:
             who = names.get(owner, owner)
             posts = [
-                self._post(record.id, f"{who} created {req.name}", _meta("created", owner)),
+                RoomPost(body=f"{who} created {req.name}", meta=_meta("created", owner)),
                 *(
-                    self._post(
-                        record.id,
-                        f"{who} added {names.get(u, u)}",
-                        _meta("joined", owner, user=u),
+                    RoomPost(
+                        body=f"{who} added {names.get(u, u)}", meta=_meta("joined", owner, user=u)
                     )
                     for u in joined
                 ),
             ]
-            # Queued together (in this order), so they share one commit.
-            await asyncio.gather(*posts)
+            # One call, queued together in this order, so they share one commit.
+            await self._post_many(record.id, posts)
             return st.info
 
     async def get(self, caller: Caller, room: RoomId) -> Room:
