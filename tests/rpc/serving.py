@@ -69,7 +69,7 @@ class InTurn:
         self.endpoints = [CountingEndpoint(a) for a in addresses]
         self.picks = 0
 
-    def pick(self) -> Any:
+    def pick(self, affinity: str | None = None) -> Any:
         endpoint = self.endpoints[min(self.picks, len(self.endpoints) - 1)]
         self.picks += 1
         return endpoint

@@ -141,3 +141,30 @@ async def test_every_breaker_open_is_unavailable() -> None:
     with pytest.raises(Unavailable, match="no instance of the user service can take calls"):
         balancer.pick()
     assert 'imserver_breaker_state{instance="a",service="user"} 2.0' in metrics.render().decode()
+
+
+async def test_an_affinity_key_keeps_its_instance_and_moves_only_when_it_fails() -> None:
+    balancer, _, clock = make()
+    balancer.update(entries(("a", "h:1"), ("b", "h:2"), ("c", "h:3")))
+    keys = [f"d:u{i}:v{i}" for i in range(60)]
+    first = {key: balancer.pick(key).instance for key in keys}
+    # The same key, the same instance, however many other picks come between.
+    for _ in range(3):
+        balancer.pick()
+        assert {key: balancer.pick(key).instance for key in keys} == first
+    # Spread over every instance, not all on one.
+    assert set(first.values()) == {"a", "b", "c"}
+    # b's breaker opens: b's keys move, every other key stays where it was.
+    for _ in range(2):
+        balancer.endpoints[PREFIX + "b"].failed()
+    moved = {key: balancer.pick(key).instance for key in keys}
+    for key in keys:
+        if first[key] == "b":
+            assert moved[key] in ("a", "c")
+        else:
+            assert moved[key] == first[key]
+    # b leaves the registry and comes back: its keys return to it.
+    balancer.update(entries(("a", "h:1"), ("c", "h:3")))
+    balancer.update(entries(("a", "h:1"), ("b", "h:2"), ("c", "h:3")))
+    clock.now += 3.0
+    assert {key: balancer.pick(key).instance for key in keys} == first

@@ -21,6 +21,7 @@ raises :class:`~imserver.utils.errors.Unavailable`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -77,6 +78,12 @@ class InstanceEndpoint:
 
     def __repr__(self) -> str:
         return f"InstanceEndpoint({self.key!r}, {self.address!r}, {self.breaker.state.value})"
+
+
+def _rank(affinity: str, instance: str) -> int:
+    """The weight of ``instance`` for ``affinity`` (rendezvous hashing)."""
+    digest = hashlib.blake2b(f"{affinity}\0{instance}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 class Balancer:
@@ -163,10 +170,20 @@ class Balancer:
         if self._order:
             self._next %= len(self._order)
 
-    def pick(self) -> InstanceEndpoint:
-        """The next endpoint whose breaker lets a call through; ``Unavailable`` if none."""
+    def pick(self, affinity: str | None = None) -> InstanceEndpoint:
+        """The next endpoint whose breaker lets a call through; ``Unavailable`` if none.
+
+        With an ``affinity`` key: the endpoint that ranks first for the key among
+        those whose breaker lets a call through (rendezvous hashing), so one key keeps
+        its instance while the instances stay, and only the keys of an instance that
+        leaves or fails move."""
         order = self._order
         count = len(order)
+        if affinity is not None and count:
+            ranked = sorted(order, key=lambda e: _rank(affinity, e.key), reverse=True)
+            for endpoint in ranked:
+                if endpoint.breaker.allow():
+                    return endpoint
         for step in range(count):
             index = (self._next + step) % count
             endpoint = order[index]
@@ -217,9 +234,9 @@ class ServiceUpstream:
         """Wait for the first read of the registry; False when ``within`` seconds ran out."""
         return await self.watch.wait_synced(within)
 
-    def pick(self) -> InstanceEndpoint:
+    def pick(self, affinity: str | None = None) -> InstanceEndpoint:
         """See :meth:`Balancer.pick`."""
-        return self.balancer.pick()
+        return self.balancer.pick(affinity)
 
     async def stop(self) -> None:
         """Stop watching and close every channel."""

@@ -218,7 +218,8 @@ class GrpcClient:
 
             async def ordered_unary(*args: Any, **kwargs: Any) -> Any:
                 values = bind(args, kwargs)
-                return await self._writes_to(self.upstream.pick()).submit(name, values)
+                endpoint = self.upstream.pick(_conversation(values))
+                return await self._writes_to(endpoint).submit(name, values)
 
             return ordered_unary
         if shape == "unary":
@@ -232,7 +233,7 @@ class GrpcClient:
             def future(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
                 try:
                     values = bind(args, kwargs)
-                    endpoint = self.upstream.pick()
+                    endpoint = self.upstream.pick(_conversation(values))
                 except Exception as exc:
                     refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
                     refused.set_exception(exc)
@@ -344,6 +345,14 @@ class GrpcClient:
             raise error_from(error) from None
         endpoint.succeeded()
         return codec.decode_response(data)
+
+
+def _conversation(values: dict[str, Any]) -> str | None:
+    """The conversation an ordered write goes to (its request's ``conv``), the
+    affinity that keeps one conversation's writes on one instance."""
+    req = values.get("req")
+    conv = getattr(req, "conv", None)
+    return conv if isinstance(conv, str) else None
 
 
 def _report(endpoint: Any, error: grpc.aio.AioRpcError) -> None:

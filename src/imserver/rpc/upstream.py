@@ -42,9 +42,14 @@ class Endpoint(Protocol):
 class Upstream(Protocol):
     """The instances of one service as a client sees them."""
 
-    def pick(self) -> Endpoint:
+    def pick(self, affinity: str | None = None) -> Endpoint:
         """An instance for the next attempt; raises
-        :class:`imserver.utils.errors.Unavailable` when no instance can take calls."""
+        :class:`imserver.utils.errors.Unavailable` when no instance can take calls.
+
+        ``affinity``: calls with the same key go to the same instance while the set
+        of healthy instances stays the same (the ordered writes of one conversation
+        use it, so a session's writes to a conversation keep their order); None:
+        any instance."""
 
 
 class StaticEndpoint:
@@ -67,7 +72,7 @@ class StaticUpstream:
     def __init__(self, address: str) -> None:
         self.endpoint = StaticEndpoint(address)
 
-    def pick(self) -> Endpoint:
+    def pick(self, affinity: str | None = None) -> Endpoint:
         """The one endpoint."""
         return self.endpoint
 
