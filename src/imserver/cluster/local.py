@@ -166,16 +166,18 @@ def config_text(spec: ClusterSpec, etcd_url: str) -> str:
     """The TOML every process of the cluster shares (its ports come as flags)."""
     return "\n".join(
         [
+            'live = "redis"',
+            "",
             "[storage]",
             f"url = {_toml_value(spec.database)}",
             "",
             "[etcd]",
             f"endpoints = {_toml_value([etcd_url])}",
-            f"prefix = {_toml_value(spec.prefix)}",
+            f"prefix = {_toml_value('/' + spec.prefix.strip('/'))}",
             "",
             "[redis]",
             f"url = {_toml_value(spec.redis)}",
-            f"prefix = {_toml_value(spec.prefix)}",
+            f"prefix = {_toml_value(spec.prefix + ':')}",
             "",
             "[events]",
             'backend = "rabbitmq"',
