@@ -252,6 +252,10 @@ async def _serve(
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "cluster":  # its processes read their own configuration
+        from imserver.cluster.command import run as run_cluster
+
+        return run_cluster(args)
     try:
         config = _config(args)
     except (IMError, OSError) as exc:
@@ -263,10 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "config":
         return _config_command(config, args)
-    if args.command == "cluster":
-        from imserver.cluster.command import run as run_cluster
-
-        return run_cluster(args)
     _install_uvloop()
     if args.command == "migrate":
         from imserver.core.server import migrate

@@ -259,7 +259,7 @@ def _tail(path: Path, size: int) -> str:
         return ""
 
 
-async def _prepare_database(spec: ClusterSpec) -> None:
+async def _prepare_database(spec: ClusterSpec, root: Path) -> None:
     """Create the cluster's database when missing, and apply every migration."""
     from sqlalchemy.engine import make_url
 
@@ -278,7 +278,7 @@ async def _prepare_database(spec: ClusterSpec) -> None:
     except Exception as exc:
         if "exist" not in str(exc).lower():
             raise ClusterError(f"cannot create the database {name}: {exc}") from exc
-    await migrate(load_config(None), spec.database)
+    await migrate(load_config(None, overrides={"data_dir": str(root / "data")}), spec.database)
 
 
 def up(root: Path, spec: ClusterSpec, progress: Callable[[str], None] = print) -> ClusterState:
@@ -303,7 +303,7 @@ def up(root: Path, spec: ClusterSpec, progress: Callable[[str], None] = print) -
     )
     _save_state(root, state)  # from here on, `down` can clean up whatever started
     try:
-        asyncio.run(_prepare_database(spec))
+        asyncio.run(_prepare_database(spec, root))
         progress(f"database    {spec.database} (migrated)")
         config = root / "imserver.toml"
         config.write_text(config_text(spec, etcd.url))
