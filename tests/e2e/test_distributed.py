@@ -1,6 +1,7 @@
 """The distributed mode through real processes: ``imserver serve --services NAME``, one
 process per service and two gateways, found through a real etcd, on a fresh
-PostgreSQL database, the machine's Redis (live bus, presence) and RabbitMQ (events).
+PostgreSQL database, the machine's Redis (live bus, presence) and RabbitMQ (events),
+with a webhook receiver for the notification service's pushes.
 
 The processes are shared by the module's tests, which run in order: the last one
 kills a gateway. A missing etcd, PostgreSQL, Redis or RabbitMQ skips, and fails
@@ -10,17 +11,21 @@ under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import databases as dbs
 import pytest
 from etcd_server import require_etcd
+from test_push_to_webhook import SECRET
 
 from imserver.client import Client, ClientError, HttpClient
 from imserver.core.events import GROUPS
@@ -39,10 +44,40 @@ HEARTBEAT = 0.5
 
 @dataclass
 class Deployment:
-    """The processes of the module: one per service, and two gateways."""
+    """The processes of the module: one per service, and two gateways; the bodies
+    the webhook receiver got."""
 
     services: dict[str, ServerProcess]
     gateways: list[ServerProcess]
+    pushes: list[dict[str, Any]]
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A webhook endpoint in a thread: its URL and the JSON bodies posted to it."""
+    received: list[dict[str, Any]] = []
+    handler = type("Hook", (_Hook,), {"received": received})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +94,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     rabbit_prefix = rabbit.new_prefix()
     etcd = EtcdServer(root / "etcd")
     processes: list[ServerProcess] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        hook_url, pushes = stack.enter_context(webhook_receiver())
+        stack.callback(lambda: asyncio.run(rabbit.delete_topology(rabbit_prefix, GROUPS, BACKOFF)))
+        stack.callback(redis_testing.delete_prefix, redis_url, redis_prefix)
+        stack.callback(dbs.drop_database, database)
+        stack.callback(etcd.kill)
+        stack.callback(lambda: [process.teardown() for process in processes])
         etcd.start()
         config: dict[str, Any] = {
             "live": "redis",
@@ -80,6 +121,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 "backoff": BACKOFF,
             },
             "rpc": {"deadline": 3.0, "retry_attempts": 2},
+            "push": {
+                "collapse_delay": 0.0,
+                "webpush": {"enabled": False},
+                "webhook": {"url": hook_url, "secret": SECRET, "timeout": 2.0},
+            },
         }
 
         def spawn(name: str, services: str) -> ServerProcess:
@@ -90,14 +136,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
         services = {name: spawn(name, name) for name in SERVICES}
         gateways = [spawn(f"gateway-{i}", "gateway") for i in (1, 2)]
-        yield Deployment(services, gateways)
-    finally:
-        for process in processes:
-            process.teardown()
-        etcd.kill()
-        dbs.drop_database(database)
-        redis_testing.delete_prefix(redis_url, redis_prefix)
-        asyncio.run(rabbit.delete_topology(rabbit_prefix, GROUPS, BACKOFF))
+        yield Deployment(services, gateways, pushes)
 
 
 async def test_every_operation_crosses_the_processes(
@@ -189,6 +228,41 @@ async def test_a_killed_service_answers_unavailable_until_it_is_back(
     assert listed["rooms"] == []
     made = await alice.request("room.create", {"name": "Back", "members": [bob.user_id]})
     assert made["room"]["name"] == "Back"
+
+
+async def test_an_offline_device_gets_a_push_through_the_event_stream(
+    deployment: Deployment, user_factory: Any
+) -> None:
+    gw = deployment.gateways[1]
+    bob: Client = await user_factory(gw, "bob")
+    alice: Client = await user_factory(gw, "alice")
+    target = {"token": f"dev-{bob.user_id}"}
+    assert await bob.request("push.register", {"provider": "webhook", "target": target}) == {}
+    [registration] = (await bob.request("push.list"))["registrations"]
+    bob_id = bob.user_id
+    await bob.close()
+    async with asyncio.timeout(10):
+        while True:
+            if await _presence(alice, bob_id) == "offline":
+                break
+            await asyncio.sleep(0.1)
+
+    # The message service's outbox, RabbitMQ, the notification process, the webhook.
+    dm = Client.direct_conv(alice.user_id, bob_id)
+    sent = await alice.send_message(dm, "while you were away")
+    async with asyncio.timeout(20):
+        while True:
+            mine = [p for p in deployment.pushes if p.get("user") == bob_id]
+            if mine:
+                break
+            await asyncio.sleep(0.1)
+    [push] = mine
+    assert (push["device"], push["conv"], push["seq"], push["body"]) == (
+        registration["device"],
+        dm,
+        sent["seq"],
+        "while you were away",
+    )
 
 
 async def test_a_killed_gateway_takes_its_users_offline(
