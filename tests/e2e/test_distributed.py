@@ -229,6 +229,11 @@ async def test_a_killed_service_answers_unavailable_until_it_is_back(
     made = await alice.request("room.create", {"name": "Back", "members": [bob.user_id]})
     assert made["room"]["name"] == "Back"
 
+    # A graceful stop revokes the lease (the key goes at once, not at its expiry).
+    assert rooms.stop() == 0
+    assert "deregistered /" in rooms.stderr_path.read_text().rsplit("===== start", 1)[-1]
+    rooms.start()
+
 
 async def test_an_offline_device_gets_a_push_through_the_event_stream(
     deployment: Deployment, user_factory: Any

@@ -5,9 +5,9 @@ databases (by default SQLite files under the data directory; ``storage`` setting
 :mod:`imserver.storage.databases`), the in-memory live bus, direct calls between services —
 and answers them as their interfaces (:class:`Embedded`). It is the one place that
 knows which implementation stands behind each interface; the process around it
-(listeners, the gateway, shutdown order) is :mod:`imserver.core.server`. A
-``build_service(config, name)`` for the distributed modes, one service per process
-with gRPC clients of the others, belongs beside it.
+(listeners, the gateway, shutdown order) is :mod:`imserver.core.server`. The
+distributed mode's counterpart, some services per process and gRPC clients of the
+others, is :func:`imserver.core.distributed.build_distributed`.
 
 Services are complete when their constructor returns: nothing is bound or set on
 them afterwards. Three pairs of services call each other — the room and message
