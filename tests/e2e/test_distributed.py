@@ -36,6 +36,8 @@ from imserver.testing.process import ServerProcess
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 import rabbit
 
+pytestmark = pytest.mark.own_database  # on PostgreSQL in every run: one is enough
+
 SERVICES = ("user", "room", "file", "notification", "message")
 BACKOFF = [0.2, 0.5]
 TTL = 3.0
