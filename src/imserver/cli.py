@@ -1,16 +1,20 @@
 """The ``imserver`` command.
 
 imserver serve   [--config FILE] [--data-dir DIR] [--host H] [--http-port N] [--tcp-port N]
+                 [--services NAME[,NAME...]] [--rpc-port N]
 imserver migrate [--config FILE] [--data-dir DIR] [--url URL]
 imserver migrate-data --from DIR [--to URL] [--batch N] [--verify-only] [--config FILE]
 imserver admin   grant USERNAME | revoke USERNAME | list  [--config FILE] [--data-dir DIR]
 imserver backup  TARGET [--lock-timeout S] [--config FILE] [--data-dir DIR]
 imserver restore BACKUP [--config FILE] [--data-dir DIR]
 imserver config  get NAME | set NAME VALUE | list  [--etcd URL] [--config FILE]
+imserver cluster up [--gateways N --message N ...] | status | logs [NAME] | down  [--dir DIR]
 imserver --version
 
-``imserver config`` exits with 0 on success, 2 on a usage error or a name or value
-it refuses (unknown, static, ill-typed), 1 when etcd cannot be reached.
+``imserver serve --services`` exits with 2 before anything starts when the services
+named cannot run as configured (docs/deployment.md). ``imserver config`` exits with
+0 on success, 2 on a usage error or a name or value it refuses (unknown, static,
+ill-typed), 1 when etcd cannot be reached.
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", dest="http_port", type=int, help="HTTP/WebSocket port (8080)")
     serve.add_argument("--tcp-port", dest="tcp_port", type=int, help="TCP port (8090)")
+    serve.add_argument(
+        "--services",
+        metavar="NAME[,NAME...]",
+        help="run only these services (gateway, user, message, room, file, notification) "
+        "and reach the others through etcd (default: all, in one process)",
+    )
+    serve.add_argument(
+        "--rpc-port", dest="rpc_port", type=int, help="gRPC port of the services ([rpc] port)"
+    )
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     common(migrate)
     migrate.add_argument(
@@ -121,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("value")
     etcd_options(p)
     etcd_options(conf_actions.add_parser("list", help="every dynamic setting and its value"))
+    from imserver.cluster.command import add_parser as add_cluster_parser
+
+    add_cluster_parser(sub)
     return parser
 
 
@@ -202,10 +218,26 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: Config) -> None:
+def _services(config: Config, text: str | None) -> frozenset[str] | None:
+    """The services of ``--services`` (None: the embedded mode); raises ``ValueError``
+    (:class:`~imserver.core.plan.PlanError`) for a plan that cannot work."""
+    if text is None:
+        return None
+    from imserver.core.plan import check_plan, is_embedded, parse_services
+
+    names = parse_services(text)
+    if is_embedded(names):
+        return None
+    check_plan(config, names)
+    return names
+
+
+async def _serve(
+    config: Config, services: frozenset[str] | None = None, rpc_port: int | None = None
+) -> None:
     from imserver.core.server import Server
 
-    server = Server(config)
+    server = Server(config, services, rpc_port=rpc_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -220,6 +252,10 @@ async def _serve(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "cluster":  # its processes read their own configuration
+        from imserver.cluster.command import run as run_cluster
+
+        return run_cluster(args)
     try:
         config = _config(args)
     except (IMError, OSError) as exc:
@@ -273,5 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         except (IMError, OSError) as exc:
             print(f"imserver: {exc}", file=sys.stderr)
             return 1
-    asyncio.run(_serve(config))
+    try:
+        services = _services(config, args.services)
+    except ValueError as exc:
+        print(f"imserver: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(_serve(config, services, args.rpc_port))
     return 0

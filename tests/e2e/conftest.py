@@ -28,7 +28,8 @@ running the suite against other deployments' settings). ``IMS_E2E_DATABASE``
 database server, a fresh database per server (``tests/databases.py``); tests marked
 ``sqlite_only`` (they read the SQLite files) are then deselected, as are those
 marked ``sqlite_source`` (they start from a SQLite data directory and choose their
-servers' databases themselves: one run is enough).
+servers' databases themselves: one run is enough) or ``own_database`` (they choose
+their database server themselves whatever the run: one run is enough).
 
 Server logs are checked after every test: a traceback or an ``ERROR``/``CRITICAL``
 record that any server (the session's shared one included) wrote while the test ran
@@ -86,7 +87,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if here in item.path.parents:
             item.add_marker(pytest.mark.e2e)
             if not on_sqlite and (
-                item.get_closest_marker("sqlite_only") or item.get_closest_marker("sqlite_source")
+                item.get_closest_marker("sqlite_only")
+                or item.get_closest_marker("sqlite_source")
+                or item.get_closest_marker("own_database")
             ):
                 dropped.append(item)
                 continue

@@ -166,16 +166,18 @@ def config_text(spec: ClusterSpec, etcd_url: str) -> str:
     """The TOML every process of the cluster shares (its ports come as flags)."""
     return "\n".join(
         [
+            'live = "redis"',
+            "",
             "[storage]",
             f"url = {_toml_value(spec.database)}",
             "",
             "[etcd]",
             f"endpoints = {_toml_value([etcd_url])}",
-            f"prefix = {_toml_value(spec.prefix)}",
+            f"prefix = {_toml_value('/' + spec.prefix.strip('/'))}",
             "",
             "[redis]",
             f"url = {_toml_value(spec.redis)}",
-            f"prefix = {_toml_value(spec.prefix)}",
+            f"prefix = {_toml_value(spec.prefix + ':')}",
             "",
             "[events]",
             'backend = "rabbitmq"',
@@ -257,7 +259,7 @@ def _tail(path: Path, size: int) -> str:
         return ""
 
 
-async def _prepare_database(spec: ClusterSpec) -> None:
+async def _prepare_database(spec: ClusterSpec, root: Path) -> None:
     """Create the cluster's database when missing, and apply every migration."""
     from sqlalchemy.engine import make_url
 
@@ -276,7 +278,7 @@ async def _prepare_database(spec: ClusterSpec) -> None:
     except Exception as exc:
         if "exist" not in str(exc).lower():
             raise ClusterError(f"cannot create the database {name}: {exc}") from exc
-    await migrate(load_config(None), spec.database)
+    await migrate(load_config(None, overrides={"data_dir": str(root / "data")}), spec.database)
 
 
 def up(root: Path, spec: ClusterSpec, progress: Callable[[str], None] = print) -> ClusterState:
@@ -301,7 +303,7 @@ def up(root: Path, spec: ClusterSpec, progress: Callable[[str], None] = print) -
     )
     _save_state(root, state)  # from here on, `down` can clean up whatever started
     try:
-        asyncio.run(_prepare_database(spec))
+        asyncio.run(_prepare_database(spec, root))
         progress(f"database    {spec.database} (migrated)")
         config = root / "imserver.toml"
         config.write_text(config_text(spec, etcd.url))

@@ -5,9 +5,9 @@ databases (by default SQLite files under the data directory; ``storage`` setting
 :mod:`imserver.storage.databases`), the in-memory live bus, direct calls between services —
 and answers them as their interfaces (:class:`Embedded`). It is the one place that
 knows which implementation stands behind each interface; the process around it
-(listeners, the gateway, shutdown order) is :mod:`imserver.core.server`. A
-``build_service(config, name)`` for the distributed modes, one service per process
-with gRPC clients of the others, belongs beside it.
+(listeners, the gateway, shutdown order) is :mod:`imserver.core.server`. The
+distributed mode's counterpart, some services per process and gRPC clients of the
+others, is :func:`imserver.core.distributed.build_distributed`.
 
 Services are complete when their constructor returns: nothing is bound or set on
 them afterwards. Three pairs of services call each other — the room and message
@@ -49,6 +49,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from imserver.core.events import EventsRuntime, start_events
 from imserver.services.file.api import FileService
@@ -87,6 +88,35 @@ class _Discovery:
         if self.message is None:
             raise Unavailable("the message service is not running")
         return self.message
+
+
+class Services(Protocol):
+    """What the process around the services (:mod:`imserver.core.server`) asks of
+    them: :class:`Embedded`, or a distributed process's
+    :class:`~imserver.core.distributed.Distributed`."""
+
+    @property
+    def users(self) -> UserService: ...
+    @property
+    def messages(self) -> MessageService: ...
+    @property
+    def rooms(self) -> RoomService: ...
+    @property
+    def files(self) -> FileService: ...
+    @property
+    def broadcasts(self) -> BroadcastService: ...
+    @property
+    def notifications(self) -> NotificationService: ...
+    @property
+    def bus(self) -> LiveBus: ...
+    @property
+    def push_metrics(self) -> PushMetrics | None: ...
+
+    async def drain(self) -> None:
+        """Commit and acknowledge every write already queued."""
+
+    async def close(self) -> None:
+        """Stop the services and release every store."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,16 +181,17 @@ def instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-async def live_backends(config: Config) -> LiveBackends:
+async def live_backends(config: Config, instance: str | None = None) -> LiveBackends:
     """The live bus, the online set and the online devices ``config.live`` names:
-    in memory, or in Redis (imported only then) under a new :func:`instance_id`."""
+    in memory, or in Redis (imported only then) under ``instance`` (by default a
+    new :func:`instance_id`)."""
     if config.live == "memory":
         return LiveBackends(MemoryLiveBus(), MemoryOnlineStore(), MemoryOnlineDevices())
     from imserver.storage.bus_redis import RedisLiveBus
     from imserver.storage.online_redis import RedisOnlineDevices, RedisOnlineStore
 
     cfg = config.redis
-    instance = instance_id()
+    instance = instance or instance_id()
     bus = RedisLiveBus(cfg.url, prefix=cfg.prefix, keepalive=cfg.heartbeat)
     await bus.start()
     online = RedisOnlineStore(

@@ -61,10 +61,11 @@ async def start_events(
     config: EventsConfig,
     *,
     outboxes: Mapping[str, tuple[str, Outbox]],
-    notifications: LocalNotificationService,
+    notifications: LocalNotificationService | None,
 ) -> EventsRuntime:
     """Start the relays of ``outboxes`` (service -> (its database URL, its outbox))
-    and the notification service's consumer."""
+    and the notification service's consumer (none without ``notifications``: a
+    process of the distributed mode without the notification service)."""
     if config.backend != "rabbitmq":
         raise ValueError(f"no event stream backend {config.backend!r}")
     from imserver.storage.events_rabbitmq import RabbitEventStream
@@ -77,7 +78,8 @@ async def start_events(
         backoff=config.backoff,
         groups=GROUPS,
     )
-    await notification_events.consume_message_events(notifications, stream)
+    if notifications is not None:
+        await notification_events.consume_message_events(notifications, stream)
     relays = {}
     for name, (url, outbox) in outboxes.items():
         relay = OutboxRelay(url, outbox, stream)

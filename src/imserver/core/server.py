@@ -4,6 +4,9 @@ the gateway in front of them, the listeners, and the order of shutdown.
 Shutdown order (SIGINT/SIGTERM): stop accepting connections; refuse new writes;
 commit and acknowledge every write already queued; send ``closed {shutdown}`` to
 every session and wait (bounded) for their queues to flush; close the databases.
+A process of the distributed mode leaves the service registry first (in the
+services' drain), and stops its gRPC server (calls in flight finish within
+``shutdown_grace``) before its services close.
 
 With ``[etcd] endpoints`` set, the process watches the dynamic settings in etcd
 (:class:`~imserver.discovery.config_centre.ConfigCentre`) from before the services
@@ -13,13 +16,15 @@ are built, so the stored values are in force from the first request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
 
-from imserver.core.embedded import Embedded, build_embedded
+from imserver.core.embedded import Services, build_embedded
+from imserver.core.health import Health, health_app
 from imserver.network.http import app_runner
 from imserver.network.listener import Admission, Listener, system_backlog
 from imserver.network.tcp import serve_tcp
@@ -64,17 +69,29 @@ async def migrate(config: Config, url: str | None = None) -> list[str]:
 
 
 class Server:
-    """One embedded IMServer process."""
+    """One IMServer process: embedded (every service), or, given ``services``, the
+    process of the distributed mode that runs those
+    (:func:`~imserver.core.distributed.build_distributed`, which alone imports gRPC)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        services: frozenset[str] | None = None,
+        *,
+        rpc_port: int | None = None,
+    ) -> None:
         self.config = config
+        self.names = services
+        """The services of this process (None: embedded, all of them)."""
+        self.rpc_port = rpc_port
         self.metrics = Metrics()
         self.live = LiveSettings(config)
         """The dynamic settings in force (docs/operations.md, "The config centre")."""
         self._etcd: EtcdClient | None = None
         self.config_centre: ConfigCentre | None = None
         self.gateway: Gateway | None = None
-        self.services: Embedded | None = None
+        self.services: Services | None = None
+        self._health: Health | None = None
         self._runner: web.AppRunner | None = None
         self._api: HttpApi | None = None
         self._tcp: Listener | None = None
@@ -90,7 +107,28 @@ class Server:
         data_dir = Path(cfg.data_dir)
         if cfg.etcd.endpoints:
             await self._watch_config()
-        services = self.services = await build_embedded(cfg, self.live)
+        services: Services
+        if self.names is None:
+            services = await build_embedded(cfg, self.live)
+        else:
+            from imserver.core.distributed import build_distributed
+
+            assert self._etcd is not None, "check_plan requires [etcd] endpoints"
+            distributed = await build_distributed(
+                cfg,
+                self.names,
+                self._etcd,
+                live=self.live,
+                metrics=self.metrics.discovery,
+                rpc_port=self.rpc_port,
+            )
+            services = distributed
+            if "gateway" not in self.names:
+                self.services = services
+                self.metrics.push = services.push_metrics
+                await self._serve_health(distributed.check)
+                return
+        self.services = services
         self.metrics.push = services.push_metrics
         gateway = self.gateway = Gateway(
             cfg,
@@ -139,6 +177,23 @@ class Server:
                 budget.high,
             )
 
+    async def _serve_health(self, check: Callable[[], Awaitable[None]]) -> None:
+        """A process without a gateway: only the probes and the metrics on HTTP."""
+        cfg = self.config
+        health = self._health = Health(check, self.metrics)
+        self._runner = web.AppRunner(health_app(health), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.http_port)
+        await site.start()
+        self.http_port = int(self._runner.addresses[0][1])
+        health.ready = True
+        logger.info(
+            "imserver services %s: http %s:%d (probes and metrics)",
+            ",".join(sorted(self.names or ())),
+            cfg.host,
+            self.http_port,
+        )
+
     async def _watch_config(self) -> None:
         from imserver.discovery.config_centre import ConfigCentre
         from imserver.discovery.etcd import EtcdClient
@@ -164,6 +219,8 @@ class Server:
         """Shut down gracefully; nothing acknowledged is lost."""
         if self._api is not None:
             self._api.ready = False
+        if self._health is not None:
+            self._health.ready = False
         if self._tcp is not None:
             self._tcp.close()
         if self.gateway is not None:

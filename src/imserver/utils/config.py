@@ -312,6 +312,13 @@ class RpcConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Seconds of the first retry's backoff ceiling; it doubles per attempt."""
     retry_backoff_max: Annotated[float, msgspec.Meta(gt=0)] = 2.0
     """Seconds the backoff ceiling never exceeds."""
+    host: str = ""
+    """Address the process's gRPC server listens on (empty: the ``host`` setting)."""
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    """Port of the gRPC server (0: a free one; ``imserver serve --rpc-port``)."""
+    advertise: str = ""
+    """``host:port`` other processes call, written in the registry (empty: the
+    listening address, or this machine's name when that is a wildcard)."""
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
