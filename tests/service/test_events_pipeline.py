@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -66,11 +66,12 @@ class Counting:
         self.handled: list[tuple[str, int]] = []
         self.ids: list[str] = []
 
-    async def __call__(self, delivery: Delivery) -> None:
-        await self._consumer(delivery)
-        self.ids.append(delivery.id)
-        event = decode_event(delivery.body, MessageStored)
-        self.handled.append((event.message.conv, event.message.seq))
+    async def __call__(self, deliveries: Sequence[Delivery]) -> None:
+        await self._consumer(deliveries)
+        for delivery in deliveries:
+            self.ids.append(delivery.id)
+            event = decode_event(delivery.body, MessageStored)
+            self.handled.append((event.message.conv, event.message.seq))
 
 
 async def emptied(relay: OutboxRelay | None, within: float = 30.0) -> None:
@@ -268,8 +269,8 @@ async def test_two_relays_on_one_server_database_publish_each_row_once(
     consumer_side = stream(rabbit.URL, prefix)
     got: list[str] = []
 
-    async def record(delivery: Delivery) -> None:
-        got.append(delivery.id)
+    async def record(deliveries: Sequence[Delivery]) -> None:
+        got.extend(d.id for d in deliveries)
 
     await consumer_side.subscribe(GROUP, PATTERNS, record)
     sides = [stream(rabbit.URL, prefix) for _ in range(2)]

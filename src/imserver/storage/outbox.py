@@ -5,8 +5,10 @@ change inserts the event into its ``<service>_outbox`` table **in the transactio
 the change itself**. The commit stores both or neither, so a change and its event
 cannot diverge, whether the broker is up or not. A relay
 (:class:`OutboxRelay`) then publishes the rows, in id order, waits for the broker's
-confirms, and deletes them. While the broker is down the rows wait, and the relay
-retries with backoff; the ack to the client never waits for the broker.
+confirms (a claim goes out as one or a few broker messages, see
+:mod:`imserver.storage.events_rabbitmq`), and deletes them. While the broker is
+down the rows wait, and the relay retries with backoff; the ack to the client
+never waits for the broker.
 
 Delivery is at least once: a relay that crashes after the broker confirmed a row
 and before its delete commits publishes it again at restart, and consumers absorb
@@ -179,6 +181,8 @@ class OutboxRelay:
         """Rows published and deleted since the start."""
         self.failures = 0
         """Turns that failed (the broker or the database down)."""
+        self.last_claim = 0
+        """Rows in the last turn's claim: ``batch`` while the relay is behind."""
         outbox.on_commit(self.wake)
 
     def start(self) -> None:
@@ -201,6 +205,13 @@ class OutboxRelay:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        try:
+            # The backlog the relay had not caught up with when the service stopped.
+            logger.info(
+                "outbox %s: %d rows waiting at close", self._table.name, await self.pending()
+            )
+        except Exception as exc:
+            logger.warning("outbox %s: cannot count its rows: %r", self._table.name, exc)
         try:
             async with asyncio.timeout(grace):
                 while await self.turn():
@@ -240,6 +251,7 @@ class OutboxRelay:
 
     async def turn(self) -> int:
         """Publish and delete up to ``batch`` rows, oldest first; the rows moved."""
+        self.last_claim = 0
         if self._sqlite is not None:
             rows = await self._sqlite.call(in_transaction, self._page, False)
             if not rows:
@@ -255,6 +267,7 @@ class OutboxRelay:
                 await self._publish(rows)
                 await conn.run_sync(self._delete, [r.id for r in rows])
         self.published += len(rows)
+        self.last_claim = len(rows)
         return len(rows)
 
     def _page(self, conn: Connection, lock: bool) -> list[Any]:
