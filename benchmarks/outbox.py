@@ -44,6 +44,14 @@ def _server_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("imserver-bench-*"))
 
 
+def _ours(root: Path, prefix: str) -> bool:
+    """Whether the server directory ``root`` is the run's with event prefix ``prefix``."""
+    try:
+        return prefix in (root / "imserver.toml").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def _rows_left(root: Path) -> int | None:
     """The rows the run's server found in its outboxes when it stopped (its log)."""
     text = ""
@@ -129,8 +137,9 @@ def compare(
             )
             args.set = base_set + extra
             before = _cpu_seconds(broker)
-            # The server's directory is kept to read its log, then removed here.
-            kept, args.keep_data = args.keep_data, True
+            # An "on" server's directory is kept to read its log, then removed here.
+            kept = args.keep_data
+            args.keep_data = kept or side == "on"
             dirs = _server_dirs()
             try:
                 code, out = run_once(args)
@@ -140,10 +149,13 @@ def compare(
                     harness.run_async(_delete_topology(prefix))
             after = _cpu_seconds(broker)
             left: int | None = None
-            for root in _server_dirs() - dirs:
-                left = _rows_left(root)
-                if not kept:
-                    shutil.rmtree(root, ignore_errors=True)
+            if side == "on":
+                for root in _server_dirs() - dirs:
+                    if not _ours(root, prefix):
+                        continue  # another benchmark's, on this shared machine
+                    left = _rows_left(root)
+                    if not kept:
+                        shutil.rmtree(root, ignore_errors=True)
             status = status or code
             res = out["results"]
             cpu = res["cpu"]
