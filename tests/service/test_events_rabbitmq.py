@@ -31,6 +31,7 @@ from imserver.storage.events_rabbitmq import (
     ERROR_HEADER,
     RabbitEventStream,
 )
+from imserver.utils.metrics import EventMetrics, Metrics
 
 BACKOFF = (0.2, 0.4)
 GROUPS = {"push": ("message.*",), "files": ("file.#",)}
@@ -177,7 +178,9 @@ async def test_a_batch_is_bounded_in_bytes(prefix: str) -> None:
 async def test_a_failing_batch_is_retried_event_by_event_and_only_the_poison_dies(
     prefix: str,
 ) -> None:
-    events = stream(prefix, max_attempts=3)
+    metrics = Metrics()
+    metrics.events = EventMetrics()
+    events = stream(prefix, max_attempts=3, dead=metrics.events.dead)
     seen: list[tuple[str, int, int]] = []  # (id, attempt, size of its batch)
     handled: list[str] = []
     done = asyncio.Event()
@@ -220,7 +223,7 @@ async def test_a_failing_batch_is_retried_event_by_event_and_only_the_poison_die
     assert items(dead[0]) == [("bad", MESSAGE_STORED, b"b")]
     assert dead[0].headers[ATTEMPT_HEADER] == 3
     assert dead[0].headers[ERROR_HEADER] == "RuntimeError: cannot handle bad"
-    assert events.dead_lettered == {"push": 1}
+    assert b'imserver_events_dead_total{group="push"} 1.0' in metrics.render()
     # Nothing is left anywhere: acked, retried, or dead.
     for name in (f"{prefix}.push", f"{prefix}.push.retry.1", f"{prefix}.push.retry.2"):
         assert await rabbit.drain(name) == []

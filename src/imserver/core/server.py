@@ -92,6 +92,7 @@ class Server:
             await self._watch_config()
         services = self.services = await build_embedded(cfg, self.live)
         self.metrics.push = services.push_metrics
+        self.metrics.events = services.events.metrics if services.events is not None else None
         gateway = self.gateway = Gateway(
             cfg,
             users=services.users,

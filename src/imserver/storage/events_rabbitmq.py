@@ -190,7 +190,8 @@ class RabbitEventStream:
     ``groups``: every consumer group (name -> routing patterns) whose queues the
     publisher declares, so that no event is published to an exchange with no queue
     for it. ``timeout``: seconds a connection attempt or a confirm may take.
-    ``max_message_bytes``: the most envelope bytes per published message.
+    ``max_message_bytes``: the most envelope bytes per published message. ``dead``:
+    where to count the events each group dead-lettered (the server's metrics).
     """
 
     def __init__(
@@ -205,6 +206,7 @@ class RabbitEventStream:
         timeout: float = 10.0,
         reconnect: tuple[float, float] = (0.2, 10.0),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        dead: dict[str, int] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -223,7 +225,7 @@ class RabbitEventStream:
         self._connections: set[Any] = set()
         self._closed = False
         self._max_bytes = max_message_bytes
-        self.dead_lettered: dict[str, int] = {}
+        self.dead_lettered: dict[str, int] = {} if dead is None else dead
         """group -> events sent to its dead-letter queue since the start."""
 
     # --- publishing ---------------------------------------------------------------------

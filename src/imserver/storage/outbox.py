@@ -168,8 +168,12 @@ class OutboxRelay:
         *,
         batch: int = 2048,
         backoff: tuple[float, float] = (0.2, 10.0),
+        claims: dict[str, int] | None = None,
+        service: str = "",
     ) -> None:
         self._table = outbox.table
+        self._claims = claims
+        self._service = service or outbox.table.name
         self._sqlite: ThreadRunner | None = None
         self._engine: AsyncEngine | None = None
         if make_url(url).get_backend_name() == "sqlite":
@@ -259,7 +263,7 @@ class OutboxRelay:
 
     async def turn(self) -> int:
         """Publish and delete up to ``batch`` rows, oldest first; the rows moved."""
-        self.last_claim = 0
+        self._claim(0)
         if self._sqlite is not None:
             rows = await self._sqlite.call(in_transaction, self._page, False)
             if not rows:
@@ -275,8 +279,13 @@ class OutboxRelay:
                 await self._publish(rows)
                 await conn.run_sync(self._delete, [r.id for r in rows])
         self.published += len(rows)
-        self.last_claim = len(rows)
+        self._claim(len(rows))
         return len(rows)
+
+    def _claim(self, rows: int) -> None:
+        self.last_claim = rows
+        if self._claims is not None:
+            self._claims[self._service] = rows
 
     def _page(self, conn: Connection, lock: bool) -> list[Any]:
         t = self._table.c
