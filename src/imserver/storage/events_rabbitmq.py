@@ -358,23 +358,31 @@ class RabbitEventStream:
         raw = (message.headers or {}).get(ATTEMPT_HEADER)
         attempt = raw if isinstance(raw, int) and raw > 0 else 1
         key = message.type or message.routing_key or ""
-        # What goes to the retry path if this fails: the message as it came (one
-        # event, or an envelope that cannot be read), or its events one by one.
-        retries = [
-            (message.message_id or "", key, message.body, message.content_type or CONTENT_TYPE)
-        ]
+        deliveries: list[Delivery] = []
         try:
             if message.content_type == BATCH_CONTENT_TYPE:
                 deliveries = [
                     Delivery(id=e.id, key=e.key, body=e.body, attempt=attempt)
                     for e in decode_batch(message.body)
                 ]
-                if len(deliveries) > 1:
-                    retries = [_single(d) for d in deliveries]
             else:
                 deliveries = [Delivery(message.message_id or "", key, message.body, attempt)]
             await handler(deliveries)
         except Exception as exc:
+            # Retried as it came (one event, or an envelope that cannot be read), or
+            # a batch as its events one by one.
+            retries = (
+                [_single(d) for d in deliveries]
+                if len(deliveries) > 1
+                else [
+                    (
+                        message.message_id or "",
+                        key,
+                        message.body,
+                        message.content_type or CONTENT_TYPE,
+                    )
+                ]
+            )
             try:
                 await self._retry(channel, group, retries, attempt, exc)
             except Exception:
@@ -403,7 +411,6 @@ class RabbitEventStream:
             logger.error("events %s dead-lettered after %d attempts: %s", ids, attempt, error)
             target = self.topology.dead_queue(group)
             next_attempt = attempt
-            self.dead_lettered[group] = self.dead_lettered.get(group, 0) + len(messages)
         else:
             logger.warning("events %s failed (attempt %d): %s", ids, attempt, error)
             target = self.topology.retry_queue(group, min(attempt, len(self.topology.backoff)))
@@ -418,6 +425,8 @@ class RabbitEventStream:
                 for mid, key, body, ctype in messages
             )
         )
+        if next_attempt == attempt:
+            self.dead_lettered[group] = self.dead_lettered.get(group, 0) + len(messages)
 
     # --- life cycle -------------------------------------------------------------------
 
