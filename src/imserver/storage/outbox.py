@@ -209,9 +209,9 @@ class OutboxRelay:
         self._wake.set()
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop after the current turn, then publish what is left for at most
-        ``grace`` seconds (a broker that does not answer leaves the rows for the
-        next start)."""
+        """Stop after the current turn, log the rows still waiting, then publish
+        what is left for at most ``grace`` seconds (a broker that does not answer
+        leaves the rows for the next start)."""
         self._closed = True
         self._wake.set()
         if self._task is not None:
@@ -219,9 +219,9 @@ class OutboxRelay:
                 await self._task
         try:
             # The backlog the relay had not caught up with when the service stopped.
-            logger.info(
-                "outbox %s: %d rows waiting at close", self._table.name, await self.pending()
-            )
+            async with asyncio.timeout(grace):
+                waiting = await self.pending()
+            logger.info("outbox %s: %d rows waiting at close", self._table.name, waiting)
         except Exception as exc:
             logger.warning("outbox %s: cannot count its rows: %r", self._table.name, exc)
         try:
