@@ -9,6 +9,12 @@ process, when this user can read its ``/proc`` entry). With the stream on, every
 stored message is also an outbox row inserted in its batch's transaction, published
 with a confirm, deleted, and consumed by the notification service.
 
+Whether the relay keeps up: each "on" run's server logs, when it stops, the rows
+still waiting in each outbox (``outbox …: N rows waiting at close``, after the load
+and before the relay's last drain); the table prints their sum per run. A relay that
+keeps up leaves at most a claim's worth; one that falls behind, the backlog of the
+whole run.
+
 Each "on" run has an exchange and queues of its own (a random prefix) on the broker
 at ``$IMS_BENCH_RABBITMQ`` (``amqp://guest:guest@127.0.0.1:5672/``), deleted after.
 """
@@ -17,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
+import shutil
 import statistics
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -28,6 +37,30 @@ from benchmarks import harness
 
 URL: Final = os.environ.get("IMS_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
 BACKOFF: Final = [1.0, 5.0]
+WAITING: Final = re.compile(r"outbox (\w+): (\d+) rows waiting at close")
+
+
+def _server_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("imserver-bench-*"))
+
+
+def _ours(root: Path, prefix: str) -> bool:
+    """Whether the server directory ``root`` is the run's with event prefix ``prefix``."""
+    try:
+        return prefix in (root / "imserver.toml").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _rows_left(root: Path) -> int | None:
+    """The rows the run's server found in its outboxes when it stopped (its log)."""
+    text = ""
+    for name in ("server.stderr.log", "server.stdout.log"):
+        with_log = root / name
+        if with_log.exists():
+            text += with_log.read_text(errors="replace")
+    found = WAITING.findall(text)
+    return sum(int(n) for _, n in found) if found else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,12 +137,25 @@ def compare(
             )
             args.set = base_set + extra
             before = _cpu_seconds(broker)
+            # An "on" server's directory is kept to read its log, then removed here.
+            kept = args.keep_data
+            args.keep_data = kept or side == "on"
+            dirs = _server_dirs()
             try:
                 code, out = run_once(args)
             finally:
+                args.keep_data = kept
                 if side == "on":
                     harness.run_async(_delete_topology(prefix))
             after = _cpu_seconds(broker)
+            left: int | None = None
+            if side == "on":
+                for root in _server_dirs() - dirs:
+                    if not _ours(root, prefix):
+                        continue  # another benchmark's, on this shared machine
+                    left = _rows_left(root)
+                    if not kept:
+                        shutil.rmtree(root, ignore_errors=True)
             status = status or code
             res = out["results"]
             cpu = res["cpu"]
@@ -127,6 +173,7 @@ def compare(
                         if before is not None and after is not None and acked
                         else float("nan")
                     ),
+                    "rows_left": float("nan") if left is None else float(left),
                 }
             )
     args.set = base_set
@@ -161,3 +208,7 @@ def _print(args: argparse.Namespace, sides: dict[str, list[dict[str, float]]]) -
     for side in ("off", "on"):
         each = ", ".join(f"{r['acked_per_s']:,.0f}/s {r['server_us']:.1f} µs" for r in sides[side])
         print(f"runs, stream {side}: {each}")
+    left = ", ".join(
+        f"{r['rows_left']:,.0f}" if r["rows_left"] == r["rows_left"] else "?" for r in sides["on"]
+    )
+    print(f"outbox rows waiting when the server stopped, each run with the stream on: {left}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from imserver.storage.events import (
     MESSAGE_STORED,
     Delivery,
     OutgoingEvent,
+    decode_batch,
     decode_event,
     encode_event,
 )
@@ -34,6 +35,7 @@ from imserver.storage.outbox import Outbox, OutboxRelay
 from imserver.storage.sql import make_engine, upgrade
 from imserver.utils.clock import now_ms
 from imserver.utils.ids import ConvId
+from imserver.utils.metrics import EventMetrics, Metrics
 
 BACKOFF = (0.2,)
 TOKEN = {"token": "bob-phone"}
@@ -66,11 +68,12 @@ class Counting:
         self.handled: list[tuple[str, int]] = []
         self.ids: list[str] = []
 
-    async def __call__(self, delivery: Delivery) -> None:
-        await self._consumer(delivery)
-        self.ids.append(delivery.id)
-        event = decode_event(delivery.body, MessageStored)
-        self.handled.append((event.message.conv, event.message.seq))
+    async def __call__(self, deliveries: Sequence[Delivery]) -> None:
+        await self._consumer(deliveries)
+        for delivery in deliveries:
+            self.ids.append(delivery.id)
+            event = decode_event(delivery.body, MessageStored)
+            self.handled.append((event.message.conv, event.message.seq))
 
 
 async def emptied(relay: OutboxRelay | None, within: float = 30.0) -> None:
@@ -268,8 +271,8 @@ async def test_two_relays_on_one_server_database_publish_each_row_once(
     consumer_side = stream(rabbit.URL, prefix)
     got: list[str] = []
 
-    async def record(delivery: Delivery) -> None:
-        got.append(delivery.id)
+    async def record(deliveries: Sequence[Delivery]) -> None:
+        got.extend(d.id for d in deliveries)
 
     await consumer_side.subscribe(GROUP, PATTERNS, record)
     sides = [stream(rabbit.URL, prefix) for _ in range(2)]
@@ -288,3 +291,47 @@ async def test_two_relays_on_one_server_database_publish_each_row_once(
         for side in sides:
             await side.close()
         await consumer_side.close()
+
+
+async def test_the_relay_reports_each_claim_and_publishes_it_in_batches(
+    databases: Databases, prefix: str
+) -> None:
+    """A backlog of 120 rows, claims of 50: the claim gauge reads 50, 50, 20, then 0
+    once the outbox is empty; each claim reached the queue as one message."""
+    url = databases.url("message")
+    await upgrade(url, MESSAGE_MIGRATIONS)
+    outbox = Outbox(message_outbox)
+    events = [
+        MessageStored(
+            message=CommittedMessage(
+                conv=ConvId("d:a:b"), seq=seq, ts=seq, sender="a", type="text", body=""
+            )
+        )
+        for seq in range(1, 121)
+    ]
+    engine = make_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(outbox.insert, [outbox.row(MESSAGE_STORED, e) for e in events])
+    await engine.dispose()
+    metrics = Metrics()
+    metrics.events = EventMetrics()
+    side = stream(rabbit.URL, prefix)
+    claimed = metrics.events.claims
+    relay = OutboxRelay(url, outbox, side, batch=50, claims=claimed, service="message")
+    claims = []
+    try:
+        for _ in range(4):
+            await relay.turn()
+            claims.append(metrics.events.claims["message"])
+            if claims[-1]:
+                assert b'imserver_outbox_claim{service="message"} %d.0' % claims[-1] in (
+                    metrics.render()
+                )
+    finally:
+        await relay.close()
+        await side.close()
+    assert claims == [50, 50, 20, 0]
+    assert b'imserver_outbox_claim{service="message"} 0.0' in metrics.render()
+    got = await rabbit.drain(f"{prefix}.{GROUP}")
+    assert [len(decode_batch(m.body)) for m in got] == [50, 50, 20]
+    assert [e.id for m in got for e in decode_batch(m.body)] == [e.id for e in events]

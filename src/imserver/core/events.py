@@ -23,6 +23,7 @@ from imserver.services.notification.service import LocalNotificationService
 from imserver.storage.events import EventSubscriber
 from imserver.storage.outbox import EventPublisher, Outbox, OutboxRelay
 from imserver.utils.config import EventsConfig
+from imserver.utils.metrics import EventMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class EventsRuntime:
     stream: EventStream
     relays: dict[str, OutboxRelay]
     """service name -> the relay of its outbox."""
+    metrics: EventMetrics
+    """Dead letters by group and the relays' last claims, for the server's metrics."""
 
     async def close_consumers(self) -> None:
         """Stop consuming (before the consuming services close)."""
@@ -70,6 +73,7 @@ async def start_events(
         raise ValueError(f"no event stream backend {config.backend!r}")
     from imserver.storage.events_rabbitmq import RabbitEventStream
 
+    metrics = EventMetrics()
     stream = RabbitEventStream(
         config.url,
         prefix=config.prefix,
@@ -77,13 +81,14 @@ async def start_events(
         max_attempts=config.max_attempts,
         backoff=config.backoff,
         groups=GROUPS,
+        dead=metrics.dead,
     )
     if notifications is not None:
         await notification_events.consume_message_events(notifications, stream)
     relays = {}
     for name, (url, outbox) in outboxes.items():
-        relay = OutboxRelay(url, outbox, stream)
+        relay = OutboxRelay(url, outbox, stream, claims=metrics.claims, service=name)
         relay.start()
         relays[name] = relay
     logger.info("event stream: RabbitMQ, exchange %s.events", config.prefix)
-    return EventsRuntime(stream=stream, relays=relays)
+    return EventsRuntime(stream=stream, relays=relays, metrics=metrics)

@@ -130,6 +130,7 @@ class Server:
                 return
         self.services = services
         self.metrics.push = services.push_metrics
+        self.metrics.events = services.events.metrics if services.events is not None else None
         gateway = self.gateway = Gateway(
             cfg,
             users=services.users,

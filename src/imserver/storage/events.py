@@ -10,13 +10,17 @@ consumer acknowledges them. This module is the broker-free part of that capabili
   already uses for its internal calls;
 * :class:`OutgoingEvent` is an encoded event on its way out (the outbox's rows,
   :mod:`imserver.storage.outbox`); :class:`Delivery` one on its way in;
+* several events travel in one broker message, a versioned **batch envelope**
+  (:class:`Batch`, :func:`encode_batch` / :func:`decode_batch`): the per-message
+  frames, confirms and acks are what a busy stream costs, not the bytes;
 * :class:`EventSubscriber` is the consumer side: a consumer *group* (one durable
   queue, shared by every instance of the consuming service) receives the events
-  whose routing key matches its patterns and acknowledges each one when its handler
-  returns. A handler that raises has the event retried with backoff and, after
+  whose routing key matches its patterns, a batch at a time, and acknowledges the
+  batch when its handler returns. A handler that raises has the batch retried with
+  backoff, each of its events on its own, and an event that keeps failing is, after
   ``max_attempts``, dead-lettered; so a handler must be idempotent (every event can
   arrive more than once: a relay that crashed between publishing and deleting its
-  outbox rows publishes them again).
+  outbox rows publishes them again, and a failed batch is retried whole).
 
 The publisher side, :class:`~imserver.storage.outbox.EventPublisher`, is owned by the
 outbox relay, its one user. The backend is :mod:`imserver.storage.events_rabbitmq`,
@@ -87,9 +91,62 @@ class Delivery(msgspec.Struct, frozen=True):
     """1 for the first delivery to this group, 2 for the first retry, and so on."""
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
-"""A consumer's handler: returns once the event is durably handled (it is then
-acknowledged); raises to have it retried."""
+Handler = Callable[[Sequence[Delivery]], Awaitable[None]]
+"""A consumer's handler: takes the events of one broker message (one or more, all
+with the same attempt number), returns once they are durably handled (the message
+is then acknowledged); raises to have every one of them retried."""
+
+BATCH_VERSION: Final = 1
+"""The version of :class:`Batch` this code writes and reads."""
+
+
+class BatchItem(msgspec.Struct, frozen=True, array_like=True):
+    """One event of a :class:`Batch`: its id, routing key and MessagePack body
+    (encoded as a three-element array)."""
+
+    id: str
+    key: str
+    body: bytes
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """The body of a broker message carrying several events: the envelope's version
+    ``v`` and the events, in publication order. A reader that meets a version it
+    does not know fails the message (:class:`UnknownBatch`), which is retried and
+    then dead-lettered, never dropped."""
+
+    v: int
+    events: list[BatchItem]
+
+
+class UnknownBatch(ValueError):
+    """A broker message whose envelope cannot be read (unknown version, bad bytes)."""
+
+
+_batch_decoder = msgspec.msgpack.Decoder(Batch)
+
+
+def encode_batch(events: Sequence[OutgoingEvent]) -> bytes:
+    """The envelope of ``events`` (current version)."""
+    return _encoder.encode(Batch(BATCH_VERSION, [BatchItem(e.id, e.key, e.body) for e in events]))
+
+
+def decode_batch(body: bytes) -> list[BatchItem]:
+    """The events of an envelope; :class:`UnknownBatch` when it is not one this code
+    reads."""
+    try:
+        batch = _batch_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UnknownBatch(f"not an event batch: {exc}") from exc
+    if batch.v != BATCH_VERSION:
+        raise UnknownBatch(f"event batch version {batch.v} is not known here")
+    return batch.events
+
+
+def batch_size(event: OutgoingEvent) -> int:
+    """An upper bound of the bytes ``event`` adds to an envelope (its fields and
+    their MessagePack headers)."""
+    return len(event.body) + len(event.id) + len(event.key) + 16
 
 
 class EventStreamDown(Exception):

@@ -16,18 +16,35 @@
 * ``P.G.dead`` — the group's dead-letter queue (durable, quorum), where an event
   lands after ``max_attempts`` failed deliveries, for an operator to inspect.
 
-**Publishing**: a channel in confirm mode; :meth:`RabbitEventStream.publish` sends a
-batch in order, persistent, and returns once the broker confirmed every message
-(``EventStreamDown`` otherwise). The message carries the event id as
-``message_id``, its kind as ``type``, ``application/msgpack`` as content type.
+**Publishing**: a channel in confirm mode; :meth:`RabbitEventStream.publish` groups
+the events it is given by routing key (keeping their order within a key) and sends
+each group as few messages as fit ``max_message_bytes``: each message is a batch
+envelope (:class:`~imserver.storage.events.Batch`, content type
+:data:`BATCH_CONTENT_TYPE`) routed by the group's key, persistent, with that key as
+``type`` and its first event's id as ``message_id``. It returns once the broker
+confirmed every message (``EventStreamDown`` otherwise). One message per outbox
+claim rather than one per event: each AMQP message costs a publish, a confirm, a
+delivery and an ack, in frames on both sides, whatever its size.
 
-**Consuming**: manual acks, ``prefetch`` unacknowledged events per consumer. A
-handler that returns acks the event. One that raises has it republished (with
-confirm) to the delay queue of its attempt, with the attempt counter in the
-``x-attempt`` header (1 on the first delivery), and then acked; at attempt
-``max_attempts`` it goes to ``P.G.dead`` instead, with the error in ``x-error``. A
-consumer whose connection drops leaves its unacked events to the broker, which
-redelivers them; it reconnects with backoff.
+**Reading**: a message of content type :data:`BATCH_CONTENT_TYPE` is an envelope
+(its version checked); one of :data:`CONTENT_TYPE` (``application/msgpack``) is a
+single event, its id in ``message_id`` and its key in ``type`` — what earlier
+versions published, still read, so that messages queued across an upgrade are
+consumed.
+
+**Consuming**: manual acks, ``prefetch`` unacknowledged messages per consumer. The
+handler gets the events of one message together and, when it returns, the message
+is acked once. One that raises has the message's events republished (with
+confirm) **one event per message** to the delay queue of its attempt, with the
+attempt counter in the ``x-attempt`` header (1 on the first delivery), and the
+message acked: the whole batch is tried again (consumers are idempotent), and an
+event that keeps failing fails alone, so a poison event never holds back the others
+of its batch. At attempt ``max_attempts`` an event goes to ``P.G.dead`` instead,
+with the error in ``x-error`` (a batch that fails at its last attempt — only when
+``max_attempts`` is 1 — is dead-lettered as its single events). A message whose
+envelope cannot be read is retried and dead-lettered as it is. A consumer whose
+connection drops leaves its unacked messages to the broker, which redelivers them;
+it reconnects with backoff.
 
 Every declaration is idempotent with the same arguments, so the publisher and every
 consumer declare the whole topology of the groups they know on each connection:
@@ -53,13 +70,25 @@ from aio_pika.abc import (
 from aiormq.exceptions import AMQPError
 from pamqp.common import FieldValue
 
-from imserver.storage.events import Delivery, EventStreamDown, Handler, OutgoingEvent
+from imserver.storage.events import (
+    Delivery,
+    EventStreamDown,
+    Handler,
+    OutgoingEvent,
+    batch_size,
+    decode_batch,
+    encode_batch,
+)
 
 logger = logging.getLogger(__name__)
 
 ATTEMPT_HEADER = "x-attempt"
 ERROR_HEADER = "x-error"
 CONTENT_TYPE = "application/msgpack"
+"""A message of one event (what earlier versions published; still read)."""
+BATCH_CONTENT_TYPE = "application/vnd.imserver.events+msgpack"
+"""A message of a batch envelope (:class:`~imserver.storage.events.Batch`)."""
+MAX_MESSAGE_BYTES = 256 * 1024
 QUORUM: dict[str, FieldValue] = {"x-queue-type": "quorum"}
 
 
@@ -114,16 +143,44 @@ class Topology:
 
 
 def _message(
-    body: bytes, event_id: str, key: str, attempt: int, **headers: Any
+    body: bytes,
+    message_id: str,
+    key: str,
+    attempt: int,
+    content_type: str = BATCH_CONTENT_TYPE,
+    **headers: Any,
 ) -> aio_pika.Message:
     return aio_pika.Message(
         body,
-        message_id=event_id,
+        message_id=message_id,
         type=key,
-        content_type=CONTENT_TYPE,
+        content_type=content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers={ATTEMPT_HEADER: attempt, **headers},
     )
+
+
+def batches(events: Sequence[OutgoingEvent], max_bytes: int) -> list[list[OutgoingEvent]]:
+    """``events`` grouped by routing key (in order within a key, keys in the order of
+    their first event), each group cut into runs of at most ``max_bytes`` of envelope
+    (an event larger than that alone in its run)."""
+    by_key: dict[str, list[list[OutgoingEvent]]] = {}
+    sizes: dict[str, int] = {}
+    for event in events:
+        runs = by_key.setdefault(event.key, [[]])
+        size = batch_size(event)
+        if runs[-1] and sizes[event.key] + size > max_bytes:
+            runs.append([])
+            sizes[event.key] = 0
+        runs[-1].append(event)
+        sizes[event.key] = sizes.get(event.key, 0) + size
+    return [run for runs in by_key.values() for run in runs]
+
+
+def _single(delivery: Delivery) -> tuple[str, str, bytes, str]:
+    """A delivery as the one-event envelope it is retried in."""
+    body = encode_batch([OutgoingEvent(delivery.id, delivery.key, delivery.body)])
+    return (delivery.id, delivery.key, body, BATCH_CONTENT_TYPE)
 
 
 class RabbitEventStream:
@@ -133,6 +190,8 @@ class RabbitEventStream:
     ``groups``: every consumer group (name -> routing patterns) whose queues the
     publisher declares, so that no event is published to an exchange with no queue
     for it. ``timeout``: seconds a connection attempt or a confirm may take.
+    ``max_message_bytes``: the most envelope bytes per published message. ``dead``:
+    where to count the events each group dead-lettered (the server's metrics).
     """
 
     def __init__(
@@ -146,6 +205,8 @@ class RabbitEventStream:
         groups: Mapping[str, Sequence[str]] | None = None,
         timeout: float = 10.0,
         reconnect: tuple[float, float] = (0.2, 10.0),
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        dead: dict[str, int] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -163,6 +224,9 @@ class RabbitEventStream:
         self._consumers: list[asyncio.Task[None]] = []
         self._connections: set[Any] = set()
         self._closed = False
+        self._max_bytes = max_message_bytes
+        self.dead_lettered: dict[str, int] = {} if dead is None else dead
+        """group -> events sent to its dead-letter queue since the start."""
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -188,7 +252,8 @@ class RabbitEventStream:
         return exchange
 
     async def publish(self, events: Sequence[OutgoingEvent]) -> None:
-        """Publish ``events`` in order to the exchange and wait for every confirm."""
+        """Publish ``events`` to the exchange, in batches by routing key (see the
+        module docstring), and wait for every confirm."""
         if not events:
             return
         async with self._publish_lock:
@@ -198,12 +263,12 @@ class RabbitEventStream:
                 await asyncio.gather(
                     *(
                         exchange.publish(
-                            _message(e.body, e.id, e.key, 1),
-                            e.key,
+                            _message(encode_batch(run), run[0].id, run[0].key, 1),
+                            run[0].key,
                             mandatory=False,
                             timeout=self._timeout,
                         )
-                        for e in events
+                        for run in batches(events, self._max_bytes)
                     )
                 )
             except EventStreamDown:
@@ -292,20 +357,37 @@ class RabbitEventStream:
     ) -> None:
         raw = (message.headers or {}).get(ATTEMPT_HEADER)
         attempt = raw if isinstance(raw, int) and raw > 0 else 1
-        delivery = Delivery(
-            id=message.message_id or "",
-            key=message.type or message.routing_key or "",
-            body=message.body,
-            attempt=attempt,
-        )
+        key = message.type or message.routing_key or ""
+        deliveries: list[Delivery] = []
         try:
-            await handler(delivery)
+            if message.content_type == BATCH_CONTENT_TYPE:
+                deliveries = [
+                    Delivery(id=e.id, key=e.key, body=e.body, attempt=attempt)
+                    for e in decode_batch(message.body)
+                ]
+            else:
+                deliveries = [Delivery(message.message_id or "", key, message.body, attempt)]
+            await handler(deliveries)
         except Exception as exc:
+            # Retried as it came (one event, or an envelope that cannot be read), or
+            # a batch as its events one by one.
+            retries = (
+                [_single(d) for d in deliveries]
+                if len(deliveries) > 1
+                else [
+                    (
+                        message.message_id or "",
+                        key,
+                        message.body,
+                        message.content_type or CONTENT_TYPE,
+                    )
+                ]
+            )
             try:
-                await self._retry(channel, group, delivery, exc)
+                await self._retry(channel, group, retries, attempt, exc)
             except Exception:
                 # Not acked: the broker redelivers it when this channel goes.
-                logger.exception("event %s could not be queued for a retry", delivery.id)
+                logger.exception("event message %s could not be queued for a retry", key)
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
                 return
@@ -313,38 +395,38 @@ class RabbitEventStream:
             await message.ack()
 
     async def _retry(
-        self, channel: AbstractChannel, group: str, delivery: Delivery, exc: Exception
+        self,
+        channel: AbstractChannel,
+        group: str,
+        messages: Sequence[tuple[str, str, bytes, str]],
+        attempt: int,
+        exc: Exception,
     ) -> None:
-        """Republish a failed delivery to its delay queue, or to the dead-letter
-        queue after ``max_attempts`` (through the default exchange, with confirm)."""
+        """Republish the ``(message id, key, body, content type)`` of a failed
+        delivery to its delay queue, or to the dead-letter queue after
+        ``max_attempts`` (through the default exchange, with confirm)."""
         error = f"{type(exc).__name__}: {exc}"[:500]
-        if delivery.attempt >= self._max_attempts:
-            logger.error(
-                "event %s (%s) dead-lettered after %d attempts: %s",
-                delivery.id,
-                delivery.key,
-                delivery.attempt,
-                error,
-            )
+        ids = ", ".join(m[0] for m in messages[:8]) + (", …" if len(messages) > 8 else "")
+        if attempt >= self._max_attempts:
+            logger.error("events %s dead-lettered after %d attempts: %s", ids, attempt, error)
             target = self.topology.dead_queue(group)
+            next_attempt = attempt
         else:
-            logger.warning(
-                "event %s (%s) failed (attempt %d): %s",
-                delivery.id,
-                delivery.key,
-                delivery.attempt,
-                error,
+            logger.warning("events %s failed (attempt %d): %s", ids, attempt, error)
+            target = self.topology.retry_queue(group, min(attempt, len(self.topology.backoff)))
+            next_attempt = attempt + 1
+        await asyncio.gather(
+            *(
+                channel.default_exchange.publish(
+                    _message(body, mid, key, next_attempt, ctype, **{ERROR_HEADER: error}),
+                    target,
+                    timeout=self._timeout,
+                )
+                for mid, key, body, ctype in messages
             )
-            step = min(delivery.attempt, len(self.topology.backoff))
-            target = self.topology.retry_queue(group, step)
-        attempt = (
-            delivery.attempt if target == self.topology.dead_queue(group) else delivery.attempt + 1
         )
-        await channel.default_exchange.publish(
-            _message(delivery.body, delivery.id, delivery.key, attempt, **{ERROR_HEADER: error}),
-            target,
-            timeout=self._timeout,
-        )
+        if next_attempt == attempt:
+            self.dead_lettered[group] = self.dead_lettered.get(group, 0) + len(messages)
 
     # --- life cycle -------------------------------------------------------------------
 

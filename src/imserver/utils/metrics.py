@@ -71,6 +71,18 @@ class PushMetrics:
         self.depth: dict[str, int] = {}
 
 
+class EventMetrics:
+    """The durable event stream's figures (event-loop thread only): the events each
+    consumer group dead-lettered, and the rows of each outbox relay's last claim
+    (at the relay's claim limit while it is behind its writer)."""
+
+    def __init__(self) -> None:
+        self.dead: dict[str, int] = {}
+        """group -> events sent to its dead-letter queue."""
+        self.claims: dict[str, int] = {}
+        """service -> rows in its relay's last claim."""
+
+
 class DiscoveryMetrics:
     """Circuit breakers and the config centre (event-loop thread only): each breaker's
     state by (service, instance), its transitions by (service, instance, from, to),
@@ -103,6 +115,8 @@ class Metrics(Collector):
         self.push: PushMetrics | None = None
         """The notification service's counters, when it runs in this process."""
         self.discovery = DiscoveryMetrics()
+        self.events: EventMetrics | None = None
+        """The event stream's figures, when it runs in this process."""
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -183,6 +197,27 @@ class Metrics(Collector):
         if self.push is not None:
             yield from self._push_families(self.push)
         yield from self._discovery_families(self.discovery)
+        if self.events is not None:
+            yield from self._event_families(self.events)
+
+    @staticmethod
+    def _event_families(events: EventMetrics) -> Iterator[Metric]:
+        dead = CounterMetricFamily(
+            "imserver_events_dead",
+            "Durable events dead-lettered after their last attempt, by consumer group",
+            labels=["group"],
+        )
+        for group, value in sorted(events.dead.items()):
+            dead.add_metric([group], value)
+        yield dead
+        claim = GaugeMetricFamily(
+            "imserver_outbox_claim",
+            "Rows in the outbox relay's last claim (at its limit while it is behind)",
+            labels=["service"],
+        )
+        for service, value in sorted(events.claims.items()):
+            claim.add_metric([service], value)
+        yield claim
 
     @staticmethod
     def _discovery_families(disc: DiscoveryMetrics) -> Iterator[Metric]:

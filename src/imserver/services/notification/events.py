@@ -3,10 +3,12 @@
 With ``[events] backend`` set, the message writer does not call the notification
 service after a commit; its ``message.stored`` events go through the message
 database's outbox and the broker, and reach the notification service here, from the
-consumer group :data:`GROUP`'s own durable queue. Each event is ingested by the same
-code as a direct call (:meth:`LocalNotificationService.take`), and acknowledged only
-once its ingest committed; a failed ingest is retried by the stream, then
-dead-lettered.
+consumer group :data:`GROUP`'s own durable queue, a batch (the events of one outbox
+claim) at a time. A batch is ingested in one go by the same code as a direct call
+(:meth:`LocalNotificationService.take`, which takes runs of messages), and its broker
+message acknowledged only once that ingest committed. A failed ingest is retried by
+the stream event by event (a repeat of the others is absorbed, see below), so an
+event that cannot be ingested is dead-lettered alone.
 
 Idempotent: an event can come twice (a relay that crashed between its publish and
 its delete publishes again; a consumer that crashed before its ack gets it
@@ -22,6 +24,7 @@ by id would get wrong; the outbox makes that order irrelevant.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from imserver.services.message.api import MessageStored
@@ -46,14 +49,18 @@ class MessageStoredConsumer:
     def __init__(self, service: LocalNotificationService) -> None:
         self._service = service
 
-    async def __call__(self, delivery: Delivery) -> None:
-        """Ingest the event; returns once it is stored (then it is acknowledged)."""
-        if delivery.key != MESSAGE_STORED:
-            raise UnknownEvent(f"unexpected event {delivery.key!r}")
-        event = decode_event(delivery.body, MessageStored)
-        if event.v not in VERSIONS:
-            raise UnknownEvent(f"message.stored version {event.v} is not known here")
-        await self._service.take([event.message])
+    async def __call__(self, deliveries: Sequence[Delivery]) -> None:
+        """Ingest the events in one go; returns once they are stored (then they are
+        acknowledged). Raises, ingesting none, when one cannot be read."""
+        messages = []
+        for delivery in deliveries:
+            if delivery.key != MESSAGE_STORED:
+                raise UnknownEvent(f"unexpected event {delivery.key!r}")
+            event = decode_event(delivery.body, MessageStored)
+            if event.v not in VERSIONS:
+                raise UnknownEvent(f"message.stored version {event.v} is not known here")
+            messages.append(event.message)
+        await self._service.take(messages)
 
 
 async def consume_message_events(
