@@ -209,7 +209,8 @@ class Distributed:
     _live: LiveBackends | None = None
     _server: grpc.aio.Server | None = None
     _registrations: list[Registration] = field(default_factory=list)
-    _events: EventsRuntime | None = None
+    events: EventsRuntime | None = None
+    """The event stream's relays and consumer of this process's services."""
     _grace: float = 5.0
 
     async def check(self) -> None:
@@ -233,13 +234,13 @@ class Distributed:
         of the remote services and the live backends."""
         if self._server is not None:
             await self._server.stop(self._grace)
-        if self._events is not None:
-            await self._events.close_consumers()
+        if self.events is not None:
+            await self.events.close_consumers()
         for name in ("message", "notification", "room", "file", "user"):
             if name in self.local:
                 await self.local[name].close()
-        if self._events is not None:
-            await self._events.close()
+        if self.events is not None:
+            await self.events.close()
         if self._remotes is not None:
             await self._remotes.close()
         if self._live is not None:
@@ -359,7 +360,7 @@ async def build_distributed(
         local={name: s for name, s in local.items()},
         _remotes=remotes,
         _live=shared,
-        _events=runtime,
+        events=runtime,
         _grace=config.shutdown_grace,
     )
     try:

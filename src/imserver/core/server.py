@@ -35,7 +35,7 @@ from imserver.storage.databases import redacted, service_database
 from imserver.storage.sql import upgrade
 from imserver.utils.config import Config
 from imserver.utils.live import LiveSettings
-from imserver.utils.metrics import Metrics
+from imserver.utils.metrics import EventMetrics, Metrics
 
 if TYPE_CHECKING:  # imported when [etcd] endpoints is set: gRPC stays out of the rest
     from imserver.discovery.config_centre import ConfigCentre
@@ -66,6 +66,11 @@ async def migrate(config: Config, url: str | None = None) -> list[str]:
         await upgrade(database, package)
         lines.append(f"{service}\t{redacted(database)}")
     return lines
+
+
+def _event_metrics(services: Services) -> EventMetrics | None:
+    """The event stream's counters of this process, when it runs the stream."""
+    return services.events.metrics if services.events is not None else None
 
 
 class Server:
@@ -126,11 +131,12 @@ class Server:
             if "gateway" not in self.names:
                 self.services = services
                 self.metrics.push = services.push_metrics
+                self.metrics.events = _event_metrics(services)
                 await self._serve_health(distributed.check)
                 return
         self.services = services
         self.metrics.push = services.push_metrics
-        self.metrics.events = services.events.metrics if services.events is not None else None
+        self.metrics.events = _event_metrics(services)
         gateway = self.gateway = Gateway(
             cfg,
             users=services.users,
