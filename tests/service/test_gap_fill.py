@@ -152,7 +152,9 @@ async def test_a_lost_room_message_is_filled_before_the_later_ones(two: Two) -> 
     assert two.lossy.dropped == [(conv, last + 1), (conv, last + 2)]
     after = (channels.gaps, channels.fills, channels.filled, channels.failed_fills)
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 3, 0]
-    assert b"imserver_bus_gaps_total 0.0" in two.west.metrics.render()
+    metrics = two.west.metrics.render()
+    assert b"imserver_bus_gaps_total 0.0" in metrics
+    assert f"imserver_bus_fills_total {float(channels.fills)}".encode() in metrics
     assert not bob.session.closing
 
 

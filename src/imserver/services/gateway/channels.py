@@ -104,8 +104,17 @@ class Channels:
     """The live-bus subscriptions of one gateway, and the routing of publications
     to its users."""
 
-    def __init__(self, bus: LiveBus, deliver: Deliver, resync: Resync, read: Read) -> None:
+    def __init__(
+        self,
+        bus: LiveBus,
+        deliver: Deliver,
+        resync: Resync,
+        read: Read,
+        on_fill: Callable[[], None] | None = None,
+    ) -> None:
         self._bus = bus
+        self._on_fill = on_fill
+        """Called for every gap filled (for metrics)."""
         self._deliver = deliver
         self._resync = resync
         self._read = read
@@ -124,7 +133,7 @@ class Channels:
         self.gaps = 0
         """Gaps seen on the live bus since start."""
         self.fills = 0
-        """Fills that delivered what the bus missed since start."""
+        """Gaps filled (what the bus missed delivered from the record) since start."""
         self.filled = 0
         """Messages those fills delivered."""
         self.failed_fills = 0
@@ -359,6 +368,7 @@ class Channels:
                 await self._bus.settle()
             read = 0
             rounds = 0
+            filled_before = self.filled
             while self._current(fill):
                 before = fill.last
                 messages = await self._read_after(fill)
@@ -376,7 +386,10 @@ class Channels:
                 if not self._current(fill):
                     return
                 if self._drain(fill):
-                    self.fills += 1
+                    if self.filled > filled_before or not fill.settle:  # something was missed
+                        self.fills += 1
+                        if self._on_fill is not None:
+                            self._on_fill()
                     return
         except asyncio.CancelledError:
             raise

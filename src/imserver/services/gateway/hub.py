@@ -86,7 +86,9 @@ class Hub:
         self._messages = messages
         self._by_user: dict[UserId, dict[Session, None]] = {}
         self._by_login: dict[LoginId, dict[Session, None]] = {}
-        self.channels = Channels(bus, self._deliver, self._resync, self._read)
+        self.channels = Channels(
+            bus, self._deliver, self._resync, self._read, on_fill=metrics.bus_fills.inc
+        )
         """The live-bus channels followed for the users attached here."""
         self._framed_event: Event | None = None
         self._framed: _Framed | None = None
