@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from imserver.protocol.events import Msg
+from imserver.services.gateway.channels import HOLD_LIMIT
 from imserver.services.gateway.service import Gateway
 from imserver.storage.bus import (
     LostHandler,
@@ -47,6 +49,9 @@ class LossyBus:
         self.dropped: list[tuple[str, int | None]] = []
         self._wrapped: dict[tuple[str, PublicationHandler], PublicationHandler] = {}
         self._pending: list[tuple[str, PublicationHandler]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.settling = asyncio.Event()
 
     async def publish(self, channel: str, publication: Publication) -> None:
         await self._inner.publish(channel, publication)
@@ -77,9 +82,13 @@ class LossyBus:
         """Nothing is reported: the losses here are gaps the positions show."""
 
     async def settle(self) -> None:
+        """Apply the pending subscriptions; answer once :attr:`gate` is open (a
+        broker slow to answer)."""
         pending, self._pending = self._pending, []
         for channel, handler in pending:
             self._apply(channel, handler)
+        self.settling.set()
+        await self.gate.wait()
 
 
 @dataclass
@@ -158,6 +167,21 @@ async def test_a_lost_room_message_is_filled_before_the_later_ones(two: Two) -> 
     assert not bob.session.closing
 
 
+async def test_a_lost_direct_message_is_filled_on_the_personal_channel(two: Two) -> None:
+    olga = await two.peer(two.east, "olga")
+    bob = await two.peer(two.west, "bob")
+    assert bob.session.caller is not None and olga.session.caller is not None
+    conv = "d:" + ":".join(sorted([olga.session.caller.user, bob.session.caller.user]))
+    await olga.ok("send", conv=conv, cid="c1", type="text", body="one")
+    two.lossy.drop = lambda channel, pub: channel.startswith("u:") and pub.seq == 2
+    for i in (2, 3):
+        await olga.ok("send", conv=conv, cid=f"c{i}", type="text", body=f"{i}")
+    await two.idle()
+    assert [(e["conv"], e["seq"]) for e in msgs(bob)] == [(conv, 1), (conv, 2), (conv, 3)]
+    assert two.lossy.dropped == [(f"u:{bob.session.caller.user}", 2)]
+    assert not bob.session.closing
+
+
 async def test_a_followed_room_is_filled_after_its_subscription_round_trip(two: Two) -> None:
     olga = await two.peer(two.east, "olga")
     bob = await two.peer(two.west, "bob")
@@ -223,6 +247,29 @@ async def test_a_fill_that_fails_resyncs_the_channels_sessions(two: Two) -> None
     channels = two.west.hub.channels
     assert (channels.gaps, channels.failed_fills) == (1, 1)
     assert b"imserver_bus_gaps_total 1.0" in two.west.metrics.render()
+
+
+async def test_a_fill_whose_buffer_overflows_resyncs(two: Two) -> None:
+    olga = await two.peer(two.east, "olga")
+    bob = await two.peer(two.west, "bob")
+    room = (await olga.ok("room.create", name="Team", public=True))["room"]["id"]
+    conv = f"r:{room}"
+    # West's subscription of the room is in effect but its confirmation is slow:
+    # the room's publications wait behind the fill until the buffer is full.
+    two.lossy.gate.clear()
+    two.lossy.settling.clear()
+    await bob.ok("room.join", room=room)
+    await two.lossy.settling.wait()
+    for seq in range(3, 3 + HOLD_LIMIT + 1):
+        event = Msg(conv=conv, seq=seq, from_="x", ts=1, type="text", body=f"m{seq}", cid=f"c{seq}")
+        await two.lossy.publish(room_channel(conv), Publication(event=event, conv=conv, seq=seq))
+    got = msgs(bob)
+    assert got[-1] == {"op": "closed", "reason": "resync"}
+    assert [e["body"] for e in got if e["op"] == "msg"] == ["bob joined"]
+    assert two.west.hub.channels.failed_fills == 1
+    two.lossy.gate.set()
+    await two.idle()
+    assert msgs(bob) == []
 
 
 async def test_a_joiner_on_a_redis_bus_gets_the_message_sent_at_once(

@@ -92,7 +92,8 @@ class _Fill:
         self.last = last
         """The last seq delivered."""
         self.readers = readers
-        """Local users who may read the conversation (tried in order)."""
+        """Local users who may read the conversation (tried in order, then the
+        room's local members of the moment)."""
         self.settle = settle
         """Await the bus's subscriptions first (a newly followed room)."""
         self.held: list[Publication] = []
@@ -399,9 +400,11 @@ class Channels:
 
     async def _read_after(self, fill: _Fill) -> list[Message]:
         """Every stored message of the conversation after ``fill.last``, read as the
-        first of its readers who may (a reader kicked meanwhile may not)."""
+        first of its readers who may (a reader kicked or gone meanwhile may not)."""
         error: Exception | None = None
-        for reader in fill.readers:
+        readers = dict.fromkeys(fill.readers)
+        readers.update(dict.fromkeys(self._rooms.get(fill.channel, ())))
+        for reader in readers:
             messages: list[Message] = []
             after = fill.last
             try:
