@@ -249,6 +249,28 @@ async def test_a_fill_that_fails_resyncs_the_channels_sessions(two: Two) -> None
     assert b"imserver_bus_gaps_total 1.0" in two.west.metrics.render()
 
 
+async def test_a_filling_room_holds_up_no_other_conversation(two: Two) -> None:
+    olga = await two.peer(two.east, "olga")
+    bob = await two.peer(two.west, "bob")
+    assert bob.session.caller is not None and olga.session.caller is not None
+    direct = "d:" + ":".join(sorted([olga.session.caller.user, bob.session.caller.user]))
+    room = (await olga.ok("room.create", name="Team", public=True))["room"]["id"]
+    conv = f"r:{room}"
+    two.lossy.gate.clear()
+    two.lossy.settling.clear()
+    await bob.ok("room.join", room=room)
+    await two.lossy.settling.wait()
+    await olga.ok("send", conv=conv, cid="r1", type="text", body="held")
+    await olga.ok("send", conv=direct, cid="d1", type="text", body="flows")
+    assert [(e["conv"], e["body"]) for e in msgs(bob)] == [
+        (conv, "bob joined"),
+        (direct, "flows"),
+    ]
+    two.lossy.gate.set()
+    await two.idle()
+    assert [(e["conv"], e["body"]) for e in msgs(bob)] == [(conv, "held")]
+
+
 async def test_a_fill_whose_buffer_overflows_resyncs(two: Two) -> None:
     olga = await two.peer(two.east, "olga")
     bob = await two.peer(two.west, "bob")
