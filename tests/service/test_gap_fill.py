@@ -32,6 +32,7 @@ from imserver.storage.bus_redis import RedisLiveBus
 from imserver.testing.redis import RedisServer
 from imserver.testing.sessions import CHEAP_AUTH, GatewayHarness, Peer
 from imserver.utils.config import Config, RedisConfig
+from imserver.utils.ids import RoomId
 from imserver.utils.metrics import Metrics
 
 Drop = Callable[[str, Publication], bool]
@@ -201,28 +202,38 @@ async def test_a_followed_room_is_filled_after_its_subscription_round_trip(two: 
     assert two.west.hub.channels.failed_fills == 0
 
 
-async def test_a_kicked_user_gets_nothing_after_the_kick_through_a_fill(two: Two) -> None:
+@pytest.mark.parametrize("lost_before", [False, True])
+async def test_a_kicked_user_gets_nothing_after_the_kick_through_a_fill(
+    two: Two, lost_before: bool
+) -> None:
     olga = await two.peer(two.east, "olga")
     amy = await two.peer(two.west, "amy")
     bob = await two.peer(two.west, "bob")
     conv = await _room_with(two, olga, amy, bob)
     assert amy.session.caller is not None
     amy_id = amy.session.caller.user
+    before = (await olga.ok("history", conv=conv, limit=1))["messages"][-1]["seq"] + 1
+    kick = before + 1
+    # The kick and the message after it are lost on the room's channel (and, with
+    # lost_before, the message before it too): the kick reaches amy on her own
+    # channel, the rest comes from a fill, each message to the members at its seq.
+    lost = [before, kick, kick + 1] if lost_before else [kick, kick + 1]
+    two.lossy.drop = drop_seqs(conv, lost)
     await olga.ok("send", conv=conv, cid="c1", type="text", body="before")
-    # The kick and the message after it are lost on the room's channel: the kick
-    # reaches amy on her own channel, the rest comes from a fill.
-    kick = (await olga.ok("history", conv=conv, limit=1))["messages"][-1]["seq"] + 1
-    two.lossy.drop = drop_seqs(conv, [kick, kick + 1])
     await olga.ok("room.kick", room=conv[2:], user=amy_id)
     await olga.ok("send", conv=conv, cid="c2", type="text", body="after")
     await olga.ok("send", conv=conv, cid="c3", type="text", body="later")
     await two.idle()
-    assert [e["seq"] for e in msgs(amy)] == [kick - 1, kick]
+    amy_got = msgs(amy)
+    assert [e["seq"] for e in amy_got] == [before, kick]
+    assert amy_got[-1]["meta"]["event"] == "kicked"
     bob_got = msgs(bob)
-    assert [e["seq"] for e in bob_got] == [kick - 1, kick, kick + 1, kick + 2]
+    assert [e["seq"] for e in bob_got] == [before, kick, kick + 1, kick + 2]
     assert [e["body"] for e in bob_got][2:] == ["after", "later"]
     assert not amy.session.closing and not bob.session.closing
     assert two.west.hub.channels.failed_fills == 0
+    assert bob.session.caller is not None
+    assert two.west.hub.channels.room_users(RoomId(conv[2:])) == [bob.session.caller.user]
 
 
 async def test_a_fill_that_fails_resyncs_the_channels_sessions(two: Two) -> None:

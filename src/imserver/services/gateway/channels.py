@@ -269,21 +269,28 @@ class Channels:
         if rooms is None:
             return
         event = pub.event
-        if self._fills and isinstance(event, Msg) and (user in pub.joined or user in pub.left):
-            fill = self._fills.get((channel, event.conv))
-            if fill is not None:
-                # The room's channel is filling: the change takes effect in its seq
-                # order there, not before the messages that precede it.
-                if event.seq > fill.last:
-                    fill.held.append(
-                        Publication(
-                            event=event,
-                            conv=event.conv,
-                            seq=event.seq,
-                            joined=pub.joined,
-                            left=pub.left,
-                        )
-                    )
+        if (
+            isinstance(event, Msg)
+            and channel in self._rooms
+            and (
+                (user in pub.joined and channel not in rooms)
+                or (user in pub.left and channel in rooms)
+            )
+        ):
+            # The room's channel is followed here but did not bring this change: it
+            # lost it. The change belongs in that channel's seq order, with the
+            # messages before it (a kicked user gets those) and after it.
+            convs = self._positions.setdefault(channel, {})
+            last = convs.get(event.conv)
+            if last is not None:
+                positioned = Publication(
+                    event=event, conv=event.conv, seq=event.seq, joined=pub.joined, left=pub.left
+                )
+                if event.seq == last + 1:
+                    convs[event.conv] = event.seq
+                    self._route(channel, positioned)
+                else:
+                    self._off_position(channel, convs, positioned, event.seq, last)
                 return
         if user in pub.joined:
             if channel in rooms:  # delivered on the room's channel
