@@ -28,7 +28,9 @@ seq order, then the publication that showed the gap, then those of the same
 conversation that came meanwhile (held in a bounded buffer, :data:`HOLD_LIMIT`;
 other conversations flow on). Filled room messages carry their membership change
 (read from the system message's ``meta``), so joins and leaves take effect at
-their seq as live ones do: a kicked user gets nothing after the kick. A room first
+their seq as live ones do: a kicked user gets nothing after the kick. A join or
+leave notice on a user's own channel that the followed room's channel lost is put
+in that channel's seq order the same way (held, or starting a fill). A room first
 followed from a notice on a user's own channel is filled the same way once the
 subscription is in effect (``bus.settle()``), from the notice's seq on: what was
 published during the subscription's round trip is not missed. Only a fill that
