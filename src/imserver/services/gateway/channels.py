@@ -279,16 +279,21 @@ class Channels:
                 or (user in pub.left and channel in rooms)
             )
         ):
-            # The room's channel is followed here but did not bring this change: it
-            # lost it. The change belongs in that channel's seq order, with the
-            # messages before it (a kicked user gets those) and after it.
+            # The room's channel is followed here but did not bring this change. If
+            # its position is behind the change, it lost it: the change belongs in
+            # that channel's seq order, with the messages before it (a kicked user
+            # gets those) and after it. (At or past the position, the channel was
+            # subscribed only after the change: it takes effect here and now.)
             convs = self._positions.setdefault(channel, {})
-            last = convs.get(event.conv)
-            if last is not None:
+            fill = self._fills.get((channel, event.conv))
+            last = fill.last if fill is not None else convs.get(event.conv)
+            if last is not None and event.seq > last:
                 positioned = Publication(
                     event=event, conv=event.conv, seq=event.seq, joined=pub.joined, left=pub.left
                 )
-                if event.seq == last + 1:
+                if fill is not None:
+                    self._off_position(channel, convs, positioned, event.seq, FILLING)
+                elif event.seq == last + 1:
                     convs[event.conv] = event.seq
                     self._route(channel, positioned)
                 else:
