@@ -19,7 +19,7 @@ from databases import ServerDatabases
 
 from imserver.protocol import ops
 from imserver.protocol.events import Event
-from imserver.protocol.models import PresenceInfo, User
+from imserver.protocol.models import Message, PresenceInfo, User
 from imserver.services.caller import Caller
 from imserver.services.gateway.channels import Channels
 from imserver.services.message.api import FileRef, Members
@@ -33,7 +33,7 @@ from imserver.services.message.store import SqlMessageStore
 from imserver.storage.bus import LiveBus, MemoryLiveBus, Publication
 from imserver.storage.runners import AsyncRunner, ThreadRunner, sqlite_engine
 from imserver.storage.sql import make_engine, sqlite_url, upgrade
-from imserver.utils.errors import NotFound
+from imserver.utils.errors import NotFound, Unavailable
 from imserver.utils.ids import LoginId, RoomId, SessionId, UserId
 
 
@@ -134,7 +134,14 @@ class Recorder:
     def __init__(self, bus: LiveBus) -> None:
         self.deliveries: list[Delivery] = []
         self.resyncs: list[list[str]] = []
-        self.channels = Channels(bus, self._deliver, lambda users: self.resyncs.append([*users]))
+        self.channels = Channels(
+            bus, self._deliver, lambda users: self.resyncs.append([*users]), self._read
+        )
+
+    @staticmethod
+    async def _read(user: str, conv: str, after: int) -> tuple[list[Message], bool]:
+        """No record behind this routing: a gap cannot be filled, its users resync."""
+        raise Unavailable("no message service behind this recorder")
 
     def attach(self, user: str, rooms: Iterable[str] = ()) -> None:
         """A first session of ``user``, a member of ``rooms``."""

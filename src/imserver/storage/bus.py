@@ -111,6 +111,10 @@ def user_channel(user: str) -> str:
 class LiveBus(Protocol):
     """Publish/subscribe of publications on channels (at most once, in order)."""
 
+    subscribes_at_once: bool
+    """Whether :meth:`subscribe` is in effect before it returns, so a newly
+    subscribed channel misses nothing published after the call."""
+
     async def publish(self, channel: str, publication: Publication) -> None:
         """Hand ``publication`` to every handler subscribed to ``channel``."""
 
@@ -131,6 +135,8 @@ class LiveBus(Protocol):
 class MemoryLiveBus:
     """The in-process bus: publishing calls each subscribed handler synchronously,
     in the publisher's order; no task per publication."""
+
+    subscribes_at_once = True
 
     def __init__(self) -> None:
         self._channels: dict[str, tuple[PublicationHandler, ...]] = {}

@@ -140,6 +140,9 @@ class RedisLiveBus:
     :meth:`close` it at shutdown. ``prefix`` is put before every channel name.
     """
 
+    subscribes_at_once = False
+    """Subscribing takes a round trip to Redis."""
+
     def __init__(self, url: str, *, prefix: str = "imserver:", keepalive: float = 5.0) -> None:
         self._pool = connection_pool(url)
         self._prefix = prefix.encode()

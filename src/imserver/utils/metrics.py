@@ -112,6 +112,7 @@ class Metrics(Collector):
         self.refused_per_address = Count()
         self.refused_at_limit = Count()
         self.bus_gaps = Count()
+        self.bus_fills = Count()
         self.push: PushMetrics | None = None
         """The notification service's counters, when it runs in this process."""
         self.discovery = DiscoveryMetrics()
@@ -192,6 +193,11 @@ class Metrics(Collector):
             "Live-bus losses (missing positions, a broken broker connection); "
             "the sessions concerned were closed with resync",
             value=self.bus_gaps.value,
+        )
+        yield CounterMetricFamily(
+            "imserver_bus_fills",
+            "Live-bus gaps filled from the stored messages, with no session closed",
+            value=self.bus_fills.value,
         )
 
         if self.push is not None:

@@ -4,9 +4,11 @@ publications to them.
 The hub follows, through :class:`~imserver.services.gateway.channels.Channels`,
 the live-bus channels its users need (their personal channels and their rooms'),
 which route each publication to local users; the hub writes it to their sessions.
-A gap on a channel (publications the bus lost) closes the sessions it serves with
-``closed {resync}``; their clients recover as after any reconnect (docs/protocol.md
-§4.12). The memory bus never loses one.
+A gap on a channel (publications the bus lost) is filled from the message service
+(:meth:`_read`, ``history`` as one of the channel's users); only a gap that cannot
+be filled, or a broken connection to the broker, closes the sessions it serves with
+``closed {resync}``, and their clients recover as after any reconnect
+(docs/protocol.md §4.12). The memory bus never loses one.
 
 Fan-out invariants:
 
@@ -28,18 +30,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 
+from imserver.protocol import ops
 from imserver.protocol.codec import Codec, EncodedEvent
 from imserver.protocol.events import Event
+from imserver.protocol.models import Message
 from imserver.services.gateway.channels import Channels
 from imserver.services.gateway.session import Session
+from imserver.services.message.api import MessageService
 from imserver.storage.bus import LiveBus, Publication
-from imserver.utils.ids import LoginId, RoomId, UserId
+from imserver.utils.errors import Unavailable
+from imserver.utils.ids import ConvId, LoginId, RoomId, UserId
 from imserver.utils.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 RESYNC = "resync"
 """The ``closed`` reason of sessions whose channel skipped positions."""
+FILL_PAGE = 200
+"""Messages a fill reads per call (``history``'s most)."""
 
 
 class _Framed:
@@ -73,11 +81,14 @@ class Hub:
     """Live authenticated sessions, indexed by user and by login session, and the
     live bus's channels their users need."""
 
-    def __init__(self, metrics: Metrics, bus: LiveBus) -> None:
+    def __init__(self, metrics: Metrics, bus: LiveBus, messages: MessageService) -> None:
         self._metrics = metrics
+        self._messages = messages
         self._by_user: dict[UserId, dict[Session, None]] = {}
         self._by_login: dict[LoginId, dict[Session, None]] = {}
-        self.channels = Channels(bus, self._deliver, self._resync)
+        self.channels = Channels(
+            bus, self._deliver, self._resync, self._read, on_fill=metrics.bus_fills.inc
+        )
         """The live-bus channels followed for the users attached here."""
         self._framed_event: Event | None = None
         self._framed: _Framed | None = None
@@ -137,6 +148,17 @@ class Hub:
         """Every authenticated live session."""
         for sessions in list(self._by_user.values()):
             yield from list(sessions)
+
+    async def _read(self, user: str, conv: str, after: int) -> tuple[list[Message], bool]:
+        """Stored messages of ``conv`` after ``after``, read as ``user`` (through one
+        of their live sessions' identity): what a gap missed."""
+        sessions = self._by_user.get(UserId(user))
+        caller = next((s.caller for s in sessions or () if s.caller is not None), None)
+        if caller is None:
+            raise Unavailable(f"no live session of {user}")
+        req = ops.History(conv=ConvId(conv), after=after, limit=FILL_PAGE)
+        page = await self._messages.history(caller, req)
+        return page.messages, page.has_more
 
     def _resync(self, users: Iterable[str]) -> None:
         """Close the sessions of ``users`` with ``resync``: the bus lost publications."""

@@ -73,7 +73,7 @@ class Gateway:
         self.rooms = rooms
         self.bus = bus
         self.metrics = metrics
-        self.hub = Hub(metrics, bus)
+        self.hub = Hub(metrics, bus, messages)
         self.sessions: set[Session] = set()
         self.draining = False
         self.server_info = ServerInfo(name=config.server_name, version=__version__)
