@@ -17,7 +17,7 @@ def test_the_default_is_memory_and_imports_no_redis() -> None:
     script = textwrap.dedent(
         """
         import asyncio, sys
-        from imserver.core.embedded import live_backends
+        from imserver.core.live_backends import live_backends
         from imserver.core import server  # the process around it, too
         from imserver.utils.config import Config
 
@@ -57,7 +57,7 @@ def test_redis_settings_come_from_the_environment_and_are_checked() -> None:
 
 
 async def test_redis_unreachable_at_start_is_unavailable() -> None:
-    from imserver.core.embedded import live_backends
+    from imserver.core.live_backends import live_backends
     from imserver.testing.process import free_ports
     from imserver.utils.errors import Unavailable
 

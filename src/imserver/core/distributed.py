@@ -37,8 +37,9 @@ from typing import Any, cast
 
 import grpc
 
-from imserver.core.embedded import LiveBackends, instance_id, live_backends
-from imserver.core.events import EventsRuntime, start_events
+from imserver.core.events import EventsRuntime
+from imserver.core.live_backends import LiveBackends, instance_id, live_backends
+from imserver.core.local_services import open_local_services, start_local_events
 from imserver.core.plan import APIS
 from imserver.discovery.balancer import ServiceUpstream
 from imserver.discovery.breaker import BreakerPolicy
@@ -50,21 +51,13 @@ from imserver.rpc.policy import CallPolicy
 from imserver.rpc.server import make_server
 from imserver.rpc.upstream import CHANNEL_OPTIONS
 from imserver.services.file.api import FileService
-from imserver.services.file.service import open_file_service
 from imserver.services.message.api import MessageService
-from imserver.services.message.service import open_message_service
 from imserver.services.notification.api import NotificationService
 from imserver.services.notification.broadcast import BroadcastService, LocalBroadcastService
 from imserver.services.notification.online import OnlineDevices
-from imserver.services.notification.service import (
-    LocalNotificationService,
-    open_notification_service,
-)
 from imserver.services.room.api import RoomService
-from imserver.services.room.service import open_room_service
 from imserver.services.user.api import UserService
 from imserver.services.user.online import OnlineStore
-from imserver.services.user.service import open_user_service
 from imserver.storage.bus import LiveBus
 from imserver.storage.databases import redacted, service_database
 from imserver.utils.clock import now_ms
@@ -273,70 +266,15 @@ async def build_distributed(
     instance = instance_id()
     remotes = _Remotes(config, etcd, metrics or DiscoveryMetrics())
     shared = await live_backends(config, instance)
-    events = config.events.backend != "none"
     local: dict[str, Any] = {}
 
     def service(name: str) -> Any:
         return local[name] if name in local else remotes.client(name)
 
-    def messages() -> MessageService:
-        found: MessageService = service("message")
-        return found
-
-    if "user" in names:
-        local["user"] = await open_user_service(
-            db["user"].url,
-            read_url=db["user"].read_url,
-            access_ttl=config.auth.access_ttl,
-            refresh_ttl=config.auth.refresh_ttl,
-            argon2_memory_kib=config.auth.argon2_memory_kib,
-            argon2_time_cost=config.auth.argon2_time_cost,
-            admins=config.admins,
-            online=shared.online,
-        )
-    if "room" in names:
-        local["room"] = await open_room_service(
-            db["room"].url,
-            read_url=db["room"].read_url,
-            users=service("user"),
-            messages=messages,
-            max_room_size=live.room_max_size,
-            events=events,
-        )
-    if "file" in names:
-        local["file"] = await open_file_service(
-            db["file"].url,
-            data_dir=data_dir,
-            config=config.files,
-            messages=messages,
-            max_size=live.upload_max_size,
-            quota=live.upload_quota,
-            events=events,
-        )
-    if "notification" in names:
-        local["notification"] = await open_notification_service(
-            db["notification"].url,
-            data_dir=data_dir,
-            config=config.push,
-            messages=messages,
-            catch_up=not events,
-            online=shared.devices,
-        )
-    if "message" in names:
-        local["message"] = await open_message_service(
-            db["message"].url,
-            read_url=db["message"].read_url,
-            bus=shared.bus,
-            users=service("user"),
-            rooms=service("room"),
-            files=service("file"),
-            listener=None if events else local["notification"],
-            max_body=config.limits.max_body,
-            max_meta=config.limits.max_meta,
-            batch_max=config.storage.batch_max,
-            events=events,
-        )
-    runtime = await _start_events(config, db, local) if events else None
+    await open_local_services(
+        config, names, local=local, reach=service, db=db, live=live, shared=shared
+    )
+    runtime = await start_local_events(config, db, local)
     users: UserService = service("user")
     notifications: NotificationService = service("notification")
     if "gateway" in names:
@@ -370,21 +308,6 @@ async def build_distributed(
         await built.close()
         raise
     return built
-
-
-async def _start_events(
-    config: Config, db: dict[str, Any], local: dict[str, Any]
-) -> EventsRuntime | None:
-    outboxes: dict[str, tuple[str, Any]] = {}
-    for name in ("message", "room", "file"):
-        if name in local:
-            outbox = local[name].outbox
-            assert outbox is not None
-            outboxes[name] = (db[name].url, outbox)
-    notifications: LocalNotificationService | None = local.get("notification")
-    if not outboxes and notifications is None:
-        return None
-    return await start_events(config.events, outboxes=outboxes, notifications=notifications)
 
 
 async def _serve(

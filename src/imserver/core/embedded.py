@@ -43,32 +43,26 @@ share presence.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from imserver.core.events import EventsRuntime, start_events
+from imserver.core.events import EventsRuntime
+from imserver.core.live_backends import live_backends
+from imserver.core.local_services import open_local_services, start_local_events
 from imserver.services.file.api import FileService
-from imserver.services.file.service import LocalFileService, open_file_service
+from imserver.services.file.service import LocalFileService
 from imserver.services.message.api import MessageService
-from imserver.services.message.service import LocalMessageService, open_message_service
+from imserver.services.message.service import LocalMessageService
 from imserver.services.notification.api import NotificationService
 from imserver.services.notification.broadcast import BroadcastService, LocalBroadcastService
-from imserver.services.notification.online import MemoryOnlineDevices, OnlineDevices
-from imserver.services.notification.service import (
-    LocalNotificationService,
-    open_notification_service,
-)
+from imserver.services.notification.service import LocalNotificationService
 from imserver.services.room.api import RoomService
-from imserver.services.room.service import LocalRoomService, open_room_service
+from imserver.services.room.service import LocalRoomService
 from imserver.services.user.api import UserService
-from imserver.services.user.online import MemoryOnlineStore, OnlineStore
-from imserver.services.user.service import LocalUserService, open_user_service
-from imserver.storage.bus import LiveBus, MemoryLiveBus
+from imserver.services.user.service import LocalUserService
+from imserver.storage.bus import LiveBus
 from imserver.storage.databases import SERVICES, redacted, service_database
 from imserver.utils.config import Config
 from imserver.utils.errors import Unavailable
@@ -76,18 +70,6 @@ from imserver.utils.live import LiveSettings
 from imserver.utils.metrics import PushMetrics
 
 logger = logging.getLogger(__name__)
-
-
-class _Discovery:
-    """Embedded service discovery: the message service, once it is built."""
-
-    def __init__(self) -> None:
-        self.message: LocalMessageService | None = None
-
-    def messages(self) -> MessageService:
-        if self.message is None:
-            raise Unavailable("the message service is not running")
-        return self.message
 
 
 class Services(Protocol):
@@ -167,47 +149,6 @@ class Embedded:
             await self._close_live()
 
 
-@dataclass(frozen=True, eq=False)
-class LiveBackends:
-    """Where the live bus and presence live (the ``live`` setting)."""
-
-    bus: LiveBus
-    online: OnlineStore
-    devices: OnlineDevices
-    close: Callable[[], Awaitable[None]] | None = None
-
-
-def instance_id() -> str:
-    """This process's id among the instances sharing a Redis: host, pid and a
-    random part (a restarted process is a new instance)."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-async def live_backends(config: Config, instance: str | None = None) -> LiveBackends:
-    """The live bus, the online set and the online devices ``config.live`` names:
-    in memory, or in Redis (imported only then) under ``instance`` (by default a
-    new :func:`instance_id`)."""
-    if config.live == "memory":
-        return LiveBackends(MemoryLiveBus(), MemoryOnlineStore(), MemoryOnlineDevices())
-    from imserver.storage.bus_redis import RedisLiveBus
-    from imserver.storage.online_redis import RedisOnlineDevices, RedisOnlineStore
-
-    cfg = config.redis
-    instance = instance or instance_id()
-    bus = RedisLiveBus(cfg.url, prefix=cfg.prefix, keepalive=cfg.heartbeat)
-    await bus.start()
-    online = RedisOnlineStore(
-        cfg.url, prefix=cfg.prefix, instance=instance, ttl=cfg.ttl, heartbeat=cfg.heartbeat
-    )
-    devices = RedisOnlineDevices(
-        cfg.url, prefix=cfg.prefix, instance=instance, ttl=cfg.ttl, heartbeat=cfg.heartbeat
-    )
-    online.start()
-    devices.start()
-    logger.info("live bus and presence: redis %s, instance %s", redacted(cfg.url), instance)
-    return LiveBackends(bus, online, devices, bus.close)
-
-
 async def build_embedded(config: Config, live: LiveSettings | None = None) -> Embedded:
     """Open every service's database (migrating it) and build the services.
 
@@ -221,69 +162,23 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
         lagging = database.read_url
         replica = f" (lag-tolerant reads: {redacted(lagging)})" if lagging else ""
         logger.info("%s database: %s%s", name, redacted(database.url), replica)
-    discovery = _Discovery()
     shared = await live_backends(config)
-    bus = shared.bus
-    events = config.events.backend != "none"
-    users = await open_user_service(
-        db["user"].url,
-        read_url=db["user"].read_url,
-        access_ttl=config.auth.access_ttl,
-        refresh_ttl=config.auth.refresh_ttl,
-        argon2_memory_kib=config.auth.argon2_memory_kib,
-        argon2_time_cost=config.auth.argon2_time_cost,
-        admins=config.admins,
-        online=shared.online,
+    local: dict[str, Any] = {}
+
+    def reach(name: str) -> Any:
+        if name not in local:
+            raise Unavailable(f"the {name} service is not running")
+        return local[name]
+
+    await open_local_services(
+        config, SERVICES, local=local, reach=reach, db=db, live=live, shared=shared
     )
-    rooms = await open_room_service(
-        db["room"].url,
-        read_url=db["room"].read_url,
-        users=users,
-        messages=discovery.messages,
-        max_room_size=live.room_max_size,
-        events=events,
-    )
-    files = await open_file_service(
-        db["file"].url,
-        data_dir=data_dir,
-        config=config.files,
-        messages=discovery.messages,
-        max_size=live.upload_max_size,
-        quota=live.upload_quota,
-        events=events,
-    )
-    notifications = await open_notification_service(
-        db["notification"].url,
-        data_dir=data_dir,
-        config=config.push,
-        messages=discovery.messages,
-        catch_up=not events,
-        online=shared.devices,
-    )
-    messages = discovery.message = await open_message_service(
-        db["message"].url,
-        read_url=db["message"].read_url,
-        bus=bus,
-        users=users,
-        rooms=rooms,
-        files=files,
-        listener=None if events else notifications,
-        max_body=config.limits.max_body,
-        max_meta=config.limits.max_meta,
-        batch_max=config.storage.batch_max,
-        events=events,
-    )
-    runtime = None
-    if events:
-        outboxes = {}
-        for name, outbox in (
-            ("message", messages.outbox),
-            ("room", rooms.outbox),
-            ("file", files.outbox),
-        ):
-            assert outbox is not None
-            outboxes[name] = (db[name].url, outbox)
-        runtime = await start_events(config.events, outboxes=outboxes, notifications=notifications)
+    users: LocalUserService = local["user"]
+    rooms: LocalRoomService = local["room"]
+    files: LocalFileService = local["file"]
+    notifications: LocalNotificationService = local["notification"]
+    messages: LocalMessageService = local["message"]
+    runtime = await start_local_events(config, db, local)
     return Embedded(
         users=users,
         messages=messages,
@@ -293,7 +188,7 @@ async def build_embedded(config: Config, live: LiveSettings | None = None) -> Em
             users=users, messages=messages, max_body=config.limits.max_body
         ),
         notifications=notifications,
-        bus=bus,
+        bus=shared.bus,
         push_metrics=notifications.stats,
         _local_messages=messages,
         _closers=(messages, notifications, rooms, files, users),
