@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import grpc
 import grpc.aio
 import pytest
+from waiting import until
 
 from imserver.discovery.balancer import InstanceEndpoint, ServiceUpstream
 from imserver.discovery.breaker import BreakerPolicy, State
@@ -23,17 +23,6 @@ from imserver.utils.metrics import Metrics
 
 PREFIX = "/imtest-grpc"
 METHOD = "/imtest.Echo/Name"
-
-
-async def until(check: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    try:
-        async with asyncio.timeout(limit):
-            while True:
-                if check():
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"not within {limit} s: {what}")
 
 
 async def serve(name: str, port: int) -> grpc.aio.Server:

@@ -10,9 +10,10 @@ import re
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
+from waiting import until
 
 from imserver.discovery.config_centre import ConfigCentre
 from imserver.discovery.etcd import EtcdClient
@@ -32,17 +33,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-async def until(check: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    try:
-        async with asyncio.timeout(limit):
-            while True:
-                if check():
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"not within {limit} s: {what}")
 
 
 @pytest.fixture

@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
+from waiting import until
 
 from imserver.discovery.balancer import ServiceUpstream
 from imserver.discovery.etcd import Compacted, Entry, EtcdClient, EtcdUnavailable
@@ -34,18 +35,6 @@ class Channel:
 
     async def close(self, grace: float | None = None) -> None:
         self.closed = True
-
-
-async def until(check: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    """Wait for ``check()``; fail naming ``what`` after ``limit`` seconds."""
-    try:
-        async with asyncio.timeout(limit):
-            while True:
-                if check():
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"not within {limit} s: {what}")
 
 
 @pytest.fixture
