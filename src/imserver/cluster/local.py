@@ -189,11 +189,16 @@ def config_text(spec: ClusterSpec, etcd_url: str) -> str:
 
 
 def _spawn_member(
-    root: Path, name: str, services: Sequence[str], config: Path, host: str
+    root: Path,
+    name: str,
+    services: Sequence[str],
+    config: Path,
+    host: str,
+    ports: tuple[int, int, int] | None = None,
 ) -> Member:
     member_root = root / name
     (member_root / "data").mkdir(parents=True, exist_ok=True)
-    http_port, tcp_port, rpc_port = free_ports(3, host)
+    http_port, tcp_port, rpc_port = ports if ports is not None else free_ports(3, host)
     command = [
         sys.executable,
         "-m",
@@ -334,6 +339,31 @@ def up(root: Path, spec: ClusterSpec, progress: Callable[[str], None] = print) -
     progress(f"haproxy     pid {state.haproxy_pid}")
     progress(f"clients:    {state.client_url}  (TCP {spec.host}:{state.frontend_tcp})")
     return state
+
+
+def restart(root: Path, name: str) -> Member:
+    """Start the member ``name`` again after its process ended (a crash, ``kill -9``),
+    on the ports it had, so that HAProxy's checks and the registry find it where it
+    was; returns it once it answers ``/readyz``."""
+    state = load_state(root)
+    found = [m for m in state.members if m.name == name]
+    if not found:
+        raise ClusterError(f"no member {name!r} in the cluster in {root}")
+    old = found[0]
+    if _alive(old.pid):
+        raise ClusterError(f"{name} is still running (pid {old.pid})")
+    member = _spawn_member(
+        root,
+        name,
+        old.services,
+        root / "imserver.toml",
+        state.spec.host,
+        ports=(old.http_port, old.tcp_port, old.rpc_port),
+    )
+    state.members = [member if m.name == name else m for m in state.members]
+    _save_state(root, state)
+    _wait_members([member], state.spec.host)
+    return member
 
 
 def _start_haproxy(
