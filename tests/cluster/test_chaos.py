@@ -137,6 +137,21 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
         yield Chaos(root, redis, rabbit, pushes)
 
 
+Say = Callable[[str], None]
+
+
+@pytest.fixture
+def say(capsys: pytest.CaptureFixture[str]) -> Say:
+    """Print a line to the terminal even while pytest captures the test's output, so
+    that the CI log shows each test's counts."""
+
+    def say(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n[chaos] {line}", flush=True)
+
+    return say
+
+
 async def _stream(
     senders: Sequence[tuple[Peer, str]],
     count: int,
@@ -206,18 +221,20 @@ async def _haproxy_up(chaos: Chaos, name: str) -> None:
 
 
 async def _report(
-    chaos: Chaos, title: str, tally: Tally, members: dict[str, Sequence[Peer]], **extra: object
+    say: Say, title: str, tally: Tally, members: dict[str, Sequence[Peer]], **extra: object
 ) -> None:
     result = await account(tally, members)
     line = result.line(gaps=result.gaps, resent_dup=tally.resent, **extra)
-    print(f"\n[chaos] {title}: {line}")
+    say(f"{title}: {line}")
     for detail in result.details[:20]:
-        print(f"[chaos]   {detail}")
+        say(f"  {detail}")
     assert result.acked > 0
     assert (result.lost, result.duplicated, result.gaps) == (0, 0, 0), line
 
 
-async def test_kill_9_of_a_gateway_its_clients_reconnect_and_recover(chaos: Chaos) -> None:
+async def test_kill_9_of_a_gateway_its_clients_reconnect_and_recover(
+    chaos: Chaos, say: Say
+) -> None:
     ann = await chaos.peer("gateway-1", "ann")
     ben = await chaos.peer("gateway-2", "ben")
     cat = await chaos.peer("gateway-1", "cat")
@@ -244,7 +261,7 @@ async def test_kill_9_of_a_gateway_its_clients_reconnect_and_recover(chaos: Chao
         moved = [p for p in (ann, cat) if p.reconnects > 0]
         synced = sum(len(p.synced) for p in (ann, cat))
         await _report(
-            chaos,
+            say,
             "kill -9 gateway-1",
             tally,
             members,
@@ -259,7 +276,7 @@ async def test_kill_9_of_a_gateway_its_clients_reconnect_and_recover(chaos: Chao
         await _haproxy_up(chaos, "gateway-1")
 
 
-async def test_kill_9_of_a_message_instance_during_a_send_stream(chaos: Chaos) -> None:
+async def test_kill_9_of_a_message_instance_during_a_send_stream(chaos: Chaos, say: Say) -> None:
     ann = await chaos.peer("gateway-1", "ann")
     ben = await chaos.peer("gateway-2", "ben")
     cat = await chaos.peer("gateway-1", "cat")
@@ -283,7 +300,7 @@ async def test_kill_9_of_a_message_instance_during_a_send_stream(chaos: Chaos) -
         )
         await _delivered(tally, members)
         await _report(
-            chaos,
+            say,
             "kill -9 message-1",
             tally,
             members,
@@ -295,7 +312,7 @@ async def test_kill_9_of_a_message_instance_during_a_send_stream(chaos: Chaos) -
 
 
 async def test_redis_restarted_live_events_resume_and_missed_ones_are_synced(
-    chaos: Chaos,
+    chaos: Chaos, say: Say
 ) -> None:
     ann = await chaos.peer("gateway-1", "ann")
     ben = await chaos.peer("gateway-2", "ben")
@@ -338,7 +355,7 @@ async def test_redis_restarted_live_events_resume_and_missed_ones_are_synced(
             assert loop.time() < deadline, "live events did not resume after Redis came back"
         await _delivered(tally, members)
         await _report(
-            chaos,
+            say,
             "redis restarted",
             tally,
             members,
@@ -367,7 +384,7 @@ async def _traced_due(alice: Peer, conv: str, seq: int, user: str) -> bool:
 
 
 async def test_rabbitmq_restarted_events_are_published_after_and_none_lost(
-    chaos: Chaos,
+    chaos: Chaos, say: Say
 ) -> None:
     bob = await chaos.peer("gateway-2", "bob")
     alice = await chaos.peer("gateway-1", "alice")
@@ -405,7 +422,7 @@ async def test_rabbitmq_restarted_events_are_published_after_and_none_lost(
             f"acked={len(tally)} lost={len(pending)} duplicated={repeated} "
             f"acked_during_outage={len(down)} pushes={len(keys)}"
         )
-        print(f"\n[chaos] rabbitmq restarted: {line}")
+        say(f"rabbitmq restarted: {line}")
         assert len(tally) == len(seqs) == 21
         assert (len(pending), repeated) == (0, 0), f"{line}; not ingested: {sorted(pending)}"
     finally:
@@ -432,7 +449,7 @@ async def _registrations(chaos: Chaos) -> dict[str, tuple[Instance, int]]:
     return {e.key: (msgspec.json.decode(e.value, type=Instance), e.mod_revision) for e in entries}
 
 
-async def test_etcd_stopped_for_30_s_live_traffic_continues(chaos: Chaos) -> None:
+async def test_etcd_stopped_for_30_s_live_traffic_continues(chaos: Chaos, say: Say) -> None:
     ann = await chaos.peer("gateway-1", "ann")
     ben = await chaos.peer("gateway-2", "ben")
     cat = await chaos.peer("gateway-2", "cat")
@@ -459,7 +476,16 @@ async def test_etcd_stopped_for_30_s_live_traffic_continues(chaos: Chaos) -> Non
                 ):
                     sent = await sender.send(conv, f"e{n}-{sender.name}", tally)
                     key = (conv, int(sent["seq"]))
-                    await asyncio.wait_for(_all_live(readers, key), 10)
+                    try:
+                        await asyncio.wait_for(_all_live(readers, key), 10)
+                    except TimeoutError:
+                        for p in (ann, ben, cat):
+                            say(
+                                f"  {key} at {loop.time() - end + ETCD_OUTAGE:.1f} s: {p.name} "
+                                f"live={key in p.live} synced={key in p.synced} "
+                                f"reconnects={p.reconnects} closed={p.closed_reasons}"
+                            )
+                        raise
                     live += 1
                 await asyncio.sleep(0.5)
         finally:
@@ -468,7 +494,7 @@ async def test_etcd_stopped_for_30_s_live_traffic_continues(chaos: Chaos) -> Non
         after = await _registrations(chaos)
         await _delivered(tally, members)
         await _report(
-            chaos,
+            say,
             f"etcd stopped {ETCD_OUTAGE:.0f} s",
             tally,
             members,
