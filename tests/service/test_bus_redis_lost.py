@@ -113,6 +113,33 @@ async def test_a_restarted_redis_is_reported_and_delivery_resumes(
         await bus.close()
 
 
+async def test_the_first_publication_after_a_restart_with_none_during_it_arrives(
+    redis_server: RedisServer,
+) -> None:
+    # Nothing is published while Redis is down, so the publisher connection is found
+    # closed only by the next publication: that one must go out on a new connection,
+    # not be dropped with the old one (it would be the last of its conversation, a
+    # loss no subscriber sees until the conversation's next message).
+    bus = RedisLiveBus(redis_server.url, prefix="t:", keepalive=1.0)
+    await bus.start()
+    try:
+        inbox = Inbox()
+        bus.on_lost(inbox.on_lost)
+        bus.subscribe(ROOM, inbox)
+        await bus.settle()
+        await bus.publish(ROOM, msg("r:r1", 1))
+        await inbox.until(lambda: len(inbox.got) == 1)
+        redis_server.kill()
+        redis_server.start()
+        await inbox.until(lambda: bool(inbox.lost))
+        await bus.publish(ROOM, msg("r:r1", 2))
+        await inbox.until(lambda: any(p.seq == 2 for _, p in inbox.got))
+        assert [p.seq for _, p in inbox.got] == [1, 2]
+        assert bus.dropped == 0
+    finally:
+        await bus.close()
+
+
 def _events(peer: Peer) -> list[dict[str, Any]]:
     return [f for f in peer.frames() if f["op"] != "reply"]
 

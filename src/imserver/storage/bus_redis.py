@@ -11,7 +11,10 @@ connections per process, each driven by one task:
   order and delivers a subscriber's messages in the order it handled them, so one
   process's publications reach every subscriber in publication order, across
   channels too. ``publish`` never waits for Redis: the writer's hot path costs an
-  encode and an append. A pipeline that fails is dropped (it may have been partly
+  encode and an append. Before each pipeline the connection is checked for a close
+  by the server (a Redis restarted while this process published nothing): such a
+  connection is replaced first, so the outbox waits for the new one rather than
+  being lost with the old. A pipeline that fails is dropped (it may have been partly
   delivered: sending it again could deliver a publication twice); the outbox is
   bounded (:data:`OUTBOX_MAX`) and drops what comes past it while Redis is away.
   Either loss is a gap that subscribers detect.
@@ -117,6 +120,18 @@ async def _disconnect(conn: AbstractConnection | None) -> None:
     if conn is not None:
         with contextlib.suppress(*_FAILURES):
             await conn.disconnect(nowait=True)
+
+
+async def _closed_meanwhile(conn: AbstractConnection) -> bool:
+    """Whether the server closed ``conn`` while it was idle (a Redis restart), or it
+    holds bytes no command asked for: either way, nothing written to it now would be
+    delivered, so it is replaced before a pipeline goes out on it."""
+    # redis-py 8 names the check ``can_read``; earlier versions ``can_read_destructive``.
+    check = getattr(conn, "can_read", None) or conn.can_read_destructive
+    try:
+        return bool(await check())
+    except _FAILURES:
+        return True
 
 
 class _Backoff:
@@ -284,6 +299,9 @@ class RedisLiveBus:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
                 continue
+            if await _closed_meanwhile(conn):
+                # Nothing is taken from the outbox: it goes out on the next connection.
+                raise ConnectionError("closed by the server")
             count = min(len(outbox), PIPELINE_MAX)
             batch = [outbox.popleft() for _ in range(count)]
             self._in_flight = count
