@@ -32,10 +32,12 @@ import pytest
 from chaos import PASSWORD, Peer, Tally, account
 from etcd_server import require_etcd
 from test_haproxy import _require_haproxy
+from test_local_cluster import _alive
 
 from imserver.client import Client
 from imserver.cluster import haproxy
 from imserver.cluster.local import ClusterSpec, ClusterState, Member, down, load_state, restart, up
+from imserver.discovery.balancer import first_for
 from imserver.discovery.etcd import EtcdClient
 from imserver.discovery.registry import Instance
 from imserver.testing import rabbitmq as rabbitmq_testing
@@ -281,14 +283,31 @@ async def test_kill_9_of_a_message_instance_during_a_send_stream(chaos: Chaos, s
     ben = await chaos.peer("gateway-2", "ben")
     cat = await chaos.peer("gateway-1", "cat")
     try:
-        room = await chaos.room(ann, [ben, cat])
+        # A conversation's sends go to the message instance that ranks first for it
+        # (discovery.balancer.first_for); rooms are added until both instances have
+        # conversations, and the one that has the first room is killed.
+        instances = {
+            key: record
+            for key, (record, _rev) in (await _registrations(chaos)).items()
+            if record.service == "message"
+        }
+        assert len(instances) == 2
+        rooms = [await chaos.room(ann, [ben, cat])]
         dm_ab = Client.direct_conv(ann.user_id, ben.user_id)
         dm_bc = Client.direct_conv(ben.user_id, cat.user_id)
-        members = {room: [ann, ben, cat], dm_ab: [ann, ben], dm_bc: [ben, cat]}
+        while len({first_for(c, instances) for c in [*rooms, dm_ab, dm_bc]}) < 2:
+            assert len(rooms) < 10, "every conversation ranks one instance first"
+            rooms.append(await chaos.room(ann, [ben, cat]))
+        victim_key = first_for(rooms[0], instances)
+        port = int(instances[victim_key].address.rsplit(":", 1)[1])
+        [victim] = [m for m in chaos.state.members if m.rpc_port == port]
+        members: dict[str, Sequence[Peer]] = {room: [ann, ben, cat] for room in rooms}
+        members |= {dm_ab: [ann, ben], dm_bc: [ben, cat]}
+        on_victim = sum(first_for(c, instances) == victim_key for c in members)
         tally = Tally()
-        count = 80
-        senders = [(ann, room), (ben, room), (cat, room), (ann, dm_ab), (ben, dm_ab), (cat, dm_bc)]
-        victim = chaos.member("message-1")
+        count = 60
+        senders = [(p, room) for room in rooms for p in (ann, ben, cat)]
+        senders += [(ann, dm_ab), (ben, dm_ab), (cat, dm_bc)]
 
         async def kill() -> None:
             os.kill(victim.pid, signal.SIGKILL)
@@ -301,14 +320,18 @@ async def test_kill_9_of_a_message_instance_during_a_send_stream(chaos: Chaos, s
         await _delivered(tally, members)
         await _report(
             say,
-            "kill -9 message-1",
+            f"kill -9 {victim.name}",
             tally,
             members,
             retried=sum(p.retries for p in (ann, ben, cat)),
+            convs_on_killed=on_victim,
+            convs_on_other=len(members) - on_victim,
         )
     finally:
         await chaos.close_peers()
-        restart(chaos.root, "message-1")
+        for member in chaos.state.members:
+            if member.name.startswith("message-") and not _alive(member.pid):
+                restart(chaos.root, member.name)
 
 
 async def test_redis_restarted_live_events_resume_and_missed_ones_are_synced(

@@ -9,7 +9,7 @@ import logging
 import msgspec
 import pytest
 
-from imserver.discovery.balancer import Balancer
+from imserver.discovery.balancer import Balancer, first_for
 from imserver.discovery.breaker import BreakerPolicy, State
 from imserver.discovery.etcd import Entry
 from imserver.discovery.registry import Instance
@@ -154,6 +154,9 @@ async def test_an_affinity_key_keeps_its_instance_and_moves_only_when_it_fails()
         assert {key: balancer.pick(key).instance for key in keys} == first
     # Spread over every instance, not all on one.
     assert set(first.values()) == {"a", "b", "c"}
+    # first_for names the same instance from the registry keys alone.
+    registry = [PREFIX + name for name in ("a", "b", "c")]
+    assert {key: first_for(key, registry).removeprefix(PREFIX) for key in keys} == first
     # b's breaker opens: b's keys move, every other key stays where it was.
     for _ in range(2):
         balancer.endpoints[PREFIX + "b"].failed()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
@@ -84,6 +84,12 @@ def _rank(affinity: str, instance: str) -> int:
     """The weight of ``instance`` for ``affinity`` (rendezvous hashing)."""
     digest = hashlib.blake2b(f"{affinity}\0{instance}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def first_for(affinity: str, keys: Iterable[str]) -> str:
+    """The instance key among ``keys`` that ranks first for ``affinity``: where the
+    calls with that affinity go while every one of those instances takes calls."""
+    return max(keys, key=lambda key: _rank(affinity, key))
 
 
 class Balancer:
