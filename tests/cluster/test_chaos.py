@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -108,13 +109,12 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
     _require_haproxy()
     if rabbitmq_testing.binary() is None:
         _missing("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
-    try:
-        redis = RedisServer()
-    except FileNotFoundError as exc:
-        _missing(str(exc))
+    if shutil.which("redis-server") is None:
+        _missing("redis-server is not installed (apt-get install redis-server)")
     root = tmp_path_factory.mktemp("chaos") / "c"
     database = dbs.create_database("postgresql", "chaos")
     dbs.drop_database(database)  # `up` creates it: the name is fresh
+    redis = RedisServer()
     rabbit = rabbitmq_testing.RabbitServer()
     with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as env:
         stack.callback(dbs.drop_database, database)
