@@ -180,3 +180,24 @@ async def test_membership_changes_racing_the_loading_of_a_users_rooms() -> None:
     await bus.publish(room_channel("r:r2"), after)
     assert [d.event for d in recorder.deliveries] == [joined.event, after.event]
     assert recorder.resyncs == []
+
+
+async def test_a_publication_below_where_its_position_started_resyncs_its_users() -> None:
+    """Two writers of one conversation (its writer moved) can publish out of seq order;
+    a gateway whose position started at the newer writer's message (a new
+    subscription, or one after a lost connection) never routed the older one, and
+    no position says whether its sessions had it: they resync, and the
+    conversation's position starts afresh."""
+    bus = MemoryLiveBus()
+    recorder = Recorder(bus)
+    recorder.attach("ua")
+    channel = user_channel("ua")
+    await bus.publish(channel, room_msg("d:ua:ub", 5))
+    await bus.publish(channel, room_msg("d:ua:ub", 4))  # the old writer's, late
+    assert [getattr(d.event, "seq", None) for d in recorder.deliveries] == [5]
+    assert recorder.resyncs == [["ua"]]
+    assert recorder.channels.late == 1
+    await bus.publish(channel, room_msg("d:ua:ub", 6))
+    await bus.publish(channel, room_msg("d:ua:ub", 7))
+    assert [getattr(d.event, "seq", None) for d in recorder.deliveries] == [5, 6, 7]
+    assert recorder.resyncs == [["ua"]]

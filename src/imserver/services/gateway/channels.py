@@ -47,6 +47,14 @@ last message of a conversation may be gone) comes from the bus's ``on_lost``
 listener: once the channels are subscribed again, every local user they serve is
 handed to ``resync``, and their positions start afresh.
 
+A position that starts afresh starts at the first publication it sees, its *floor*.
+Publications of one conversation come in seq order from one writer, but not from
+two: after its writer moved (a message instance failed, or came back), the old
+writer's last publications can come after the new writer's first. Above the floor
+that shows as a gap and is filled, and the late ones are then dropped as filled; one
+below the floor was never routed here, and no position can say whether the
+channel's sessions had it, so its local users are handed to ``resync``.
+
 This class knows users, not sessions: the hub turns users into sessions.
 """
 
@@ -133,6 +141,9 @@ class Channels:
         """local user whose rooms are loading -> room channels they left meanwhile."""
         self._positions: dict[str, dict[str, int]] = {}
         """channel -> conversation -> last seq seen."""
+        self._floors: dict[tuple[str, str], int] = {}
+        """(channel, conversation) -> the seq its position started at (see the module
+        docstring): a publication below it was never routed here."""
         self.gaps = 0
         """Gaps seen on the live bus since start."""
         self.fills = 0
@@ -143,6 +154,8 @@ class Channels:
         """Fills that failed (their channel's users resynced) since start."""
         self.losses = 0
         """Times the live bus reported lost publications since start."""
+        self.late = 0
+        """Publications that came below their position's floor (their users resynced)."""
         bus.on_lost(self.on_lost)
 
     # --- users ------------------------------------------------------------------------
@@ -180,7 +193,7 @@ class Channels:
         self._loading.pop(user, None)
         channel = user_channel(user)
         del self._user_channels[channel]
-        self._positions.pop(channel, None)
+        self._forget(channel)
         self._drop_fills(channel)
         self._bus.unsubscribe(channel, self.on_publication)
 
@@ -214,7 +227,7 @@ class Channels:
         members.pop(user, None)
         if not members:
             del self._rooms[channel]
-            self._positions.pop(channel, None)
+            self._forget(channel)
             self._drop_fills(channel)
             self._bus.unsubscribe(channel, self.on_publication)
 
@@ -252,7 +265,7 @@ class Channels:
         for channel in channels:
             if channel not in self._rooms and channel not in self._user_channels:
                 continue  # another subscriber's
-            self._positions.pop(channel, None)
+            self._forget(channel)
             self._drop_fills(channel)
             user = self._user_channels.get(channel)
             if user is not None:
@@ -310,10 +323,11 @@ class Channels:
                     # What the room's channel brings during the subscription's round
                     # trip may be missed: fill from here once it is in effect.
                     convs[event.conv] = FILLING
+                    self._floors.setdefault((channel, event.conv), event.seq)
                     fill = _Fill(channel, event.conv, event.seq, [user], settle=True)
                     self._start(fill)
                 else:
-                    convs.setdefault(event.conv, event.seq)
+                    self._start_at(channel, convs, event.conv, event.seq)
         elif user in pub.left:
             if channel not in rooms:  # delivered on the room's channel, or loading
                 loading = self._loading.get(user)
@@ -335,10 +349,47 @@ class Channels:
         if convs is None:
             convs = self._positions[channel] = {}
         last = convs.get(conv)
-        if last is None or seq == last + 1:
+        if last is None:
+            self._floors[(channel, conv)] = seq
+            convs[conv] = seq
+            return False
+        if seq == last + 1:
             convs[conv] = seq
             return False
         return self._off_position(channel, convs, pub, seq, last)
+
+    def _start_at(self, channel: str, convs: dict[str, int], conv: str, seq: int) -> None:
+        """Start ``conv``'s position at ``seq`` unless it has one."""
+        if conv not in convs:
+            convs[conv] = seq
+            self._floors[(channel, conv)] = seq
+
+    def _forget(self, channel: str) -> None:
+        """Drop ``channel``'s positions: its next publications start afresh."""
+        convs = self._positions.pop(channel, None)
+        for conv in convs or ():
+            self._floors.pop((channel, conv), None)
+
+    def _below_floor(self, channel: str, conv: str, seq: int) -> None:
+        """A publication below its position's floor (see the module docstring): the
+        channel's users resync, and the conversation's position starts afresh."""
+        self.late += 1
+        floor = self._floors.pop((channel, conv), None)
+        logger.warning(
+            "live bus: %s seq %d on %s came after its position started at %s; resync",
+            conv,
+            seq,
+            channel,
+            floor,
+        )
+        fill = self._fills.pop((channel, conv), None)
+        if fill is not None and fill.task is not None and fill.task is not asyncio.current_task():
+            fill.task.cancel()
+        convs = self._positions.get(channel)
+        if convs is not None:
+            convs.pop(conv, None)
+        user = self._user_channels.get(channel)
+        self._resync((user,) if user is not None else list(self._rooms.get(channel, ())))
 
     # --- fills ------------------------------------------------------------------------
 
@@ -349,6 +400,10 @@ class Channels:
         during a fill, drop it if a fill delivered it, or start a fill."""
         conv = pub.conv
         assert conv is not None
+        floor = self._floors.get((channel, conv))
+        if floor is not None and seq < floor:
+            self._below_floor(channel, conv, seq)
+            return True
         fill = self._fills.get((channel, conv))
         if fill is not None:
             if len(fill.held) >= HOLD_LIMIT:
@@ -479,6 +534,7 @@ class Channels:
         convs = self._positions.get(channel)
         if convs is not None:
             convs.pop(fill.conv, None)  # the next publication starts afresh
+        self._floors.pop((channel, fill.conv), None)
         user = self._user_channels.get(channel)
         self._resync((user,) if user is not None else list(self._rooms.get(channel, ())))
 
