@@ -92,10 +92,12 @@ class GatewayUsers:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._remote, name)
 
-    async def set_online(self, user: UserId) -> PresenceInfo:
-        """Mark the user online on this gateway (their first session here opened)."""
+    async def set_online(self, user: UserId) -> PresenceInfo | None:
+        """Mark the user online on this gateway (their first session here opened);
+        ``None`` when another gateway holds one already."""
         await self._remote.get_user(user)
-        await self._online.add(user)
+        if await self._online.add(user):
+            return None
         return PresenceInfo(user=user, status="online", last_seen=now_ms())
 
     async def set_offline(self, user: UserId) -> PresenceInfo:
