@@ -273,8 +273,16 @@ async def build_distributed(
     def service(name: str) -> Any:
         return local[name] if name in local else remotes.client(name)
 
+    # Other instances of a service may write its database: no cache of what they change.
     await open_local_services(
-        config, names, local=local, reach=service, db=db, live=live, shared=shared
+        config,
+        names,
+        local=local,
+        reach=service,
+        db=db,
+        live=live,
+        shared=shared,
+        sole_instance=False,
     )
     runtime = await start_local_events(config, db, local)
     users: UserService = service("user")
