@@ -31,10 +31,26 @@ marked ``sqlite_source`` (they start from a SQLite data directory and choose the
 servers' databases themselves: one run is enough) or ``own_database`` (they choose
 their database server themselves whatever the run: one run is enough).
 
+``IMS_E2E_DEPLOYMENT=cluster`` (``embedded`` by default) runs the suite against the
+distributed mode instead (``cluster_process.py``): a local cluster of etcd, HAProxy,
+two gateways, two message-service instances and one of each other service, on
+PostgreSQL, Redis and RabbitMQ. The fixtures then give :class:`ClusterProcess`
+objects, whose addresses name gateway 1 and gateway 2 in turn at each read, so the
+clients of a test are spread over both and every live event between two of them
+crosses from one gateway to the other. ``shared_server`` is one cluster for the
+session; ``server`` is two gateways of the test's own on it; ``server_factory(config)``
+starts two gateways of their own on it when ``config`` holds only gateway settings
+(``limits``, ``ws``, ``listen_backlog``, ``shutdown_grace``), else a fresh cluster
+with ``config`` in every process's file (so a ``server_factory()`` without one is a
+cluster with empty stores). Tests marked ``embedded_only(reason)`` (they restart or
+signal the one server process, or read its files) are deselected, as are those
+marked ``sqlite_only``, ``sqlite_source`` or ``own_database``. ``/metrics`` of a
+deployment are the sums over its gateways (``metrics.scrape_server``).
+
 Server logs are checked after every test: a traceback or an ``ERROR``/``CRITICAL``
-record that any server (the session's shared one included) wrote while the test ran
-fails the test at teardown, with the entries in the message (see ``serverlog.py``).
-A test that provokes such an entry on purpose says so with
+record that any server (the session's shared one included), or any member of a
+cluster, wrote while the test ran fails the test at teardown, with the entries in the
+message (see ``serverlog.py``). A test that provokes such an entry on purpose says so with
 ``@pytest.mark.server_errors(pattern, ...)``: entries matching one of the regular
 expressions are allowed. A server that outlives its tests (module and session
 fixtures) is stopped with :meth:`ServerProcess.close`, which checks what it logged
@@ -54,6 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cluster_process as cp
 import databases as dbs
 import pytest
 import serverlog
@@ -64,8 +81,10 @@ from imserver.testing import process
 PASSWORD = "correct-horse-battery"
 """The password of every account the helpers create unless told otherwise."""
 
-_servers: list[ServerProcess] = []
+_servers: list[ServerProcess | ClusterProcess] = []
 """Every server whose logs are still to be checked (see :func:`_server_logs_are_clean`)."""
+_session_cluster: list[ClusterProcess] = []
+"""The cluster of ``shared_server`` while it runs (``IMS_E2E_DEPLOYMENT=cluster``)."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -74,23 +93,31 @@ def pytest_configure(config: pytest.Config) -> None:
         "server_errors(*patterns): the test makes the server log tracebacks or ERROR "
         "records matching these regular expressions; the log check allows them",
     )
+    config.addinivalue_line(
+        "markers",
+        "embedded_only(reason): the test needs the one-process deployment (its data "
+        "directory, its process, its restart); deselected against a cluster",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests here ``e2e``; on a database server (``IMS_E2E_DATABASE``),
-    deselect those marked ``sqlite_only``."""
+    """Mark the tests here ``e2e``; on a database server (``IMS_E2E_DATABASE``) or a
+    cluster (``IMS_E2E_DEPLOYMENT``), deselect those the module docstring names."""
     here = Path(__file__).parent
     on_sqlite = dbs.e2e_database() == "sqlite"
+    on_cluster = cp.deployment() == "cluster"
+    one_run = ("sqlite_only", "sqlite_source", "own_database")
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.e2e)
-            if not on_sqlite and (
-                item.get_closest_marker("sqlite_only")
-                or item.get_closest_marker("sqlite_source")
-                or item.get_closest_marker("own_database")
+            if (not on_sqlite or on_cluster) and any(
+                item.get_closest_marker(name) for name in one_run
             ):
+                dropped.append(item)
+                continue
+            if on_cluster and item.get_closest_marker("embedded_only"):
                 dropped.append(item)
                 continue
         keep.append(item)
@@ -149,29 +176,52 @@ class ServerProcess(process.ServerProcess):
         if found:
             pytest.fail(_log_report("its shutdown", self, found), pytrace=False)
 
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Where its ``/metrics`` are (``metrics.scrape_server``)."""
+        return [self.http_url]
+
     def log_problems(self) -> list[tuple[Path, serverlog.Problem]]:
         """The problems logged since the previous call (complete lines only)."""
-        found = []
-        for path in (self.stdout_path, self.stderr_path):
-            start = self.log_read.get(path, 0)
-            try:
-                with open(path, "rb") as fh:
-                    fh.seek(start)
-                    data = fh.read()
-            except FileNotFoundError:
-                continue
-            end = data.rfind(b"\n") + 1  # a line still being written waits for next time
-            self.log_read[path] = start + end
-            found += [(path, p) for p in serverlog.problems(data[:end].decode(errors="replace"))]
-        return found
+        return serverlog.read_new((self.stdout_path, self.stderr_path), self.log_read)
+
+
+class ClusterProcess(cp.ClusterProcess):
+    """:class:`cluster_process.ClusterProcess` under the log check, like
+    :class:`ServerProcess`. A configuration only the gateways read gets two gateways
+    of its own on the session's cluster (``shared_server``, running by then)."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: Mapping[str, Any] | None = None,
+        *,
+        base: cp.ClusterProcess | None = None,
+    ) -> None:
+        if base is None and config and cp.gateway_only(config):
+            base = _session_cluster[0]
+        super().__init__(root, config, base=base)
+        _servers.append(self)
+
+    def close(self) -> None:
+        """:meth:`teardown`, then fail if a member logged a problem while it stopped."""
+        self.teardown()
+        found = self.log_problems()
+        if self in _servers:
+            _servers.remove(self)
+        if found:
+            pytest.fail(_log_report("its shutdown", self, found), pytrace=False)
 
 
 class ServerFactory:
-    """Creates :class:`ServerProcess` es under one temporary directory."""
+    """Creates :class:`ServerProcess` es under one temporary directory; against a
+    cluster (``IMS_E2E_DEPLOYMENT=cluster``), the session's cluster or a fresh one
+    (module docstring)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, request: pytest.FixtureRequest | None = None) -> None:
         self.base = base
-        self.servers: list[ServerProcess] = []
+        self.request = request
+        self.servers: list[ServerProcess | ClusterProcess] = []
         self.databases: list[dbs.ServerDatabase] = []
         """The server databases of its servers (``IMS_E2E_DATABASE``)."""
 
@@ -179,8 +229,10 @@ class ServerFactory:
         self, config: Mapping[str, Any] | None = None, *, start: bool = True
     ) -> ServerProcess:
         root = self.base / f"server{len(self.servers)}"
-        root.mkdir(parents=True)
         settings = dict(config or {})
+        if cp.deployment() == "cluster":
+            return self._cluster(root, settings, start)  # type: ignore[return-value]
+        root.mkdir(parents=True)
         dialect = dbs.e2e_database()
         if dialect != "sqlite":  # a database of its own on the server, for its whole life
             database = dbs.create_database(dialect, "e2e")
@@ -191,6 +243,16 @@ class ServerFactory:
         if start:
             server.start()
         return server
+
+    def _cluster(self, root: Path, settings: dict[str, Any], start: bool) -> ClusterProcess:
+        if settings and cp.gateway_only(settings) and self.request is not None:
+            self.request.getfixturevalue("shared_server")  # the cluster its gateways join
+        root.mkdir(parents=True)
+        cluster = ClusterProcess(root, settings)
+        self.servers.append(cluster)
+        if start:
+            cluster.start()
+        return cluster
 
     def teardown(self) -> None:
         for server in self.servers:
@@ -204,8 +266,8 @@ class ServerFactory:
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    factory = ServerFactory(tmp_path)
+def server_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerFactory]:
+    factory = ServerFactory(tmp_path, request)
     try:
         yield factory
     finally:
@@ -213,12 +275,31 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 
 
 @pytest.fixture
-def server(server_factory: ServerFactory) -> ServerProcess:
-    return server_factory()
+def server(server_factory: ServerFactory, tmp_path: Path) -> Iterator[ServerProcess]:
+    if cp.deployment() != "cluster":
+        yield server_factory()
+        return
+    server_factory.request.getfixturevalue("shared_server")  # type: ignore[union-attr]
+    gateways = ClusterProcess(tmp_path / "gateways", base=_session_cluster[0])
+    try:
+        gateways.start()
+        yield gateways  # type: ignore[misc]
+    finally:
+        gateways.teardown()
 
 
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    if cp.deployment() == "cluster":
+        cluster = ClusterProcess(tmp_path_factory.mktemp("shared"))
+        try:
+            cluster.start()
+            _session_cluster.append(cluster)
+            yield cluster  # type: ignore[misc]
+        finally:
+            _session_cluster.clear()
+            cluster.close()
+        return
     factory = ServerFactory(tmp_path_factory.mktemp("shared"))
     server = factory(start=False)
     try:
@@ -230,7 +311,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
 
 
 def _log_report(
-    what: str, server: ServerProcess, found: list[tuple[Path, serverlog.Problem]]
+    what: str, server: ServerProcess | ClusterProcess, found: list[tuple[Path, serverlog.Problem]]
 ) -> str:
     parts = [f"{server!r} logged {len(found)} problem(s) during {what}:"]
     for path, problem in found:
@@ -278,7 +359,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 value.servers
                 if isinstance(value, ServerFactory)
                 else [value]
-                if isinstance(value, ServerProcess)
+                if isinstance(value, ServerProcess | ClusterProcess)
                 else []
             )
             for s in servers:

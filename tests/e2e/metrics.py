@@ -29,6 +29,35 @@ async def scrape(http: HttpClient) -> Samples:
     return samples
 
 
+async def scrape_server(server: Any) -> Samples:
+    """The samples of every process of ``server`` (its ``metrics_urls``: the one
+    server's, or each member's of a cluster), summed by (name, labels): a
+    deployment's counters and gauges are the sums of its processes'."""
+    total: Samples = {}
+    for url in server.metrics_urls:
+        async with HttpClient(url) as http:
+            for key, value in (await scrape(http)).items():
+                total[key] = total.get(key, 0.0) + value
+    return total
+
+
+async def server_metric_reaches(
+    server: Any,
+    name: str,
+    accept: Callable[[float], bool],
+    *,
+    within: float = 10.0,
+    **labels: str,
+) -> float:
+    """:func:`metric_reaches` over every process of ``server`` (:func:`scrape_server`)."""
+    async with asyncio.timeout(within):
+        while True:
+            value = metric(await scrape_server(server), name, **labels)
+            if accept(value):
+                return value
+            await asyncio.sleep(0.02)
+
+
 def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
     """One sample's value (0 when the server has not reported it)."""
     return samples.get((name, frozenset(labels.items())), 0.0)

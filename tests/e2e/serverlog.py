@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from imserver.testing.process import MARKER
 
@@ -92,3 +93,21 @@ def unexpected(found: Iterable[Problem], allowed: Iterable[str]) -> list[Problem
     the whole entry) accounts for."""
     patterns = [re.compile(p) for p in allowed]
     return [p for p in found if not any(pat.search(p.text) for pat in patterns)]
+
+
+def read_new(paths: Iterable[Path], offsets: dict[Path, int]) -> list[tuple[Path, Problem]]:
+    """The problems written to ``paths`` since the offsets in ``offsets`` (updated):
+    complete lines only, a line still being written waits for the next call."""
+    found = []
+    for path in paths:
+        start = offsets.get(path, 0)
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read()
+        except FileNotFoundError:
+            continue
+        end = data.rfind(b"\n") + 1
+        offsets[path] = start + end
+        found += [(path, p) for p in problems(data[:end].decode(errors="replace"))]
+    return found

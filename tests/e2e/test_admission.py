@@ -107,6 +107,7 @@ async def test_connections_that_do_not_say_hello_in_time_are_closed(
     assert await greeted.ping() == {}  # past the timeout, a greeted connection is served
 
 
+@pytest.mark.embedded_only("the cap counts one process's connections; each gateway counts its own")
 async def test_connections_per_address_are_capped(
     server_factory: ServerFactory, clients: Clients
 ) -> None:
@@ -129,6 +130,7 @@ async def test_connections_per_address_are_capped(
     assert await d.ping() == {}
 
 
+@pytest.mark.embedded_only("lowers the descriptor limit of the one server process")
 async def test_at_the_descriptor_limit_sessions_keep_working_and_new_ones_wait(
     server_factory: ServerFactory, clients: Clients
 ) -> None:

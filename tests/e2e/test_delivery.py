@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 import pytest
-from metrics import metric, scrape
+from metrics import metric, scrape_server
 
 from imserver.client import Client, ClientError, HttpClient
 
@@ -455,8 +455,7 @@ class SlowWs:
 
 async def slow_consumers_cut(server: ServerProcess) -> float:
     """``imserver_slow_consumers_total``: sessions closed with ``slow_consumer``."""
-    async with HttpClient(server.http_url) as http:
-        return metric(await scrape(http), "imserver_slow_consumers_total")
+    return metric(await scrape_server(server), "imserver_slow_consumers_total")
 
 
 @contextlib.asynccontextmanager

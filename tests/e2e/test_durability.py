@@ -10,6 +10,7 @@ import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from databases import e2e_database
 
 from imserver.client import Client, ClientError, ConnectionClosed
@@ -51,6 +52,7 @@ async def entry_of(c: Client, conv: str) -> Frame:
 # --- restart --------------------------------------------------------------------------
 
 
+@pytest.mark.embedded_only("stops and restarts the one server process on its data directory")
 async def test_restart_keeps_history_accounts_tokens_seqs_and_idempotency(
     server: ServerProcess, clients: Clients, register_user: Any
 ) -> None:
@@ -117,6 +119,7 @@ async def test_restart_keeps_history_accounts_tokens_seqs_and_idempotency(
     assert [(m["conv"], m["seq"]) for m in found["messages"]] == [(conv, 3), (conv, 2), (conv, 1)]
 
 
+@pytest.mark.embedded_only("kills the one server process and reads its SQLite files")
 async def test_acknowledged_sends_survive_a_crash(
     server: ServerProcess, clients: Clients, register_user: Any
 ) -> None:
@@ -155,6 +158,7 @@ async def test_acknowledged_sends_survive_a_crash(
     assert (await a.send_message(conv, "next", cid="k-next"))["seq"] == 61
 
 
+@pytest.mark.embedded_only("stops and restarts the one server process mid-pipeline")
 async def test_sigterm_during_a_pipeline_loses_nothing_acknowledged(
     server_factory: ServerFactory, clients: Clients, register_user: Any
 ) -> None:

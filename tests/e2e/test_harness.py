@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import serverlog
 
 CAPTURED = """\
@@ -153,6 +154,7 @@ def test_failure_in_its_own_server(server):
 """
 
 
+@pytest.mark.embedded_only("its inner run signals the one server process (SIGUSR1 to its pid)")
 def test_a_server_failing_in_the_background_fails_the_test_it_ran_in(tmp_path: Path) -> None:
     """Five tests run in a pytest of their own against servers that raise in an
     event-loop callback on SIGUSR1 (no client sees anything of it). The two tests
@@ -164,6 +166,7 @@ def test_a_server_failing_in_the_background_fails_the_test_it_ran_in(tmp_path: P
     inner.mkdir()
     shutil.copy(here / "conftest.py", inner / "conftest.py")
     shutil.copy(here / "serverlog.py", inner / "serverlog.py")
+    shutil.copy(here / "cluster_process.py", inner / "cluster_process.py")
     shutil.copy(here.parent / "databases.py", inner / "databases.py")
     (inner / "test_inner.py").write_text(INNER_TESTS)
     site = tmp_path / "site"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 import pytest
-from metrics import metric, metric_reaches, scrape
+from metrics import metric, scrape_server, server_metric_reaches
 
 from imserver.client import Client, ClientError, HttpClient
 from imserver.protocol.ops import ALL_OPS, op_name
@@ -447,43 +447,42 @@ async def test_health_and_readiness(http: HttpClient) -> None:
 
 async def test_metrics(server: ServerProcess, clients: Clients) -> None:
     """On a server of its own: every connection and op it counts is this test's."""
-    async with HttpClient(server.http_url) as http:
-        before = await scrape(http)
-        assert metric(before, "imserver_connections", transport="tcp") == 0
-        a = await clients.user(server, "metrics", transport="tcp", codec="msgpack")
-        b = await clients.user(server, "metricsb", transport="tcp", codec="json")
-        conv = Client.direct_conv(a.user_id, b.user_id)
-        for i in range(3):
-            await a.send_message(conv, f"m{i}")
-        for _ in range(2):
-            with pytest.raises(ClientError) as info:
-                await a.request("user.get", user="u-no-such-user")
-            assert info.value.code == "not_found"
-        after = await scrape(http)
+    before = await scrape_server(server)
+    assert metric(before, "imserver_connections", transport="tcp") == 0
+    a = await clients.user(server, "metrics", transport="tcp", codec="msgpack")
+    b = await clients.user(server, "metricsb", transport="tcp", codec="json")
+    conv = Client.direct_conv(a.user_id, b.user_id)
+    for i in range(3):
+        await a.send_message(conv, f"m{i}")
+    for _ in range(2):
+        with pytest.raises(ClientError) as info:
+            await a.request("user.get", user="u-no-such-user")
+        assert info.value.code == "not_found"
+    after = await scrape_server(server)
 
-        assert metric(after, "imserver_connections", transport="tcp") == 2
-        delta = {
-            (op, result): metric(after, "imserver_ops_total", op=op, result=result)
-            - metric(before, "imserver_ops_total", op=op, result=result)
-            for op, result in (("send", "ok"), ("user.get", "not_found"), ("login", "ok"))
-        }
-        assert delta == {("send", "ok"): 3, ("user.get", "not_found"): 2, ("login", "ok"): 2}
-        # The ack latency histogram: cumulative buckets up to +Inf, counting every acked send.
-        buckets = sorted(
-            (float(dict(labels)["le"]), value)
-            for (name, labels), value in after.items()
-            if name == "imserver_ack_latency_seconds_bucket"
-        )
-        assert len(buckets) >= 5 and buckets[-1][0] == float("inf")
-        counts = [value for _, value in buckets]
-        assert counts == sorted(counts)
-        count = metric(after, "imserver_ack_latency_seconds_count")
-        assert counts[-1] == count
-        assert count - metric(before, "imserver_ack_latency_seconds_count") == 3
-        # Nobody was too slow to read (test_delivery.py has the sessions that are).
-        assert metric(after, "imserver_slow_consumers_total") == 0
+    assert metric(after, "imserver_connections", transport="tcp") == 2
+    delta = {
+        (op, result): metric(after, "imserver_ops_total", op=op, result=result)
+        - metric(before, "imserver_ops_total", op=op, result=result)
+        for op, result in (("send", "ok"), ("user.get", "not_found"), ("login", "ok"))
+    }
+    assert delta == {("send", "ok"): 3, ("user.get", "not_found"): 2, ("login", "ok"): 2}
+    # The ack latency histogram: cumulative buckets up to +Inf, counting every acked send.
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in after.items()
+        if name == "imserver_ack_latency_seconds_bucket"
+    )
+    assert len(buckets) >= 5 and buckets[-1][0] == float("inf")
+    counts = [value for _, value in buckets]
+    assert counts == sorted(counts)
+    count = metric(after, "imserver_ack_latency_seconds_count")
+    assert counts[-1] == count
+    assert count - metric(before, "imserver_ack_latency_seconds_count") == 3
+    # Nobody was too slow to read (test_delivery.py has the sessions that are).
+    assert metric(after, "imserver_slow_consumers_total") == 0
 
-        await a.close()
-        await b.close()
-        # The server counts a connection out when it has seen its end, after the client.
-        await metric_reaches(http, "imserver_connections", lambda n: n == 0, transport="tcp")
+    await a.close()
+    await b.close()
+    # The server counts a connection out when it has seen its end, after the client.
+    await server_metric_reaches(server, "imserver_connections", lambda n: n == 0, transport="tcp")

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import pytest
 
 from imserver.client import Client, ClientError, ConnectFailed, ConnectionClosed, HttpClient
 
@@ -94,6 +95,7 @@ class Sender:
             ended = ended or self.client.closed
 
 
+@pytest.mark.embedded_only("stops and restarts the one server process")
 async def test_graceful_shutdown_loses_nothing_acknowledged(
     server_factory: ServerFactory, clients: Clients, register_user: Any
 ) -> None:
@@ -139,6 +141,7 @@ async def test_graceful_shutdown_loses_nothing_acknowledged(
         assert all(m["body"] == m["cid"] for m in stored)
 
 
+@pytest.mark.embedded_only("stops and restarts the one server process")
 async def test_restart_keeps_accounts_tokens_and_presence(
     server_factory: ServerFactory, clients: Clients, register_user: Any
 ) -> None:
@@ -200,6 +203,7 @@ async def test_restart_keeps_accounts_tokens_and_presence(
     assert by_user[alice.id]["last_seen"] >= started
 
 
+@pytest.mark.embedded_only("kills and restarts the one server process")
 async def test_acknowledged_messages_survive_a_crash(
     server_factory: ServerFactory, clients: Clients, register_user: Any
 ) -> None:
@@ -222,6 +226,7 @@ async def test_acknowledged_messages_survive_a_crash(
     assert [m["seq"] for m in stored] == list(range(1, 301))
 
 
+@pytest.mark.embedded_only("drains the one server process with SIGTERM and restarts it")
 async def test_draining_server_answers_unavailable(
     server_factory: ServerFactory, clients: Clients, register_user: Any
 ) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from etcd_server import require_etcd
 from metrics import metric_reaches
 from refusals import refused
@@ -39,6 +40,7 @@ def config_set(etcd: EtcdServer, prefix: str, name: str, value: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.embedded_only("points the one server at an etcd of the test's own")
 async def test_a_room_size_set_in_etcd_applies_without_a_restart(
     etcd: EtcdServer, server_factory: ServerFactory, clients: Clients
 ) -> None:
@@ -64,6 +66,7 @@ async def test_a_room_size_set_in_etcd_applies_without_a_restart(
     assert server.starts == 1  # the same process all along
 
 
+@pytest.mark.embedded_only("points the one server at an etcd of the test's own and kills it")
 async def test_a_server_starts_with_etcd_down_and_applies_the_stored_values_later(
     tmp_path: Path, server_factory: ServerFactory, clients: Clients
 ) -> None:

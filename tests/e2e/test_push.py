@@ -107,6 +107,7 @@ async def until(check: Any, within: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.embedded_only("stops and restarts the one server process")
 async def test_offline_push_reaches_fcm_and_survives_a_restart(
     server_factory: ServerFactory,
     clients: Clients,

@@ -35,6 +35,7 @@ async def events() -> AsyncIterator[dict[str, Any]]:
     await rabbit.delete_topology(prefix, GROUPS, BACKOFF)
 
 
+@pytest.mark.embedded_only("sets the server's RabbitMQ events itself (a cluster's are its own)")
 async def test_an_offline_users_message_is_one_push_through_rabbitmq(
     server_factory: ServerFactory,
     clients: Clients,

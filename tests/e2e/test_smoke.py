@@ -63,6 +63,7 @@ async def test_bad_frame_keeps_connection_open(server: ServerProcess) -> None:
     assert c.closed
 
 
+@pytest.mark.embedded_only("stops and restarts the one server process")
 async def test_http_api_and_restart(server: ServerProcess, clients: Clients) -> None:
     account = await clients.register(server, "carol")
     async with HttpClient(server.http_url) as http:

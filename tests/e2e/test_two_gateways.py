@@ -61,6 +61,7 @@ async def presence_of(client: Client, user: str) -> str:
     return status
 
 
+@pytest.mark.embedded_only("starts two embedded processes of its own on one database")
 async def test_live_events_and_presence_cross_between_two_processes(
     two: tuple[ServerProcess, ServerProcess],
     register_user: Any,

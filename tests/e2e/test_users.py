@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from metrics import metric, metric_reaches, scrape
+from metrics import metric, scrape_server, server_metric_reaches
 
 from imserver.client import Client, ClientError, HttpClient
 
@@ -555,10 +555,11 @@ async def test_presence_events_follow_the_first_and_last_connection(
     assert await b.events_before_ping("presence") == []
     # Nothing answers a close: wait until the server has counted a2 (TCP) out. It
     # decides about presence in the same step, so an event would be on its way.
-    async with HttpClient(shared_server.http_url) as http:
-        tcp_open = metric(await scrape(http), "imserver_connections", transport="tcp")
-        await a2.close()
-        await metric_reaches(http, "imserver_connections", lambda n: n < tcp_open, transport="tcp")
+    tcp_open = metric(await scrape_server(shared_server), "imserver_connections", transport="tcp")
+    await a2.close()
+    await server_metric_reaches(
+        shared_server, "imserver_connections", lambda n: n < tcp_open, transport="tcp"
+    )
     assert await b.events_before_ping("presence") == []
     assert (await b.request("presence.get", users=[a]))["presence"][0]["status"] == "online"
     # Logging in again on the remaining connection changes nothing for the others.

@@ -34,7 +34,7 @@ ERRORS: list[IMError] = [
         if cls is not errors.RateLimited
     ),
     errors.RateLimited(1.5),
-    RefreshTokenReused("reused", login=LoginId("l-1")),
+    RefreshTokenReused("reused", login=LoginId("l-1"), user=UserId("u-1")),
     QuotaExceeded("over quota"),
     RangeNotSatisfiable(10),
 ]

@@ -113,8 +113,8 @@ async def devices(request: pytest.FixtureRequest) -> AsyncIterator[Instances]:
 async def test_users_are_online_between_add_and_remove(users: Instances) -> None:
     a = users["a"]
     assert await a.online([U1, U2]) == set()
-    await a.add(U1)
-    await a.add(U2)
+    assert await a.add(U1) is False  # nobody held U1: online now, news to announce
+    assert await a.add(U2) is False
     assert await a.online([U1, U2, U3]) == {U1, U2}
     assert await a.remove(U1) is False  # no other instance holds U1
     assert await a.online([U1, U2, U3]) == {U2}
@@ -123,8 +123,8 @@ async def test_users_are_online_between_add_and_remove(users: Instances) -> None
 
 async def test_a_user_stays_online_while_another_instance_holds_them(users: Instances) -> None:
     a, b = users["a"], users["b"]
-    await a.add(U1)
-    await b.add(U1)
+    assert await a.add(U1) is False
+    assert await b.add(U1) is True  # online already through a: nothing to announce
     assert await b.online([U1]) == {U1}
     assert await a.remove(U1) is True
     assert await a.online([U1]) == {U1}

@@ -59,7 +59,7 @@ class LocalEcho:
 
     async def fail(self, error: str) -> None:
         errors: dict[str, Exception] = {
-            "reused": RefreshTokenReused("spent token", login=LoginId("l-7")),
+            "reused": RefreshTokenReused("spent token", login=LoginId("l-7"), user=UserId("u-7")),
             "rate": RateLimited(1.25),
             "quota": QuotaExceeded("over"),
             "range": RangeNotSatisfiable(10),

@@ -40,3 +40,14 @@ def test_refused_take_consumes_nothing() -> None:
     assert first == pytest.approx(0.5)
     assert second == pytest.approx(0.5)
     assert bucket.take(now + 1.0) == 0.0
+
+
+def test_a_refusal_a_moment_before_the_next_token_still_asks_for_a_wait() -> None:
+    """A token 0.2 ms away: the refusal's ``retry_after`` is 0.001 s, never 0 (a
+    client told to wait 0 s would be refused again at once)."""
+    bucket = TokenBucket(per_s=50, burst=1)
+    now = bucket._stamp
+    assert bucket.check(now) is None
+    refused = bucket.check(now + 0.02 - 0.0002)
+    assert refused is not None
+    assert refused.retry_after == 0.001

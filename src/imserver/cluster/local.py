@@ -22,11 +22,17 @@ Every process runs detached, in a session of its own, so ``up`` returns and the
 cluster keeps running; ``cluster.json`` in the cluster directory records what runs
 where, and ``status``, ``logs`` and ``down`` read it. ``down`` stops the gateways
 first (their clients reconnect nowhere: the cluster is going away), then the
-services, HAProxy and etcd, each with SIGTERM and a bounded wait, then SIGKILL.
+services, HAProxy and etcd, each group with SIGTERM to all of its processes at once,
+a bounded wait, then SIGKILL.
+
+:func:`add_gateways` starts more gateways for a running cluster, with settings of
+their own (the end-to-end suite's gateways with a test's configuration).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import signal
@@ -35,8 +41,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -44,6 +51,7 @@ from imserver.cluster import haproxy
 from imserver.cluster.etcd import EtcdServer
 from imserver.cluster.haproxy import Backend, Frontend, Haproxy
 from imserver.cluster.ports import free_ports
+from imserver.utils.config import merge_settings
 
 SERVICES = ("user", "room", "file", "notification", "message")
 """The services behind the gateways, in the order they are started."""
@@ -73,6 +81,9 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The port clients use for HTTP and WebSocket (0: a free one)."""
     tcp_port: int = 0
     """The port clients use for TCP (0: a free one)."""
+    settings: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Further configuration of every process (``{"limits": {"hello_timeout": 5}}``),
+    beside the cluster's own storage, etcd, Redis and RabbitMQ settings."""
 
 
 class Member(msgspec.Struct, kw_only=True):
@@ -125,7 +136,8 @@ def _save_state(root: Path, state: ClusterState) -> None:
     tmp.replace(root / STATE_FILE)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -140,10 +152,12 @@ def _alive(pid: int) -> bool:
 
 
 def _ready(host: str, port: int) -> bool:
+    """Whether ``/readyz`` on ``port`` answers 200; anything else there (nothing, or a
+    process that took the port first and speaks another protocol) is not ready."""
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=1) as resp:
             return bool(resp.status == 200)
-    except (OSError, urllib.error.URLError):
+    except (OSError, urllib.error.URLError, http.client.HTTPException):
         return False
 
 
@@ -159,33 +173,32 @@ def _wait(what: str, check: Callable[[], bool], failed: Callable[[], str | None]
 
 
 def _toml_value(value: object) -> str:
-    return json.dumps(value)  # a JSON string or list of strings is valid TOML
+    return json.dumps(value)  # JSON strings, numbers, booleans and lists are valid TOML
+
+
+def _toml_lines(table: Mapping[str, Any], path: str = "") -> list[str]:
+    """``table`` as TOML dotted keys (``"limits"."rate_per_s" = 5``), one line each."""
+    lines = []
+    for key, value in table.items():
+        name = f"{path}.{json.dumps(key)}" if path else json.dumps(key)
+        if isinstance(value, Mapping):
+            lines += _toml_lines(value, name)
+        elif value is not None:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return lines
 
 
 def config_text(spec: ClusterSpec, etcd_url: str) -> str:
-    """The TOML every process of the cluster shares (its ports come as flags)."""
-    return "\n".join(
-        [
-            'live = "redis"',
-            "",
-            "[storage]",
-            f"url = {_toml_value(spec.database)}",
-            "",
-            "[etcd]",
-            f"endpoints = {_toml_value([etcd_url])}",
-            f"prefix = {_toml_value('/' + spec.prefix.strip('/'))}",
-            "",
-            "[redis]",
-            f"url = {_toml_value(spec.redis)}",
-            f"prefix = {_toml_value(spec.prefix + ':')}",
-            "",
-            "[events]",
-            'backend = "rabbitmq"',
-            f"url = {_toml_value(spec.rabbitmq)}",
-            f"prefix = {_toml_value(spec.prefix)}",
-            "",
-        ]
-    )
+    """The TOML every process of the cluster shares (its ports come as flags): the
+    spec's ``settings`` under the cluster's own (storage, etcd, Redis, RabbitMQ)."""
+    own = {
+        "live": "redis",
+        "storage": {"url": spec.database},
+        "etcd": {"endpoints": [etcd_url], "prefix": "/" + spec.prefix.strip("/")},
+        "redis": {"url": spec.redis, "prefix": spec.prefix + ":"},
+        "events": {"backend": "rabbitmq", "url": spec.rabbitmq, "prefix": spec.prefix},
+    }
+    return "\n".join(_toml_lines(merge_settings(spec.settings, own))) + "\n"
 
 
 def _spawn_member(
@@ -245,9 +258,9 @@ def _wait_members(members: Sequence[Member], host: str) -> None:
     for member in members:
 
         def failed(member: Member = member) -> str | None:
-            if _alive(member.pid):
+            if alive(member.pid):
                 return None
-            return f"exited; the end of {member.log}:\n{_tail(member.log, 3000)}"
+            return f"exited; the end of {member.log}:\n{tail(member.log, 3000)}"
 
         def ready(member: Member = member) -> bool:
             return _ready(host, member.http_port)
@@ -255,7 +268,8 @@ def _wait_members(members: Sequence[Member], host: str) -> None:
         _wait(member.name, ready, failed)
 
 
-def _tail(path: Path, size: int) -> str:
+def tail(path: Path, size: int) -> str:
+    """The last ``size`` bytes of the file at ``path`` as text ("" when unreadable)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - size))
@@ -389,20 +403,59 @@ def _start_haproxy(
         states = asyncio.run(haproxy.server_states(frontend.stats_socket))
         return bool(states) and all(status == "UP" for status in states.values())
 
-    _wait("haproxy", all_up, lambda: None if _alive(state.haproxy_pid) else "exited")
+    _wait("haproxy", all_up, lambda: None if alive(state.haproxy_pid) else "exited")
+
+
+def add_gateways(
+    state: ClusterState, directory: Path, count: int, settings: Mapping[str, Any]
+) -> list[Member]:
+    """Start ``count`` more gateways for the running cluster ``state`` describes, in
+    ``directory``, each with ``settings`` laid over the cluster's configuration, and
+    wait until they are ready.
+
+    They find the cluster's services through its etcd like its own gateways, but the
+    cluster's state does not list them and HAProxy does not send them clients: whoever
+    starts them connects to them and stops them (:func:`stop_members`).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = msgspec.structs.replace(
+        state.spec, settings=merge_settings(state.spec.settings, settings)
+    )
+    config = directory / "imserver.toml"
+    config.write_text(config_text(spec, state.etcd_url))
+    members = [
+        _spawn_member(directory, f"gateway-{i}", ["gateway"], config, spec.host)
+        for i in range(1, count + 1)
+    ]
+    try:
+        _wait_members(members, spec.host)
+    except BaseException:
+        stop_members(members)
+        raise
+    return members
+
+
+def stop_members(members: Sequence[Member]) -> None:
+    """Stop ``members`` together: SIGTERM to each, then a bounded wait, then SIGKILL."""
+    for member in members:
+        if alive(member.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(member.pid, signal.SIGTERM)
+    for member in members:
+        _stop_pid(member.pid)
 
 
 def _stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
-    if pid <= 0 or not _alive(pid):
+    if pid <= 0 or not alive(pid):
         return
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -416,8 +469,8 @@ def down(root: Path, progress: Callable[[str], None] = print) -> None:
     gateways = [m for m in state.members if "gateway" in m.services]
     others = [m for m in state.members if "gateway" not in m.services]
     for group in (gateways, others):
+        stop_members(group)
         for member in group:
-            _stop_pid(member.pid)
             progress(f"stopped {member.name}")
     _stop_pid(state.haproxy_pid)
     _stop_pid(state.etcd_pid)
@@ -432,17 +485,17 @@ def status(root: Path) -> list[tuple[str, str, str]]:
     state = load_state(root)
     host = state.spec.host
     rows = [
-        ("etcd", "up" if _alive(state.etcd_pid) else "down", state.etcd_url),
+        ("etcd", "up" if alive(state.etcd_pid) else "down", state.etcd_url),
     ]
     for member in state.members:
-        if not _alive(member.pid):
+        if not alive(member.pid):
             condition = "down"
         else:
             condition = "ready" if _ready(host, member.http_port) else "not ready"
         detail = f"pid {member.pid}, http {member.http_port}, rpc {member.rpc_port}"
         rows.append((member.name, condition, detail))
     proxied = "down"
-    if _alive(state.haproxy_pid):
+    if alive(state.haproxy_pid):
         try:
             states = asyncio.run(haproxy.server_states(Path(state.stats_socket)))
         except OSError:
@@ -467,7 +520,7 @@ def logs(root: Path, name: str | None, lines: int) -> str:
     chosen = [name] if name is not None else list(paths)
     out = []
     for key in chosen:
-        text = _tail(paths[key], 200 * lines).splitlines()[-lines:]
+        text = tail(paths[key], 200 * lines).splitlines()[-lines:]
         out.append(f"== {key} ({paths[key]})")
         out.extend(text)
     return "\n".join(out)

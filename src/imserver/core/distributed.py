@@ -92,10 +92,12 @@ class GatewayUsers:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._remote, name)
 
-    async def set_online(self, user: UserId) -> PresenceInfo:
-        """Mark the user online on this gateway (their first session here opened)."""
+    async def set_online(self, user: UserId) -> PresenceInfo | None:
+        """Mark the user online on this gateway (their first session here opened);
+        ``None`` when another gateway holds one already."""
         await self._remote.get_user(user)
-        await self._online.add(user)
+        if await self._online.add(user):
+            return None
         return PresenceInfo(user=user, status="online", last_seen=now_ms())
 
     async def set_offline(self, user: UserId) -> PresenceInfo:
@@ -271,8 +273,16 @@ async def build_distributed(
     def service(name: str) -> Any:
         return local[name] if name in local else remotes.client(name)
 
+    # Other instances of a service may write its database: no cache of what they change.
     await open_local_services(
-        config, names, local=local, reach=service, db=db, live=live, shared=shared
+        config,
+        names,
+        local=local,
+        reach=service,
+        db=db,
+        live=live,
+        shared=shared,
+        sole_instance=False,
     )
     runtime = await start_local_events(config, db, local)
     users: UserService = service("user")

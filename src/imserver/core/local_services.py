@@ -43,8 +43,11 @@ async def open_local_services(
     db: dict[str, ServiceDatabase],
     live: LiveSettings,
     shared: LiveBackends,
+    sole_instance: bool = True,
 ) -> None:
-    """Open the services of ``names`` into ``local`` (name → service)."""
+    """Open the services of ``names`` into ``local`` (name → service).
+    ``sole_instance``: no other process runs these services on the same databases (the
+    embedded mode), so a service may keep in memory what only its own writes change."""
     data_dir = Path(config.data_dir)
     events = config.events.backend != "none"
 
@@ -104,6 +107,7 @@ async def open_local_services(
             max_meta=config.limits.max_meta,
             batch_max=config.storage.batch_max,
             events=events,
+            peer_cache=sole_instance,
         )
 
 

@@ -3,7 +3,9 @@ the gateway in front of them, the listeners, and the order of shutdown.
 
 Shutdown order (SIGINT/SIGTERM): stop accepting connections; refuse new writes;
 commit and acknowledge every write already queued; send ``closed {shutdown}`` to
-every session and wait (bounded) for their queues to flush; close the databases.
+every session and wait (bounded) for their queues to flush and for every connection
+to have finished (its end handled: presence, which in the distributed mode is a call
+to the user service); close the databases.
 A process of the distributed mode leaves the service registry first (in the
 services' drain), and stops its gRPC server (calls in flight finish within
 ``shutdown_grace``) before its services close.
@@ -27,7 +29,7 @@ from imserver.core.embedded import Services, build_embedded
 from imserver.core.health import Health, health_app
 from imserver.network.http import app_runner
 from imserver.network.listener import Admission, Listener, system_backlog
-from imserver.network.tcp import serve_tcp
+from imserver.network.tcp import TcpConnections, serve_tcp
 from imserver.network.ws import WsEntry, serve_http
 from imserver.services.gateway.http_api import HttpApi, build_app
 from imserver.services.gateway.service import Gateway
@@ -103,6 +105,7 @@ class Server:
         self._http: Listener | None = None
         self._admission: Admission | None = None
         self._ws: WsEntry | None = None
+        self._tcp_connections: TcpConnections | None = None
         self.http_port = config.http_port
         self.tcp_port = config.tcp_port
 
@@ -163,7 +166,9 @@ class Server:
         self._http, self._ws = await serve_http(
             gateway, self._runner.server, cfg.host, cfg.http_port, backlog, admission
         )
-        self._tcp = await serve_tcp(gateway, cfg.host, cfg.tcp_port, backlog, admission)
+        self._tcp, self._tcp_connections = await serve_tcp(
+            gateway, cfg.host, cfg.tcp_port, backlog, admission
+        )
         self.http_port = self._http.port
         self.tcp_port = self._tcp.port
         self._api.ready = True
@@ -240,6 +245,8 @@ class Server:
             self._http.close()
         if self._ws is not None:
             await self._ws.wait_closed(self.config.shutdown_grace)
+        if self._tcp_connections is not None:
+            await self._tcp_connections.wait_closed(self.config.shutdown_grace)
         if self._admission is not None:
             self._admission.close()
         if self._runner is not None:

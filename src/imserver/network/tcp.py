@@ -3,6 +3,11 @@
 A declared length over ``max_frame`` is refused with ``too_large`` and closes the
 connection, because the stream cannot be resynchronised; nothing of that frame is
 buffered. Other bad frames leave the connection open.
+
+Each connection runs in a task that :class:`TcpConnections` keeps, so that shutdown
+can wait (bounded) until every connection has finished, its end handled
+(``handler.closed``, which in the distributed mode calls other services) before the
+services close under it.
 """
 
 from __future__ import annotations
@@ -58,12 +63,28 @@ class TcpLink:
         self.transport.abort()
 
 
+class TcpConnections:
+    """The running TCP connections' tasks."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[object]] = set()
+
+    async def wait_closed(self, within: float) -> None:
+        """Wait (bounded) for every TCP connection's task to finish."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=within)
+
+
 async def serve_tcp(
     handler: ConnectionHandler, host: str, port: int, backlog: int, admission: Admission
-) -> Listener:
-    """Start the TCP listener."""
+) -> tuple[Listener, TcpConnections]:
+    """Start the TCP listener; its connections' tasks are in the second value."""
+    connections = TcpConnections()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            connections.tasks.add(task)
         session = handler.open(TcpLink(writer.transport))
         try:
             try:
@@ -74,6 +95,7 @@ async def serve_tcp(
                 await linger(reader, handler.shutdown_grace)
         finally:
             writer.close()
+            connections.tasks.discard(task)
 
     async def serve(session: Connection, reader: asyncio.StreamReader) -> None:
         decoder = FrameDecoder(handler.max_frame)
@@ -101,7 +123,8 @@ async def serve_tcp(
     def connection() -> asyncio.StreamReaderProtocol:
         return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=READ_SIZE), handle)
 
-    return await Listener.start(host, port, backlog, connection, admission)
+    listener = await Listener.start(host, port, backlog, connection, admission)
+    return listener, connections
 
 
 async def linger(reader: asyncio.StreamReader, within: float) -> None:

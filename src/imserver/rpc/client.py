@@ -308,20 +308,26 @@ class GrpcClient:
     ) -> Any:
         first = codec.encode_args(values)
         failure: list[BaseException] = []
+        reading: list[asyncio.Future[Any]] = []
+        """The read of the caller's iterable in progress, if any."""
 
         async def parts() -> AsyncIterator[Any]:
             yield first
             source = aiter(items)
             try:
                 while True:
+                    pending = asyncio.ensure_future(anext(source))
+                    reading[:] = [pending]
                     try:
-                        item = await anext(source)
+                        item = await pending
                     except StopAsyncIteration:
                         return
                     except Exception as exc:
                         failure.append(exc)
                         call.cancel()
                         return
+                    finally:
+                        reading.clear()
                     yield codec.encode_item(item)
             finally:
                 close = getattr(source, "aclose", None)
@@ -332,6 +338,22 @@ class GrpcClient:
         call = self._callables.get(endpoint.channel, codec)(
             parts(), timeout=self.policy.upload_deadline
         )
+        try:
+            return await self._client_stream_answer(codec, endpoint, call, failure)
+        finally:
+            # An answer before the whole stream was sent (a refusal) leaves gRPC's
+            # sender waiting on the caller's iterable: the read is cancelled, so that
+            # the caller owns its source again (an HTTP body, which its server then
+            # reads to the end itself).
+            for pending in list(reading):
+                pending.cancel()
+                await asyncio.wait([pending])
+                if not pending.cancelled():
+                    pending.exception()  # retrieved: the answer is what the caller gets
+
+    async def _client_stream_answer(
+        self, codec: MethodCodec, endpoint: Any, call: Any, failure: list[BaseException]
+    ) -> Any:
         try:
             data = await call
         except asyncio.CancelledError:

@@ -76,7 +76,8 @@ class Publication(msgspec.Struct, frozen=True, kw_only=True):
     one connection (the sender's); ``exclude_user`` skips every session of one user
     (the typist of a ``typing`` event). ``joined`` and ``left``: the users a room
     membership change adds and removes at this message; a subscriber delivers the
-    message to the members after the joins and before the leaves.
+    message to the members after the joins and before the leaves. ``close_login``:
+    see the field.
     """
 
     event: Event
@@ -86,6 +87,9 @@ class Publication(msgspec.Struct, frozen=True, kw_only=True):
     exclude_user: str | None = None
     joined: tuple[str, ...] = ()
     left: tuple[str, ...] = ()
+    close_login: str | None = None
+    """A login session revoked: the sessions authenticated by it get ``event`` (a
+    ``closed``) and are closed, wherever they are; nobody else gets anything."""
 
 
 PublicationHandler = Callable[[str, Publication], None]

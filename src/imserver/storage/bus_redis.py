@@ -86,6 +86,7 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True):
     exclude_user: str | None
     joined: tuple[str, ...]
     left: tuple[str, ...]
+    close_login: str | None = None
 
 
 def _packed_publishes(batch: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -255,6 +256,7 @@ class RedisLiveBus:
                 pub.exclude_user,
                 pub.joined,
                 pub.left,
+                pub.close_login,
             )
             data = self._encoder.encode(wire)
             self._last_encoded = (publication, data)
@@ -516,6 +518,7 @@ class RedisLiveBus:
             exclude_user=wire.exclude_user,
             joined=wire.joined,
             left=wire.left,
+            close_login=wire.close_login,
         )
         for handler in handlers:
             try:

@@ -203,10 +203,13 @@ class RedisOnlineStore(_InstanceTable):
         self._users: Counter[UserId] = Counter()
         self._online_script = self._client.register_script(_ONLINE)
 
-    async def add(self, user: UserId) -> None:
+    async def add(self, user: UserId) -> bool:
         self._users[user] += 1
-        if self._users[user] == 1:
-            await self._call("add", self._write("SADD", user))
+        if self._users[user] > 1:
+            return True
+        elsewhere = bool(await self.online((user,)))
+        await self._call("add", self._write("SADD", user))
+        return elsewhere
 
     async def remove(self, user: UserId) -> bool:
         count = self._users[user] - 1

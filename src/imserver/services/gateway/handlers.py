@@ -47,8 +47,8 @@ class SessionBinder(Protocol):
     async def authenticate(self, ctx: OpContext, identity: Identity) -> None:
         """Bind the context's live session (if any) to ``identity``'s user."""
 
-    def close_login(self, login: LoginId, reason: str) -> None:
-        """Close every connection authenticated by a revoked login session."""
+    def close_login(self, user: UserId, login: LoginId, reason: str) -> None:
+        """Close every connection authenticated by a revoked login session of ``user``."""
 
 
 class Handlers:
@@ -191,19 +191,24 @@ class Handlers:
         except RefreshTokenReused as exc:
             # The login session is revoked: after the error reply is written, close its
             # connections, as for a logout.
-            asyncio.get_running_loop().call_soon(self.sessions.close_login, exc.login, "revoked")
+            asyncio.get_running_loop().call_soon(
+                self.sessions.close_login, exc.user, exc.login, "revoked"
+            )
             raise
         return ops.TokenData(
             token=pair.token, refresh_token=pair.refresh_token, expires_in=pair.expires_in
         )
 
     async def logout(self, ctx: OpContext, op: ops.Logout) -> ops.Empty:
-        login_id = self._caller(ctx).login
+        caller = self._caller(ctx)
+        login_id = caller.login
         await self.users.logout(login_id)
         if self._notifications is not None:
             await self._notifications.forget_device(login_id)
         # After this reply is written: close every connection of the revoked login.
-        asyncio.get_running_loop().call_soon(self.sessions.close_login, login_id, "logout")
+        asyncio.get_running_loop().call_soon(
+            self.sessions.close_login, caller.user, login_id, "logout"
+        )
         return EMPTY
 
     def ping(self, ctx: OpContext, op: ops.Ping) -> ops.Empty:
@@ -226,7 +231,7 @@ class Handlers:
             old_password=op.old_password,
         )
         for login_id in result.revoked:
-            self.sessions.close_login(login_id, "revoked")
+            self.sessions.close_login(me.user, login_id, "revoked")
         return ops.UserData(user=result.user)
 
     async def presence_get(self, ctx: OpContext, op: ops.PresenceGet) -> ops.PresenceData:

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 
 from imserver.protocol import ops
 from imserver.protocol.codec import Codec, EncodedEvent
-from imserver.protocol.events import Event
+from imserver.protocol.events import Closed, Event
 from imserver.protocol.models import Message
 from imserver.services.gateway.channels import Channels
 from imserver.services.gateway.session import Session
@@ -167,6 +167,15 @@ class Hub:
             for session in list(self._by_user.get(UserId(user), ())):
                 session.close(RESYNC)
 
+    def _close_login(self, users: Iterable[str], pub: Publication) -> None:
+        """Close the sessions of ``users`` authenticated by the revoked login session."""
+        reason = pub.event.reason if isinstance(pub.event, Closed) else "revoked"
+        for user in users:
+            for session in list(self._by_user.get(UserId(user), ())):
+                caller = session.caller
+                if caller is not None and caller.login == pub.close_login:
+                    session.close(reason)
+
     def _deliver(self, users: Iterable[str], pub: Publication) -> None:
         """Write one event to the live sessions of ``users``.
 
@@ -174,6 +183,9 @@ class Hub:
         framed bytes of the last (transport, codec) seen are kept at hand, since nearly
         every session shares one, and nothing per recipient allocates.
         """
+        if pub.close_login is not None:
+            self._close_login(users, pub)
+            return
         event = pub.event
         framed: _Framed | None = None
         exclude_session = pub.exclude_session

@@ -9,6 +9,7 @@ each op, so a change applies to every connection from its next op.
 
 from __future__ import annotations
 
+import math
 import time
 
 from imserver.utils.errors import RateLimited
@@ -51,6 +52,7 @@ class TokenBucket:
 
     def check(self, now: float | None = None) -> RateLimited | None:
         """Take one token; the ``rate_limited`` answer when there was none (every
-        transport refuses an op over its rate this way)."""
+        transport refuses an op over its rate this way). Its ``retry_after`` is
+        rounded up to the millisecond: a wait under half a millisecond is not 0."""
         wait = self.take(now)
-        return RateLimited(round(wait, 3)) if wait else None
+        return RateLimited(math.ceil(wait * 1000) / 1000) if wait else None

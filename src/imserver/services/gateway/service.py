@@ -21,7 +21,7 @@ import msgspec
 
 from imserver import __version__
 from imserver.network.handler import Connection, Link
-from imserver.protocol.events import PresenceEvent
+from imserver.protocol.events import Closed, PresenceEvent
 from imserver.protocol.models import Limits, PresenceInfo, RateLimits, ServerInfo
 from imserver.services.caller import Caller
 from imserver.services.gateway.handlers import Handlers
@@ -68,6 +68,8 @@ class Gateway:
         self.users = users
         self.messages = messages
         self.notifications = notifications
+        self._publishing: set[asyncio.Task[None]] = set()
+        """Publications of revoked logins on their way to the other gateways."""
         self._devices: dict[Session, Caller] = {}
         """Live sessions reported to the notification service as online devices."""
         self.rooms = rooms
@@ -219,7 +221,8 @@ class Gateway:
         # user keeps the user online throughout: only a first connection is news.
         if current is None:
             info = await self.users.set_online(identity.user)
-            await self._publish_presence(info)
+            if info is not None:  # else online through another gateway already
+                await self._publish_presence(info)
 
     async def _device_online(self, session: Session) -> None:
         caller = session.caller
@@ -240,10 +243,23 @@ class Gateway:
         except Exception:
             logger.exception("offline device report for %s failed", caller.user)
 
-    def close_login(self, login: LoginId, reason: str) -> None:
-        """Close every connection authenticated by a revoked login session."""
+    def close_login(self, user: UserId, login: LoginId, reason: str) -> None:
+        """Close every connection authenticated by a revoked login session: those
+        here at once, those on other gateways through ``user``'s channel (the hub of
+        each gateway closes its own on that publication; here they are closed by then)."""
         for session in self.hub.sessions_of_login(login):
             session.close(reason)
+        publication = Publication(event=Closed(reason=reason), close_login=login)
+        task = asyncio.get_running_loop().create_task(
+            self.bus.publish(user_channel(user), publication)
+        )
+        self._publishing.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._publishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("closing a revoked login elsewhere failed", exc_info=task.exception())
 
     async def _publish_presence(self, info: PresenceInfo) -> None:
         peers = await self.messages.direct_peers(UserId(info.user))

@@ -91,8 +91,13 @@ class LocalMessageService:
         max_body: int = 16384,
         max_meta: int = 8192,
         batch_max: int = 512,
+        peer_cache: bool = True,
     ) -> None:
+        """``peer_cache``: keep the direct peers of users in memory, in step with this
+        instance's commits; only right when no other instance writes the database
+        (several message instances: :meth:`direct_peers` reads the store)."""
         self._store = store
+        self._peer_cache = peer_cache
         self._bus = bus
         self._users = users
         self._rooms = rooms
@@ -504,11 +509,11 @@ class LocalMessageService:
 
     async def direct_peers(self, user: UserId) -> list[UserId]:
         """Users who share a direct conversation (with messages) with ``user``."""
-        peers = self._writer.peers.get(user)
+        peers = self._writer.peers.get(user) if self._peer_cache else None
         if peers is None:
             changes = self._writer.peer_changes
             peers = tuple(await self._store.direct_convs(user))
-            if changes == self._writer.peer_changes:
+            if self._peer_cache and changes == self._writer.peer_changes:
                 self._writer.peers.put(user, peers)
         return list(peers)
 
@@ -571,12 +576,13 @@ async def open_message_service(
     batch_max: int = 512,
     read_url: str | None = None,
     events: bool = False,
+    peer_cache: bool = True,
 ) -> LocalMessageService:
     """Migrate the database at ``url``, open it and start the writer. ``read_url``: a
     replica that ``search`` reads from (history, ``convs`` and every read a write
     depends on stay on ``url``). ``events``: write a ``message.stored`` event per
     stored message into the outbox, in the batch's transaction (the service's
-    ``outbox``; a relay publishes it)."""
+    ``outbox``; a relay publishes it). ``peer_cache``: see :class:`LocalMessageService`."""
     try:
         await sql.upgrade(url, MIGRATIONS)
     except IMError:
@@ -595,6 +601,7 @@ async def open_message_service(
         max_body=max_body,
         max_meta=max_meta,
         batch_max=batch_max,
+        peer_cache=peer_cache,
     )
     service.start()
     return service

@@ -57,7 +57,6 @@ op answers the error (``unavailable``) without its system message.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
@@ -333,23 +332,23 @@ class LocalRoomService:
                 names = await self._names([user] if heir is None else [user, heir])
                 who = names.get(user, user)
                 posts = [
-                    self._post(
-                        room,
-                        f"{who} left",
-                        _meta("left", user, user),
-                        notify=(user,),
+                    RoomPost(
+                        body=f"{who} left",
+                        meta=_meta("left", user, user),
+                        notify=(UserId(user),),
                         members=members,
                     )
                 ]
                 if heir is not None:
                     posts.append(
-                        self._post(
-                            room,
-                            f"{names.get(heir, heir)} is now the owner",
-                            {**_meta("role", user, heir), "role": "owner"},
+                        RoomPost(
+                            body=f"{names.get(heir, heir)} is now the owner",
+                            meta={**_meta("role", user, heir), "role": "owner"},
                         )
                     )
-                await asyncio.gather(*posts)
+                # One call, queued in this order: the hand-over follows the leave
+                # (two calls at once may reach the message service in either order).
+                await self._post_many(room, posts)
             finally:
                 replace(st, roles, members, **({"owner": heir} if heir is not None else {}))
 

@@ -31,13 +31,15 @@ class Identity(msgspec.Struct, frozen=True):
 
 
 class RefreshTokenReused(Unauthorized):
-    """A spent refresh token was presented again: the whole login session ``login`` has
-    been revoked (someone else holds a copy). Clients see a plain ``unauthorized``; the
-    gateway also closes the live connections of that login session."""
+    """A spent refresh token was presented again: the whole login session ``login`` of
+    ``user`` has been revoked (someone else holds a copy). Clients see a plain
+    ``unauthorized``; the gateways also close the live connections of that login
+    session."""
 
-    def __init__(self, message: str, *, login: LoginId) -> None:
+    def __init__(self, message: str, *, login: LoginId, user: UserId) -> None:
         super().__init__(message)
         self.login = login
+        self.user = user
 
 
 class LoginResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,8 +147,10 @@ class UserService(Protocol):
     async def granted_admins(self) -> list[User]:
         """The users holding a grant, by username (the setting's names not included)."""
 
-    async def set_online(self, user: UserId) -> PresenceInfo:
-        """Record that the user's first live session opened."""
+    async def set_online(self, user: UserId) -> PresenceInfo | None:
+        """Record that the user's first live session on a gateway opened; ``None``
+        when another gateway instance holds one already (they were online: nothing
+        to announce)."""
 
     async def set_offline(self, user: UserId) -> PresenceInfo:
         """Record that the user's last live session on a gateway closed (``last_seen``

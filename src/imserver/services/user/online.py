@@ -19,8 +19,9 @@ from imserver.utils.ids import UserId
 class OnlineStore(Protocol):
     """Users with a live session, counted over the gateway instances holding one."""
 
-    async def add(self, user: UserId) -> None:
-        """A gateway of this instance holds a live session of ``user`` (its first)."""
+    async def add(self, user: UserId) -> bool:
+        """A gateway of this instance holds a live session of ``user`` (its first);
+        whether ``user`` was online already through another instance."""
 
     async def remove(self, user: UserId) -> bool:
         """The last such session closed; whether ``user`` is still online through
@@ -40,8 +41,9 @@ class MemoryOnlineStore:
     def __init__(self) -> None:
         self._online: Counter[UserId] = Counter()
 
-    async def add(self, user: UserId) -> None:
+    async def add(self, user: UserId) -> bool:
         self._online[user] += 1
+        return self._online[user] > 1
 
     async def remove(self, user: UserId) -> bool:
         count = self._online[user] - 1

@@ -49,9 +49,11 @@ class Presence:
         """A new account: never seen, known without reading the database."""
         self._last_seen.put(user, None)
 
-    async def set_online(self, user: UserId) -> PresenceInfo:
-        """Mark ``user`` online (their first live session on a gateway opened)."""
-        await self._online.add(user)
+    async def set_online(self, user: UserId) -> PresenceInfo | None:
+        """Mark ``user`` online (their first live session on a gateway opened);
+        ``None`` when another instance holds one already (no change to announce)."""
+        if await self._online.add(user):
+            return None
         return PresenceInfo(user=user, status="online", last_seen=self._clock())
 
     async def set_offline(self, user: UserId) -> PresenceInfo:

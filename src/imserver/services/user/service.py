@@ -247,8 +247,8 @@ class LocalUserService:
         access, refresh, rows = self._new_pair(now)
         outcome = await self._store.rotate(token_hash(refresh_token), now, rows)
         self._evict(outcome.dropped)
-        if outcome.status == "reused" and outcome.login is not None:
-            raise RefreshTokenReused(BAD_REFRESH, login=outcome.login)
+        if outcome.status == "reused" and outcome.login is not None and outcome.user is not None:
+            raise RefreshTokenReused(BAD_REFRESH, login=outcome.login, user=outcome.user)
         if outcome.status != "ok" or outcome.user is None or outcome.login is None:
             raise Unauthorized(BAD_REFRESH)
         self._cache_access(rows[0], Identity(user=outcome.user, login=outcome.login))
@@ -435,8 +435,9 @@ class LocalUserService:
 
     # --- presence ---------------------------------------------------------------------
 
-    async def set_online(self, user: UserId) -> PresenceInfo:
-        """Mark the user online (their first live session opened)."""
+    async def set_online(self, user: UserId) -> PresenceInfo | None:
+        """Mark the user online (their first live session on a gateway opened);
+        ``None`` when another gateway instance holds one already."""
         await self.get_user(user)
         return await self._presence.set_online(user)
 
