@@ -364,7 +364,7 @@ def restart(root: Path, name: str) -> Member:
     if not found:
         raise ClusterError(f"no member {name!r} in the cluster in {root}")
     old = found[0]
-    if _alive(old.pid):
+    if alive(old.pid):
         raise ClusterError(f"{name} is still running (pid {old.pid})")
     member = _spawn_member(
         root,
