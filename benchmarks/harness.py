@@ -547,7 +547,7 @@ class Timeseries:
     def __init__(
         self,
         origin_ns: int,
-        server_pid: int,
+        server_pid: int | Sequence[int],
         *,
         start_ns: int,
         measure_ns: int,
@@ -557,10 +557,11 @@ class Timeseries:
     ) -> None:
         """Samples at most every ``every`` s; the other times mark the timeline.
         ``labels`` names what the counters count where it is not messages, e.g.
-        ``{"acked": "auths"}`` (the plots use it)."""
+        ``{"acked": "auths"}`` (the plots use it). ``server_pid`` is one process, or
+        several whose CPU is summed (a cluster's)."""
         self.labels = dict(labels or {})
         self.origin_ns = origin_ns
-        self.server_pid = server_pid
+        self.server_pids = [server_pid] if isinstance(server_pid, int) else list(server_pid)
         self.start_ns = start_ns
         self.measure_ns = measure_ns
         self.end_ns = end_ns
@@ -574,7 +575,7 @@ class Timeseries:
             return
         self._last = now_ns
         try:
-            cpu = proc_cpu_seconds(self.server_pid)
+            cpu = sum(proc_cpu_seconds(pid) for pid in self.server_pids)
         except OSError:
             cpu = self.samples[-1][3] if self.samples else 0.0
         self.samples.append([round((now_ns - self.origin_ns) / 1e9, 3), acked, delivered, cpu])
@@ -839,9 +840,19 @@ def print_report(report: Report, profile: Mapping[str, Any] | None = None) -> No
         cfg.add_row(escape(name), escape(value))
     console.print(results)
     console.print(cfg)
-    if profile and profile.get("samples"):
+    if profile:
+        print_profile(profile)
+    for note in report.notes:
+        console.print(f"[dim]note:[/dim] {escape(note)}")
+    for failure in report.failures:
+        console.print(f"[bold red]FAILED:[/bold red] {escape(failure)}", style="red")
+
+
+def print_profile(profile: Mapping[str, Any], of: str = "server") -> None:
+    """Print a :func:`summarize_speedscope` summary of process ``of``, if it has samples."""
+    if profile.get("samples"):
         prof = Table(
-            title=f"server profile (py-spy, {profile['samples']} samples, % of all samples)",
+            title=f"{of} profile (py-spy, {profile['samples']} samples, % of all samples)",
             title_justify="left",
         )
         prof.add_column("self %", justify="right")
@@ -857,10 +868,6 @@ def print_report(report: Report, profile: Mapping[str, Any] | None = None) -> No
             )
         console.print(prof)
         console.print("threads: " + ", ".join(f"{name} {pct}%" for name, pct in profile["threads"]))
-    for note in report.notes:
-        console.print(f"[dim]note:[/dim] {escape(note)}")
-    for failure in report.failures:
-        console.print(f"[bold red]FAILED:[/bold red] {escape(failure)}", style="red")
 
 
 def environment() -> dict[str, Any]:
