@@ -97,21 +97,25 @@ BACKING_KEYS: Final = {"postgresql": "ours", "redis": "redis", "rabbitmq": "rabb
 """Each backing server's counter in :meth:`Backing.sample`."""
 
 
-def idle_rates(backing: Backing, seconds: float = 2.0) -> dict[str, float]:
-    """Each backing server's CPU (% of one core) over ``seconds`` before the load: the
-    work of others on this machine, which the run's figures include."""
+def idle_rates(target: Target, seconds: float = 2.0) -> dict[str, float]:
+    """CPU (% of one core) over ``seconds`` before the load: of each backing server
+    (the work of others on this machine, which the run's figures include) and of
+    the IMServer processes together (``imserver``: what the deployment costs at rest,
+    its heartbeats, leases and polls)."""
     import time
 
-    a = backing.sample()
+    a, cpu_a = target.backing.sample(), target.cpu_seconds()
     t0 = time.monotonic()
     time.sleep(seconds)
-    b = backing.sample()
+    b, cpu_b = target.backing.sample(), target.cpu_seconds()
     wall = time.monotonic() - t0
-    return {
+    out = {
         name: 100.0 * (b[key] - a[key]) / wall
         for name, key in BACKING_KEYS.items()
         if key in a and key in b
     }
+    out["imserver"] = 100.0 * (cpu_b - cpu_a) / wall
+    return out
 
 
 # --- targets ----------------------------------------------------------------------------
@@ -310,15 +314,18 @@ class Cluster:
         )
         yield target
 
-    def close(self) -> None:
-        """Stop the cluster and delete what it left: database, Redis keys, topology."""
+    def close(self, *, keep_logs: bool = False) -> None:
+        """Stop the cluster and delete what it left: database, Redis keys, topology,
+        and its directory unless ``keep_logs`` (each process's log is in it)."""
         from imserver.cluster import local
 
         with contextlib.suppress(local.ClusterError):
             local.down(self.root / "c", progress=lambda _line: None)
-        self._cleanup()
+        if keep_logs:
+            harness.console.print(f"[dim]the cluster's logs are kept in {self.root / 'c'}[/dim]")
+        self._cleanup(keep_dir=keep_logs)
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, *, keep_dir: bool = False) -> None:
         from imserver.testing import redis as redis_testing
 
         with contextlib.suppress(Exception):
@@ -326,13 +333,14 @@ class Cluster:
         with contextlib.suppress(Exception):
             harness.run_async(delete_topology(self.prefix))
         self._db_context.__exit__(None, None, None)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep_dir:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(keep_logs=exc_type is not None)
 
 
 async def delete_topology(prefix: str) -> None:

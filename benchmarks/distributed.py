@@ -215,14 +215,15 @@ def _print(
         f"load average (1 / 5 min) before: {b1:.2f} / {b5:.2f}, after: {a1:.2f} / {a5:.2f} "
         f"on {os.cpu_count()} cores"
     )
-    idle: list[Mapping[str, float]] = [
-        r["backing_idle_pct"] for r in sides["cluster"] if r.get("backing_idle_pct")
-    ]
-    if idle:
-        print(
-            "backing servers' CPU before each cluster run (% of a core): "
-            + "; ".join(", ".join(f"{k} {v:.1f}" for k, v in i.items()) for i in idle)
-        )
+    for side, runs in sides.items():
+        idle: list[Mapping[str, float]] = [
+            r["backing_idle_pct"] for r in runs if r.get("backing_idle_pct")
+        ]
+        if idle:
+            print(
+                f"CPU at rest before each {side} run (% of a core): "
+                + "; ".join(", ".join(f"{k} {v:.1f}" for k, v in i.items()) for i in idle)
+            )
 
 
 __all__ = ["TARGETS", "add_arguments", "compare", "figures", "medians"]

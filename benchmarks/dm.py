@@ -659,7 +659,7 @@ def _run(
             for w, chunk in enumerate(_split(pairs, procs))
         ]
         db_idle = databases.idle_rate(target.backing.database)
-        backing_idle = deployment.idle_rates(target.backing, 1.0)
+        backing_idle = deployment.idle_rates(target, 1.0)
         pool = harness.WorkerPool(worker_main, specs)
         pool.start()
         try:

@@ -57,7 +57,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from imserver.client import HttpClient
+from imserver.client import ClientError, HttpClient
 from imserver.testing import process
 from imserver.testing.process import HOST as HOST
 from imserver.testing.process import ServerError as ServerError
@@ -70,6 +70,8 @@ PASSWORD: Final = "bench-password-123"
 """The password of every benchmark account."""
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT: Final = 30.0
+PROVISION_TRIES: Final = 5
+"""Tries of each request of :func:`provision_users` answered ``unavailable``."""
 STOP_TIMEOUT: Final = 30.0
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
@@ -207,17 +209,32 @@ async def provision_users(
 
     Usernames are ``<prefix>_<run>_<n>`` (unique per run). Both ``register`` and
     ``login`` hash with argon2 on the server, so this costs about 2 x 30 ms of server
-    CPU per user; ``concurrency`` requests run at once.
+    CPU per user; ``concurrency`` requests run at once. A request answered
+    ``unavailable`` (a database or a service that did not answer in time, on a busy
+    machine) is tried again, up to :data:`PROVISION_TRIES` times in all; a repeated
+    ``register`` that finds the user made by the try before is taken as done.
     """
     run = os.urandom(3).hex()
     sem = asyncio.Semaphore(concurrency)
     async with HttpClient(http_url) as http:
 
+        async def call(op: str, **params: Any) -> dict[str, Any]:
+            for attempt in range(1, PROVISION_TRIES + 1):
+                try:
+                    return await http.request(op, **params)
+                except ClientError as exc:
+                    if op == "register" and exc.code == "conflict" and attempt > 1:
+                        return {}
+                    if exc.code != "unavailable" or attempt == PROVISION_TRIES:
+                        raise
+                await asyncio.sleep(0.5 * attempt)
+            raise AssertionError("unreachable")
+
         async def one(n: int) -> Account:
             username = f"{prefix}_{run}_{n}"
             async with sem:
-                await http.request("register", username=username, password=password)
-                data = await http.request(
+                await call("register", username=username, password=password)
+                data = await call(
                     "login", username=username, password=password, device=f"bench-{n}"
                 )
             return Account(username, str(data["user"]["id"]), str(data["token"]))

@@ -466,7 +466,7 @@ def _run_size_on(
             drain_timeout=args.drain_timeout,
         )
         db_idle = databases.idle_rate(target.backing.database)
-        backing_idle = deployment.idle_rates(target.backing, 1.0)
+        backing_idle = deployment.idle_rates(target, 1.0)
         rpool = harness.WorkerPool(receiver_main, rspecs)
         spool = harness.WorkerPool(sender_main, [sspec])
         rpool.start()
