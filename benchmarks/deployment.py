@@ -151,6 +151,9 @@ class Target:
     processes: dict[str, int]
     """Every IMServer process: name (``server``; ``gateway-1``, ``message-2`` ...) -> pid."""
     backing: Backing
+    config: dict[str, Any] = field(default_factory=dict)
+    """The settings its processes run with, beyond their defaults (the cluster's own
+    wiring of etcd, Redis and RabbitMQ left out)."""
     server: harness.ServerProcess | None = None
     """The embedded server (``None`` for the cluster)."""
 
@@ -212,11 +215,8 @@ def embedded(
     config: Mapping[str, Any], db: databases.RunDatabase | None, *, keep_dir: bool = False
 ) -> Iterator[Target]:
     """One embedded server with ``config``, on ``db`` (SQLite when ``None``)."""
-    with harness.ServerProcess(
-        harness.merge_config(config, databases.settings(db)),
-        keep_dir=keep_dir,
-        database=databases.meter(db),
-    ) as server:
+    settings = harness.merge_config(config, databases.settings(db))
+    with harness.ServerProcess(settings, keep_dir=keep_dir, database=databases.meter(db)) as server:
         harness.console.print(
             f"[dim]embedded: server pid {server.pid} on {server.http_url}, "
             f"data in {server.data_dir}[/dim]"
@@ -227,6 +227,7 @@ def embedded(
             gateways=[Gateway(server.http_port, server.tcp_port)],
             processes={"server": server.pid},
             backing=Backing(databases.meter(db)),
+            config=settings,
             server=server,
         )
 
@@ -256,6 +257,7 @@ class Cluster:
         """Start it with the scenario's ``config`` (settings beyond the cluster's own)."""
         from imserver.cluster import local
 
+        self.config = dict(config)
         self.prefix = f"imsbench{secrets.token_hex(4)}"
         self.root = Path(tempfile.mkdtemp(prefix="imserver-bench-cluster-"))
         self._db_context = databases.fresh_database("postgresql", "cluster")
@@ -302,6 +304,7 @@ class Cluster:
             gateways=gateways,
             processes={m.name: m.pid for m in members},
             backing=Backing(databases.meter(self.db)),
+            config=harness.merge_config(self.config, self.db.settings()),
         )
 
     @contextlib.contextmanager

@@ -677,7 +677,7 @@ def _run(
         server_info = {
             "kind": target.kind,
             "processes": target.processes,
-            "config": config,
+            "config": target.config,
             "command": target.server.command if target.server is not None else None,
             "exit_code": 1 if stop_failures else 0,
         }

@@ -426,7 +426,6 @@ def _run_size_on(
     deployed: contextlib.AbstractContextManager[deployment.Target],
     db: databases.RunDatabase | None,
 ) -> dict[str, Any]:
-    config = _server_config(args, size)
     failures: list[str] = []
     with deployed as target:
         harness.console.print(
@@ -540,7 +539,7 @@ def _run_size_on(
         "totals": {"acked": acked, "delivered": delivered, "expected": expected},
         "exit_code": exit_code,
         "failures": failures,
-        "config": config,
+        "config": target.config,
         "profile": measured["profile"],
         "timeseries": measured["timeseries"],
     }
