@@ -96,6 +96,11 @@ CLUSTER_FIGURES: dict[str, list[Figure]] = {
             for name in ("postgresql", "rabbitmq", "redis")
         ),
         ("cluster ack p99 ms", lambda d: _cluster(d, "p99_ms"), False),
+        (
+            "IMServer CPU at rest % of a core",
+            lambda d: _cluster(d, "backing_idle_pct", "imserver"),
+            False,
+        ),
     ],
 }
 """The figures of ``SCENARIO --cluster``: the medians of its cluster rounds."""
