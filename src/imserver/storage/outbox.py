@@ -156,9 +156,11 @@ class OutboxRelay:
     or a few when it is larger than the stream's bound in bytes.
     """
 
-    POLL = 0.5
-    """Seconds between turns when nobody wakes the relay (rows committed by another
-    instance of the service on a shared database)."""
+    POLL = 2.0
+    """Seconds between turns when nobody wakes the relay. Each instance's commits wake
+    its own relay; the poll is for rows nobody announced (those of an instance that
+    stopped before its relay moved them, on a shared database), and every poll is a
+    transaction, so at rest it is rare."""
 
     GATHER = 0.05
     """Seconds at least from the start of one turn to the start of the next when a
