@@ -13,6 +13,10 @@ sides unchanged, e.g.::
 
     python -m benchmarks.ab 02f08f1 --runs 3 -- dm --duration 8
     python -m benchmarks.ab 02f08f1 --runs 3 -- room --members 1000
+    python -m benchmarks.ab 02f08f1 --runs 1 -- dm --cluster --db postgresql
+
+With ``--cluster`` the figures are those of the cluster side, each the median of the
+run's ``--rounds`` cluster rounds.
 """
 
 from __future__ import annotations
@@ -62,6 +66,46 @@ FIGURES: dict[str, list[Figure]] = {
 }
 
 
+def _cluster(doc: dict[str, Any], *path: str) -> float | None:
+    """The median over the cluster runs of a ``--cluster`` results JSON."""
+    runs = doc.get("runs", {})
+    if not isinstance(runs, dict):
+        return None
+    values = [v for run in runs.get("cluster", []) if (v := _get(run, *path)) is not None]
+    return statistics.median(values) if values else None
+
+
+CLUSTER_FIGURES: dict[str, list[Figure]] = {
+    "dm": [
+        ("cluster msgs/s", lambda d: _cluster(d, "msgs_per_s"), True),
+        ("cluster IMServer CPU µs/msg", lambda d: _cluster(d, "per_op", "imserver_us"), False),
+        *(
+            (
+                f"  {name} µs/msg",
+                lambda d, name=name: _cluster(d, "per_op", "services_us", name),
+                False,
+            )
+            for name in ("gateway", "message", "user", "notification", "room", "file")
+        ),
+        *(
+            (
+                f"{name} µs/msg",
+                lambda d, name=name: _cluster(d, "per_op", "backing_us", name),
+                False,
+            )
+            for name in ("postgresql", "rabbitmq", "redis")
+        ),
+        ("cluster ack p99 ms", lambda d: _cluster(d, "p99_ms"), False),
+        (
+            "IMServer CPU at rest % of a core",
+            lambda d: _cluster(d, "backing_idle_pct", "imserver"),
+            False,
+        ),
+    ],
+}
+"""The figures of ``SCENARIO --cluster``: the medians of its cluster rounds."""
+
+
 def checkout(rev: str) -> Path:
     """A worktree of ``rev`` with its own virtualenv (made on first use)."""
     sha = subprocess.run(
@@ -104,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     scenario = args_in[split + 1 :]
     if not scenario or scenario[0] not in FIGURES:
         p.error(f"after --, one of the scenarios {', '.join(FIGURES)} and its options")
-    figures = FIGURES[scenario[0]]
+    if "--cluster" in scenario:
+        if scenario[0] not in CLUSTER_FIGURES:
+            p.error(f"--cluster: one of the scenarios {', '.join(CLUSTER_FIGURES)}")
+        figures = CLUSTER_FIGURES[scenario[0]]
+    else:
+        figures = FIGURES[scenario[0]]
     console = Console()
     sides = {"base": checkout(args.base), "head": ROOT}
     values: dict[str, list[list[float]]] = {s: [[] for _ in figures] for s in sides}

@@ -50,7 +50,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from benchmarks import databases, harness, outbox
+from benchmarks import databases, deployment, distributed, harness, outbox
 from benchmarks.harness import Timeline
 from imserver.client import (
     Client,
@@ -95,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``dm`` sub-command's options (with ``--db``, ``--floor`` and ``--outbox-ab``)."""
     databases.add_arguments(parser)
     outbox.add_arguments(parser)
+    distributed.add_arguments(parser)
     parser.add_argument(
         "--pairs",
         type=int,
@@ -132,6 +133,9 @@ class PairSpec:
     sender_token: str
     receiver_id: str
     receiver_token: str
+    sender_gateway: int = 0
+    receiver_gateway: int = 0
+    """The gateways (indexes into :attr:`WorkerSpec.targets`) the two sides connect to."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,8 @@ class WorkerSpec:
     """Everything a worker process needs (pickled to it by ``spawn``)."""
 
     worker: int
-    target: str | tuple[str, int]
+    targets: tuple[str | tuple[str, int], ...]
+    """Where each gateway's clients connect (one for the embedded server)."""
     transport: TransportName
     codec: CodecName
     window: int
@@ -229,17 +234,17 @@ class _Pair:
         """Connect both sides and authenticate them with their tokens."""
         spec = self.spec
         sender, receiver = await asyncio.gather(
-            self._connect(wspec, spec.sender_token, spec.sender_id),
-            self._connect(wspec, spec.receiver_token, spec.receiver_id),
+            self._connect(wspec, spec.sender_gateway, spec.sender_token, spec.sender_id),
+            self._connect(wspec, spec.receiver_gateway, spec.receiver_token, spec.receiver_id),
         )
         sender.on_event = self._sender_event
         receiver.on_event = self._receiver_event
         self.sender, self.receiver = sender, receiver
 
     @staticmethod
-    async def _connect(wspec: WorkerSpec, token: str, user_id: str) -> Client:
+    async def _connect(wspec: WorkerSpec, gateway: int, token: str, user_id: str) -> Client:
         client = await Client.connect(
-            wspec.target,
+            wspec.targets[gateway % len(wspec.targets)],
             transport=wspec.transport,
             codec=wspec.codec,
             client_name="imserver-bench",
@@ -532,10 +537,10 @@ def _split(pairs: Sequence[PairSpec], procs: int) -> list[tuple[PairSpec, ...]]:
 class _Live:
     """Rolling rates for the progress line, from the workers' counters."""
 
-    def __init__(self, workers: int, server_pid: int) -> None:
+    def __init__(self, workers: int, target: deployment.Target) -> None:
         self.counters: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * workers
         self.history: deque[tuple[float, int, int, float]] = deque()
-        self.server_pid = server_pid
+        self.target = target
 
     def update(self, worker: int, counters: tuple[int, int, int, int]) -> None:
         self.counters[worker] = counters
@@ -555,10 +560,7 @@ class _Live:
         acked = sum(c[1] for c in self.counters)
         delivered = sum(c[2] for c in self.counters)
         failed = sum(c[3] for c in self.counters)
-        try:
-            cpu = harness.proc_cpu_seconds(self.server_pid)
-        except OSError:
-            cpu = 0.0
+        cpu = self.target.cpu_seconds()
         history = self.history
         history.append((now, acked, delivered, cpu))
         while len(history) > 2 and now - history[1][0] >= 1.0:
@@ -580,21 +582,31 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--pairs, --window, --procs and --duration must be positive")
     if getattr(args, "outbox_ab", 0) > 0:
         return outbox.compare(args, _run_fresh)
+    if getattr(args, "cluster", False):
+        return distributed.compare(args, SCENARIO, _server_config(args), _run_fresh, _run)
     return _run_fresh(args)[0]
 
 
+def _server_config(args: argparse.Namespace) -> dict[str, Any]:
+    return harness.merge_config(SERVER_CONFIG, harness.parse_settings(args.set))
+
+
 def _run_fresh(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
-    """One run on a fresh database: the exit status and the results."""
+    """One run on a fresh embedded server and database: the exit status and the results."""
     with databases.fresh_database(args.db) as db:
-        return _run(args, db)
+        return _run(
+            args, deployment.embedded(_server_config(args), db, keep_dir=args.keep_data), db
+        )
 
 
-def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[int, dict[str, Any]]:
+def _run(
+    args: argparse.Namespace,
+    deployed: contextlib.AbstractContextManager[deployment.Target],
+    db: databases.RunDatabase | None,
+) -> tuple[int, dict[str, Any]]:
+    """One run against the target ``deployed`` opens; ``db`` for ``--floor``."""
     procs = min(args.procs, args.pairs)
-    config = harness.merge_config(
-        harness.merge_config(SERVER_CONFIG, databases.settings(db)),
-        harness.parse_settings(args.set),
-    )
+    config = _server_config(args)
     stamp = harness.timestamp()
     report = harness.Report(title=f"dm: persisted direct messages ({stamp})")
     failures = report.failures
@@ -604,18 +616,16 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
         "environment": harness.environment(),
         "options": {k: v for k, v in vars(args).items() if k != "func"},
     }
-    profile: dict[str, Any] | None = None
+    profile: dict[str, dict[str, Any]] | None = None
 
-    with harness.ServerProcess(
-        config, keep_dir=args.keep_data, database=databases.meter(db)
-    ) as server:
-        harness.console.print(
-            f"[dim]server pid {server.pid} on {server.http_url} / tcp {server.tcp_port}, "
-            f"data in {server.data_dir}; registering {2 * args.pairs} users ...[/dim]"
-        )
+    with deployed as target:
+        harness.console.print(f"[dim]registering {2 * args.pairs} users ...[/dim]")
         t_users = time.monotonic()
-        accounts = harness.run_async(harness.provision_users(server.http_url, 2 * args.pairs))
+        accounts = harness.run_async(harness.provision_users(target.http_url, 2 * args.pairs))
         users_s = time.monotonic() - t_users
+        gateways = len(target.gateways)
+        # Over several gateways, as a balancer spreading connections evenly would put
+        # them: both sides of a pair on one gateway for half the pairs, on two for the rest.
         pairs = [
             PairSpec(
                 index=i,
@@ -624,6 +634,8 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
                 sender_token=s.token,
                 receiver_id=r.user_id,
                 receiver_token=r.token,
+                sender_gateway=i % gateways,
+                receiver_gateway=(i // gateways) % gateways,
             )
             for i, (s, r) in enumerate(zip(accounts[0::2], accounts[1::2], strict=True))
         ]
@@ -632,7 +644,7 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
         specs = [
             WorkerSpec(
                 worker=w,
-                target=server.ws_url if args.transport == "ws" else server.tcp_addr,
+                targets=tuple(target.target_of(g, args.transport) for g in range(gateways)),
                 transport=args.transport,
                 codec=args.codec,
                 window=args.window,
@@ -646,24 +658,29 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
             )
             for w, chunk in enumerate(_split(pairs, procs))
         ]
-        db_idle = databases.idle_rate(server.database)
+        db_idle = databases.idle_rate(target.backing.database)
+        backing_idle = deployment.idle_rates(target, 1.0)
         pool = harness.WorkerPool(worker_main, specs)
         pool.start()
         try:
             ready = pool.gather("ready", timeout=60)
-            measured = _drive(args, server, pool, stamp)
+            measured = _drive(args, target, pool, stamp)
         except BaseException:
             pool.send_all(("stop", None))
             pool.join(5)
             raise
         pool.join()
-        memory = harness.memory_of(server.pid)
+        memory = target.memory()
         if args.profile:
-            profile = _finish_profile(measured.pop("profiler"), report)
-        exit_code = server.stop()
-        if exit_code != 0:
-            failures.append(f"the server exited with code {exit_code}\n{server.logs()}")
-        server_info = {"config": config, "command": server.command, "exit_code": exit_code}
+            profile = deployment.finish_profiles(measured.pop("profilers"))
+        failures.extend(stop_failures := target.finish())
+        server_info = {
+            "kind": target.kind,
+            "processes": target.processes,
+            "config": target.config,
+            "command": target.server.command if target.server is not None else None,
+            "exit_code": 1 if stop_failures else 0,
+        }
 
     results: list[dict[str, Any]] = measured["results"]
     snaps: tuple[harness.CpuSnapshot, harness.CpuSnapshot] | None = measured["snapshots"]
@@ -678,12 +695,12 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
     cpu: dict[str, Any] = {}
     if snaps is not None:
         a, b = snaps
-        server_pct = harness.cpu_percent(a, b, [server.pid])
-        server_cpu_s = b.procs[server.pid] - a.procs[server.pid]
+        server_pct = harness.cpu_percent(a, b, target.pids)
+        server_cpu_s = sum(b.procs[p] - a.procs[p] for p in target.pids)
         cpu = {
             "interval_s": b.wall - a.wall,
             "server_pct": server_pct,
-            "server_sys_pct": harness.system_percent(a, b, server.pid),
+            "server_sys_pct": sum(harness.system_percent(a, b, p) for p in target.pids),
             "server_us_per_msg": 1e6 * server_cpu_s / acked_w if acked_w else None,
             "server_threads_pct": harness.thread_percents(a, b),
             "clients_pct": harness.cpu_percent(a, b, worker_pids),
@@ -691,6 +708,8 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
             "machine_pct": harness.machine_percent(a, b),
             "steal_pct": harness.steal_percent(a, b),
             **databases.per_message(a, b, acked_w),
+            "per_op": deployment.cpu_per_op(a, b, target, acked_w),
+            "backing_idle_pct": backing_idle,
         }
         if db_idle is not None:
             cpu["db_idle_pct"] = db_idle
@@ -756,7 +775,11 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
 
     loops = sorted({info["loop"] for info in ready})
     r.config = [
-        ("database", args.db),
+        (
+            "deployment",
+            "embedded" if target.server is not None else ", ".join(target.processes),
+        ),
+        ("database", args.db if target.server is not None else "postgresql"),
         ("transport / codec", f"{args.transport} / {args.codec}"),
         ("pairs / window", f"{args.pairs} / {args.window} ({args.pairs * args.window} in flight)"),
         ("rate", f"{args.rate:,.0f} msgs/s (paced)" if args.rate > 0 else "full speed"),
@@ -790,7 +813,8 @@ def _run(args: argparse.Namespace, db: databases.RunDatabase | None) -> tuple[in
     out["profile"] = profile
     out["timeseries"] = measured["timeseries"]
     path = harness.write_results(SCENARIO, out, stamp)
-    harness.print_report(report, profile)
+    harness.print_report(report)
+    deployment.print_profiles(profile)
     harness.console.print(f"results: {path}")
     return (1 if failures else 0), out
 
@@ -810,7 +834,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> str:
 
 def _drive(
     args: argparse.Namespace,
-    server: harness.ServerProcess,
+    target: deployment.Target,
     pool: harness.WorkerPool,
     stamp: str,
 ) -> dict[str, Any]:
@@ -820,13 +844,13 @@ def _drive(
     measure = start + round(args.warmup * 1e9)
     end = measure + round(args.duration * 1e9)
     pool.send_all(("go", Timeline(start, measure, end)))
-    live = _Live(len(pool.procs), server.pid)
-    series = harness.Timeseries(now, server.pid, start_ns=start, measure_ns=measure, end_ns=end)
+    live = _Live(len(pool.procs), target)
+    series = harness.Timeseries(now, target.pids, start_ns=start, measure_ns=measure, end_ns=end)
     results: dict[int, dict[str, Any]] = {}
     snap_a: harness.CpuSnapshot | None = None
     snap_b: harness.CpuSnapshot | None = None
-    profiler: harness.PySpy | None = None
-    pids = [server.pid, *pool.pids]
+    profilers: dict[str, harness.PySpy] = {}
+    pids = [*target.pids, *pool.pids]
     total_s = (end - now) / 1e9 + 1.0
     deadline = end / 1e9 + args.drain_timeout + 30.0
     with harness.LiveStatus(total_s, enabled=not args.no_progress) as status:
@@ -848,16 +872,16 @@ def _drive(
             series.sample(t, live.acked, live.delivered)
             if snap_a is None and t >= measure:
                 snap_a = harness.take_snapshot(
-                    pids, threads_of=server.pid, database=server.database
+                    pids, threads_of=target.main_pid, database=target.backing
                 )
                 if args.profile:
-                    out = harness.RESULTS_DIR / f"{SCENARIO}-{stamp}-server.speedscope.json"
-                    profiler = harness.PySpy(server.pid, args.duration, out)
-                    profiler.start()
+                    profilers = deployment.start_profiles(
+                        target, args.duration, harness.RESULTS_DIR, f"{SCENARIO}-{stamp}"
+                    )
             # Not elif: one slow turn of this loop can pass both marks.
             if snap_a is not None and snap_b is None and t >= end:
                 snap_b = harness.take_snapshot(
-                    pids, threads_of=server.pid, database=server.database
+                    pids, threads_of=target.main_pid, database=target.backing
                 )
             phase = (
                 "start"
@@ -874,21 +898,9 @@ def _drive(
     return {
         "results": [results[i] for i in sorted(results)],
         "snapshots": snapshots,
-        "profiler": profiler,
+        "profilers": profilers,
         "timeseries": series.as_dict(),
     }
-
-
-def _finish_profile(
-    profiler: harness.PySpy | None, report: harness.Report
-) -> dict[str, Any] | None:
-    if profiler is None:
-        return None
-    summary = profiler.summary()
-    if "error" in summary:
-        report.notes.append(f"py-spy failed: {summary['error']}")
-        return None
-    return summary
 
 
 __all__ = ["PairSpec", "WorkerSpec", "add_arguments", "run", "worker_main"]

@@ -57,7 +57,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from imserver.client import HttpClient
+from imserver.client import ClientError, HttpClient
 from imserver.testing import process
 from imserver.testing.process import HOST as HOST
 from imserver.testing.process import ServerError as ServerError
@@ -70,6 +70,8 @@ PASSWORD: Final = "bench-password-123"
 """The password of every benchmark account."""
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT: Final = 30.0
+PROVISION_TRIES: Final = 5
+"""Tries of each request of :func:`provision_users` answered ``unavailable``."""
 STOP_TIMEOUT: Final = 30.0
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
@@ -207,17 +209,32 @@ async def provision_users(
 
     Usernames are ``<prefix>_<run>_<n>`` (unique per run). Both ``register`` and
     ``login`` hash with argon2 on the server, so this costs about 2 x 30 ms of server
-    CPU per user; ``concurrency`` requests run at once.
+    CPU per user; ``concurrency`` requests run at once. A request answered
+    ``unavailable`` (a database or a service that did not answer in time, on a busy
+    machine) is tried again, up to :data:`PROVISION_TRIES` times in all; a repeated
+    ``register`` that finds the user made by the try before is taken as done.
     """
     run = os.urandom(3).hex()
     sem = asyncio.Semaphore(concurrency)
     async with HttpClient(http_url) as http:
 
+        async def call(op: str, **params: Any) -> dict[str, Any]:
+            for attempt in range(1, PROVISION_TRIES + 1):
+                try:
+                    return await http.request(op, **params)
+                except ClientError as exc:
+                    if op == "register" and exc.code == "conflict" and attempt > 1:
+                        return {}
+                    if exc.code != "unavailable" or attempt == PROVISION_TRIES:
+                        raise
+                await asyncio.sleep(0.5 * attempt)
+            raise AssertionError("unreachable")
+
         async def one(n: int) -> Account:
             username = f"{prefix}_{run}_{n}"
             async with sem:
-                await http.request("register", username=username, password=password)
-                data = await http.request(
+                await call("register", username=username, password=password)
+                data = await call(
                     "login", username=username, password=password, device=f"bench-{n}"
                 )
             return Account(username, str(data["user"]["id"]), str(data["token"]))
@@ -547,7 +564,7 @@ class Timeseries:
     def __init__(
         self,
         origin_ns: int,
-        server_pid: int,
+        server_pid: int | Sequence[int],
         *,
         start_ns: int,
         measure_ns: int,
@@ -557,10 +574,11 @@ class Timeseries:
     ) -> None:
         """Samples at most every ``every`` s; the other times mark the timeline.
         ``labels`` names what the counters count where it is not messages, e.g.
-        ``{"acked": "auths"}`` (the plots use it)."""
+        ``{"acked": "auths"}`` (the plots use it). ``server_pid`` is one process, or
+        several whose CPU is summed (a cluster's)."""
         self.labels = dict(labels or {})
         self.origin_ns = origin_ns
-        self.server_pid = server_pid
+        self.server_pids = [server_pid] if isinstance(server_pid, int) else list(server_pid)
         self.start_ns = start_ns
         self.measure_ns = measure_ns
         self.end_ns = end_ns
@@ -574,7 +592,7 @@ class Timeseries:
             return
         self._last = now_ns
         try:
-            cpu = proc_cpu_seconds(self.server_pid)
+            cpu = sum(proc_cpu_seconds(pid) for pid in self.server_pids)
         except OSError:
             cpu = self.samples[-1][3] if self.samples else 0.0
         self.samples.append([round((now_ns - self.origin_ns) / 1e9, 3), acked, delivered, cpu])
@@ -839,9 +857,19 @@ def print_report(report: Report, profile: Mapping[str, Any] | None = None) -> No
         cfg.add_row(escape(name), escape(value))
     console.print(results)
     console.print(cfg)
-    if profile and profile.get("samples"):
+    if profile:
+        print_profile(profile)
+    for note in report.notes:
+        console.print(f"[dim]note:[/dim] {escape(note)}")
+    for failure in report.failures:
+        console.print(f"[bold red]FAILED:[/bold red] {escape(failure)}", style="red")
+
+
+def print_profile(profile: Mapping[str, Any], of: str = "server") -> None:
+    """Print a :func:`summarize_speedscope` summary of process ``of``, if it has samples."""
+    if profile.get("samples"):
         prof = Table(
-            title=f"server profile (py-spy, {profile['samples']} samples, % of all samples)",
+            title=f"{of} profile (py-spy, {profile['samples']} samples, % of all samples)",
             title_justify="left",
         )
         prof.add_column("self %", justify="right")
@@ -857,10 +885,6 @@ def print_report(report: Report, profile: Mapping[str, Any] | None = None) -> No
             )
         console.print(prof)
         console.print("threads: " + ", ".join(f"{name} {pct}%" for name, pct in profile["threads"]))
-    for note in report.notes:
-        console.print(f"[dim]note:[/dim] {escape(note)}")
-    for failure in report.failures:
-        console.print(f"[bold red]FAILED:[/bold red] {escape(failure)}", style="red")
 
 
 def environment() -> dict[str, Any]:

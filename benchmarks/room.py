@@ -37,7 +37,7 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from benchmarks import databases, harness
+from benchmarks import databases, deployment, distributed, harness
 from benchmarks.harness import Timeline
 from benchmarks.wsrecv import Event, Receiver, connect_receiver
 from imserver.client import Client, Frame, HttpClient, IMClientError
@@ -71,6 +71,7 @@ def default_procs() -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``room`` sub-command's options (with ``--db`` and ``--floor``)."""
     databases.add_arguments(parser)
+    distributed.add_arguments(parser)
     parser.add_argument(
         "--members",
         default="1000",
@@ -104,7 +105,8 @@ class Member:
 class ReceiverSpec:
     worker: int
     host: str
-    port: int
+    ports: tuple[int, ...]
+    """The gateways' HTTP ports: member ``i`` of this process connects to ``ports[i % n]``."""
     conv: str
     members: tuple[Member, ...]
     progress_every: float
@@ -169,11 +171,14 @@ class _Receivers:
         spec = self.spec
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-        async def one(m: Member) -> Receiver:
+        async def one(i: int, m: Member) -> Receiver:
+            port = spec.ports[i % len(spec.ports)]
             async with sem:
-                return await connect_receiver(spec.host, spec.port, m.token, self.on_event)
+                return await connect_receiver(spec.host, port, m.token, self.on_event)
 
-        self.receivers = list(await asyncio.gather(*(one(m) for m in spec.members)))
+        self.receivers = list(
+            await asyncio.gather(*(one(i, m) for i, m in enumerate(spec.members)))
+        )
         self.conn.send(("ready", {"pid": os.getpid(), "connections": len(self.receivers)}))
         what, data = await asyncio.to_thread(self.conn.recv)
         if what != "go":
@@ -400,39 +405,47 @@ async def _setup_room(http_url: str, accounts: Sequence[harness.Account]) -> str
     return str(room["conv"])
 
 
+def _server_config(args: argparse.Namespace, size: int) -> dict[str, Any]:
+    return harness.merge_config(
+        harness.merge_config(SERVER_CONFIG, {"rooms": {"max_size": max(10_000, size)}}),
+        harness.parse_settings(args.set),
+    )
+
+
 def _run_size(args: argparse.Namespace, size: int, stamp: str) -> dict[str, Any]:
+    """One size on a fresh embedded server and database."""
     with databases.fresh_database(args.db) as db:
-        return _run_size_on(args, size, stamp, db)
+        deployed = deployment.embedded(_server_config(args, size), db, keep_dir=args.keep_data)
+        return _run_size_on(args, size, stamp, deployed, db)
 
 
 def _run_size_on(
-    args: argparse.Namespace, size: int, stamp: str, db: databases.RunDatabase | None
+    args: argparse.Namespace,
+    size: int,
+    stamp: str,
+    deployed: contextlib.AbstractContextManager[deployment.Target],
+    db: databases.RunDatabase | None,
 ) -> dict[str, Any]:
-    config = harness.merge_config(
-        harness.merge_config(SERVER_CONFIG, {"rooms": {"max_size": max(10_000, size)}}),
-        harness.merge_config(databases.settings(db), harness.parse_settings(args.set)),
-    )
     failures: list[str] = []
-    with harness.ServerProcess(
-        config, keep_dir=args.keep_data, database=databases.meter(db)
-    ) as server:
+    with deployed as target:
         harness.console.print(
-            f"[dim]{size} members: server pid {server.pid} on {server.http_url}; "
-            f"registering {size} users and filling the room ...[/dim]"
+            f"[dim]{size} members: registering {size} users and filling the room ...[/dim]"
         )
         t0 = time.monotonic()
-        accounts = harness.run_async(harness.provision_users(server.http_url, size, concurrency=16))
-        conv = harness.run_async(_setup_room(server.http_url, accounts))
+        accounts = harness.run_async(harness.provision_users(target.http_url, size, concurrency=16))
+        conv = harness.run_async(_setup_room(target.http_url, accounts))
         setup_s = time.monotonic() - t0
         members = [Member(a.user_id, a.token) for a in accounts]
         senders, listeners = members[: args.senders], members[args.senders :]
         procs = max(1, min(args.procs, len(listeners)))
-        host, port = harness.HOST, server.http_port
+        ports = tuple(g.http_port for g in target.gateways)
         rspecs = [
             ReceiverSpec(
                 worker=w + 1,
-                host=host,
-                port=port,
+                host=target.gateways[0].host,
+                # Each process starts on another gateway, so members alternate over
+                # the gateways whatever the number of processes.
+                ports=ports[w % len(ports) :] + ports[: w % len(ports)],
                 conv=conv,
                 members=tuple(listeners[w::procs]),
                 progress_every=0.25,
@@ -442,7 +455,7 @@ def _run_size_on(
         ]
         sspec = SenderSpec(
             worker=0,
-            target=server.ws_url,
+            target=target.gateways[0].ws_url,
             conv=conv,
             senders=tuple(senders),
             window=args.window,
@@ -451,7 +464,8 @@ def _run_size_on(
             progress_every=0.25,
             drain_timeout=args.drain_timeout,
         )
-        db_idle = databases.idle_rate(server.database)
+        db_idle = databases.idle_rate(target.backing.database)
+        backing_idle = deployment.idle_rates(target, 1.0)
         rpool = harness.WorkerPool(receiver_main, rspecs)
         spool = harness.WorkerPool(sender_main, [sspec])
         rpool.start()
@@ -459,7 +473,7 @@ def _run_size_on(
             rpool.gather("ready", timeout=max(60.0, size / 50))
             spool.start()
             spool.gather("ready", timeout=60)
-            measured = _drive(args, server, rpool, spool, stamp, size)
+            measured = _drive(args, target, rpool, spool, stamp, size)
         except BaseException:
             rpool.send_all(("stop", None))
             spool.send_all(("stop", None))
@@ -468,17 +482,17 @@ def _run_size_on(
             raise
         rpool.join()
         spool.join()
-        memory = harness.memory_of(server.pid)
-        exit_code = server.stop()
-        if exit_code != 0:
-            failures.append(f"the server exited with code {exit_code}\n{server.logs()}")
+        memory = target.memory()
+        stop_failures = target.finish()
+        failures.extend(stop_failures)
+        exit_code = 1 if stop_failures else 0
 
     sres: dict[str, Any] = measured["sender"]
     rres: list[dict[str, Any]] = measured["receivers"]
     a, b = measured["snapshots"]
     window_s = args.duration
     delivered_w = sum(r["delivered_window"] for r in rres)
-    server_cpu_s = b.procs[server.pid] - a.procs[server.pid]
+    server_cpu_s = sum(b.procs[p] - a.procs[p] for p in target.pids)
     client_pids = [r["pid"] for r in rres] + [sres["pid"]]
     acked = sres["acked"]
     listeners_n = sum(r["receivers"] for r in rres)
@@ -512,8 +526,11 @@ def _run_size_on(
         "delivered_per_s": delivered_w / window_s,
         "ack_latency": harness.latency_summary(sres["ack_ns"]),
         "delivery_latency": harness.latency_summary(x for r in rres for x in r["lat_ns"]),
-        "server_pct": harness.cpu_percent(a, b, [server.pid]),
+        "server_pct": harness.cpu_percent(a, b, target.pids),
         "server_us_per_delivery": 1e6 * server_cpu_s / delivered_w if delivered_w else None,
+        "per_op": deployment.cpu_per_op(a, b, target, delivered_w),
+        "backing_idle_pct": backing_idle,
+        "deployment": {"kind": target.kind, "processes": target.processes},
         "clients_pct": harness.cpu_percent(a, b, client_pids),
         "machine_pct": harness.machine_percent(a, b),
         "steal_pct": harness.steal_percent(a, b),
@@ -522,7 +539,7 @@ def _run_size_on(
         "totals": {"acked": acked, "delivered": delivered, "expected": expected},
         "exit_code": exit_code,
         "failures": failures,
-        "config": config,
+        "config": target.config,
         "profile": measured["profile"],
         "timeseries": measured["timeseries"],
     }
@@ -530,21 +547,21 @@ def _run_size_on(
 
 def _drive(
     args: argparse.Namespace,
-    server: harness.ServerProcess,
+    target: deployment.Target,
     rpool: harness.WorkerPool,
     spool: harness.WorkerPool,
     stamp: str,
     size: int,
 ) -> dict[str, Any]:
     now = time.monotonic_ns()
-    profiler: harness.PySpy | None = None
+    profilers: dict[str, harness.PySpy] = {}
     start = now + 300_000_000
     measure = start + round(args.warmup * 1e9)
     end = measure + round(args.duration * 1e9)
     timeline = Timeline(start, measure, end)
     rpool.send_all(("go", timeline))
     spool.send_all(("go", timeline))
-    pids = [server.pid, *rpool.pids, *spool.pids]
+    pids = [*target.pids, *rpool.pids, *spool.pids]
     snap_a: harness.CpuSnapshot | None = None
     snap_b: harness.CpuSnapshot | None = None
     sender: dict[str, Any] | None = None
@@ -552,7 +569,7 @@ def _drive(
     acked_now = 0
     delivered_now: dict[int, int] = {}
     deadline = end / 1e9 + args.drain_timeout + 60.0
-    series = harness.Timeseries(now, server.pid, start_ns=start, measure_ns=measure, end_ns=end)
+    series = harness.Timeseries(now, target.pids, start_ns=start, measure_ns=measure, end_ns=end)
     with harness.LiveStatus((end - now) / 1e9 + 1.0, enabled=not args.no_progress) as status:
         while sender is None or len(receivers) < len(rpool.procs):
             t = time.monotonic_ns()
@@ -583,16 +600,16 @@ def _drive(
             series.sample(t, acked_now, sum(delivered_now.values()))
             if snap_a is None and t >= measure:
                 snap_a = harness.take_snapshot(
-                    pids, threads_of=server.pid, database=server.database
+                    pids, threads_of=target.main_pid, database=target.backing
                 )
                 if args.profile:
-                    out = harness.RESULTS_DIR / f"{SCENARIO}-{stamp}-{size}-server.speedscope.json"
-                    profiler = harness.PySpy(server.pid, args.duration, out)
-                    profiler.start()
+                    profilers = deployment.start_profiles(
+                        target, args.duration, harness.RESULTS_DIR, f"{SCENARIO}-{stamp}-{size}"
+                    )
             # Not elif: one slow turn of this loop can pass both marks.
             if snap_a is not None and snap_b is None and t >= end:
                 snap_b = harness.take_snapshot(
-                    pids, threads_of=server.pid, database=server.database
+                    pids, threads_of=target.main_pid, database=target.backing
                 )
             phase = "warmup" if t < measure else "measure" if t < end else "drain"
             status.update(
@@ -602,7 +619,7 @@ def _drive(
             )
     assert snap_a is not None and snap_b is not None
     series.sample(time.monotonic_ns(), acked_now, sum(delivered_now.values()), force=True)
-    profile = profiler.summary() if profiler is not None else None
+    profile = deployment.finish_profiles(profilers) if profilers else None
     return {
         "profile": profile,
         "sender": sender,
@@ -621,18 +638,37 @@ def run(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < args.senders + 1 or args.senders < 1 or args.window < 1:
         raise SystemExit("--members must exceed --senders; --senders and --window positive")
     stamp = harness.timestamp()
+    if getattr(args, "cluster", False):
+        if len(sizes) != 1:
+            raise SystemExit("--cluster takes one --members size")
+        size = sizes[0]
+
+        def on_embedded(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+            return _report(a, [_run_size(a, size, stamp)], stamp)
+
+        def on_cluster(
+            a: argparse.Namespace,
+            deployed: contextlib.AbstractContextManager[deployment.Target],
+            db: databases.RunDatabase | None,
+        ) -> tuple[int, dict[str, Any]]:
+            return _report(a, [_run_size_on(a, size, stamp, deployed, db)], stamp)
+
+        config = _server_config(args, size)
+        return distributed.compare(args, SCENARIO, config, on_embedded, on_cluster)
+    return _report(args, [_run_size(args, size, stamp) for size in sizes], stamp)[0]
+
+
+def _report(
+    args: argparse.Namespace, runs: list[dict[str, Any]], stamp: str
+) -> tuple[int, dict[str, Any]]:
+    """Print the runs' table and write their JSON: the exit status and the JSON."""
     out: dict[str, Any] = {
         "scenario": SCENARIO,
         "timestamp": stamp,
         "environment": harness.environment(),
         "options": {k: v for k, v in vars(args).items() if k != "func"},
-        "runs": [],
+        "runs": runs,
     }
-    runs = []
-    for size in sizes:
-        res = _run_size(args, size, stamp)
-        runs.append(res)
-        out["runs"].append(res)
 
     def ms(summary: dict[str, float], key: str) -> str:
         v = summary.get(key)
@@ -685,13 +721,9 @@ def run(args: argparse.Namespace) -> int:
     path = harness.write_results(SCENARIO, out, stamp)
     harness.print_report(report)
     for res in runs:
-        prof = res["profile"]
-        if prof and prof.get("samples"):
-            harness.print_report(harness.Report(title=f"{res['members']:,} members"), prof)
-        elif prof:
-            harness.console.print(f"py-spy failed: {prof.get('error')}")
+        deployment.print_profiles(res["profile"])
     harness.console.print(f"results: {path}")
-    return 1 if report.failures else 0
+    return (1 if report.failures else 0), out
 
 
 __all__ = ["add_arguments", "default_procs", "receiver_main", "run", "sender_main"]

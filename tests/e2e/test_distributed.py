@@ -199,6 +199,26 @@ async def test_every_operation_crosses_the_processes(
     assert await _presence(bob, alice.user_id) == "online"
 
 
+async def test_a_block_refuses_the_next_direct_message_across_processes(
+    deployment: Deployment, user_factory: Any
+) -> None:
+    # The block goes to the user service through gateway 2; the very next message
+    # from gateway 1 is checked by a message-service instance against it.
+    gw1, gw2 = deployment.gateways
+    alice: Client = await user_factory(gw1, "alice")
+    bob: Client = await user_factory(gw2, "bob")
+    dm = Client.direct_conv(alice.user_id, bob.user_id)
+    assert (await alice.send_message(dm, "before"))["seq"] == 1
+    assert await bob.request("block", {"user": alice.user_id}) == {}
+    with pytest.raises(ClientError) as refused:
+        await alice.send_message(dm, "after the block")
+    assert refused.value.code == "forbidden"
+    # bob can still write to alice; a block is one-way.
+    assert (await bob.send_message(dm, "still mine"))["seq"] == 2
+    assert await bob.request("unblock", {"user": alice.user_id}) == {}
+    assert (await alice.send_message(dm, "after the unblock"))["seq"] == 3
+
+
 async def test_a_killed_service_answers_unavailable_until_it_is_back(
     deployment: Deployment, user_factory: Any
 ) -> None:

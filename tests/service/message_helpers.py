@@ -59,6 +59,11 @@ class Directory:
     async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool:
         return (blocker, blocked) in self.blocks
 
+    async def blocked_pairs(
+        self, blockers: Sequence[UserId], blocked: Sequence[UserId]
+    ) -> list[bool]:
+        return [(a, b) in self.blocks for a, b in zip(blockers, blocked, strict=True)]
+
     async def get_presence(self, users: Sequence[UserId]) -> list[PresenceInfo]:
         return [
             PresenceInfo(user=u, status="online" if u in self.online else "offline", last_seen=None)

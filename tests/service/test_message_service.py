@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,6 +295,35 @@ async def test_block_forbids_direct_sends(env: Env) -> None:
     env.users.blocks.add(("ub", "ua"))
     await fails(env.svc.edit(A, ops.Edit(conv=AB, cid="c5", target=2, body="x")), Forbidden)
     assert (await env.svc.recall(A, ops.Recall(conv=AB, cid="c6", target=2))).seq == 3
+
+
+@local_only  # counts the writer's calls of the directory object itself
+async def test_blocks_are_checked_once_per_batch(env: Env) -> None:
+    calls: list[list[tuple[str, str]]] = []
+
+    class Counting(Directory):
+        async def blocked_pairs(
+            self, blockers: Sequence[UserId], blocked: Sequence[UserId]
+        ) -> list[bool]:
+            calls.append(list(zip(blockers, blocked, strict=True)))
+            return await super().blocked_pairs(blockers, blocked)
+
+    users = Counting("ua", "ub", "uc", "ud")
+    users.blocks.add(("uc", "ua"))  # uc blocked ua
+    await env.reopen(users)
+    # Queued in one turn of the loop: one batch of the writer.
+    sends = [
+        env.svc.send(A, send(AB, "c1")),
+        env.svc.send(A, send(AB, "c2")),
+        env.svc.send(B, send(AB, "c3")),
+        env.svc.send(A, send(AC, "c4")),
+        env.svc.send(B, send(BC, "c5")),
+    ]
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    assert [getattr(r, "seq", None) for r in results] == [1, 2, 3, None, 1]
+    assert isinstance(results[3], Forbidden)
+    assert len(calls) == 1
+    assert sorted(calls[0]) == [("ua", "ub"), ("ub", "ua"), ("uc", "ua"), ("uc", "ub")]
 
 
 async def test_non_members_are_forbidden_everywhere(env: Env) -> None:

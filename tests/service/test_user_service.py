@@ -558,6 +558,22 @@ async def test_block_and_unblock(svc: LocalUserService) -> None:
     assert await svc.is_blocked(alice, bob) is False
 
 
+async def test_blocked_pairs_answers_each_pair(svc: LocalUserService) -> None:
+    alice = UserId((await svc.register("alice", PASSWORD, None)).id)
+    bob = UserId((await svc.register("bob", PASSWORD, None)).id)
+    carol = UserId((await svc.register("carol", PASSWORD, None)).id)
+    await svc.block(alice, bob)
+    await svc.block(carol, alice)
+    blockers = [alice, bob, carol, alice, carol]
+    blocked = [bob, alice, alice, carol, UserId("unosuchuser")]
+    assert await svc.blocked_pairs(blockers, blocked) == [True, False, True, False, False]
+    assert await svc.blocked_pairs([], []) == []
+    await svc.unblock(alice, bob)
+    assert await svc.blocked_pairs([alice], [bob]) == [False]
+    with pytest.raises(BadRequest):
+        await svc.blocked_pairs([alice, bob], [carol])
+
+
 async def test_block_errors(svc: LocalUserService) -> None:
     alice = UserId((await svc.register("alice", PASSWORD, None)).id)
     with pytest.raises(BadRequest) as itself:

@@ -34,6 +34,7 @@ IDEMPOTENT: dict[str, frozenset[str]] = {
             "block",
             "unblock",
             "is_blocked",
+            "blocked_pairs",
             "list_users",
             "is_admin",
             "granted_admins",

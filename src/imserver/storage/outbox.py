@@ -156,9 +156,20 @@ class OutboxRelay:
     or a few when it is larger than the stream's bound in bytes.
     """
 
-    POLL = 0.5
-    """Seconds between turns when nobody wakes the relay (rows committed by another
-    instance of the service on a shared database)."""
+    POLL = 2.0
+    """Seconds between turns when nobody wakes the relay. Each instance's commits wake
+    its own relay; the poll is for rows nobody announced (those of an instance that
+    stopped before its relay moved them, on a shared database), and every poll is a
+    transaction, so at rest it is rare."""
+
+    GATHER = 0.05
+    """Seconds at least from the start of one turn to the start of the next when a
+    commit wakes the relay. Each turn costs a transaction, a broker round trip and a
+    consumer's transaction whatever it moves; under load the writer commits every
+    few milliseconds, and a turn per commit (a few dozen rows each) cost more than
+    the rows themselves. Rows committed meanwhile wait for the next turn: an event
+    reaches the stream at most this much later; a relay behind (a full claim) does
+    not wait."""
 
     def __init__(
         self,
@@ -237,7 +248,9 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         delay = self._backoff[0]
+        loop = asyncio.get_running_loop()
         while not self._closed:
+            started = loop.time()
             try:
                 moved = await self.turn()
             except Exception as exc:
@@ -255,6 +268,9 @@ class OutboxRelay:
             delay = self._backoff[0]
             if moved < self._batch:
                 await self._sleep(self.POLL)
+                gather = started + self.GATHER - loop.time()
+                if gather > 0 and not self._closed:
+                    await asyncio.sleep(gather)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

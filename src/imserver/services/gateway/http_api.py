@@ -129,6 +129,14 @@ _DOWNLOAD_HEADERS = {
 }
 
 
+READY_FOR = 1.0
+"""Seconds a gateway's ``/readyz`` answers ready without asking its services again
+after they all answered. A balancer checks each gateway once per port and interval
+(HAProxy: both ports every second), and each full check is a call to every service
+and a query of each one's database; a failing check is never remembered, and the
+gateway's own state (starting, draining) is read every time."""
+
+
 class HttpApi:
     """Handlers of the aiohttp routes."""
 
@@ -138,6 +146,8 @@ class HttpApi:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._openapi: bytes | None = None
         self.ready = False
+        self._reached = float("-inf")
+        """When (monotonic) the services last all answered a readiness check."""
 
     def _bucket(self, key: str) -> TokenBucket:
         bucket = self._buckets.get(key)
@@ -347,6 +357,8 @@ class HttpApi:
         gw = self.gateway
         if not self.ready or gw.draining:
             return web.json_response({"status": "unavailable"}, status=503)
+        if time.monotonic() - self._reached < READY_FOR:
+            return web.json_response({"status": "ready"})
         try:
             await gw.users.check()
             await gw.messages.check()
@@ -355,6 +367,7 @@ class HttpApi:
             await gw.rooms.check()
         except IMError as exc:
             return web.json_response({"status": "unavailable", "reason": exc.message}, status=503)
+        self._reached = time.monotonic()
         return web.json_response({"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:

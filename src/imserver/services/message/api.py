@@ -37,7 +37,11 @@ class UserDirectory(Protocol):
 
     async def get_users(self, users: Iterable[UserId]) -> dict[UserId, User]: ...
 
-    async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool: ...
+    async def blocked_pairs(
+        self, blockers: Sequence[UserId], blocked: Sequence[UserId]
+    ) -> list[bool]:
+        """For each ``i``, whether ``blockers[i]`` has blocked ``blocked[i]`` (the
+        writer asks once per batch)."""
 
 
 class Members(msgspec.Struct, frozen=True, dict=True):

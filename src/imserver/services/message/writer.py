@@ -250,7 +250,9 @@ class MessageWriter:
         pre: list[IMError | None] = [None] * len(batch)
         members: dict[ConvId, Members | IMError] = {}
         roles: dict[tuple[str, str], str | None] = {}
-        blocked: dict[tuple[str, str], bool] = {}
+        # (recipient, sender) of each direct write to check for a block, asked of the
+        # user directory in one call for the whole batch after the loop.
+        direct: dict[int, tuple[str, str]] = {}
 
         # Stage A: checks against the other services, before the transaction opens.
         for i, item in enumerate(batch):
@@ -272,23 +274,17 @@ class MessageWriter:
             if conv.kind != "room" and item.user not in got.set:
                 pre[i] = Forbidden(f"not a member of {conv.id}")
                 continue
-            try:
-                if conv.kind == "direct" and isinstance(item, (SendWrite, EditWrite, ReactWrite)):
-                    recipient = conv.b if item.user == conv.a else conv.a
-                    pair = (recipient, item.user)
-                    if pair not in blocked:
-                        blocked[pair] = await ask(
-                            self._users.is_blocked(UserId(recipient), UserId(item.user))
-                        )
-                    if blocked[pair]:
-                        pre[i] = Forbidden("blocked")
-                elif conv.kind == "room" and isinstance(item, RecallWrite):
-                    rkey = (conv.a, item.user)
+            if conv.kind == "direct" and isinstance(item, (SendWrite, EditWrite, ReactWrite)):
+                direct[i] = (conv.b if item.user == conv.a else conv.a, item.user)
+            elif conv.kind == "room" and isinstance(item, RecallWrite):
+                rkey = (conv.a, item.user)
+                try:
                     if rkey not in roles:
                         roles[rkey] = await self._membership.room_role(RoomId(conv.a), item.user)
-            except IMError as exc:
-                pre[i] = exc
+                except IMError as exc:
+                    pre[i] = exc
 
+        await self._check_blocks(direct, pre)
         await self._check_files(batch, pre)
 
         if all(item.answer is not None for item in batch):
@@ -541,6 +537,34 @@ class MessageWriter:
             known=known,
             ts=now_ms(),
         )
+
+    async def _check_blocks(
+        self, direct: dict[int, tuple[str, str]], pre: list[IMError | None]
+    ) -> None:
+        """Refuse the direct writes whose recipient blocked the sender: one
+        ``blocked_pairs`` call for every distinct (recipient, sender) of the batch."""
+        if not direct:
+            return
+        pairs = list(dict.fromkeys(direct.values()))
+        try:
+            answers = await ask(
+                self._users.blocked_pairs(
+                    [UserId(r) for r, _ in pairs], [UserId(s) for _, s in pairs]
+                )
+            )
+        except IMError as exc:
+            for i in direct:
+                pre[i] = exc
+            return
+        if len(answers) != len(pairs):
+            logger.error("blocked_pairs answered %d of %d pairs", len(answers), len(pairs))
+            for i in direct:
+                pre[i] = Internal("user directory error")
+            return
+        blocked = {pair for pair, yes in zip(pairs, answers, strict=True) if yes}
+        for i, pair in direct.items():
+            if pair in blocked:
+                pre[i] = Forbidden("blocked")
 
     async def _check_files(self, batch: list[Write], pre: list[IMError | None]) -> None:
         """Resolve the files of the batch's ``image``/``file`` sends (one lookup for the

@@ -127,6 +127,14 @@ class UserService(Protocol):
     async def is_blocked(self, blocker: UserId, blocked: UserId) -> bool:
         """Whether ``blocker`` has blocked ``blocked``. Cached: called on every direct send."""
 
+    async def blocked_pairs(
+        self, blockers: Sequence[UserId], blocked: Sequence[UserId]
+    ) -> list[bool]:
+        """For each ``i``, whether ``blockers[i]`` has blocked ``blocked[i]``: one call
+        for every direct conversation of a message-writer batch, instead of one call
+        per message (a round trip each when the user service is remote).
+        ``bad_request`` when the two lists differ in length."""
+
     async def list_users(self, after: UserId | None, limit: int) -> list[UserId]:
         """A page of every user's id, ascending: up to ``limit`` ids after ``after``
         (``None``: from the start). The next page starts after the last id answered;

@@ -413,6 +413,14 @@ class LocalUserService:
             cached = await self._block_set(blocker)
         return blocked in cached
 
+    async def blocked_pairs(
+        self, blockers: Sequence[UserId], blocked: Sequence[UserId]
+    ) -> list[bool]:
+        """:meth:`is_blocked` of each pair, from the same cached block sets."""
+        if len(blockers) != len(blocked):
+            raise BadRequest("blockers and blocked differ in length", field="blocked")
+        return [await self.is_blocked(a, b) for a, b in zip(blockers, blocked, strict=True)]
+
     async def _block_set(self, user: UserId) -> set[UserId]:
         cached = self._blocks.get(user)
         if cached is not None:
