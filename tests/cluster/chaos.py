@@ -101,14 +101,27 @@ class Peer:
         async with self._lock:
             if generation != self.generation:
                 return
-            old = self.client
-            if old is not None:
-                self.closed_reasons.append(old.closed_reason)
-                await old.close()
-            self.client = await self._connect(self.url)
-            self.generation += 1
-            self.reconnects += 1
-            await self.recover()
+            deadline = asyncio.get_running_loop().time() + RECONNECT_LIMIT
+            while True:
+                old = self.client
+                if old is not None:
+                    self.closed_reasons.append(old.closed_reason)
+                    await old.close()
+                self.client = await self._connect(self.url)
+                self.generation += 1
+                self.reconnects += 1
+                try:
+                    await self.recover()
+                    break
+                except (ConnectionClosed, TimeoutError, ClientError) as exc:
+                    # The new connection closed again while it recovered (a gateway
+                    # that resyncs its sessions when its own Redis connection comes
+                    # back closes those made during the outage too), or the recovery
+                    # was refused for a while: start over, as a client does.
+                    retryable = not isinstance(exc, ClientError) or exc.code in RETRYABLE
+                    if not retryable or asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
             self._start_watch()
 
     async def close(self) -> None:
