@@ -3,8 +3,10 @@ process per service and two gateways, found through a real etcd, on a fresh
 PostgreSQL database, the machine's Redis (live bus, presence) and RabbitMQ (events),
 with a webhook receiver for the notification service's pushes.
 
-The processes are shared by the module's tests, which run in order: the last one
-kills a gateway. A missing etcd, PostgreSQL, Redis or RabbitMQ skips, and fails
+The processes are shared by the module's tests, which run in order: the one before
+the last kills a gateway. The last runs on a second layout, several services per
+process (``--services gateway,message`` beside ``--services
+user,room,file,notification``). A missing etcd, PostgreSQL, Redis or RabbitMQ skips, and fails
 under ``CI=true``.
 """
 
@@ -46,8 +48,8 @@ HEARTBEAT = 0.5
 
 @dataclass
 class Deployment:
-    """The processes of the module: one per service, and two gateways; the bodies
-    the webhook receiver got."""
+    """The processes of a layout: those without a gateway by name, the gateways in
+    start order; the bodies the webhook receiver got."""
 
     services: dict[str, ServerProcess]
     gateways: list[ServerProcess]
@@ -82,15 +84,43 @@ def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         server.server_close()
 
 
+ONE_PER_SERVICE = [
+    *((name, name) for name in SERVICES),
+    ("gateway-1", "gateway"),
+    ("gateway-2", "gateway"),
+]
+"""The module's layout: (process name, its ``--services``) in start order."""
+
+GROUPED = [
+    ("user-room-file-notification", "user,room,file,notification"),
+    ("gateway-message", "gateway,message"),
+]
+"""Several services per process: the message service beside the gateway, the
+others together in a second process."""
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with _deployment(tmp_path_factory.mktemp("distributed"), ONE_PER_SERVICE) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with _deployment(tmp_path_factory.mktemp("grouped"), GROUPED) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _deployment(root: Path, layout: list[tuple[str, str]]) -> Iterator[Deployment]:
+    """The processes of ``layout`` on a fresh database, Redis prefix, RabbitMQ prefix
+    and etcd of their own, with a webhook receiver; all removed after."""
     require_etcd()
     redis_url = redis_testing.shared_url()
     why = redis_testing.reachable(redis_url)
     if why is not None:
         dbs.unavailable(why)
     asyncio.run(rabbit.reachable())
-    root = tmp_path_factory.mktemp("distributed")
     database = dbs.create_database("postgresql", "dist")
     redis_prefix = redis_testing.unique_prefix()
     rabbit_prefix = rabbit.new_prefix()
@@ -136,9 +166,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             process.start()
             return process
 
-        services = {name: spawn(name, name) for name in SERVICES}
-        gateways = [spawn(f"gateway-{i}", "gateway") for i in (1, 2)]
-        yield Deployment(services, gateways, pushes)
+        started = {name: spawn(name, services) for name, services in layout}
+        gateways = [p for name, p in started.items() if "gateway" in dict(layout)[name].split(",")]
+        others = {name: p for name, p in started.items() if p not in gateways}
+        yield Deployment(others, gateways, pushes)
 
 
 async def test_every_operation_crosses_the_processes(
@@ -319,3 +350,54 @@ async def _presence(client: Client, user: str) -> str:
 
 async def _json(raw: bytes) -> Any:
     return json.loads(raw)
+
+
+async def test_several_services_in_one_process_serve_every_operation(
+    grouped: Deployment, user_factory: Any
+) -> None:
+    # `--services gateway,message` beside `--services user,room,file,notification`:
+    # the gateway reaches its own process's message service directly and the others
+    # through gRPC; the message service reaches the user and room services remotely.
+    [gw] = grouped.gateways
+    alice: Client = await user_factory(gw, "alice")
+    bob: Client = await user_factory(gw, "bob")
+    dm = Client.direct_conv(alice.user_id, bob.user_id)
+    sent = await alice.send_message(dm, "grouped")
+    got = await bob.next_event("msg", match=lambda e: e.get("conv") == dm, timeout=10)
+    assert (got["seq"], got["body"]) == (sent["seq"], "grouped")
+
+    made = await alice.request("room.create", {"name": "Grouped", "members": [bob.user_id]})
+    room = f"r:{made['room']['id']}"
+    sent_room = await alice.send_message(room, "room grouped")
+    got = await bob.next_event(
+        "msg", match=lambda e: e.get("conv") == room and e.get("body") == "room grouped", timeout=10
+    )
+    assert got["seq"] == sent_room["seq"]
+
+    data = b"grouped file " * 100
+    async with HttpClient(gw.http_url, token=alice.token) as http:
+        status, _, raw = await http.post(
+            "/api/v1/files",
+            data,
+            params={"conv": dm, "name": "g.txt"},
+            headers={"Content-Type": "text/plain"},
+        )
+    assert status == 200, raw
+    info = (await _json(raw))["file"]
+    async with HttpClient(gw.http_url, token=bob.token) as http:
+        status, _, body = await http.get(info["url"])
+    assert (status, body) == (200, data)
+
+    assert await bob.request("block", {"user": alice.user_id}) == {}
+    with pytest.raises(ClientError) as refused:
+        await alice.send_message(dm, "after the block")
+    assert refused.value.code == "forbidden"
+    assert [m["body"] for m in (await bob.history(dm))["messages"]] == ["grouped"]
+    assert await _presence(bob, alice.user_id) == "online"
+
+    # The process without a gateway answers the probes only: no client API.
+    [others] = grouped.services.values()
+    for process, api_status in ((gw, 200), (others, 404)):
+        async with HttpClient(process.http_url) as http:
+            assert (await http.get("/readyz"))[0] == 200
+            assert (await http.get("/api/v1/openapi.json"))[0] == api_status
