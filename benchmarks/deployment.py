@@ -348,30 +348,11 @@ class Cluster:
 
 async def delete_topology(prefix: str) -> None:
     """Delete the RabbitMQ exchange and every consumer group's queues under ``prefix``."""
-    import aio_pika
-
     from imserver.core.events import GROUPS
-    from imserver.storage.events_rabbitmq import Topology
+    from imserver.testing import rabbitmq
     from imserver.utils.config import EventsConfig
 
-    backoff = EventsConfig().backoff
-    topology = Topology(prefix, backoff)
-    connection = await aio_pika.connect(RABBITMQ_URL, timeout=10)
-    async with connection:
-        for group in GROUPS:
-            for name in (
-                topology.queue(group),
-                topology.dead_queue(group),
-                *(topology.retry_queue(group, s) for s in range(1, len(backoff) + 1)),
-            ):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(name)
-                with contextlib.suppress(Exception):
-                    await channel.close()
-        channel = await connection.channel()
-        with contextlib.suppress(Exception):
-            await channel.exchange_delete(topology.exchange)
+    await rabbitmq.delete_topology(RABBITMQ_URL, prefix, GROUPS, EventsConfig().backoff)
 
 
 # --- CPU per operation ------------------------------------------------------------------

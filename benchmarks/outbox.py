@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from benchmarks import harness
+from imserver.testing import rabbitmq
 
 URL: Final = os.environ.get("IMS_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
 BACKOFF: Final = [1.0, 5.0]
@@ -94,25 +95,6 @@ def _cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _delete_topology(prefix: str) -> None:
-    import aio_pika
-
-    from imserver.storage.events_rabbitmq import Topology
-
-    topology = Topology(prefix, BACKOFF)
-    connection = await aio_pika.connect(URL, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        group = "notification"
-        for name in (
-            topology.queue(group),
-            topology.dead_queue(group),
-            *(topology.retry_queue(group, s) for s in range(1, len(BACKOFF) + 1)),
-        ):
-            await channel.queue_delete(name)
-        await channel.exchange_delete(topology.exchange)
-
-
 def compare(
     args: argparse.Namespace, run_once: Callable[[argparse.Namespace], tuple[int, dict[str, Any]]]
 ) -> int:
@@ -146,7 +128,9 @@ def compare(
             finally:
                 args.keep_data = kept
                 if side == "on":
-                    harness.run_async(_delete_topology(prefix))
+                    harness.run_async(
+                        rabbitmq.delete_topology(URL, prefix, ["notification"], BACKOFF)
+                    )
             after = _cpu_seconds(broker)
             left: int | None = None
             if side == "on":

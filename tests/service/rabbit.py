@@ -19,7 +19,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from imserver.storage.events_rabbitmq import Topology
+from imserver.testing import rabbitmq
 
 URL = os.environ.get("IMS_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -50,24 +50,7 @@ async def delete_topology(
     prefix: str, groups: Mapping[str, Sequence[str]], backoff: Sequence[float]
 ) -> None:
     """Delete the exchange and every queue of ``groups`` under ``prefix``."""
-    topology = Topology(prefix, backoff)
-    connection = await aio_pika.connect(URL, timeout=5)
-    async with connection:
-        for group in groups:
-            names = [
-                topology.queue(group),
-                topology.dead_queue(group),
-                *(topology.retry_queue(group, s) for s in range(1, len(backoff) + 1)),
-            ]
-            for name in names:
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(name)
-                with contextlib.suppress(Exception):
-                    await channel.close()
-        channel = await connection.channel()
-        with contextlib.suppress(Exception):
-            await channel.exchange_delete(topology.exchange)
+    await rabbitmq.delete_topology(URL, prefix, groups, backoff)
 
 
 async def drain(queue_name: str, *, wait: float = 0.0) -> list[AbstractIncomingMessage]:

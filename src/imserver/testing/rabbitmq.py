@@ -8,6 +8,9 @@ data directory and a ``HOME`` (for its Erlang cookie) of its own, and no plugins
 registers with the machine's ``epmd`` like any node. Stopping it and starting it again
 keeps its data directory, so durable queues and the messages in them survive, as on
 a real broker's restart.
+
+:func:`delete_topology` removes what a test or a benchmark declared under its prefix
+on any broker.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from imserver.testing.process import free_ports
@@ -122,3 +126,32 @@ class RabbitServer:
         self.kill()
         with contextlib.suppress(OSError):
             shutil.rmtree(self.dir)
+
+
+async def delete_topology(
+    url: str, prefix: str, groups: Iterable[str], backoff: Sequence[float]
+) -> None:
+    """Delete the exchange under ``prefix`` on the broker at ``url``, and each of
+    ``groups``' queues (its queue, its dead-letter queue and a retry queue per
+    ``backoff`` step); what is already gone is passed over."""
+    import aio_pika
+
+    from imserver.storage.events_rabbitmq import Topology
+
+    topology = Topology(prefix, backoff)
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        for group in groups:
+            for name in (
+                topology.queue(group),
+                topology.dead_queue(group),
+                *(topology.retry_queue(group, s) for s in range(1, len(backoff) + 1)),
+            ):
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(name)
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        channel = await connection.channel()
+        with contextlib.suppress(Exception):
+            await channel.exchange_delete(topology.exchange)
